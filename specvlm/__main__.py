@@ -1,0 +1,57 @@
+"""Command line: `python -m specvlm demo [options]`.
+
+`demo` runs AR, plain SD and SpecVLM on one clip with one pair, prints a table and exits
+with status 1 if any speculative output differs from the target's greedy output.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def demo(args) -> int:
+    from . import generate, load_pair, load_video, sample_video
+
+    pair = load_pair(args.target, args.draft, device=args.device)
+    video = load_video(args.video, args.frames) if args.video else sample_video(args.clip, args.frames)
+    print(f"pair: {pair.name}\nvideo: {video.source}, {len(video.frames)} frames\nquestion: {args.question}\n")
+    runs = [("ar", 0.0), ("sd", 0.0), ("specvlm", args.ratio)]
+    results = [generate(pair, video, args.question, method=m, ratio=r, k=args.k, max_new_tokens=args.max_new_tokens)
+               for m, r in runs]
+    reference = results[0].tokens
+    header = f"{'method':<9} {'ratio':>5} {'new tokens':>10} {'MAT':>5} {'draft video tokens':>18} {'decode s':>9} {'= AR':>5}"
+    print(header + "\n" + "-" * len(header))
+    for res in results:
+        draft_video = "-" if res.draft_video_tokens is None else f"{res.draft_video_tokens}/{res.video_tokens}"
+        mat = "-" if res.method == "ar" else f"{res.mean_accepted:.2f}"
+        same = "yes" if res.tokens == reference else "NO"
+        print(f"{res.method:<9} {res.ratio:>5.2f} {len(res.tokens):>10} {mat:>5} {draft_video:>18} "
+              f"{res.decode_s:>9.3f} {same:>5}")
+    print(f"\nAR output: {results[0].text!r}")
+    if any(res.tokens != reference for res in results):
+        print("error: a speculative output differs from the target's greedy output", file=sys.stderr)
+        return 1
+    return 0
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m specvlm", description=__doc__.splitlines()[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    d = commands.add_parser("demo", help="AR vs SD vs SpecVLM on one clip; fails if outputs differ")
+    d.add_argument("--target", default="tiny", help="target checkpoint (hub id or folder); default: the embedded pair")
+    d.add_argument("--draft", default=None, help="draft checkpoint (needed unless --target tiny)")
+    d.add_argument("--video", default=None, help="a video file; default: a bundled sample clip")
+    d.add_argument("--clip", default="bigbuckbunny", help="bundled sample clip name")
+    d.add_argument("--frames", type=int, default=16)
+    d.add_argument("--ratio", type=float, default=0.9, help="share of the draft's video tokens to prune")
+    d.add_argument("--k", type=int, default=5, help="draft tokens per round")
+    d.add_argument("--max-new-tokens", type=int, default=48)
+    d.add_argument("--question", default="Describe the video.")
+    d.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    args = parser.parse_args(argv)
+    return demo(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,287 @@
+"""Load a target/draft pair of video LLMs behind one small interface.
+
+Everything above this module speaks to a model through `VideoLM`, an adapter around a
+transformers model and its processor:
+
+    prompt = lm.prepare(video, "Describe the video.")   # token ids, positions, video slots
+    embeds = lm.embed(prompt)                           # [1, L, D], video features scattered in
+    logits = lm.forward(embeds, positions, cache)       # the language model on any rows
+    logits = lm.step(token_ids, positions, cache)       # decode / verify new tokens
+
+A pruned prefill is `lm.forward(embeds[:, rows], prompt.position_ids[..., rows], cache)`:
+kept video tokens keep their original positions (1-D for LLaVA-OneVision, 3-D rotary for
+Qwen2.5-VL), and generated tokens continue at `prompt.next_position`, so the cache length and
+the positions differ by the number of pruned tokens. Position ids always come last-dim-first
+(`[1, q]` or `[3, 1, q]`), so selecting rows is one indexing step for every family.
+
+Real checkpoints load with `from_pretrained` (hub id or folder): LLaVA-OneVision here;
+the Qwen2.5-VL adapter lives beside it. `make_tiny_pair` builds a tiny random pair of the
+same classes, with an offline tokenizer and processor, and saves it, so that tests exercise
+the very `from_pretrained` path users take. Not handled: batches (one prompt at a time),
+images, several videos in one prompt.
+"""
+
+from __future__ import annotations
+
+import math
+from importlib import resources
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+from transformers import AutoModelForImageTextToText, AutoProcessor, DynamicCache
+
+if TYPE_CHECKING:
+    from .video import Video
+
+
+DEFAULT_QUESTION = "Describe the video."
+
+
+@dataclass(frozen=True)
+class Prompt:
+    """One prepared prompt.
+
+    `input_ids` [1, L]; `position_ids` [1, L] (or [3, 1, L] for 3-D rotary positions);
+    `video_index` [n] the slots of the n video tokens in `input_ids` (increasing);
+    `grid` (T, h, w) with T*h*w <= n (LLaVA-OneVision adds one newline token after the grid);
+    `next_position` the position of the first generated token; `inputs` the processor output.
+    """
+
+    input_ids: torch.Tensor
+    position_ids: torch.Tensor
+    video_index: torch.Tensor
+    grid: tuple[int, int, int]
+    next_position: int
+    inputs: dict = field(repr=False)
+
+    @property
+    def num_video_tokens(self) -> int:
+        return len(self.video_index)
+
+    @property
+    def text_index(self) -> torch.Tensor:
+        """Slots of the non-video tokens, e.g. L=6, video_index=[1, 2, 3] -> [0, 4, 5]."""
+        is_text = torch.ones(self.input_ids.shape[1], dtype=torch.bool)
+        is_text[self.video_index] = False
+        return is_text.nonzero().flatten()
+
+    def rows(self, keep: torch.Tensor | None) -> torch.Tensor:
+        """Prompt slots the model prefills when only video tokens `keep` (indices into
+        `video_index`) are kept: all text slots plus the kept video slots, in order."""
+        if keep is None:
+            return torch.arange(self.input_ids.shape[1])
+        return torch.cat([self.text_index, self.video_index[keep]]).sort().values
+
+
+class VideoLM:
+    """Adapter base: the language-model calls shared by every family.
+
+    Subclasses set `family` and implement `prepare`, `embed`, `position_ids_for` and
+    `tokens_per_frame`.
+    """
+
+    family = "base"
+
+    def __init__(self, model, processor):
+        self.model = model.eval()
+        self.processor = processor
+        self.tokenizer = processor.tokenizer
+        self.config = model.config
+        self.video_token_id = int(self.config.video_token_id)
+        eos = model.generation_config.eos_token_id
+        if eos is None:
+            eos = self.tokenizer.eos_token_id
+        self.eos_token_ids = frozenset([eos] if isinstance(eos, int) else eos or [])
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.model.dtype
+
+    @property
+    def language_model(self):
+        return self.model.model.language_model
+
+    def chat(self, question: str) -> str:
+        conversation = [{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": question}]}]
+        return self.processor.apply_chat_template(conversation, add_generation_prompt=True)
+
+    def new_cache(self) -> DynamicCache:
+        return DynamicCache(config=self.language_model.config)
+
+    @torch.no_grad()
+    def forward(self, embeds, position_ids, cache, attention_mask=None, logits_rows=slice(None), **kwargs):
+        """Run the language model on `embeds` [1, q, D] at `position_ids`, appending to
+        `cache`; return logits [1, q', V] for `logits_rows` of the q rows. Extra keyword
+        arguments reach the attention functions (see `attention.py`)."""
+        hidden = self.language_model(
+            inputs_embeds=embeds,
+            position_ids=position_ids.to(self.device),
+            cache=cache,
+            attention_mask=attention_mask,
+            use_cache=True,
+            **kwargs,
+        ).last_hidden_state
+        return self.model.lm_head(hidden[:, logits_rows]).float()
+
+    def step(self, token_ids, positions, cache, attention_mask=None):
+        """Logits [1, q, V] for new tokens `token_ids` (list or [q]) at absolute `positions` [q]."""
+        ids = torch.as_tensor(token_ids, device=self.device).reshape(1, -1)
+        embeds = self.model.get_input_embeddings()(ids)
+        return self.forward(embeds, self.position_ids_for(torch.as_tensor(positions)), cache, attention_mask)
+
+    def decode(self, token_ids) -> str:
+        return self.tokenizer.decode(list(token_ids), skip_special_tokens=True)
+
+    # family-specific -------------------------------------------------------------------
+    def prepare(self, video: Video, question: str = DEFAULT_QUESTION) -> Prompt:
+        raise NotImplementedError
+
+    def embed(self, prompt: Prompt) -> torch.Tensor:
+        raise NotImplementedError
+
+    def position_ids_for(self, positions: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+
+class LlavaOnevisionLM(VideoLM):
+    """LLaVA-OneVision: SigLIP patches, projected, 2x2 bilinear-pooled per frame, then one
+    newline token after the whole video; a Qwen2 language model with 1-D rotary positions."""
+
+    family = "llava_onevision"
+
+    def _grid(self, num_frames: int) -> tuple[int, int, int]:
+        vision = self.config.vision_config
+        side = math.ceil(vision.image_size // vision.patch_size / 2)
+        return num_frames, side, side
+
+    def prepare(self, video: Video, question: str = DEFAULT_QUESTION) -> Prompt:
+        text = self.chat(question)
+        inputs = self.processor(text=text, videos=[video.frames.numpy()], return_tensors="pt")
+        input_ids = inputs["input_ids"]
+        video_index = (input_ids[0] == self.video_token_id).nonzero().flatten()
+        length = input_ids.shape[1]
+        return Prompt(
+            input_ids=input_ids,
+            position_ids=torch.arange(length).unsqueeze(0),
+            video_index=video_index,
+            grid=self._grid(len(video.frames)),
+            next_position=length,
+            inputs=dict(inputs),
+        )
+
+    @torch.no_grad()
+    def embed(self, prompt: Prompt) -> torch.Tensor:
+        ids = prompt.input_ids.to(self.device)
+        embeds = self.model.get_input_embeddings()(ids)
+        features = self.model.model.get_video_features(
+            prompt.inputs["pixel_values_videos"].to(self.device, self.dtype),
+            vision_feature_layer=self.config.vision_feature_layer,
+            vision_feature_select_strategy=self.config.vision_feature_select_strategy,
+        ).pooler_output
+        features = features.flatten(0, 1).to(embeds.dtype)
+        embeds[0, prompt.video_index.to(self.device)] = features
+        return embeds
+
+    def position_ids_for(self, positions: torch.Tensor) -> torch.Tensor:
+        return positions.reshape(1, -1)
+
+
+ADAPTERS = {LlavaOnevisionLM.family: LlavaOnevisionLM}
+
+
+def resolve_device(device=None) -> torch.device:
+    """`None` -> cuda when available, else cpu; a request for CUDA without CUDA is an error."""
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(
+            f"device={str(device)!r} was asked for, but this PyTorch sees no CUDA device "
+            f"(torch {torch.__version__}, cuda build: {torch.version.cuda}). Use device='cpu' or run on a GPU machine."
+        )
+    return device
+
+
+def load_lm(name_or_path, device=None, dtype=None) -> VideoLM:
+    """Load one checkpoint (hub id or folder) and wrap it in its family's adapter."""
+    from transformers import AutoConfig
+
+    device = resolve_device(device)
+    if dtype is None:
+        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    config = AutoConfig.from_pretrained(name_or_path)
+    if config.model_type not in ADAPTERS:
+        raise ValueError(
+            f"{name_or_path}: model type {config.model_type!r} is not supported; "
+            f"specvlm has adapters for {sorted(ADAPTERS)}."
+        )
+    model = AutoModelForImageTextToText.from_pretrained(name_or_path, dtype=dtype, attn_implementation="sdpa")
+    processor = AutoProcessor.from_pretrained(name_or_path)
+    return ADAPTERS[config.model_type](model.to(device), processor)
+
+
+@dataclass(frozen=True)
+class Pair:
+    """A target (verifier) and a draft that share tokenizer and video-token layout."""
+
+    target: VideoLM
+    draft: VideoLM
+    name: str = ""
+
+    def __post_init__(self):
+        check_compatible(self.target, self.draft)
+
+
+def _probe_video(frames: int) -> Video:
+    from .video import from_array
+
+    return from_array(np.zeros((frames, 32, 32, 3), dtype=np.uint8), fps=1.0)
+
+
+def check_compatible(target: VideoLM, draft: VideoLM) -> None:
+    """Raise ValueError unless target and draft tokenize text and videos identically."""
+    if target.family != draft.family:
+        raise ValueError(
+            f"target is {target.family} but draft is {draft.family}: their video-token layouts differ; "
+            "use a draft of the target's family."
+        )
+    if target.tokenizer.get_vocab() != draft.tokenizer.get_vocab():
+        raise ValueError(
+            "target and draft have different tokenizers (vocabularies differ): speculative decoding "
+            "needs a draft that shares the target's tokenizer."
+        )
+    for frames in (1, 2):
+        t, d = target.prepare(_probe_video(frames)), draft.prepare(_probe_video(frames))
+        if not torch.equal(t.input_ids, d.input_ids):
+            raise ValueError(
+                f"target and draft lay out a {frames}-frame video differently "
+                f"(target {t.num_video_tokens} video tokens, grid {t.grid}; draft {d.num_video_tokens}, "
+                f"grid {d.grid}): the draft must see the same video-token grid as the target."
+            )
+
+
+def embedded_paths() -> tuple[Path, Path]:
+    """Folders of the embedded pair inside the installed package (read-only is fine)."""
+    root = Path(str(resources.files("specvlm") / "tiny"))
+    return root / "target", root / "draft"
+
+
+def load_pair(target="tiny", draft=None, device=None, dtype=None) -> Pair:
+    """Load a target/draft pair: `load_pair("tiny")` is the embedded pair shipped with the
+    package; otherwise two checkpoints, e.g.
+    `load_pair("llava-hf/llava-onevision-qwen2-7b-ov-hf", "llava-hf/llava-onevision-qwen2-0.5b-ov-hf")`."""
+    if target == "tiny" and draft is None:
+        target, draft = embedded_paths()
+        name = "embedded tiny pair (stand-in)"
+    else:
+        if draft is None:
+            raise ValueError("load_pair needs a draft checkpoint besides the target (or target='tiny').")
+        name = f"{target} / {draft}"
+    return Pair(load_lm(target, device, dtype), load_lm(draft, device, dtype), name=str(name))
