@@ -26,8 +26,9 @@ SCORES_ATTENTION = "specvlm_sdpa_scores"
 class ScoreRecorder:
     """Accumulates the layer-averaged attention of query rows `rows` to key slots `keys`.
 
-    rows: [r] indices among the forward's queries; keys: [n] key slots (video tokens).
-    After a forward, `scores` is [n]: mean over layers of the mean over heads and rows.
+    rows: [r] indices among the forward's queries; keys: [n] key slots (video tokens), the
+    same for every sequence of a batch. After a forward, `scores` is [B, n]: mean over
+    layers of the mean over heads and rows.
     """
 
     def __init__(self, rows: torch.Tensor, keys: torch.Tensor):
@@ -36,9 +37,9 @@ class ScoreRecorder:
 
     def add(self, query, key, attention_mask, scaling, groups):
         rows, keys = self.rows.to(query.device), self.keys.to(query.device)
-        q = query[:, :, rows].float()  # [1, H, r, d]
-        k = repeat_kv(key, groups).float()  # [1, H, K, d]
-        logits = (q @ k.transpose(-1, -2)) * scaling  # [1, H, r, K]
+        q = query[:, :, rows].float()  # [B, H, r, d]
+        k = repeat_kv(key, groups).float()  # [B, H, K, d]
+        logits = (q @ k.transpose(-1, -2)) * scaling  # [B, H, r, K]
         if attention_mask is None:  # sdpa skipped its causal mask: rebuild it for these rows
             offset = key.shape[2] - query.shape[2]
             blocked = torch.arange(key.shape[2], device=q.device) > (rows + offset)[:, None]
@@ -47,8 +48,8 @@ class ScoreRecorder:
             logits = logits.masked_fill(~attention_mask[:, :, rows, : key.shape[2]], float("-inf"))
         else:
             logits = logits + attention_mask[:, :, rows, : key.shape[2]].float()
-        probs = logits.softmax(-1)[..., keys]  # [1, H, r, n]
-        layer = probs.mean(dim=(1, 2))[0]
+        probs = logits.softmax(-1)[..., keys]  # [B, H, r, n]
+        layer = probs.mean(dim=(1, 2))
         self.total = layer if self.total is None else self.total + layer
         self.layers += 1
 
@@ -97,4 +98,4 @@ def prefill_with_scores(lm, prompt, embeds, cache):
     enable_scores(lm)
     recorder = ScoreRecorder(query_rows(prompt), prompt.video_index)
     logits = lm.forward(embeds, prompt.position_ids, cache, logits_rows=slice(-1, None), recorder=recorder)
-    return logits, recorder.scores
+    return logits, recorder.scores[0]

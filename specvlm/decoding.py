@@ -33,9 +33,10 @@ from dataclasses import dataclass, field
 import torch
 
 from . import pruning
-from .acceptance import greedy_chain
 from .attention import prefill_with_scores
 from .models import DEFAULT_QUESTION, Pair, Prompt, VideoLM
+from .sampling import Picker
+from .trees import Tree, tree_attention_bias
 
 SPECULATIVE_METHODS = ("sd",) + tuple(pruning.METHODS)
 METHODS = ("ar",) + SPECULATIVE_METHODS
@@ -111,23 +112,23 @@ def positions(prompt: Prompt, start: int, count: int) -> torch.Tensor:
 
 
 def prefill_target(target: VideoLM, prompt: Prompt, with_scores: bool):
-    """(first token, cache, scores or None): the target's prefill and its greedy first token."""
+    """(last-row logits [V], cache, scores [n] or None): the target's full prefill."""
     cache = target.new_cache()
     embeds = target.embed(prompt)
     if with_scores:
         logits, scores = prefill_with_scores(target, prompt, embeds, cache)
     else:
         logits, scores = target.forward(embeds, prompt.position_ids, cache, logits_rows=slice(-1, None)), None
-    return int(logits[0, -1].argmax()), cache, scores
+    return logits[0, -1], cache, scores
 
 
-def prefill_draft(draft: VideoLM, prompt: Prompt, keep: torch.Tensor | None):
-    """The draft's cache after prefilling the text and the kept video tokens only."""
-    cache = draft.new_cache()
+def prefill_pruned(lm: VideoLM, prompt: Prompt, keep: torch.Tensor | None):
+    """(last-row logits [V], cache) after prefilling the text and the kept video tokens only."""
+    cache = lm.new_cache()
     rows = prompt.rows(keep)
-    embeds = draft.embed(prompt)[:, rows.to(draft.device)]
-    draft.forward(embeds, prompt.position_ids[..., rows], cache, logits_rows=slice(-1, None))
-    return cache
+    embeds = lm.embed(prompt)[:, rows.to(lm.device)]
+    logits = lm.forward(embeds, prompt.position_ids[..., rows], cache, logits_rows=slice(-1, None))
+    return logits[0, -1], cache
 
 
 def select_video_tokens(method, prompt, ratio, scores, mass=0.4, seed=0) -> torch.Tensor | None:
@@ -139,65 +140,172 @@ def select_video_tokens(method, prompt, ratio, scores, mass=0.4, seed=0) -> torc
     return pruning.select(method, n=prompt.num_video_tokens, ratio=ratio, scores=scores, generator=generator, **options)
 
 
-def generate_ar(target: VideoLM, prompt: Prompt, max_new_tokens: int = 64) -> Result:
-    """Greedy decoding with the target alone."""
+def generate_ar(target: VideoLM, prompt: Prompt, max_new_tokens: int = 64, keep: torch.Tensor | None = None,
+                picker: Picker | None = None) -> Result:
+    """Decoding with the target alone (greedy unless `picker` samples). With `keep`, the target
+    itself sees only those video tokens: a lossy comparison (what pruning does to the target's
+    answers), not SpecVLM."""
+    picker = picker or Picker()
     watch = Stopwatch(target.device)
-    first, cache, _ = prefill_target(target, prompt, with_scores=False)
+    logits, cache = prefill_pruned(target, prompt, keep)
     watch.lap("prefill")
-    out = [first]
+    out = [picker.pick(logits)[0]]
     while len(out) < max_new_tokens and out[-1] not in target.eos_token_ids:
         logits = target.step([out[-1]], positions(prompt, len(out) - 1, 1), cache)
-        out.append(int(logits[0, -1].argmax()))
+        out.append(picker.pick(logits[0, -1])[0])
     watch.lap("decode")
     return Result(out, target.decode(out), "ar", 0.0, video_tokens=prompt.num_video_tokens,
                   target_cache_len=cache.get_seq_length(), timings=watch.laps)
 
 
+@dataclass
+class Speculation:
+    """The state between rounds. Invariants: the target's cache holds prompt + out[:-1];
+    the draft's holds its (pruned) prompt + out[:draft_seen]."""
+
+    target: VideoLM
+    draft: VideoLM
+    prompt: Prompt
+    target_cache: object
+    draft_cache: object
+    out: list[int]
+    picker: Picker
+    draft_seen: int = 0
+
+
+def chain_round(s: Speculation, k: int) -> int:
+    """One round with a chain of k drafted tokens (k may be 0); returns the accepted count."""
+    # 1. draft: catch up on committed tokens it has not seen, then propose k tokens
+    proposal, q_rows, feed, start = [], [], s.out[s.draft_seen:], s.draft_seen
+    for _ in range(k):
+        logits = s.draft.step(feed, positions(s.prompt, start, len(feed)), s.draft_cache)
+        start += len(feed)
+        token, q = s.picker.pick(logits[0, -1])
+        proposal.append(token)
+        q_rows.append(q)
+        feed = [token]
+    # 2. target: score the last committed token and the k proposals in one pass
+    logits = s.target.step([s.out[-1]] + proposal, positions(s.prompt, len(s.out) - 1, k + 1), s.target_cache)
+    # 3. accept the agreeing prefix, then the target's own next token
+    n, next_token = s.picker.verify_chain(proposal, q_rows, logits[0])
+    # 4. rewind both caches to the committed text (the draft never consumed its last proposal)
+    if k > n:
+        s.target_cache.crop(-(k - n))
+    if k:
+        draft_valid = min(n, k - 1)
+        if k - 1 > draft_valid:
+            s.draft_cache.crop(-(k - 1 - draft_valid))
+        s.draft_seen = len(s.out) + draft_valid
+    s.out += proposal[:n] + [next_token]
+    return n
+
+
+def _bias(allowed: torch.Tensor, dtype) -> torch.Tensor:
+    """bool [q, K] (True = may attend) -> additive [1, 1, q, K]."""
+    bias = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device)
+    return bias.masked_fill(~allowed, torch.finfo(dtype).min)[None, None]
+
+
+def keep_slots(cache, start: int, slots: torch.Tensor) -> None:
+    """Keep cache entries [0, start) plus `start + slots`, moved to consecutive places."""
+    for layer in cache.layers:
+        index = torch.cat([torch.arange(start), start + slots]).to(layer.keys.device)
+        layer.keys, layer.values = layer.keys[:, :, index], layer.values[:, :, index]
+
+
+def draft_tree(s: Speculation, tree: Tree) -> tuple[list[int], torch.Tensor | None]:
+    """Expand `tree` level by level with the draft; returns (node tokens [N+1] with the root
+    first, the draft's distribution at every node [N+1, V] when sampling, else None).
+    Each level is one draft pass over the nodes that have children, each node seeing the
+    prefix, its ancestors and itself; afterwards the draft's cache is back at the committed text."""
+    tokens = [s.out[-1]] + [0] * (tree.num_nodes - 1)
+    q_rows = [None] * tree.num_nodes
+    root_position = s.prompt.next_position + len(s.out) - 1
+    feed = s.out[s.draft_seen:]
+    logits = s.draft.step(feed, positions(s.prompt, s.draft_seen, len(feed)), s.draft_cache)[0, -1:]
+    base = s.draft_cache.get_seq_length()  # prefix + root: visible to every node
+    fed_slot = {0: base - 1}
+    parents = tree.parents.tolist()
+    expand = [0]
+    for depth in range(1, tree.depth + 1):
+        for row, node in enumerate(expand):
+            children = tree.children(node).tolist()
+            ranks = tree.ranks[children].tolist()
+            child_tokens, q_rows[node] = s.picker.children(logits[row], ranks)
+            for child, token in zip(children, child_tokens):
+                tokens[child] = token
+        expand = [int(n) for n in tree.level_nodes(depth) if len(tree.children(int(n)))]
+        if not expand:
+            break
+        length = s.draft_cache.get_seq_length()
+        allowed = torch.zeros(len(expand), length + len(expand), dtype=torch.bool)
+        allowed[:, :base] = True
+        for row, node in enumerate(expand):
+            ancestor = parents[node]
+            while ancestor > 0:
+                allowed[row, fed_slot[ancestor]] = True
+                ancestor = parents[ancestor]
+            allowed[row, length + row] = True
+            fed_slot[node] = length + row
+        logits = s.draft.step([tokens[n] for n in expand], torch.full((len(expand),), root_position + depth),
+                              s.draft_cache, attention_mask=_bias(allowed.to(s.draft.device), s.draft.dtype))[0]
+    s.draft_cache.crop(-(s.draft_cache.get_seq_length() - base))
+    s.draft_seen = len(s.out)
+    if s.picker.greedy:
+        return tokens, None
+    vocab = logits.shape[-1]
+    return tokens, torch.stack([q if q is not None else torch.zeros(vocab) for q in q_rows])
+
+
+def tree_round(s: Speculation, tree: Tree) -> int:
+    """One round with a static tree; returns the number of accepted drafted tokens."""
+    # 1. draft: expand the tree level by level
+    tokens, q_rows = draft_tree(s, tree)
+    # 2. target: verify every node in one pass with the tree mask, at positions root + depth
+    prefix = s.target_cache.get_seq_length()
+    mask = tree_attention_bias(tree, prefix, s.target.dtype, device=s.target.device)
+    logits = s.target.step(tokens, positions(s.prompt, len(s.out) - 1, 1)[0] + tree.depths, s.target_cache, mask)
+    # 3. accept the longest agreeing root-to-leaf path, then the target's own next token
+    accepted, next_token = s.picker.verify_tree(tree, tokens, q_rows, logits[0])
+    # 4. the target keeps the root and the accepted path, moved to consecutive slots
+    keep_slots(s.target_cache, prefix, torch.tensor([0] + accepted, dtype=torch.long))
+    s.out += [tokens[n] for n in accepted] + [next_token]
+    return len(accepted)
+
+
 def generate_sd(pair: Pair, prompt: Prompt, method: str = "specvlm", ratio: float = 0.9, k: int = 5,
-                max_new_tokens: int = 64, mass: float = 0.4, seed: int = 0, draft_prompt: Prompt | None = None) -> Result:
-    """Chain speculative decoding, greedy; the draft's video pruned by `method` at `ratio`."""
+                max_new_tokens: int = 64, mass: float = 0.4, seed: int = 0, draft_prompt: Prompt | None = None,
+                tree: Tree | None = None, picker: Picker | None = None) -> Result:
+    """Speculative decoding; the draft's video pruned by `method` at `ratio`. Drafts a chain
+    of `k` tokens, or the static `tree` when given; greedy unless `picker` samples."""
     if method not in SPECULATIVE_METHODS:
         raise ValueError(f"unknown method {method!r}; choose one of {METHODS}.")
-    if k < 1:
+    if tree is None and k < 1:
         raise ValueError(f"k (draft tokens per round) must be >= 1, got {k}.")
     pruning.keep_budget(prompt.num_video_tokens, ratio)
+    picker = picker or Picker()
     target, draft = pair.target, pair.draft
-    draft_prompt = draft_prompt or prompt
     watch = Stopwatch(target.device)
 
-    first, target_cache, scores = prefill_target(target, prompt, with_scores=method in SCORED_METHODS)
+    logits, target_cache, scores = prefill_target(target, prompt, with_scores=method in SCORED_METHODS)
+    first = picker.pick(logits)[0]
     watch.lap("target_prefill")
     keep = select_video_tokens(method, prompt, ratio, scores, mass, seed)
     watch.lap("select")
-    draft_cache = prefill_draft(draft, draft_prompt, keep)
+    _, draft_cache = prefill_pruned(draft, draft_prompt or prompt, keep)
     watch.lap("draft_prefill")
 
-    out, draft_seen, accepted = [first], 0, []
-    while len(out) < max_new_tokens and out[-1] not in target.eos_token_ids:
-        steps = min(k, max_new_tokens - len(out) - 1)
-        # 1. draft: catch up on committed tokens it has not seen, then propose `steps` tokens
-        proposal, feed, start = [], out[draft_seen:], draft_seen
-        for _ in range(steps):
-            logits = draft.step(feed, positions(prompt, start, len(feed)), draft_cache)
-            start += len(feed)
-            feed = [int(logits[0, -1].argmax())]
-            proposal += feed
-        # 2. target: score the last committed token and the proposals in one pass
-        logits = target.step([out[-1]] + proposal, positions(prompt, len(out) - 1, steps + 1), target_cache)
-        # 3. accept the agreeing prefix plus the target's bonus token
-        n, bonus = greedy_chain(torch.tensor(proposal, dtype=torch.long), logits[0])
-        # 4. rewind both caches to the committed text
-        if steps > n:
-            target_cache.crop(-(steps - n))
-        draft_valid = min(n, steps - 1)  # the draft never consumed its last proposal
-        if steps - 1 > draft_valid:
-            draft_cache.crop(-(steps - 1 - draft_valid))
-        draft_seen = len(out) + draft_valid if steps else draft_seen
-        out += proposal[:n] + [bonus]
-        accepted.append(n)
+    state = Speculation(target, draft, prompt, target_cache, draft_cache, [first], picker)
+    accepted = []
+    while len(state.out) < max_new_tokens and state.out[-1] not in target.eos_token_ids:
+        room = max_new_tokens - len(state.out) - 1  # drafted tokens that may still be kept
+        if tree is not None and room >= tree.depth:
+            accepted.append(tree_round(state, tree))
+        else:  # a chain, or a tree too deep for the tokens left: never overshoot
+            accepted.append(chain_round(state, min(k if tree is None else tree.depth, room)))
     watch.lap("decode")
 
-    out = truncate(out, target.eos_token_ids, max_new_tokens)
+    out = truncate(state.out, target.eos_token_ids, max_new_tokens)
     return Result(
         out, target.decode(out), method, 0.0 if method == "sd" else ratio, accepted,
         video_tokens=prompt.num_video_tokens,
@@ -208,16 +316,20 @@ def generate_sd(pair: Pair, prompt: Prompt, method: str = "specvlm", ratio: floa
 
 
 def generate(pair: Pair, video, question: str = DEFAULT_QUESTION, method: str = "specvlm", ratio: float = 0.9,
-             k: int = 5, max_new_tokens: int = 64, mass: float = 0.4, seed: int = 0) -> Result:
-    """Answer `question` about `video` (a `Video`) with `method`; see the module docstring."""
+             k: int = 5, max_new_tokens: int = 64, mass: float = 0.4, seed: int = 0, tree: Tree | None = None,
+             temperature: float = 0.0, top_p: float | None = None) -> Result:
+    """Answer `question` about `video` (a `Video`) with `method`; see the module docstring.
+    `tree` drafts a static tree instead of a chain of `k`; `temperature` > 0 samples (seeded
+    by `seed`) with speculative sampling, which keeps the target's distribution."""
     if video is None:
         raise ValueError("generate needs a video: SpecVLM prunes the draft's video tokens, and this prompt has none.")
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}.")
+    picker = Picker(temperature, top_p, seed)
     prompt = pair.target.prepare(video, question)
     if prompt.num_video_tokens == 0:
         raise ValueError("the prepared prompt contains no video tokens; check the processor's chat template.")
     if method == "ar":
-        return generate_ar(pair.target, prompt, max_new_tokens)
+        return generate_ar(pair.target, prompt, max_new_tokens, picker=picker)
     draft_prompt = prompt if pair.draft is pair.target else pair.draft.prepare(video, question)
-    return generate_sd(pair, prompt, method, ratio, k, max_new_tokens, mass, seed, draft_prompt)
+    return generate_sd(pair, prompt, method, ratio, k, max_new_tokens, mass, seed, draft_prompt, tree, picker)

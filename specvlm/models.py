@@ -11,14 +11,15 @@ transformers model and its processor:
 A pruned prefill is `lm.forward(embeds[:, rows], prompt.position_ids[..., rows], cache)`:
 kept video tokens keep their original positions (1-D for LLaVA-OneVision, 3-D rotary for
 Qwen2.5-VL), and generated tokens continue at `prompt.next_position`, so the cache length and
-the positions differ by the number of pruned tokens. Position ids always come last-dim-first
+the positions differ by the number of pruned tokens (and, for Qwen2.5-VL, by the gap its 3-D
+layout leaves: `next_position` is not the prompt length). Position ids always come last-dim-first
 (`[1, q]` or `[3, 1, q]`), so selecting rows is one indexing step for every family.
 
-Real checkpoints load with `from_pretrained` (hub id or folder): LLaVA-OneVision here;
-the Qwen2.5-VL adapter lives beside it. `make_tiny_pair` builds a tiny random pair of the
-same classes, with an offline tokenizer and processor, and saves it, so that tests exercise
-the very `from_pretrained` path users take. Not handled: batches (one prompt at a time),
-images, several videos in one prompt.
+Real checkpoints load with `from_pretrained` (hub id or folder): LLaVA-OneVision and
+Qwen2.5-VL, one adapter each, chosen from `ADAPTERS` by the config's `model_type`.
+`make_tiny_pair` builds a tiny random pair of the same classes, with an offline tokenizer and
+processor, and saves it, so that tests exercise the very `from_pretrained` path users take.
+Not handled: batches (one prompt at a time), images, several videos in one prompt.
 """
 
 from __future__ import annotations
@@ -193,7 +194,69 @@ class LlavaOnevisionLM(VideoLM):
         return positions.reshape(1, -1)
 
 
-ADAPTERS = {LlavaOnevisionLM.family: LlavaOnevisionLM}
+class Qwen25VLLM(VideoLM):
+    """Qwen2.5-VL: frames are cut into patches of 2 frames x p x p pixels (an odd frame count
+    repeats the last frame), 2x2 neighbouring patches are merged into one token, and the
+    language model uses 3-D rotary positions (time, height, width).
+
+    A video token at merged grid cell (t, i, j) after `s` prompt tokens gets position
+    (s + floor(t * tokens_per_second * 2 / fps), s + i, s + j); text tokens get the same
+    value in all three rows. So the prompt's positions depend on the frame rate, and the
+    first generated token sits one past the prompt's last token, not at the prompt length.
+
+    Which "last": transformers 5.24 resumes the text after a video at s + max(h, w), not
+    after the video's largest (temporal) position as Qwen's original code did, so for a long
+    or slow video the question sits below the video's temporal positions. `generate` then
+    continues from the last prompt token (`position_ids[..., -1] + 1`), while a forward
+    without position ids continues from the stored `rope_deltas` (max + 1): the two disagree.
+    We follow `generate`; with the original layout both are max + 1. Positions are always
+    passed explicitly, never left to the model's stateful `rope_deltas`.
+    """
+
+    family = "qwen2_5_vl"
+
+    def prepare(self, video: Video, question: str = DEFAULT_QUESTION) -> Prompt:
+        text = self.chat(question)
+        # frame timing sets the temporal positions; without metadata the processor assumes 24 fps
+        inputs = self.processor(
+            text=text, videos=[video.frames.numpy()], video_metadata=[video.metadata()], return_tensors="pt"
+        )
+        input_ids = inputs["input_ids"]
+        position_ids, _ = self.model.model.get_rope_index(
+            input_ids,
+            mm_token_type_ids=inputs["mm_token_type_ids"],
+            video_grid_thw=inputs["video_grid_thw"],
+            second_per_grid_ts=inputs["second_per_grid_ts"],
+        )  # [3, 1, L]
+        merge = self.config.vision_config.spatial_merge_size
+        t, h, w = inputs["video_grid_thw"][0].tolist()
+        return Prompt(
+            input_ids=input_ids,
+            position_ids=position_ids,
+            video_index=(input_ids[0] == self.video_token_id).nonzero().flatten(),
+            grid=(t, h // merge, w // merge),
+            next_position=int(position_ids[:, 0, -1].max()) + 1,  # as `generate` continues
+            inputs=dict(inputs),
+        )
+
+    @torch.no_grad()
+    def embed(self, prompt: Prompt) -> torch.Tensor:
+        ids = prompt.input_ids.to(self.device)
+        embeds = self.model.get_input_embeddings()(ids)
+        features = self.model.model.get_video_features(
+            prompt.inputs["pixel_values_videos"].to(self.device, self.dtype),
+            prompt.inputs["video_grid_thw"].to(self.device),
+        ).pooler_output  # one [t*h*w, D] tensor per video
+        embeds[0, prompt.video_index.to(self.device)] = torch.cat(features).to(embeds.dtype)
+        return embeds
+
+    def position_ids_for(self, positions: torch.Tensor) -> torch.Tensor:
+        """Text positions in all three rotary rows: [q] -> [3, 1, q]. (Three rows, not the four
+        `generate` uses: a fourth, leading row would only feed the mask's packed-sequence check.)"""
+        return positions.reshape(1, 1, -1).expand(3, 1, -1)
+
+
+ADAPTERS = {adapter.family: adapter for adapter in (LlavaOnevisionLM, Qwen25VLLM)}
 
 
 def resolve_device(device=None) -> torch.device:

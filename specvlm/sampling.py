@@ -1,0 +1,75 @@
+"""How a decoding loop picks tokens: greedy (temperature 0) or seeded sampling.
+
+One `Picker` is handed to every loop, so AR, chain and tree decoding share one notion of
+"the next token" and one random stream. Greedy picks the argmax and verifies with
+`greedy_chain` / `greedy_tree`; sampling draws from softmax(logits / temperature), optionally
+restricted to the top-p nucleus, and verifies with speculative sampling (`sample_chain`,
+`sample_tree`), which returns exact samples of the target's distribution. Tree children are
+the draft's top-k ranks when greedy, and draws *without replacement* from the draft's
+distribution when sampling (the precondition of `sample_tree`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from .acceptance import greedy_chain, greedy_tree, probs_from_logits, sample_chain, sample_tree
+
+
+@dataclass
+class Picker:
+    """temperature 0 -> greedy; > 0 -> sampling seeded by `seed` (a CPU generator)."""
+
+    temperature: float = 0.0
+    top_p: float | None = None
+    seed: int = 0
+    generator: torch.Generator = field(init=False, repr=False)
+
+    def __post_init__(self):
+        if self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0 (0 is greedy), got {self.temperature}.")
+        if self.temperature > 0:
+            probs_from_logits(torch.zeros(1), self.temperature, self.top_p)  # validates top_p
+        self.generator = torch.Generator().manual_seed(self.seed)
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+    def probs(self, logits: torch.Tensor) -> torch.Tensor:
+        """[..., V] logits -> [..., V] float32 probabilities on the CPU."""
+        return probs_from_logits(logits.float().cpu(), self.temperature, self.top_p)
+
+    def pick(self, logits: torch.Tensor) -> tuple[int, torch.Tensor | None]:
+        """(token, its distribution or None when greedy) from logits [V]."""
+        if self.greedy:
+            return int(logits.argmax()), None
+        probs = self.probs(logits)
+        return int(torch.multinomial(probs, 1, generator=self.generator)), probs
+
+    def children(self, logits: torch.Tensor, ranks: list[int]) -> tuple[list[int], torch.Tensor | None]:
+        """Tokens for children of the given ranks (sorted) from the logits [V] at their parent."""
+        if self.greedy:
+            top = logits.topk(max(ranks) + 1).indices
+            return [int(top[r]) for r in ranks], None
+        probs = self.probs(logits)
+        drawn = torch.multinomial(probs, len(ranks), replacement=False, generator=self.generator)
+        return drawn.tolist(), probs
+
+    def verify_chain(self, proposal: list[int], q_rows: list, target_logits: torch.Tensor) -> tuple[int, int]:
+        """(accepted count, next token) for a chain; target_logits [k+1, V]."""
+        tokens = torch.tensor(proposal, dtype=torch.long)
+        if self.greedy:
+            return greedy_chain(tokens, target_logits)
+        q = torch.stack(q_rows) if q_rows else torch.zeros(0, target_logits.shape[-1])
+        return sample_chain(tokens, q, self.probs(target_logits), self.generator)
+
+    def verify_tree(self, tree, node_tokens: list[int], q_rows: torch.Tensor | None,
+                    target_logits: torch.Tensor) -> tuple[list[int], int]:
+        """(accepted nodes below the root, next token) for a tree; target_logits [N+1, V]."""
+        tokens = torch.tensor(node_tokens, dtype=torch.long)
+        if self.greedy:
+            return greedy_tree(tree, tokens, target_logits)
+        return sample_tree(tree, tokens, q_rows, self.probs(target_logits), self.generator)

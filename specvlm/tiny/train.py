@@ -1,0 +1,290 @@
+"""Train the embedded target/draft pair on synthetic captioned videos.
+
+    python -m specvlm.tiny.train --out runs/tiny --target-steps 4000 --draft-steps 3000
+
+Both models are LLaVA-OneVision models of the real transformers classes (SigLIP vision tower,
+Qwen2 language model), sharing one byte-level BPE tokenizer trained on the task's words and
+one processor (64x64 frames, 4-pixel patches pooled 2x2 to an 8x8 token grid per frame).
+The language models keep the real checkpoints' head layout: 7 query heads per KV head,
+head dimension 128 for the target (as in the 7B) and 64 for the draft (as in the 0.5B).
+
+1. The target learns to caption clips of 4 to 64 frames from all its video tokens.
+2. The draft learns the same captions from *pruned* video: each batch keeps a share
+   (ratio in {0, .5, .75, .9, .95}) chosen by {specvlm (the trained target's attention),
+   uniform, random}, with kept tokens at their original positions, exactly as decoding
+   prefills it. A draft trained only on full videos loses acceptance under pruning (see
+   DESIGN.md section 9); the paper's off-the-shelf drafts need no such training.
+
+Reproducible from `--seed` on a CPU or a GPU (bf16 autocast there); logs loss and held-out
+caption accuracy; writes `save_pretrained` folders `out/target` and `out/draft`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import random
+import time
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .. import builders, pruning, synthetic
+from ..attention import SCORES_ATTENTION, ScoreRecorder, enable_scores
+from ..decoding import generate_ar
+from ..models import LlavaOnevisionLM
+from ..video import from_array
+
+VISION = dict(hidden_size=96, num_hidden_layers=2, num_attention_heads=2, intermediate_size=192, image_size=64, patch_size=4)
+TARGET = dict(hidden_size=256, num_hidden_layers=4, num_attention_heads=7, num_key_value_heads=1, head_dim=128,
+              intermediate_size=768)
+DRAFT = dict(hidden_size=128, num_hidden_layers=2, num_attention_heads=7, num_key_value_heads=1, head_dim=64,
+             intermediate_size=384)
+FRAMES = (4, 8, 16, 32, 64)
+FRAME_WEIGHTS = (0.25, 0.25, 0.25, 0.15, 0.10)
+DRAFT_RATIOS = (0.0, 0.5, 0.75, 0.9, 0.95)
+DRAFT_SELECTIONS = ("specvlm", "uniform", "random")
+QUESTION = "Describe the video."
+HELD_OUT_SEEDS = range(0, 100_000)  # evaluation clips; training seeds start at 10**6
+TRAIN_SEED_BASE = 10**6
+
+
+def corpus(num_clips: int = 3000) -> str:
+    captions = [synthetic.make_clip(TRAIN_SEED_BASE + 10**7 + i, num_frames=4).caption for i in range(num_clips)]
+    return " ".join(synthetic.vocabulary()) + "\n" + "\n".join(captions)
+
+
+def build_pair(seed: int):
+    """Untrained target and draft (in memory) plus the shared processor."""
+    from transformers import AutoModelForImageTextToText, GenerationConfig
+
+    tokenizer = builders.make_tokenizer(corpus(), vocab_size=512)
+    processor = builders.llava_onevision_processor(tokenizer, VISION)
+    models = []
+    for offset, sizes in enumerate((TARGET, DRAFT)):
+        torch.manual_seed(seed + offset)
+        config = builders.llava_onevision_config(tokenizer, sizes, VISION)
+        config.text_config.initializer_range = 0.02
+        model = AutoModelForImageTextToText.from_config(config)
+        model.generation_config = GenerationConfig(eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+        models.append(model)
+    return models[0], models[1], processor
+
+
+class Batches:
+    """Batches (dicts: pixels [B, T, 3, S, S], ids/labels/mask [B, L], video slots [n],
+    prompt_len) of one frame count each, from seeded synthetic clips built in worker processes."""
+
+    def __init__(self, processor, tokens_per_batch: int, seed: int, workers: int):
+        self.processor, self.tokens = processor, tokens_per_batch
+        self.rng = random.Random(seed)
+        self.next_seed = TRAIN_SEED_BASE + seed * 10**8
+        self.pool = ProcessPoolExecutor(workers) if workers > 1 else None
+        self.pending = None
+        tok = processor.tokenizer
+        chat = processor.apply_chat_template(
+            [{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": QUESTION}]}],
+            add_generation_prompt=True,
+        )
+        before, after = chat.split(processor.video_token)
+        self.before, self.after = tok(before)["input_ids"], tok(after)["input_ids"]
+        self.end = tok.eos_token_id
+        self.pad = tok.pad_token_id
+        self.per_frame = (VISION["image_size"] // VISION["patch_size"] // 2) ** 2
+
+    def make(self, frames: int, clips):
+        tok = self.processor.tokenizer
+        n = frames * self.per_frame + 1
+        prompt = self.before + [tok.convert_tokens_to_ids(self.processor.video_token)] * n + self.after
+        answers = [tok(c[1])["input_ids"] + [self.end] for c in clips]
+        length = len(prompt) + max(map(len, answers))
+        ids = torch.full((len(clips), length), self.pad)
+        labels = torch.full((len(clips), length), -100)
+        mask = torch.zeros((len(clips), length), dtype=torch.long)
+        for b, ans in enumerate(answers):
+            seq = prompt + ans
+            ids[b, : len(seq)] = torch.tensor(seq)
+            labels[b, len(prompt) : len(seq)] = torch.tensor(ans)
+            mask[b, : len(seq)] = 1
+        pixels = self.processor.video_processor(videos=[c[0] for c in clips], return_tensors="pt")["pixel_values_videos"]
+        video_slots = torch.arange(len(self.before), len(self.before) + n)
+        return dict(pixels=pixels, ids=ids, labels=labels, mask=mask, slots=video_slots, prompt_len=len(prompt))
+
+    def _submit(self):
+        frames = self.rng.choices(FRAMES, FRAME_WEIGHTS)[0]
+        count = max(1, self.tokens // (frames * self.per_frame))
+        seeds = range(self.next_seed, self.next_seed + count)
+        self.next_seed += count
+        if self.pool:
+            return frames, self.pool.map(_clip, seeds, [frames] * count)
+        return frames, [_clip(seed, frames) for seed in seeds]
+
+    def __next__(self):
+        if self.pending is None:
+            self.pending = self._submit()
+        frames, clips = self.pending
+        self.pending = self._submit()  # the workers build the next batch while this one trains
+        return self.make(frames, list(clips))
+
+
+def _clip(seed: int, frames: int):
+    clip = synthetic.make_clip(seed, num_frames=frames)
+    return clip.frames.numpy(), clip.caption
+
+
+def embed(model, pixels, ids, video_slots):
+    embeds = model.get_input_embeddings()(ids)
+    features = model.model.get_video_features(
+        pixels, vision_feature_layer=model.config.vision_feature_layer,
+        vision_feature_select_strategy=model.config.vision_feature_select_strategy,
+    ).pooler_output
+    embeds[:, video_slots] = features.to(embeds.dtype)
+    return embeds
+
+
+def caption_loss(model, embeds, labels, mask, positions, **kwargs):
+    hidden = model.model.language_model(
+        inputs_embeds=embeds, attention_mask=mask, position_ids=positions, use_cache=False, **kwargs
+    ).last_hidden_state
+    rows = labels[:, 1:] != -100
+    logits = model.lm_head(hidden[:, :-1][rows])
+    return F.cross_entropy(logits.float(), labels[:, 1:][rows])
+
+
+def keep_rows(batch_size, ids_len, video_slots, ratio, method, scores, generator):
+    """Per-sequence prompt rows [B, L'] kept for the draft: all text plus kept video slots."""
+    n = len(video_slots)
+    is_text = torch.ones(ids_len, dtype=torch.bool)
+    is_text[video_slots] = False
+    rows = []
+    for b in range(batch_size):
+        keep = pruning.select(method, n=n, ratio=ratio, scores=None if scores is None else scores[b], generator=generator)
+        rows.append(torch.cat([is_text.nonzero().flatten(), video_slots[keep]]).sort().values)
+    return torch.stack(rows)
+
+
+def train_model(model, batches, steps, lr, device, log, role, target=None, seed=0, minutes=None):
+    """Train for `steps`, or fewer if `minutes` would be exceeded: the number of steps is
+    fixed after 30 timed steps and logged ("planned_steps"), so a run is reproducible by
+    passing that number back as `steps`."""
+    model.to(device).train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01, betas=(0.9, 0.98))
+    plan = {"steps": steps}
+    warmup = 50
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer,
+        lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(s, plan["steps"]) / plan["steps"])),
+    )
+    generator = torch.Generator().manual_seed(seed)
+    rng = random.Random(seed)
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
+    start = time.time()
+    step = 0
+    while step < plan["steps"]:
+        if step == 30 and minutes is not None:
+            per_step = (time.time() - start) / 30
+            plan["steps"] = max(31, min(steps, int(minutes * 60 / per_step)))
+            log({"role": role, "planned_steps": plan["steps"], "seconds_per_step": round(per_step, 4)})
+        batch = next(batches)
+        pixels, ids, labels, mask = (batch[k].to(device) for k in ("pixels", "ids", "labels", "mask"))
+        slots = batch["slots"]
+        positions = torch.arange(ids.shape[1], device=device).expand(ids.shape[0], -1)
+        with autocast:
+            embeds = embed(model, pixels, ids, slots)
+            if target is None:
+                loss = caption_loss(model, embeds, labels, mask, positions)
+            else:
+                ratio, method = rng.choice(DRAFT_RATIOS), rng.choice(DRAFT_SELECTIONS)
+                scores = None
+                if method == "specvlm" and ratio > 0:
+                    scores = target_scores(target, pixels, ids, mask, positions, slots, batch["prompt_len"])
+                rows = keep_rows(ids.shape[0], ids.shape[1], slots, ratio, method, scores, generator).to(device)
+                gather = lambda t: torch.gather(t, 1, rows if t.dim() == 2 else rows[..., None].expand(-1, -1, t.shape[-1]))
+                loss = caption_loss(model, gather(embeds), gather(labels), gather(mask), gather(positions))
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        schedule.step()
+        optimizer.zero_grad(set_to_none=True)
+        if step % 100 == 0 or step == plan["steps"] - 1:
+            log({"role": role, "step": step, "loss": round(loss.item(), 4), "frames": pixels.shape[1],
+                 "lr": schedule.get_last_lr()[0], "elapsed_s": round(time.time() - start, 1)})
+        step += 1
+    return model.eval()
+
+
+@torch.no_grad()
+def target_scores(target, pixels, ids, mask, positions, slots, prompt_len):
+    """The trained target's verifier scores for a batch: [B, n] (text after the video -> video)."""
+    recorder = ScoreRecorder(torch.arange(int(slots[-1]) + 1, prompt_len), slots)
+    embeds = embed(target, pixels, ids[:, :prompt_len], slots)
+    target.model.language_model(
+        inputs_embeds=embeds, attention_mask=mask[:, :prompt_len], position_ids=positions[:, :prompt_len],
+        use_cache=False, recorder=recorder,
+    )
+    return recorder.scores.float().cpu()
+
+
+@torch.no_grad()
+def caption_accuracy(model, processor, seeds, frames=16, max_new_tokens=48):
+    """Greedy captions of held-out clips, scored against their ground truth."""
+    lm = LlavaOnevisionLM(model, processor)
+    scores = []
+    for seed in seeds:
+        clip = synthetic.make_clip(seed, num_frames=frames)
+        prompt = lm.prepare(from_array(clip.frames, fps=8.0), QUESTION)
+        text = generate_ar(lm, prompt, max_new_tokens).text
+        scores.append(synthetic.score_caption(text, clip.objects))
+    return synthetic.aggregate(scores)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--target-steps", type=int, default=4000)
+    parser.add_argument("--draft-steps", type=int, default=3000)
+    parser.add_argument("--target-minutes", type=float, default=None, help="cap the target's steps to this time")
+    parser.add_argument("--draft-minutes", type=float, default=None, help="cap the draft's steps to this time")
+    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--tokens-per-batch", type=int, default=24_000)
+    parser.add_argument("--workers", type=int, default=8)
+    parser.add_argument("--eval-clips", type=int, default=64)
+    parser.add_argument("--device", default=None)
+    args = parser.parse_args(argv)
+
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    torch.manual_seed(args.seed)
+    np.random.seed(args.seed)
+    args.out.mkdir(parents=True, exist_ok=True)
+    log_file = open(args.out / "train_log.jsonl", "w")
+
+    def log(record):
+        print(json.dumps(record), flush=True)
+        log_file.write(json.dumps(record) + "\n")
+        log_file.flush()
+
+    target, draft, processor = build_pair(args.seed)
+    batches = Batches(processor, args.tokens_per_batch, args.seed, args.workers)
+    held_out = list(HELD_OUT_SEEDS[: args.eval_clips])
+
+    train_model(target, batches, args.target_steps, args.lr, device, log, "target", seed=args.seed,
+                minutes=args.target_minutes)
+    log({"role": "target", "held_out": caption_accuracy(target, processor, held_out)})
+    enable_scores(LlavaOnevisionLM(target, processor))
+    train_model(draft, batches, args.draft_steps, args.lr, device, log, "draft", target=target, seed=args.seed + 1,
+                minutes=args.draft_minutes)
+    log({"role": "draft", "held_out": caption_accuracy(draft, processor, held_out)})
+
+    for role, model in (("target", target), ("draft", draft)):
+        model.to("cpu", torch.float32).save_pretrained(args.out / role, max_shard_size="15MB")
+        processor.save_pretrained(args.out / role)
+    log({"done": True, "args": {k: str(v) for k, v in vars(args).items()}, "scores_attention": SCORES_ATTENTION})
+
+
+if __name__ == "__main__":
+    main()
