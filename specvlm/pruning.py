@@ -20,7 +20,7 @@ literal re-implementation of its loops):
   0.09999999999999998;
 - evenly spaced means `torch.linspace(0, m - 1, k, dtype=torch.long)` (truncated, not rounded);
 - Stage I takes at least one token, and all `n` when rounding keeps the running sum below
-  `mass * total` (this happens for `mass=1.0`); the running sum is float32, one token after
+  `mass * total` (common at `mass=1.0`); the running sum is float32, one token after
   another, and scores are compared in float32, as the reference's loop and its
   list-to-tensor round trip do.
 

@@ -76,14 +76,14 @@ def build_pair(seed: int):
 
 
 class Batches:
-    """Batches (dicts: pixels [B, T, 3, S, S], ids/labels/mask [B, L], video slots [n],
+    """Batches (dicts: frames uint8 [B, T, S, S, 3], ids/labels/mask [B, L], video slots [n],
     prompt_len) of one frame count each, from seeded synthetic clips built in worker processes."""
 
     def __init__(self, processor, tokens_per_batch: int, seed: int, workers: int):
         self.processor, self.tokens = processor, tokens_per_batch
         self.rng = random.Random(seed)
         self.next_seed = TRAIN_SEED_BASE + seed * 10**8
-        self.pool = ProcessPoolExecutor(workers) if workers > 1 else None
+        self.pool = ProcessPoolExecutor(workers, initializer=torch.set_num_threads, initargs=(1,)) if workers > 1 else None
         self.pending = None
         tok = processor.tokenizer
         chat = processor.apply_chat_template(
@@ -110,9 +110,9 @@ class Batches:
             ids[b, : len(seq)] = torch.tensor(seq)
             labels[b, len(prompt) : len(seq)] = torch.tensor(ans)
             mask[b, : len(seq)] = 1
-        pixels = self.processor.video_processor(videos=[c[0] for c in clips], return_tensors="pt")["pixel_values_videos"]
+        frames_uint8 = torch.from_numpy(np.stack([c[0] for c in clips]))  # [B, T, S, S, 3]
         video_slots = torch.arange(len(self.before), len(self.before) + n)
-        return dict(pixels=pixels, ids=ids, labels=labels, mask=mask, slots=video_slots, prompt_len=len(prompt))
+        return dict(frames=frames_uint8, ids=ids, labels=labels, mask=mask, slots=video_slots, prompt_len=len(prompt))
 
     def _submit(self):
         frames = self.rng.choices(FRAMES, FRAME_WEIGHTS)[0]
@@ -134,6 +134,15 @@ class Batches:
 def _clip(seed: int, frames: int):
     clip = synthetic.make_clip(seed, num_frames=frames)
     return clip.frames.numpy(), clip.caption
+
+
+def normalise(frames: torch.Tensor, processor) -> torch.Tensor:
+    """uint8 [B, T, S, S, 3] at the processor's size -> pixel values [B, T, 3, S, S], as the
+    video processor computes them (rescale, then normalise; resizing is the identity here)."""
+    vp = processor.video_processor
+    mean = torch.tensor(vp.image_mean, device=frames.device).view(1, 1, 3, 1, 1)
+    std = torch.tensor(vp.image_std, device=frames.device).view(1, 1, 3, 1, 1)
+    return (frames.permute(0, 1, 4, 2, 3).float() * vp.rescale_factor - mean) / std
 
 
 def embed(model, pixels, ids, video_slots):
@@ -160,6 +169,8 @@ def keep_rows(batch_size, ids_len, video_slots, ratio, method, scores, generator
     n = len(video_slots)
     is_text = torch.ones(ids_len, dtype=torch.bool)
     is_text[video_slots] = False
+    if ratio == 0:
+        return torch.arange(ids_len).expand(batch_size, -1)
     rows = []
     for b in range(batch_size):
         keep = pruning.select(method, n=n, ratio=ratio, scores=None if scores is None else scores[b], generator=generator)
@@ -169,8 +180,8 @@ def keep_rows(batch_size, ids_len, video_slots, ratio, method, scores, generator
 
 def train_model(model, batches, steps, lr, device, log, role, target=None, seed=0, minutes=None):
     """Train for `steps`, or fewer if `minutes` would be exceeded: the number of steps is
-    fixed after 30 timed steps and logged ("planned_steps"), so a run is reproducible by
-    passing that number back as `steps`."""
+    fixed from the time of steps 10-40 and logged ("planned_steps"), so a run is reproducible
+    by passing that number back as `steps`."""
     model.to(device).train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01, betas=(0.9, 0.98))
     plan = {"steps": steps}
@@ -183,14 +194,19 @@ def train_model(model, batches, steps, lr, device, log, role, target=None, seed=
     rng = random.Random(seed)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
     start = time.time()
-    step = 0
+    step, data_s = 0, 0.0
     while step < plan["steps"]:
-        if step == 30 and minutes is not None:
-            per_step = (time.time() - start) / 30
-            plan["steps"] = max(31, min(steps, int(minutes * 60 / per_step)))
+        if step == 10:
+            warm = time.time()
+        if step == 40 and minutes is not None:
+            per_step = (time.time() - warm) / 30
+            plan["steps"] = max(41, min(steps, int((minutes * 60 - (warm - start)) / per_step)))
             log({"role": role, "planned_steps": plan["steps"], "seconds_per_step": round(per_step, 4)})
+        waited = time.time()
         batch = next(batches)
-        pixels, ids, labels, mask = (batch[k].to(device) for k in ("pixels", "ids", "labels", "mask"))
+        data_s += time.time() - waited
+        ids, labels, mask = (batch[k].to(device) for k in ("ids", "labels", "mask"))
+        pixels = normalise(batch["frames"].to(device), batches.processor)
         slots = batch["slots"]
         positions = torch.arange(ids.shape[1], device=device).expand(ids.shape[0], -1)
         with autocast:
@@ -203,6 +219,7 @@ def train_model(model, batches, steps, lr, device, log, role, target=None, seed=
                 if method == "specvlm" and ratio > 0:
                     scores = target_scores(target, pixels, ids, mask, positions, slots, batch["prompt_len"])
                 rows = keep_rows(ids.shape[0], ids.shape[1], slots, ratio, method, scores, generator).to(device)
+                # ratio 0 keeps every row: the draft also learns from whole videos
                 gather = lambda t: torch.gather(t, 1, rows if t.dim() == 2 else rows[..., None].expand(-1, -1, t.shape[-1]))
                 loss = caption_loss(model, gather(embeds), gather(labels), gather(mask), gather(positions))
         loss.backward()
@@ -212,7 +229,8 @@ def train_model(model, batches, steps, lr, device, log, role, target=None, seed=
         optimizer.zero_grad(set_to_none=True)
         if step % 100 == 0 or step == plan["steps"] - 1:
             log({"role": role, "step": step, "loss": round(loss.item(), 4), "frames": pixels.shape[1],
-                 "lr": schedule.get_last_lr()[0], "elapsed_s": round(time.time() - start, 1)})
+                 "lr": schedule.get_last_lr()[0], "elapsed_s": round(time.time() - start, 1),
+                 "waiting_for_data_s": round(data_s, 1)})
         step += 1
     return model.eval()
 
