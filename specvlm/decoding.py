@@ -18,11 +18,24 @@ One round of chain speculative decoding (greedy):
 Because every committed token is the target's argmax given the committed text before it,
 the output equals the target's own greedy decoding token for token, whatever the draft sees.
 
+A tree round (`tree=`, e.g. the paper's 25-node `MC_SIM_7B_63`) drafts level by level: one
+draft pass per level over the nodes that have children, each node attending to the prefix,
+its ancestors and itself (an explicit mask, also at single-node levels); the target verifies
+all nodes in one pass with the tree mask at positions root + depth; the longest accepted
+root-to-leaf path is kept and the target's cache keeps exactly that path, moved to
+consecutive slots. The draft's cache drops its tree nodes and catches up next round. When
+fewer tokens remain than the tree is deep, a chain round of the right length is used, so
+`max_new_tokens` is never overshot.
+
+With `temperature > 0` the same loops sample: drafts are drawn from the draft's distribution
+(tree children without replacement), verification is speculative sampling (see
+`acceptance.py`), and the output is distributed exactly as the target's own sampling.
+
 Caches: the target's holds prompt + all committed tokens but the last one; the draft's holds
 its (pruned) prompt + the first `draft_seen` committed tokens, and catches up at the start of
 its next round. Positions of generated tokens continue from `prompt.next_position` in both
 models, so pruned tokens leave gaps in positions, not in caches.
-Not handled here: batches; tree drafts and sampling live beside this chain loop.
+Not handled: batches of prompts; static caches and compiled steps (the GPU fast path).
 """
 
 from __future__ import annotations
@@ -170,7 +183,11 @@ class Speculation:
     draft_cache: object
     out: list[int]
     picker: Picker
+    draft_prompt: Prompt | None = None  # the draft's own positions, if its processor differs
     draft_seen: int = 0
+
+    def __post_init__(self):
+        self.draft_prompt = self.draft_prompt or self.prompt
 
 
 def chain_round(s: Speculation, k: int) -> int:
@@ -178,7 +195,7 @@ def chain_round(s: Speculation, k: int) -> int:
     # 1. draft: catch up on committed tokens it has not seen, then propose k tokens
     proposal, q_rows, feed, start = [], [], s.out[s.draft_seen:], s.draft_seen
     for _ in range(k):
-        logits = s.draft.step(feed, positions(s.prompt, start, len(feed)), s.draft_cache)
+        logits = s.draft.step(feed, positions(s.draft_prompt, start, len(feed)), s.draft_cache)
         start += len(feed)
         token, q = s.picker.pick(logits[0, -1])
         proposal.append(token)
@@ -220,9 +237,9 @@ def draft_tree(s: Speculation, tree: Tree) -> tuple[list[int], torch.Tensor | No
     prefix, its ancestors and itself; afterwards the draft's cache is back at the committed text."""
     tokens = [s.out[-1]] + [0] * (tree.num_nodes - 1)
     q_rows = [None] * tree.num_nodes
-    root_position = s.prompt.next_position + len(s.out) - 1
+    root_position = s.draft_prompt.next_position + len(s.out) - 1
     feed = s.out[s.draft_seen:]
-    logits = s.draft.step(feed, positions(s.prompt, s.draft_seen, len(feed)), s.draft_cache)[0, -1:]
+    logits = s.draft.step(feed, positions(s.draft_prompt, s.draft_seen, len(feed)), s.draft_cache)[0, -1:]
     base = s.draft_cache.get_seq_length()  # prefix + root: visible to every node
     fed_slot = {0: base - 1}
     parents = tree.parents.tolist()
@@ -292,10 +309,11 @@ def generate_sd(pair: Pair, prompt: Prompt, method: str = "specvlm", ratio: floa
     watch.lap("target_prefill")
     keep = select_video_tokens(method, prompt, ratio, scores, mass, seed)
     watch.lap("select")
-    _, draft_cache = prefill_pruned(draft, draft_prompt or prompt, keep)
+    draft_prompt = draft_prompt or prompt
+    _, draft_cache = prefill_pruned(draft, draft_prompt, keep)
     watch.lap("draft_prefill")
 
-    state = Speculation(target, draft, prompt, target_cache, draft_cache, [first], picker)
+    state = Speculation(target, draft, prompt, target_cache, draft_cache, [first], picker, draft_prompt)
     accepted = []
     while len(state.out) < max_new_tokens and state.out[-1] not in target.eos_token_ids:
         room = max_new_tokens - len(state.out) - 1  # drafted tokens that may still be kept
