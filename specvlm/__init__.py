@@ -9,11 +9,14 @@ video tokens, chosen by the target's attention.
     result = sv.generate(pair, video, "Describe the video.", method="specvlm", ratio=0.9)
 """
 
-from .acceptance import greedy_chain
+from . import synthetic
+from .acceptance import greedy_chain, greedy_tree, sample_chain, sample_tree
 from .attention import SCORES_ATTENTION, prefill_with_scores
 from .builders import make_tiny_pair
 from .decoding import METHODS, Result, generate, generate_ar, generate_sd
 from .models import Pair, Prompt, VideoLM, load_lm, load_pair
+from .sampling import Picker
+from .trees import MC_SIM_7B_63, Tree, chain, draw_tree
 from .pruning import keep_budget, keep_random, keep_specvlm, keep_top, keep_uniform, keep_window, select
 from .video import SAMPLE_CLIPS, Video, from_array, load_video, sample_video
 

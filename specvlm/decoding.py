@@ -315,7 +315,7 @@ def generate_sd(pair: Pair, prompt: Prompt, method: str = "specvlm", ratio: floa
 
     state = Speculation(target, draft, prompt, target_cache, draft_cache, [first], picker, draft_prompt)
     accepted = []
-    while len(state.out) < max_new_tokens and state.out[-1] not in target.eos_token_ids:
+    while len(state.out) < max_new_tokens and not target.eos_token_ids.intersection(state.out):
         room = max_new_tokens - len(state.out) - 1  # drafted tokens that may still be kept
         if tree is not None and room >= tree.depth:
             accepted.append(tree_round(state, tree))

@@ -285,7 +285,15 @@ def load_lm(name_or_path, device=None, dtype=None) -> VideoLM:
             f"{name_or_path}: model type {config.model_type!r} is not supported; "
             f"specvlm has adapters for {sorted(ADAPTERS)}."
         )
-    model = AutoModelForImageTextToText.from_pretrained(name_or_path, dtype=dtype, attn_implementation="sdpa")
+    from transformers.utils import logging
+
+    bars = logging.is_progress_bar_enabled()
+    logging.disable_progress_bar()
+    try:
+        model = AutoModelForImageTextToText.from_pretrained(name_or_path, dtype=dtype, attn_implementation="sdpa")
+    finally:
+        if bars:
+            logging.enable_progress_bar()
     processor = AutoProcessor.from_pretrained(name_or_path)
     return ADAPTERS[config.model_type](model.to(device), processor)
 

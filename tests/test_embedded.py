@@ -52,3 +52,13 @@ def test_demo_runs_offline_from_an_empty_home(tmp_path):
                           env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "specvlm" in done.stdout and "NO" not in done.stdout
+
+
+@pytest.mark.parametrize("tree", [None, MC_SIM_7B_63], ids=["chain", "tree"])
+def test_decoding_stops_in_the_round_that_commits_the_end_token(embedded, tree):
+    clip = synthetic.make_clip(1, num_frames=8)
+    result = sv.generate(embedded, sv.from_array(clip.frames, fps=8.0), method="specvlm", ratio=0.9, tree=tree,
+                         max_new_tokens=80)
+    assert result.tokens[-1] in embedded.target.eos_token_ids
+    emitted_before_last_round = 1 + sum(n + 1 for n in result.accepted[:-1])
+    assert emitted_before_last_round < len(result.tokens)
