@@ -10,7 +10,8 @@ the target's argmax at the position before it, and that position was itself kept
 induction every kept token is the one the target's own greedy decoding would emit after the
 text so far, and the bonus token, the argmax after the last kept one, is its next. So each
 round appends 1 to k+1 tokens of the target's greedy continuation, never anything else:
-the output is identical token for token (up to floating point, see DESIGN section 4).
+the output is identical token for token (in fp32; in bf16 a near-tie of the target's top two logits can round
+either way between a one-token step and a many-token verification).
 
 Sampling (temperature > 0): `sample_chain` is speculative sampling (Leviathan et al. 2023,
 Chen et al. 2023). For one position with x ~ q: accept x with prob. min(1, p(x)/q(x)),

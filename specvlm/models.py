@@ -80,8 +80,7 @@ class Prompt:
 class VideoLM:
     """Adapter base: the language-model calls shared by every family.
 
-    Subclasses set `family` and implement `prepare`, `embed`, `position_ids_for` and
-    `tokens_per_frame`.
+    Subclasses set `family` and implement `prepare`, `video_features` and `position_ids_for`.
     """
 
     family = "base"
@@ -144,7 +143,15 @@ class VideoLM:
     def prepare(self, video: Video, question: str = DEFAULT_QUESTION) -> Prompt:
         raise NotImplementedError
 
+    @torch.no_grad()
     def embed(self, prompt: Prompt) -> torch.Tensor:
+        """Token embeddings [1, L, D] with the video features [n, D] scattered into the video slots."""
+        embeds = self.model.get_input_embeddings()(prompt.input_ids.to(self.device))
+        embeds[0, prompt.video_index.to(self.device)] = self.video_features(prompt).to(embeds.dtype)
+        return embeds
+
+    def video_features(self, prompt: Prompt) -> torch.Tensor:
+        """[n, D]: the projected video tokens of the prompt's video, in slot order."""
         raise NotImplementedError
 
     def position_ids_for(self, positions: torch.Tensor) -> torch.Tensor:
@@ -177,18 +184,13 @@ class LlavaOnevisionLM(VideoLM):
             inputs=dict(inputs),
         )
 
-    @torch.no_grad()
-    def embed(self, prompt: Prompt) -> torch.Tensor:
-        ids = prompt.input_ids.to(self.device)
-        embeds = self.model.get_input_embeddings()(ids)
+    def video_features(self, prompt: Prompt) -> torch.Tensor:
         features = self.model.model.get_video_features(
             prompt.inputs["pixel_values_videos"].to(self.device, self.dtype),
             vision_feature_layer=self.config.vision_feature_layer,
             vision_feature_select_strategy=self.config.vision_feature_select_strategy,
         ).pooler_output
-        features = features.flatten(0, 1).to(embeds.dtype)
-        embeds[0, prompt.video_index.to(self.device)] = features
-        return embeds
+        return features.flatten(0, 1)
 
     def position_ids_for(self, positions: torch.Tensor) -> torch.Tensor:
         return positions.reshape(1, -1)
@@ -239,16 +241,12 @@ class Qwen25VLLM(VideoLM):
             inputs=dict(inputs),
         )
 
-    @torch.no_grad()
-    def embed(self, prompt: Prompt) -> torch.Tensor:
-        ids = prompt.input_ids.to(self.device)
-        embeds = self.model.get_input_embeddings()(ids)
+    def video_features(self, prompt: Prompt) -> torch.Tensor:
         features = self.model.model.get_video_features(
             prompt.inputs["pixel_values_videos"].to(self.device, self.dtype),
             prompt.inputs["video_grid_thw"].to(self.device),
         ).pooler_output  # one [t*h*w, D] tensor per video
-        embeds[0, prompt.video_index.to(self.device)] = torch.cat(features).to(embeds.dtype)
-        return embeds
+        return torch.cat(features)
 
     def position_ids_for(self, positions: torch.Tensor) -> torch.Tensor:
         """Text positions in all three rotary rows: [q] -> [3, 1, q]. (Three rows, not the four

@@ -1,6 +1,6 @@
 """Synthetic videos with ground truth: coloured shapes that move, appear and disappear.
 
-The embedded tiny pair (DESIGN.md section 9, issue 3) is trained and measured on this task, so
+The embedded tiny pair (`specvlm/tiny`) is trained and measured on this task, so
 that accuracy is computed, never eyeballed. A clip is a few to 64 frames of 64x64 RGB on a dark,
 mildly noisy background, with 1-3 objects. Each object has a shape (square, circle, triangle,
 diamond, cross, ring), a colour (7 named ones), a size (small: 6-7 px, about one 8x8-pixel
@@ -16,8 +16,8 @@ colour and "the square" names one object.
                      a small yellow circle appears briefly on the right."
 
 Why small and brief objects: a target whose own video is pruned to 10% loses them first (the
-probe of DESIGN.md section 9: object recall 0.75 -> 0.36, small objects 0.59 -> 0.16), while
-the draft needs no such detail to propose the template words. They are where the contrast
+model card of the embedded pair measures how much), while the draft needs no such detail to
+propose the template words. They are where the contrast
 "prune the draft, not the target" shows, in presence and colour, not only in shape and motion.
 
 Captions (`describe`) have one sentence per object, in a canonical order (first visible frame,

@@ -12,8 +12,8 @@ head dimension 128 for the target (as in the 7B) and 64 for the draft (as in the
 2. The draft learns the same captions from *pruned* video: each batch keeps a share
    (ratio in {0, .5, .75, .9, .95}) chosen by {specvlm (the trained target's attention),
    uniform, random}, with kept tokens at their original positions, exactly as decoding
-   prefills it. A draft trained only on full videos loses acceptance under pruning (see
-   DESIGN.md section 9); the paper's off-the-shelf drafts need no such training.
+   prefills it. A small draft trained only on full videos loses acceptance under pruning
+   (the inputs are far from what it saw); the paper's off-the-shelf drafts need no such training.
 
 Reproducible from `--seed` on a CPU or a GPU (bf16 autocast there); logs loss and held-out
 caption accuracy; writes `save_pretrained` folders `out/target` and `out/draft`.
