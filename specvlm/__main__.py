@@ -1,7 +1,8 @@
-"""Command line: `python -m specvlm demo [options]`.
+"""Command line: `python -m specvlm demo|bench [options]`.
 
 `demo` runs AR, plain SD and SpecVLM on one clip with one pair, prints a table and exits
 with status 1 if any speculative output differs from the target's greedy output.
+`bench` times AR, SD and SpecVLM (chain and tree) over frame counts and writes JSON.
 """
 
 from __future__ import annotations
@@ -35,6 +36,26 @@ def demo(args) -> int:
     return 0
 
 
+def bench(args) -> int:
+    import torch
+
+    from . import load_pair, synthetic
+    from .bench import bench as run, save, table
+    from .video import from_array, sample_video
+
+    dtype = getattr(torch, args.dtype) if args.dtype else None
+    pair = load_pair(args.target, args.draft, device=args.device, dtype=dtype)
+    if args.clip == "synthetic":
+        video_for = lambda frames: from_array(synthetic.make_clip(0, num_frames=frames).frames, fps=8.0)
+    else:
+        video_for = lambda frames: sample_video(args.clip, frames)
+    result = run(pair, video_for, args.frames, args.max_new_tokens, args.k, args.repeats)
+    print(table(result))
+    if args.out:
+        save(result, args.out)
+    return 0 if all(r["equal_to_ar"] for r in result["rows"]) else 1
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m specvlm", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
@@ -49,8 +70,19 @@ def main(argv=None) -> int:
     d.add_argument("--max-new-tokens", type=int, default=48)
     d.add_argument("--question", default="Describe the video.")
     d.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    b = commands.add_parser("bench", help="decode time of AR, SD and SpecVLM (chain and tree) on one pair")
+    b.add_argument("--target", default="tiny")
+    b.add_argument("--draft", default=None)
+    b.add_argument("--clip", default="synthetic", help="'synthetic' or a bundled sample clip name")
+    b.add_argument("--frames", type=int, nargs="+", default=[16, 64])
+    b.add_argument("--k", type=int, default=5)
+    b.add_argument("--max-new-tokens", type=int, default=64)
+    b.add_argument("--repeats", type=int, default=3)
+    b.add_argument("--device", default=None)
+    b.add_argument("--dtype", default=None, help="float32 or bfloat16 (default: bf16 on CUDA, fp32 on CPU)")
+    b.add_argument("--out", default=None, help="write the JSON here (e.g. figures/bench_tiny.json)")
     args = parser.parse_args(argv)
-    return demo(args)
+    return demo(args) if args.command == "demo" else bench(args)
 
 
 if __name__ == "__main__":
