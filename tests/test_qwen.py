@@ -153,14 +153,17 @@ def test_every_method_and_ratio_equals_greedy(qwen_pair, which, clip, frame_coun
             assert result.draft_video_tokens == sv.keep_budget(result.video_tokens, ratio)
 
 
-def test_tree_drafts_equal_greedy(qwen_pair):
+@pytest.mark.parametrize("clip,frame_count", [("bikes", 6), ("bigbuckbunny", 2)])
+def test_tree_drafts_equal_greedy(qwen_pair, clip, frame_count):
     """Tree verification gives every node the position root + depth, in all three rows."""
-    video = sv.sample_video("bikes", 6)
+    video = sv.sample_video(clip, frame_count)
     for pair in (qwen_pair, sv.Pair(qwen_pair.target, qwen_pair.target, name="self")):
         reference = sv.generate(pair, video, method="ar", max_new_tokens=12)
-        for method, ratio in (("sd", 0.0), ("specvlm", 0.5), ("uniform", 0.9)):
-            result = sv.generate(pair, video, method=method, ratio=ratio, max_new_tokens=12, tree=sv.trees.MC_SIM_7B_63)
-            assert result.tokens == reference.tokens, (pair.name, method, ratio)
+        for method in METHODS:
+            for ratio in (0.5, 0.9, 0.99) if method != "sd" else (0.0,):
+                result = sv.generate(pair, video, method=method, ratio=ratio, max_new_tokens=12,
+                                     tree=sv.trees.MC_SIM_7B_63)
+                assert result.tokens == reference.tokens, (pair.name, method, ratio)
 
 
 @pytest.mark.parametrize("frame_count,question", [(2, "Describe the video."), (6, "what colour is the square?")])
