@@ -4,11 +4,11 @@
 import numpy as np
 import pytest
 import torch
-from transformers import AutoModelForImageTextToText
 
 import specvlm as sv
 from specvlm import builders
-from specvlm.attention import enable_scores, prefill_with_scores, query_rows
+
+from .test_attention import ours_and_eager
 
 METHODS = ("sd",) + tuple(sv.pruning.METHODS)
 RATIOS = (0.0, 0.5, 0.9, 0.99)
@@ -168,17 +168,8 @@ def test_tree_drafts_equal_greedy(qwen_pair, clip, frame_count):
 
 @pytest.mark.parametrize("frame_count,question", [(2, "Describe the video."), (6, "what colour is the square?")])
 def test_scores_equal_eager_attentions(qwen_paths, frame_count, question):
-    lm = sv.load_lm(str(qwen_paths[0]), device="cpu")
-    enable_scores(lm)
-    prompt = lm.prepare(sv.sample_video("bigbuckbunny", frame_count), question)
-    logits, scores = prefill_with_scores(lm, prompt, lm.embed(prompt), lm.new_cache())
-
-    eager = AutoModelForImageTextToText.from_pretrained(str(qwen_paths[0]), attn_implementation="eager")
-    with torch.no_grad():
-        out = eager(**prompt.inputs, output_attentions=True)
+    logits, scores, out, expected, lm = ours_and_eager(qwen_paths[0], frame_count, question)
     assert len(out.attentions) == lm.language_model.config.num_hidden_layers
-    rows = query_rows(prompt)
-    expected = torch.stack([a[0].mean(0)[rows].mean(0) for a in out.attentions]).mean(0)[prompt.video_index]
     torch.testing.assert_close(scores, expected, atol=1e-6, rtol=1e-5)
     torch.testing.assert_close(logits, out.logits[:, -1:], atol=1e-5, rtol=1e-5)
 
