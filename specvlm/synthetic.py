@@ -3,7 +3,7 @@
 The embedded tiny pair (`specvlm/tiny`) is trained and measured on this task, so
 that accuracy is computed, never eyeballed. A clip is a few to 64 frames of 64x64 RGB on a dark,
 mildly noisy background, with 1-3 objects. Each object has a shape (square, circle, triangle,
-diamond, cross, ring), a colour (7 named ones), a size (small: 6-7 px, about one 8x8-pixel
+diamond, cross, ring), a colour (7 named ones), a size (small: 8-9 px, about one 8x8-pixel
 video-token cell; big: 12-16 px), a motion (moves left/right/up/down, or stays still in one of
 nine places) and a timing (present throughout, appears later, disappears early, or appears
 briefly: visible in only 1-2 of the sampled frames, and then still). Within a clip shapes and
@@ -217,7 +217,7 @@ def make_clip(seed: int, num_frames: int = 16, size: int = 64, *, counts=(1, 2, 
     objects, boxes = [], []
     for shape, colour in zip(shapes.tolist(), colours.tolist()):
         size_word = "small" if rng.random() < p_small else "big"
-        pixels = round(size * (rng.uniform(0.09, 0.11) if size_word == "small" else rng.uniform(0.19, 0.25)))
+        pixels = round(size * (rng.uniform(0.125, 0.14) if size_word == "small" else rng.uniform(0.19, 0.25)))
         p_brief = (p_brief_small if size_word == "small" else p_brief_big) if num_frames >= 2 else 0.0
         late, early = (p_appears, p_disappears) if num_frames >= 4 else (0.0, 0.0)
         timing = rng.choice(TIMINGS, p=[(1 - p_brief) * (1 - late - early), (1 - p_brief) * late,

@@ -39,7 +39,7 @@ from ..decoding import generate_ar
 from ..models import LlavaOnevisionLM
 from ..video import from_array
 
-VISION = dict(hidden_size=96, num_hidden_layers=2, num_attention_heads=2, intermediate_size=192, image_size=64, patch_size=4)
+VISION = dict(hidden_size=128, num_hidden_layers=3, num_attention_heads=4, intermediate_size=256, image_size=64, patch_size=4)
 TARGET = dict(hidden_size=256, num_hidden_layers=4, num_attention_heads=7, num_key_value_heads=1, head_dim=128,
               intermediate_size=768)
 DRAFT = dict(hidden_size=128, num_hidden_layers=2, num_attention_heads=7, num_key_value_heads=1, head_dim=64,
@@ -58,10 +58,17 @@ def corpus(num_clips: int = 3000) -> str:
     return " ".join(synthetic.vocabulary()) + "\n" + "\n".join(captions)
 
 
-def build_pair(seed: int):
-    """Untrained target and draft (in memory) plus the shared processor."""
-    from transformers import AutoModelForImageTextToText, GenerationConfig
+def build_pair(seed: int, init: Path | None = None):
+    """Target and draft (in memory) plus the shared processor: untrained, or the models saved
+    under `init` (`init/target`, and `init/draft` when present) to continue training."""
+    from transformers import AutoModelForImageTextToText, AutoProcessor, GenerationConfig
 
+    if init is not None:
+        processor = AutoProcessor.from_pretrained(init / "target")
+        target = AutoModelForImageTextToText.from_pretrained(init / "target", dtype=torch.float32)
+        if (init / "draft").exists():
+            return target, AutoModelForImageTextToText.from_pretrained(init / "draft", dtype=torch.float32), processor
+        return target, build_pair(seed)[1], processor
     tokenizer = builders.make_tokenizer(corpus(), vocab_size=512)
     processor = builders.llava_onevision_processor(tokenizer, VISION)
     models = []
@@ -120,7 +127,8 @@ class Batches:
         seeds = range(self.next_seed, self.next_seed + count)
         self.next_seed += count
         if self.pool:
-            return frames, self.pool.map(_clip, seeds, [frames] * count)
+            chunk = -(-count // self.pool._max_workers)
+            return frames, self.pool.map(_clip, seeds, [frames] * count, chunksize=chunk)
         return frames, [_clip(seed, frames) for seed in seeds]
 
     def __next__(self):
@@ -178,18 +186,23 @@ def keep_rows(batch_size, ids_len, video_slots, ratio, method, scores, generator
     return torch.stack(rows)
 
 
-def train_model(model, batches, steps, lr, device, log, role, target=None, seed=0, minutes=None):
+def learning_rate_factor(step: int, steps: int, warmup: int = 50, decay_fraction: float = 1.0) -> float:
+    """Warm-up, then constant, then a cosine to 0 over the last `decay_fraction` of the steps
+    (1.0: cosine over the whole run; 0.0: constant, for a stage that another run continues)."""
+    decay_start = steps * (1 - decay_fraction)
+    into_decay = max(0.0, min(step, steps) - decay_start) / max(steps - decay_start, 1e-9)
+    return min(1.0, (step + 1) / warmup) * (0.5 * (1 + math.cos(math.pi * into_decay)) if decay_fraction > 0 else 1.0)
+
+
+def train_model(model, batches, steps, lr, device, log, role, target=None, seed=0, minutes=None, decay_fraction=1.0):
     """Train for `steps`, or fewer if `minutes` would be exceeded: the number of steps is
     fixed from the time of steps 10-40 and logged ("planned_steps"), so a run is reproducible
     by passing that number back as `steps`."""
     model.to(device).train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01, betas=(0.9, 0.98))
     plan = {"steps": steps}
-    warmup = 50
     schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer,
-        lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(s, plan["steps"]) / plan["steps"])),
-    )
+        optimizer, lambda s: learning_rate_factor(s, plan["steps"], decay_fraction=decay_fraction))
     generator = torch.Generator().manual_seed(seed)
     rng = random.Random(seed)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
@@ -273,32 +286,49 @@ def main(argv=None):
     parser.add_argument("--workers", type=int, default=8)
     parser.add_argument("--eval-clips", type=int, default=64)
     parser.add_argument("--device", default=None)
+    parser.add_argument("--init", type=Path, default=None, help="continue from the models saved in this folder")
+    parser.add_argument("--decay-fraction", type=float, default=1.0,
+                        help="share of this run's steps over which the learning rate decays to 0 (0: constant)")
     args = parser.parse_args(argv)
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     torch.manual_seed(args.seed)
     np.random.seed(args.seed)
     args.out.mkdir(parents=True, exist_ok=True)
+    earlier = (args.init / "train_log.jsonl").read_text() if args.init and (args.init / "train_log.jsonl").exists() else ""
     log_file = open(args.out / "train_log.jsonl", "w")
+    log_file.write(earlier)
 
     def log(record):
         print(json.dumps(record), flush=True)
         log_file.write(json.dumps(record) + "\n")
         log_file.flush()
 
-    target, draft, processor = build_pair(args.seed)
-    batches = Batches(processor, args.tokens_per_batch, args.seed, args.workers)
+    target, draft, processor = build_pair(args.seed, args.init)
+    fresh_draft = args.init is None or not (args.init / "draft").exists()
+    stage = sum('"stage"' in line for line in earlier.splitlines())
+    log({"stage": stage, "init": str(args.init) if args.init else None})
+    # a stage continued from saved models draws fresh clips: training seeds never repeat
+    batches = Batches(processor, args.tokens_per_batch, args.seed + 1000 * stage, args.workers)
     held_out = list(HELD_OUT_SEEDS[: args.eval_clips])
 
-    train_model(target, batches, args.target_steps, args.lr, device, log, "target", seed=args.seed,
-                minutes=args.target_minutes)
-    log({"role": "target", "held_out": caption_accuracy(target, processor, held_out)})
-    enable_scores(LlavaOnevisionLM(target, processor))
-    train_model(draft, batches, args.draft_steps, args.lr, device, log, "draft", target=target, seed=args.seed + 1,
-                minutes=args.draft_minutes)
-    log({"role": "draft", "held_out": caption_accuracy(draft, processor, held_out)})
+    roles = [("target", target)]
+    if args.target_steps:
+        train_model(target, batches, args.target_steps, args.lr, device, log, "target", seed=args.seed + 1000 * stage,
+                    minutes=args.target_minutes, decay_fraction=args.decay_fraction)
+        log({"role": "target", "held_out": caption_accuracy(target, processor, held_out)})
+    if args.draft_steps:
+        target.to(device)
+        if fresh_draft:  # the draft starts from the target's trained vision tower, as LLaVA-OneVision's sizes share one
+            draft.model.vision_tower.load_state_dict(target.model.vision_tower.state_dict())
+            log({"role": "draft", "vision_tower": "initialised from the trained target's"})
+        enable_scores(LlavaOnevisionLM(target, processor))
+        train_model(draft, batches, args.draft_steps, args.lr, device, log, "draft", target=target,
+                    seed=args.seed + 1 + 1000 * stage, minutes=args.draft_minutes, decay_fraction=args.decay_fraction)
+        log({"role": "draft", "held_out": caption_accuracy(draft, processor, held_out)})
+        roles.append(("draft", draft))
 
-    for role, model in (("target", target), ("draft", draft)):
+    for role, model in roles:
         model.to("cpu", torch.float32).save_pretrained(args.out / role, max_shard_size="15MB")
         processor.save_pretrained(args.out / role)
     log({"done": True, "args": {k: str(v) for k, v in vars(args).items()}, "scores_attention": SCORES_ATTENTION})
