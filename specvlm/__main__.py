@@ -1,8 +1,10 @@
-"""Command line: `python -m specvlm demo|bench [options]`.
+"""Command line: `python -m specvlm demo|bench|costs [options]`.
 
 `demo` runs AR, plain SD and SpecVLM on one clip with one pair, prints a table and exits
 with status 1 if any speculative output differs from the target's greedy output.
 `bench` times AR, SD and SpecVLM (chain and tree) over frame counts and writes JSON.
+`costs` times one forward pass (1 token, chain, tree) against context length at real
+language-model shapes with random weights, beside its bytes-over-bandwidth floor, and writes JSON.
 """
 
 from __future__ import annotations
@@ -56,6 +58,23 @@ def bench(args) -> int:
     return 0 if all(r["equal_to_ar"] for r in result["rows"]) else 1
 
 
+def costs(args) -> int:
+    import torch
+
+    from .costs import card_slug, measure_costs, save, table
+
+    dtype = getattr(torch, args.dtype) if args.dtype else None
+    result = measure_costs(args.shapes, args.contexts, args.paths, device=args.device, dtype=dtype,
+                           repeats=args.repeats, warmup=args.warmup,
+                           progress=lambda row: print(f"{row['shape']} {row['path']} {row['kind']} {row['context']}: "
+                                                      f"{row['ms'] if row['ms'] is not None else row['skipped']}",
+                                                      file=sys.stderr))
+    print(table(result))
+    if args.out:
+        save(result, args.out.format(card=card_slug(result["device"])))
+    return 0
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m specvlm", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
@@ -81,8 +100,19 @@ def main(argv=None) -> int:
     b.add_argument("--device", default=None)
     b.add_argument("--dtype", default=None, help="float32 or bfloat16 (default: bf16 on CUDA, fp32 on CPU)")
     b.add_argument("--out", default=None, help="write the JSON here (e.g. figures/bench_tiny.json)")
+    from .costs import PATHS, SHAPES
+
+    c = commands.add_parser("costs", help="ms per forward pass vs context length at real LM shapes (random weights)")
+    c.add_argument("--shapes", nargs="+", default=["llava-ov-7b", "llava-ov-0.5b"], choices=sorted(SHAPES))
+    c.add_argument("--contexts", type=int, nargs="+", default=[1024, 4096, 16384, 65536])
+    c.add_argument("--paths", nargs="+", default=["eager", "sdpa"], choices=sorted(PATHS))
+    c.add_argument("--repeats", type=int, default=10)
+    c.add_argument("--warmup", type=int, default=2)
+    c.add_argument("--device", default=None)
+    c.add_argument("--dtype", default=None, help="default: bfloat16 on CUDA, float32 on CPU")
+    c.add_argument("--out", default=None, help="JSON path; '{card}' becomes the card's name, e.g. figures/costs_{card}.json")
     args = parser.parse_args(argv)
-    return demo(args) if args.command == "demo" else bench(args)
+    return {"demo": demo, "bench": bench, "costs": costs}[args.command](args)
 
 
 if __name__ == "__main__":

@@ -5,7 +5,7 @@
 Both models are LLaVA-OneVision models of the real transformers classes (SigLIP vision tower,
 Qwen2 language model), sharing one byte-level BPE tokenizer trained on the task's words and
 one processor (64x64 frames, 4-pixel patches pooled 2x2 to an 8x8 token grid per frame).
-The language models keep the real checkpoints' head layout: 7 query heads per KV head,
+The language models keep the real checkpoints' head layout: 7 query heads per KV head (14 and 2),
 head dimension 128 for the target (as in the 7B) and 64 for the draft (as in the 0.5B).
 
 1. The target learns to caption clips of 4 to 64 frames from all its video tokens.
@@ -40,12 +40,12 @@ from ..models import LlavaOnevisionLM
 from ..video import from_array
 
 VISION = dict(hidden_size=128, num_hidden_layers=3, num_attention_heads=4, intermediate_size=256, image_size=64, patch_size=4)
-TARGET = dict(hidden_size=256, num_hidden_layers=4, num_attention_heads=7, num_key_value_heads=1, head_dim=128,
+TARGET = dict(hidden_size=256, num_hidden_layers=4, num_attention_heads=14, num_key_value_heads=2, head_dim=128,
               intermediate_size=768)
-DRAFT = dict(hidden_size=128, num_hidden_layers=2, num_attention_heads=7, num_key_value_heads=1, head_dim=64,
+DRAFT = dict(hidden_size=128, num_hidden_layers=2, num_attention_heads=14, num_key_value_heads=2, head_dim=64,
              intermediate_size=384)
 FRAMES = (4, 8, 16, 32, 64)
-FRAME_WEIGHTS = (0.25, 0.25, 0.25, 0.15, 0.10)
+FRAME_WEIGHTS = (0.3, 0.3, 0.2, 0.12, 0.08)
 DRAFT_RATIOS = (0.0, 0.5, 0.75, 0.9, 0.95)
 DRAFT_SELECTIONS = ("specvlm", "uniform", "random")
 QUESTION = "Describe the video."
@@ -194,10 +194,12 @@ def learning_rate_factor(step: int, steps: int, warmup: int = 50, decay_fraction
     return min(1.0, (step + 1) / warmup) * (0.5 * (1 + math.cos(math.pi * into_decay)) if decay_fraction > 0 else 1.0)
 
 
-def train_model(model, batches, steps, lr, device, log, role, target=None, seed=0, minutes=None, decay_fraction=1.0):
+def train_model(model, batches, steps, lr, device, log, role, target=None, seed=0, minutes=None, decay_fraction=1.0,
+                stop_after_minutes=None):
     """Train for `steps`, or fewer if `minutes` would be exceeded: the number of steps is
     fixed from the time of steps 10-40 and logged ("planned_steps"), so a run is reproducible
-    by passing that number back as `steps`."""
+    by passing that number back as `steps`. `stop_after_minutes` ends the run at that wall time
+    whatever the schedule (for a constant-rate stage that a later run continues; "steps_done" is logged)."""
     model.to(device).train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01, betas=(0.9, 0.98))
     plan = {"steps": steps}
@@ -209,6 +211,8 @@ def train_model(model, batches, steps, lr, device, log, role, target=None, seed=
     start = time.time()
     step, data_s = 0, 0.0
     while step < plan["steps"]:
+        if stop_after_minutes is not None and time.time() - start > stop_after_minutes * 60:
+            break
         if step == 10:
             warm = time.time()
         if step == 40 and minutes is not None:
@@ -245,6 +249,7 @@ def train_model(model, batches, steps, lr, device, log, role, target=None, seed=
                  "lr": schedule.get_last_lr()[0], "elapsed_s": round(time.time() - start, 1),
                  "waiting_for_data_s": round(data_s, 1)})
         step += 1
+    log({"role": role, "steps_done": step})
     return model.eval()
 
 
@@ -286,6 +291,7 @@ def main(argv=None):
     parser.add_argument("--workers", type=int, default=8)
     parser.add_argument("--eval-clips", type=int, default=64)
     parser.add_argument("--device", default=None)
+    parser.add_argument("--stop-after-minutes", type=float, default=None, help="end each model's training at this wall time")
     parser.add_argument("--init", type=Path, default=None, help="continue from the models saved in this folder")
     parser.add_argument("--decay-fraction", type=float, default=1.0,
                         help="share of this run's steps over which the learning rate decays to 0 (0: constant)")
@@ -315,7 +321,8 @@ def main(argv=None):
     roles = [("target", target)]
     if args.target_steps:
         train_model(target, batches, args.target_steps, args.lr, device, log, "target", seed=args.seed + 1000 * stage,
-                    minutes=args.target_minutes, decay_fraction=args.decay_fraction)
+                    minutes=args.target_minutes, decay_fraction=args.decay_fraction,
+                    stop_after_minutes=args.stop_after_minutes)
         log({"role": "target", "held_out": caption_accuracy(target, processor, held_out)})
     if args.draft_steps:
         target.to(device)
@@ -324,7 +331,8 @@ def main(argv=None):
             log({"role": "draft", "vision_tower": "initialised from the trained target's"})
         enable_scores(LlavaOnevisionLM(target, processor))
         train_model(draft, batches, args.draft_steps, args.lr, device, log, "draft", target=target,
-                    seed=args.seed + 1 + 1000 * stage, minutes=args.draft_minutes, decay_fraction=args.decay_fraction)
+                    seed=args.seed + 1 + 1000 * stage, minutes=args.draft_minutes, decay_fraction=args.decay_fraction,
+                    stop_after_minutes=args.stop_after_minutes)
         log({"role": "draft", "held_out": caption_accuracy(draft, processor, held_out)})
         roles.append(("draft", draft))
 
