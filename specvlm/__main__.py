@@ -103,7 +103,8 @@ def main(argv=None) -> int:
     from .costs import PATHS, SHAPES
 
     c = commands.add_parser("costs", help="ms per forward pass vs context length at real LM shapes (random weights)")
-    c.add_argument("--shapes", nargs="+", default=["llava-ov-7b", "llava-ov-0.5b"], choices=sorted(SHAPES))
+    c.add_argument("--shapes", nargs="+", default=["llava-ov-7b", "llava-ov-0.5b"], choices=sorted(SHAPES),
+                   metavar="SHAPE", help=f"language-model shapes: {', '.join(SHAPES)}")
     c.add_argument("--contexts", type=int, nargs="+", default=[1024, 4096, 16384, 65536])
     c.add_argument("--paths", nargs="+", default=["eager", "sdpa"], choices=sorted(PATHS))
     c.add_argument("--repeats", type=int, default=10)

@@ -209,7 +209,7 @@ def train_model(model, batches, steps, lr, device, log, role, target=None, seed=
     rng = random.Random(seed)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
     start = time.time()
-    step, data_s = 0, 0.0
+    step, data_s, skipped = 0, 0.0, 0
     while step < plan["steps"]:
         if stop_after_minutes is not None and time.time() - start > stop_after_minutes * 60:
             break
@@ -240,16 +240,19 @@ def train_model(model, batches, steps, lr, device, log, role, target=None, seed=
                 gather = lambda t: torch.gather(t, 1, rows if t.dim() == 2 else rows[..., None].expand(-1, -1, t.shape[-1]))
                 loss = caption_loss(model, gather(embeds), gather(labels), gather(mask), gather(positions))
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
+        norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        if torch.isfinite(norm):
+            optimizer.step()
+        else:  # a rare bf16 overflow: drop this batch rather than poison the weights
+            skipped += 1
         schedule.step()
         optimizer.zero_grad(set_to_none=True)
         if step % 100 == 0 or step == plan["steps"] - 1:
             log({"role": role, "step": step, "loss": round(loss.item(), 4), "frames": pixels.shape[1],
                  "lr": schedule.get_last_lr()[0], "elapsed_s": round(time.time() - start, 1),
-                 "waiting_for_data_s": round(data_s, 1)})
+                 "waiting_for_data_s": round(data_s, 1), "skipped_non_finite": skipped})
         step += 1
-    log({"role": role, "steps_done": step})
+    log({"role": role, "steps_done": step, "skipped_non_finite": skipped})
     return model.eval()
 
 
