@@ -7,8 +7,10 @@ after one warm-up (device-synchronised wall clock, median reported), and its tok
 compared with AR's. A speedup is reported only for outputs equal to AR token for token;
 otherwise the row says so. Decode time starts after all prefill work (the target's prefill,
 scores, selection and the draft's prefill), as in the paper's reference code; prefill is
-reported beside it. This is the plain (dynamic-cache, uncompiled) path: it measures what the
-library's loops cost on a card, not the fast path the paper's numbers need.
+reported beside it. `paths=("plain", "fast")` runs every method on the plain path
+(`decoding.py`: dynamic caches, uncompiled) and on the fast path (`fast.py`: static caches,
+fixed-shape steps, CUDA graphs on a GPU); each row's speedup is against AR on the same path,
+and `speedup_vs_plain_ar` against the plain AR. Outputs of both paths are compared with the plain AR.
 """
 
 from __future__ import annotations
@@ -43,46 +45,70 @@ def timed(fn, repeats: int):
         sum(v for k, v in r.timings.items() if k != "decode") for r in results)
 
 
-def bench(pair: Pair, video_for, frames_list, max_new_tokens=64, k=5, repeats=3, question="Describe the video.") -> dict:
+def run_once(path: str, pair: Pair, prompt, draft_prompt, method: str, shape, ratio: float, k: int, max_new_tokens: int):
+    """One generation on the "plain" or "fast" path."""
+    tree = MC_SIM_7B_63 if shape == "tree" else None
+    if path == "fast":
+        from .fast import generate_fast
+
+        return generate_fast(pair, prompt, method, ratio, k, tree=tree, max_new_tokens=max_new_tokens,
+                             draft_prompt=draft_prompt)
+    if method == "ar":
+        return generate_ar(pair.target, prompt, max_new_tokens)
+    return generate_sd(pair, prompt, method, ratio, k, max_new_tokens, draft_prompt=draft_prompt, tree=tree)
+
+
+def bench(pair: Pair, video_for, frames_list, max_new_tokens=64, k=5, repeats=3, question="Describe the video.",
+          paths=("plain",)) -> dict:
     """`video_for(frames)` returns a `Video`; returns a JSON-ready dict of rows."""
     rows = []
     for frames in frames_list:
         video = video_for(frames)
         prompt = pair.target.prepare(video, question)
         draft_prompt = prompt if pair.draft is pair.target else pair.draft.prepare(video, question)
-        ar, ar_s, ar_prefill = timed(lambda: generate_ar(pair.target, prompt, max_new_tokens), repeats)
-        for method, shape, ratio in RUNS:
-            if method == "ar":
-                res, decode_s, prefill_s = ar, ar_s, ar_prefill
-            else:
-                tree = MC_SIM_7B_63 if shape == "tree" else None
-                res, decode_s, prefill_s = timed(lambda: generate_sd(
-                    pair, prompt, method, ratio, k, max_new_tokens, draft_prompt=draft_prompt, tree=tree), repeats)
-            same = res.tokens == ar.tokens
-            rows.append({
-                "frames": frames, "video_tokens": prompt.num_video_tokens, "method": method, "draft": shape,
-                "ratio": ratio, "new_tokens": len(res.tokens), "equal_to_ar": same,
-                "mean_accepted": res.mean_accepted, "rounds": res.rounds, "decode_s": decode_s, "prefill_s": prefill_s,
-                "tokens_per_s": len(res.tokens) / decode_s if decode_s else None,
-                "speedup_vs_ar": (ar_s / decode_s) if same and decode_s else None,
-                "draft_video_tokens": res.draft_video_tokens,
-            })
+        plain_ar_s, reference = None, None
+        for path in paths:
+            ar, ar_s, ar_prefill = timed(lambda: run_once(path, pair, prompt, draft_prompt, "ar", None, 0.0, k,
+                                                            max_new_tokens), repeats)
+            reference = reference or ar.tokens
+            plain_ar_s = plain_ar_s or (ar_s if path == "plain" else None)
+            for method, shape, ratio in RUNS:
+                if method == "ar":
+                    res, decode_s, prefill_s = ar, ar_s, ar_prefill
+                else:
+                    res, decode_s, prefill_s = timed(lambda: run_once(
+                        path, pair, prompt, draft_prompt, method, shape, ratio, k, max_new_tokens), repeats)
+                same = res.tokens == reference and ar.tokens == reference
+                rows.append({
+                    "path": path, "speedup_vs_plain_ar": (plain_ar_s / decode_s) if same and plain_ar_s and decode_s else None,
+                    "frames": frames, "video_tokens": prompt.num_video_tokens, "method": method, "draft": shape,
+                    "ratio": ratio, "new_tokens": len(res.tokens), "equal_to_ar": same,
+                    "mean_accepted": res.mean_accepted, "rounds": res.rounds, "decode_s": decode_s, "prefill_s": prefill_s,
+                    "tokens_per_s": len(res.tokens) / decode_s if decode_s else None,
+                    "speedup_vs_ar": (ar_s / decode_s) if same and decode_s else None,
+                    "draft_video_tokens": res.draft_video_tokens,
+                })
     device = pair.target.device
-    return {
+    result = {
         "pair": pair.name, "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
         "dtype": str(pair.target.dtype), "torch": torch.__version__, "transformers": transformers.__version__,
         "date": str(date.today()), "max_new_tokens": max_new_tokens, "k": k, "repeats": repeats,
         "timing": "median decode wall clock after one warm-up; device-synchronised", "rows": rows,
     }
+    if "fast" in paths:
+        from .fast import capture_report
+
+        result["fast_path"] = capture_report(pair)
+    return result
 
 
 def table(result: dict) -> str:
     lines = [f"{result['pair']} on {result['device']} ({result['dtype']}), {result['date']}",
-             f"{'frames':>6} {'video':>6} {'method':<8} {'draft':<5} {'ratio':>5} {'MAT':>5} {'decode s':>9} "
+             f"{'path':<5} {'frames':>6} {'video':>6} {'method':<8} {'draft':<5} {'ratio':>5} {'MAT':>5} {'decode s':>9} "
              f"{'tok/s':>7} {'x AR':>6} {'= AR':>5}"]
     for r in result["rows"]:
         speed = "-" if r["speedup_vs_ar"] is None else f"{r['speedup_vs_ar']:.2f}"
-        lines.append(f"{r['frames']:>6} {r['video_tokens']:>6} {r['method']:<8} {r['draft'] or '-':<5} {r['ratio']:>5.2f} "
+        lines.append(f"{r.get('path', 'plain'):<5} {r['frames']:>6} {r['video_tokens']:>6} {r['method']:<8} {r['draft'] or '-':<5} {r['ratio']:>5.2f} "
                      f"{r['mean_accepted']:>5.2f} {r['decode_s']:>9.3f} {r['tokens_per_s']:>7.1f} {speed:>6} "
                      f"{'yes' if r['equal_to_ar'] else 'NO':>5}")
     return "\n".join(lines)

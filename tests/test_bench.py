@@ -15,3 +15,14 @@ def test_bench_rows_compare_every_method_with_ar(tiny_pair, tmp_path):
     save(result, tmp_path / "bench.json")
     assert json.loads((tmp_path / "bench.json").read_text())["rows"][0]["method"] == "ar"
     assert "specvlm" in table(result)
+
+
+def test_bench_fast_path_rows_match_plain_ar_and_report_the_capture(tiny_pair):
+    result = bench(tiny_pair, lambda frames: sv.sample_video("bikes", frames), [1], max_new_tokens=6, repeats=1,
+                   paths=("plain", "fast"))
+    assert [row["path"] for row in result["rows"]] == ["plain"] * len(RUNS) + ["fast"] * len(RUNS)
+    assert all(row["equal_to_ar"] and row["speedup_vs_plain_ar"] is not None for row in result["rows"])
+    plain = [row["mean_accepted"] for row in result["rows"] if row["path"] == "plain"]
+    fast = [row["mean_accepted"] for row in result["rows"] if row["path"] == "fast"]
+    assert plain == fast
+    assert result["fast_path"]["models"]["target"]["cuda_graphs"] is False  # CPU: eager static steps

@@ -1,0 +1,369 @@
+"""Step costs at real language-model shapes: what one decoding step costs against context length.
+
+Speculative decoding trades target steps for draft steps and verifications, so its speedup is
+a ratio of step costs (see `cost_model.py`). This module measures those costs on a card
+without downloading a checkpoint: it builds the *language model* of a real video LLM with
+random weights (same shapes, same transformers class, so the same kernels), fills its KV cache
+with random keys and values of the right length, and times three kinds of forward pass at
+each context length:
+
+    step   1 new token          the target's AR step, and the draft's step when the shape is a draft's
+    chain  k + 1 new tokens     the target's chain verification (k = 5: 6 tokens)
+    tree   26 new tokens        the target's verification of `MC_SIM_7B_63` with the tree mask
+
+(A draft step and a target AR step are the same computation, one token; which one a row is
+depends only on the shape: `llava-ov-0.5b` drafts for `llava-ov-7b`.)
+
+Beside each time stands its *floor*: the bytes the pass must read from memory, all weights
+once (the input embedding table excepted: only the new tokens' rows are read, unless it is
+tied to the output layer) plus the whole KV cache, over the card's copy bandwidth measured
+in the same run (`measure_bandwidth`). At one token a step is memory-bound, so the floor is
+what a perfect kernel would take; the gap above it is launch overhead and attention kernels
+that scale badly with a long cache.
+
+A *path* is how a step is executed: a factory `make_step(model, context_len, query_len,
+tree=None) -> step`. `step()` runs one forward pass of `query_len` new tokens after
+`context_len` cached ones (with `tree`'s mask when given; then `query_len == tree.num_nodes`),
+returns its logits (the harness ignores them) and leaves everything as it found it, so it can
+be called again with the same result. `PATHS` holds transformers' own paths ("eager", "sdpa":
+dynamic cache, uncompiled); another path (a static cache with compiled steps) is added by
+putting its factory in `PATHS` or passing `factories=`.
+
+    python -m specvlm costs --shapes llava-ov-7b llava-ov-0.5b --contexts 1024 4096 16384 65536 \\
+        --paths eager sdpa --out "figures/costs_{card}.json"
+
+Not handled: the vision tower (its cost is in the prefill, not in decoding steps); Qwen2.5-VL's
+3-D rotary positions (its language model is built as Qwen2 with 1-D positions, which changes
+only the few rotary multiplications, not the bytes or the kernels); several GPUs.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import platform
+import re
+import statistics
+import time
+from datetime import date
+
+import torch
+import transformers
+from transformers import DynamicCache, Qwen2Config, Qwen2ForCausalLM
+
+from .cost_model import load
+from .trees import MC_SIM_7B_63, Tree, tree_attention_bias
+
+# Language-model fields of the checkpoints' config.json files (the `text_config` of the
+# llava-hf checkpoints; the top level of Qwen2.5-VL's). The llava-hf conversion adds <image>
+# and <video> to Qwen2's vocabulary and pads it to a multiple of 64, so their vocab_size is
+# Qwen2's plus 64 (7B: 152064 -> 152128; 0.5B: 151936 -> 152000).
+_QWEN2_7B = dict(hidden_size=3584, num_hidden_layers=28, num_attention_heads=28, num_key_value_heads=4,
+                 intermediate_size=18944, tie_word_embeddings=False)
+_QWEN2_72B = dict(hidden_size=8192, num_hidden_layers=80, num_attention_heads=64, num_key_value_heads=8,
+                  intermediate_size=29568, tie_word_embeddings=False)
+SHAPES = {
+    "llava-ov-0.5b": dict(source="llava-hf/llava-onevision-qwen2-0.5b-ov-hf (Qwen2-0.5B-Instruct)",
+                          hidden_size=896, num_hidden_layers=24, num_attention_heads=14, num_key_value_heads=2,
+                          intermediate_size=4864, vocab_size=152000, tie_word_embeddings=True),
+    "llava-ov-7b": dict(source="llava-hf/llava-onevision-qwen2-7b-ov-hf (Qwen2-7B-Instruct)",
+                        vocab_size=152128, **_QWEN2_7B),
+    "llava-ov-72b": dict(source="llava-hf/llava-onevision-qwen2-72b-ov-hf (Qwen2-72B-Instruct)",
+                         vocab_size=152128, **_QWEN2_72B),
+    "qwen2.5-vl-3b": dict(source="Qwen/Qwen2.5-VL-3B-Instruct", hidden_size=2048, num_hidden_layers=36,
+                          num_attention_heads=16, num_key_value_heads=2, intermediate_size=11008,
+                          vocab_size=151936, tie_word_embeddings=True),
+    "qwen2.5-vl-7b": dict(source="Qwen/Qwen2.5-VL-7B-Instruct", vocab_size=152064, **_QWEN2_7B),
+    "qwen2.5-vl-32b": dict(source="Qwen/Qwen2.5-VL-32B-Instruct", hidden_size=5120, num_hidden_layers=64,
+                           num_attention_heads=40, num_key_value_heads=8, intermediate_size=27648,
+                           vocab_size=152064, tie_word_embeddings=False),
+    "qwen2.5-vl-72b": dict(source="Qwen/Qwen2.5-VL-72B-Instruct", vocab_size=152064, **_QWEN2_72B),
+    "tiny": dict(source="a tiny shape for tests on a CPU", hidden_size=64, num_hidden_layers=2,
+                 num_attention_heads=4, num_key_value_heads=2, intermediate_size=128, vocab_size=512,
+                 tie_word_embeddings=True),
+}
+
+KINDS = ("step", "chain", "tree")
+
+
+def lm_config(shape: str) -> Qwen2Config:
+    """The Qwen2 config of a named shape: lm_config("llava-ov-7b").hidden_size -> 3584."""
+    if shape not in SHAPES:
+        raise ValueError(f"unknown shape {shape!r}; choose one of {sorted(SHAPES)}.")
+    fields = {key: value for key, value in SHAPES[shape].items() if key != "source"}
+    return Qwen2Config(**fields, rope_theta=1e6, max_position_embeddings=131072)
+
+
+def _itemsize(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()
+
+
+def num_params(config: Qwen2Config) -> int:
+    """Parameters of a Qwen2ForCausalLM (the output layer counted once when tied)."""
+    h, layers, vocab = config.hidden_size, config.num_hidden_layers, config.vocab_size
+    head_dim = h // config.num_attention_heads
+    q, kv = config.num_attention_heads * head_dim, config.num_key_value_heads * head_dim
+    per_layer = (h * q + q) + 2 * (h * kv + kv) + q * h + 3 * h * config.intermediate_size + 2 * h
+    embeddings = vocab * h * (1 if config.tie_word_embeddings else 2)
+    return layers * per_layer + h + embeddings
+
+
+def weight_bytes(config: Qwen2Config, dtype: torch.dtype = torch.bfloat16) -> int:
+    """Weight bytes one forward pass reads: every layer, the final norm and the output layer;
+    not the input embedding table (a pass reads only its new tokens' rows), unless tied."""
+    untied_input_table = 0 if config.tie_word_embeddings else config.vocab_size * config.hidden_size
+    return (num_params(config) - untied_input_table) * _itemsize(dtype)
+
+
+def kv_bytes(config: Qwen2Config, tokens: int, dtype: torch.dtype = torch.bfloat16) -> int:
+    """Bytes of keys and values for `tokens` cached tokens, all layers."""
+    head_dim = config.hidden_size // config.num_attention_heads
+    return 2 * config.num_hidden_layers * config.num_key_value_heads * head_dim * tokens * _itemsize(dtype)
+
+
+def build_lm(shape: str | Qwen2Config, device="cpu", dtype: torch.dtype = torch.bfloat16, seed: int = 0):
+    """A Qwen2ForCausalLM of `shape` with random weights, made directly on `device`: built on
+    the meta device (no memory), materialised empty on `device`, then filled there: matrices,
+    embeddings and biases from normal(0, 0.02), norm weights 1 (so activations keep their
+    scale). Never all zeros: timings must not depend on special values."""
+    config = lm_config(shape) if isinstance(shape, str) else shape
+    with torch.device("meta"):
+        model = Qwen2ForCausalLM(config).to(dtype)
+    model = model.to_empty(device=device)
+    model.tie_weights()  # to_empty replaces parameters, which unties a tied output layer
+    # the rotary frequencies are buffers computed at construction: compute them again for real
+    model.model.rotary_emb = type(model.model.rotary_emb)(config).to(device)
+    generator = torch.Generator(device=device).manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.fill_(1.0)
+            else:
+                p.normal_(0.0, 0.02, generator=generator)
+    return model.eval()
+
+
+def random_kv(config: Qwen2Config, context_len: int, device, dtype, generator=None):
+    """Per layer, random (keys, values) of shape [1, kv_heads, context_len, head_dim]."""
+    head_dim = config.hidden_size // config.num_attention_heads
+    shape = (1, config.num_key_value_heads, context_len, head_dim)
+    return [(torch.empty(shape, device=device, dtype=dtype).normal_(generator=generator),
+             torch.empty(shape, device=device, dtype=dtype).normal_(generator=generator))
+            for _ in range(config.num_hidden_layers)]
+
+
+def step_inputs(model, context_len: int, query_len: int, tree: Tree | None, generator=None):
+    """(input ids [1, q], position ids [1, q], additive tree mask or None) for one pass after
+    `context_len` cached tokens: positions continue the context (tree nodes at root + depth)."""
+    device, vocab = model.device, model.config.vocab_size
+    ids = torch.randint(vocab, (1, query_len), device=device, generator=generator)
+    if tree is None:
+        return ids, torch.arange(context_len, context_len + query_len, device=device)[None], None
+    if query_len != tree.num_nodes:
+        raise ValueError(f"a tree pass feeds all {tree.num_nodes} nodes; got query_len={query_len}.")
+    positions = (context_len + tree.depths).to(device)[None]
+    return ids, positions, tree_attention_bias(tree, context_len, model.dtype, device=device)
+
+
+def transformers_step(attn_implementation: str):
+    """The factory of transformers' own path: a DynamicCache (each step concatenates the new
+    keys and values onto the whole cache, as `generate` does) and the given attention kernel."""
+
+    def make_step(model, context_len: int, query_len: int, tree: Tree | None = None):
+        model.set_attn_implementation(attn_implementation)
+        generator = torch.Generator(device=model.device).manual_seed(context_len)
+        cache = DynamicCache(config=model.config)
+        for layer, (keys, values) in enumerate(random_kv(model.config, context_len, model.device, model.dtype, generator)):
+            cache.update(keys, values, layer)
+        ids, positions, mask = step_inputs(model, context_len, query_len, tree, generator)
+
+        @torch.no_grad()
+        def step():
+            logits = model(input_ids=ids, position_ids=positions, attention_mask=mask, cache=cache, use_cache=True).logits
+            cache.crop(-query_len)
+            return logits
+
+        return step
+
+    return make_step
+
+
+PATHS = {"eager": transformers_step("eager"), "sdpa": transformers_step("sdpa")}
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_ms(fn, device, repeats: int = 10, warmup: int = 2) -> float:
+    """Median wall-clock milliseconds of `fn()` after `warmup` calls, the device synchronised
+    before and after each call (as in a decoding loop, where each step's token is needed next)."""
+    device = torch.device(device)
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        _sync(device)
+        start = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append(time.perf_counter() - start)
+    return 1000 * statistics.median(times)
+
+
+def measure_bandwidth(device="cuda", nbytes: int | None = None, repeats: int = 10) -> float:
+    """Copy bandwidth in bytes/s: a large device-to-device copy, bytes read + written over its
+    median time. Default size 1 GiB on a GPU (far beyond its caches), 16 MiB elsewhere."""
+    device = torch.device(device)
+    nbytes = nbytes or (2**30 if device.type == "cuda" else 2**24)
+    src = torch.ones(nbytes, dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    ms = time_ms(lambda: dst.copy_(src), device, repeats, warmup=2)
+    return 2 * nbytes / (ms / 1000)
+
+
+def card_name(device: torch.device) -> str:
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
+
+
+def card_slug(name: str) -> str:
+    """'NVIDIA H100 80GB HBM3' -> 'nvidia-h100-80gb-hbm3' (for file names)."""
+    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
+
+
+def _free(device: torch.device) -> None:
+    """Return freed GPU memory to the allocator's pool (after an out-of-memory error or a model)."""
+    if device.type == "cuda":
+        gc.collect()
+        torch.cuda.empty_cache()
+
+
+def measure_costs(shapes, contexts, paths=("eager", "sdpa"), device=None, dtype=None, k: int = 5,
+                  tree: Tree = MC_SIM_7B_63, repeats: int = 10, warmup: int = 2, seed: int = 0,
+                  factories: dict | None = None, progress=None) -> dict:
+    """Time every kind of pass (`KINDS`) for each shape, context length and path; JSON-ready.
+
+    One model per shape is built and reused across contexts and paths. Each row: shape, path,
+    kind, context, query_len, ms (median), floor_ms, weight_bytes, kv_bytes (read by the pass:
+    context + new tokens), skipped (None, or why the point has no time, e.g. out of memory).
+    `factories` adds or replaces paths ({name: make_step}); `progress(row)` sees each row.
+    """
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    available = {**PATHS, **(factories or {})}
+    unknown = [p for p in paths if p not in available]
+    if unknown:
+        raise ValueError(f"unknown path(s) {unknown}; choose from {sorted(available)} or pass factories=.")
+    for shape in shapes:
+        lm_config(shape)  # fails early on a wrong name
+    if k < 1 or any(int(c) < 1 for c in contexts):
+        raise ValueError(f"k and every context length must be >= 1; got k={k}, contexts={list(contexts)}.")
+    bandwidth = measure_bandwidth(device)
+    queries = {"step": (1, None), "chain": (k + 1, None), "tree": (tree.num_nodes, tree)}
+    rows, shape_info = [], {}
+    for shape in shapes:
+        config = lm_config(shape)
+        weights = weight_bytes(config, dtype)
+        shape_info[shape] = {**SHAPES[shape], "params": num_params(config), "weight_bytes": weights}
+        try:
+            model = build_lm(shape, device, dtype, seed)
+            build_error = None
+        except torch.OutOfMemoryError as error:
+            model, build_error = None, f"model does not fit: {str(error).splitlines()[0]}"
+            _free(device)
+        for context in contexts:
+            for path in paths:
+                for kind, (query_len, kind_tree) in queries.items():
+                    kv = kv_bytes(config, context + query_len, dtype)
+                    row = {"shape": shape, "path": path, "kind": kind, "context": int(context),
+                           "query_len": query_len, "ms": None, "floor_ms": 1000 * (weights + kv) / bandwidth,
+                           "weight_bytes": weights, "kv_bytes": kv, "skipped": build_error}
+                    if model is not None:
+                        try:
+                            step = available[path](model, int(context), query_len, kind_tree)
+                            row["ms"] = time_ms(step, device, repeats, warmup)
+                        except torch.OutOfMemoryError as error:
+                            row["skipped"] = f"out of memory: {str(error).splitlines()[0]}"
+                            step = None
+                            _free(device)
+                        step = None  # frees this point's cache before the next is made
+                    rows.append(row)
+                    if progress:
+                        progress(row)
+        model = None
+        _free(device)
+    return {
+        "device": card_name(device), "dtype": str(dtype).removeprefix("torch."), "torch": torch.__version__,
+        "transformers": transformers.__version__, "date": str(date.today()),
+        "bandwidth_GBps": bandwidth / 1e9, "k": k, "tree_nodes": tree.num_nodes,
+        "repeats": repeats, "warmup": warmup,
+        "timing": "median wall clock per pass, device synchronised before and after each",
+        "floor": "(weight bytes + KV bytes read) / copy bandwidth measured in this run",
+        "weights": "random: matrices, embeddings, biases normal(0, 0.02), norms 1; KV cache random",
+        "shapes": shape_info, "rows": rows,
+    }
+
+
+def table(result: dict) -> str:
+    lines = [f"{result['device']} ({result['dtype']}), copy bandwidth {result['bandwidth_GBps']:.0f} GB/s, "
+             f"{result['date']}",
+             f"{'shape':<15} {'path':<6} {'kind':<5} {'context':>7} {'q':>3} {'ms':>9} {'floor ms':>9} {'x floor':>7}"]
+    for r in result["rows"]:
+        ms = "skipped" if r["ms"] is None else f"{r['ms']:.3f}"
+        ratio = "-" if r["ms"] is None else f"{r['ms'] / r['floor_ms']:.1f}"
+        lines.append(f"{r['shape']:<15} {r['path']:<6} {r['kind']:<5} {r['context']:>7} {r['query_len']:>3} "
+                     f"{ms:>9} {r['floor_ms']:>9.3f} {ratio:>7}")
+    return "\n".join(lines)
+
+
+def save(result: dict, path) -> None:
+    with open(path, "w") as f:
+        json.dump(result, f, indent=1)
+        f.write("\n")
+
+
+def plot_costs(json_path):
+    """Milliseconds per pass against context length (log-log), one panel per shape: a colour
+    per path, a marker per kind, the floor of a one-token step dashed. Returns the Figure (its legend
+    sits right of the panels: save with `bbox_inches="tight"`)."""
+    import matplotlib.pyplot as plt
+    from matplotlib.lines import Line2D
+
+    result = load(json_path)
+    shapes = list(dict.fromkeys(r["shape"] for r in result["rows"]))
+    paths = list(dict.fromkeys(r["path"] for r in result["rows"]))
+    colours = dict(zip(paths, plt.rcParams["axes.prop_cycle"].by_key()["color"]))
+    markers = {"step": "o", "chain": "s", "tree": "^"}
+    fig, axes = plt.subplots(1, len(shapes), figsize=(4.6 * len(shapes), 3.8), squeeze=False)
+    for ax, shape in zip(axes[0], shapes):
+        rows = [r for r in result["rows"] if r["shape"] == shape]
+        for path in paths:
+            for kind in KINDS:
+                points = sorted((r["context"], r["ms"]) for r in rows
+                                if r["path"] == path and r["kind"] == kind and r["ms"] is not None)
+                if points:
+                    ax.plot(*zip(*points), color=colours[path], marker=markers.get(kind, "x"), lw=1.2)
+        floor = sorted((r["context"], r["floor_ms"]) for r in rows if r["kind"] == "step" and r["path"] == paths[0])
+        ax.plot(*zip(*floor), color="black", ls="--", lw=1)
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        contexts = sorted({r["context"] for r in rows})
+        ax.set_xticks(contexts, [f"{c / 1024:g}k" if c >= 1024 else str(c) for c in contexts])
+        ax.minorticks_off()
+        ax.set_xlabel("context length (cached tokens)")
+        ax.set_ylabel("ms per forward pass")
+        params = result["shapes"][shape]["params"]
+        size = f"{params / 1e9:.2f}B" if params >= 1e8 else f"{params / 1e6:.2f}M"
+        ax.set_title(f"{shape} ({size} params)", fontsize=10)
+        ax.grid(True, which="major", alpha=0.3)
+    handles = [Line2D([], [], color=colours[p], lw=1.5, label=p) for p in paths]
+    handles += [Line2D([], [], color="0.4", marker=markers[k], ls="",
+                       label={"step": "1 token", "chain": f"chain {result['k'] + 1}",
+                              "tree": f"tree {result['tree_nodes']}"}[k]) for k in KINDS]
+    handles.append(Line2D([], [], color="black", ls="--", label="floor: bytes / bandwidth"))
+    fig.suptitle(f"Step cost on {result['device']} ({result['dtype']}): random weights at "
+                 f"{', '.join(shapes)} LM shapes", fontsize=11)
+    fig.tight_layout()
+    fig.legend(handles=handles, fontsize=8, loc="center left", bbox_to_anchor=(1.0, 0.5))
+    return fig

@@ -1,0 +1,511 @@
+"""The fast decoding path: static KV caches and step functions of fixed shapes.
+
+Same loops as `decoding.py` (AR, chain SD, tree SD, every pruning method), same tokens and
+same accepted counts, on the same transformers model classes; only how each step runs
+differs. `generate_fast(pair, prompt, ...)` is the entry point.
+
+Why. The draft of a speculative decoder is small, so one draft step is *launch-bound*: the
+time a small model needs to read its weights is a small fraction of what hundreds of kernel
+launches and the Python around them cost (DESIGN.md, section 7, has measured anchors: for a
+0.5B model transformers' default path sits tens of times above the memory-traffic floor).
+SpecVLM only pays off if draft steps are cheap, so that overhead must go. A CUDA graph
+records a step's kernels once and replays them with one launch, but it replays *fixed*
+memory addresses and shapes. Hence:
+
+1. Static caches (`SlotCache`): each layer's keys and values are allocated once at full
+   capacity (prompt + max_new_tokens + slack for the widest step) and written in place at
+   explicit slots. Rejecting drafted tokens moves the write position back (`length = n`): no
+   copy, no crop; the next step overwrites the stale slots. Keeping a tree round's accepted
+   path moves only those entries to consecutive slots (`SlotCache.move`, in-place index copy).
+2. Fixed shapes per kind of step: AR step (1 token), draft step (1 token), draft catch-up
+   (the tokens the draft has not seen yet, padded to a fixed width), draft tree level (the
+   widest level, padded), chain verification (k+1, padded when fewer are drafted near the
+   end), tree verification (`tree.num_nodes`). Padding rows come after the real ones and no
+   real row attends to them; whatever they write lies past `length` and is overwritten.
+3. The attention mask spans the whole capacity, [1, 1, q, capacity], additive, built on the
+   device inside the step from the step's inputs, so its shape never changes either.
+With `compile=True` (default on CUDA) each kind is wrapped in
+`torch.compile(mode="reduce-overhead")`: inductor kernels, replayed as CUDA graphs.
+
+Cache invariants (as in `decoding.py`): the target's holds prompt + out[:-1], the draft's its
+(pruned) prompt + out[:draft_seen]; slots from `length` on hold garbage that masks block.
+
+Not handled: sampling (greedy only: `temperature > 0` raises); batches; the prefills, which
+run on the plain path (`decoding.prefill_target` / `prefill_pruned`, scores included) and
+are then copied into the static caches.
+"""
+
+from __future__ import annotations
+
+import functools
+import weakref
+from dataclasses import dataclass
+
+import torch
+from transformers import Cache
+
+from .acceptance import greedy_chain, greedy_tree
+from .decoding import (METHODS, SCORED_METHODS, Result, Stopwatch, prefill_pruned, prefill_target,
+                       select_video_tokens, truncate)
+from .models import Pair, Prompt, VideoLM
+from . import pruning
+from .trees import Tree
+
+# ----------------------------------------------------------------------------------------
+# the cache
+
+
+class SlotCache(Cache):
+    """A KV cache of fixed capacity, written at explicit slots.
+
+    keys[i], values[i]: [1, H, capacity, d] for layer i, allocated once; they never change
+    address (`StaticLM` makes a new SlotCache, and new graphs, when a prompt outgrows one).
+    `length` (a Python int): slots 0..length-1 hold the committed text; the rest is garbage.
+    `position` (a 0-d long tensor on the device): where the running forward writes; a forward
+    of q tokens writes slots position..position+q-1 in every layer and nothing else. Only the
+    step function sets it (from its inputs); the layers never move it.
+    E.g. length 10, a chain verification of 4 tokens writes slots 10..13; 1 accepted ->
+    `length = 12` (slots 12, 13 are stale and will be overwritten).
+    """
+
+    def __init__(self, shapes: list[tuple[int, int, int]], capacity: int, dtype: torch.dtype, device):
+        super().__init__(layers=[])
+        self.capacity, self.length = capacity, 0
+        self.keys = [torch.zeros(1, heads, capacity, dim, dtype=dtype, device=device) for heads, dim, _ in shapes]
+        self.values = [torch.zeros(1, heads, capacity, vdim, dtype=dtype, device=device) for heads, _, vdim in shapes]
+        self.position = torch.zeros((), dtype=torch.long, device=device)
+        for t in (*self.keys, *self.values, self.position):
+            torch._dynamo.mark_static_address(t)  # compiled graphs read and write them in place
+
+    @classmethod
+    def like(cls, cache, capacity: int) -> SlotCache:
+        """An empty SlotCache with the layer shapes, dtype and device of a filled DynamicCache."""
+        layers = cache.layers
+        shapes = [(layer.keys.shape[1], layer.keys.shape[-1], layer.values.shape[-1]) for layer in layers]
+        return cls(shapes, capacity, layers[0].keys.dtype, layers[0].keys.device)
+
+    def fits(self, cache) -> bool:
+        return len(self.keys) == len(cache.layers) and all(
+            k.shape[1] == layer.keys.shape[1] and k.shape[-1] == layer.keys.shape[-1] and k.dtype == layer.keys.dtype
+            and k.device == layer.keys.device for k, layer in zip(self.keys, cache.layers))
+
+    def load(self, cache) -> None:
+        """Copy a prefilled DynamicCache into slots 0..n-1; length = n."""
+        n = cache.get_seq_length()
+        if n > self.capacity:
+            raise ValueError(f"a prefill of {n} tokens does not fit a static cache of {self.capacity} slots")
+        for keys, values, layer in zip(self.keys, self.values, cache.layers):
+            keys[:, :, :n].copy_(layer.keys)
+            values[:, :, :n].copy_(layer.values)
+        self.length = n
+
+    def update(self, key_states, value_states, layer_idx: int, *args, **kwargs):
+        """Called by every attention layer: write the q new entries at `position`, return the
+        whole buffers (the step's mask hides every slot a row must not see)."""
+        slots = self.position + torch.arange(key_states.shape[-2], device=self.position.device)
+        self.keys[layer_idx].index_copy_(2, slots, key_states)
+        self.values[layer_idx].index_copy_(2, slots, value_states)
+        return self.keys[layer_idx], self.values[layer_idx]
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return self.length
+
+    def get_max_length(self, layer_idx: int | None = None) -> int:
+        return self.capacity
+
+    def move(self, source: torch.Tensor, dest: torch.Tensor) -> None:
+        """Copy the entries at slots `source` [m] to slots `dest` [m] in every layer, in place.
+        All sources are read before any destination is written, so the two may overlap."""
+        for buffers in (self.keys, self.values):
+            for buffer in buffers:
+                buffer.index_copy_(2, dest, buffer.index_select(2, source))
+
+
+def path_moves(start: int, accepted: list[int], depth: int) -> tuple[list[int], list[int]]:
+    """(source, dest) slots that put a tree's accepted nodes right after its root at slot
+    `start`, padded to `depth` pairs (a fixed shape) with slots copied onto themselves.
+    start=10, accepted=[2, 7], depth=4 -> ([12, 17, 13, 14], [11, 12, 13, 14])."""
+    dest = [start + 1 + i for i in range(depth)]
+    return [start + node for node in accepted] + dest[len(accepted):], dest
+
+
+# ----------------------------------------------------------------------------------------
+# masks: which cached slots each row of a step sees
+
+
+def visibility_bias(start: torch.Tensor, pattern: torch.Tensor, capacity: int, dtype) -> torch.Tensor:
+    """Additive mask [1, 1, q, capacity]: row r sees slot c if c < start, or if
+    0 <= c - start < S and pattern[r, c - start] (pattern: [q, S] bool); nothing else.
+    E.g. start=2, pattern=[[1, 0], [1, 1]], capacity=5 (0 = seen, - = dtype min):
+        0 0 0 - -
+        0 0 0 0 -
+    """
+    width = pattern.shape[1]
+    offset = torch.arange(capacity, device=pattern.device) - start  # [capacity]
+    inside = (offset >= 0) & (offset < width)
+    allowed = (offset < 0) | (pattern[:, offset.clamp(0, width - 1)] & inside)  # [q, capacity]
+    bias = torch.zeros(allowed.shape, dtype=dtype, device=pattern.device)
+    return bias.masked_fill(~allowed, torch.finfo(dtype).min)[None, None]
+
+
+def causal_pattern(width: int) -> torch.Tensor:
+    """[width, width] bool, lower triangular: each new token sees the ones before it and itself."""
+    return torch.ones(width, width, dtype=torch.bool).tril()
+
+
+@dataclass(frozen=True, eq=False)
+class DraftLevels:
+    """Where each draft tree level's nodes go in the draft's cache, and what they see.
+
+    `nodes[i]`: the nodes at depth i+1 that have children (the ones fed at that level), in
+    order; level i is written at slots base + offsets[i] + row, base = the first slot after
+    the root; `patterns` [levels, width, S] bool: row r of level i sees its ancestors' slots
+    and its own (relative to base; everything before base is seen by all). Rows past a
+    level's node count are padding and see only themselves. E.g. [[0], [1], [0, 0], [0, 0, 0]]:
+    nodes ((1,), (3,)), offsets (0, 1), width 1, patterns [[[1, 0]], [[1, 1]]].
+    """
+
+    nodes: tuple[tuple[int, ...], ...]
+    offsets: tuple[int, ...]
+    width: int
+    patterns: torch.Tensor
+
+    @classmethod
+    def of(cls, tree: Tree) -> DraftLevels:
+        parents = tree.parents.tolist()
+        nodes = tuple(tuple(n for n in tree.level_nodes(d).tolist() if len(tree.children(n)))
+                      for d in range(1, tree.depth))
+        width = max((len(level) for level in nodes), default=0)
+        offsets = tuple(sum(len(level) for level in nodes[:i]) for i in range(len(nodes)))
+        size = max((o + width for o in offsets), default=0)
+        patterns = torch.zeros(len(nodes), width, size, dtype=torch.bool)
+        slot = {}
+        for i, level in enumerate(nodes):
+            for row in range(width):
+                patterns[i, row, offsets[i] + row] = True
+            for row, node in enumerate(level):
+                slot[node] = offsets[i] + row
+                ancestor = parents[node]
+                while ancestor > 0:
+                    patterns[i, row, slot[ancestor]] = True
+                    ancestor = parents[ancestor]
+        return cls(nodes, offsets, width, patterns)
+
+
+# ----------------------------------------------------------------------------------------
+# one model, its static cache and its step functions
+
+
+@torch.no_grad()
+def step_logits(lm: VideoLM, cache: SlotCache, inputs: torch.Tensor, pattern: torch.Tensor) -> torch.Tensor:
+    """One forward of fixed shape: the function that gets compiled (one graph per shape).
+
+    inputs: [2q + 2] long on the device = token ids [q], positions [q], write slot, mask start;
+    pattern: [q, S] bool (see `visibility_bias`). Returns logits [1, q, V] (float32)."""
+    q = pattern.shape[0]
+    cache.position.copy_(inputs[2 * q])
+    embeds = lm.model.get_input_embeddings()(inputs[:q].reshape(1, q))
+    mask = visibility_bias(inputs[2 * q + 1], pattern, cache.capacity, lm.dtype)
+    return lm.forward(embeds, lm.position_ids_for(inputs[q:2 * q]), cache, mask)
+
+
+class StaticLM:
+    """A `VideoLM` with one `SlotCache` and one step function per input shape (q, S), compiled
+    with `torch.compile(**options)` unless `options` is None. Reused across generations while the
+    cache is large enough, so compiled graphs survive from one call to the next."""
+
+    def __init__(self, lm: VideoLM, options: dict | None):
+        self.lm, self.options = lm, options
+        self.cache: SlotCache | None = None
+        self.steps: dict[tuple[int, int], object] = {}
+        self._patterns: dict[object, torch.Tensor] = {}
+
+    @property
+    def length(self) -> int:
+        return self.cache.length
+
+    @length.setter
+    def length(self, value: int) -> None:
+        self.cache.length = value
+
+    def load(self, prefilled, capacity: int) -> None:
+        """Copy a prefilled DynamicCache in, (re)allocating the static cache if it is missing,
+        too small or of another model shape (new buffers mean new graphs)."""
+        if self.cache is None or self.cache.capacity < capacity or not self.cache.fits(prefilled):
+            self.cache, self.steps = None, {}
+            self.cache = SlotCache.like(prefilled, round_up(capacity, 128))
+        self.cache.load(prefilled)
+
+    def pattern(self, key, make) -> torch.Tensor:
+        """A mask pattern kept on the device (made once per key)."""
+        if key not in self._patterns:
+            self._patterns[key] = make().to(self.lm.device)
+        return self._patterns[key]
+
+    def step(self, tokens: list[int], positions: list[int], pattern: torch.Tensor, start: int | None = None):
+        """Run `tokens` (padded to `pattern`'s rows) at `positions`, written from slot `length`;
+        slots before `start` (default: `length`) are seen by every row. Advances `length` by
+        len(tokens) and returns their logits [len(tokens), V]."""
+        width, count, write = pattern.shape[0], len(tokens), self.length
+        if not 0 < count <= width:
+            raise ValueError(f"a step of width {width} cannot take {count} tokens")
+        if write + width > self.cache.capacity:
+            raise RuntimeError(f"static cache overflow: writing {width} slots at {write} of {self.cache.capacity}")
+        pad = width - count
+        start = write if start is None else start
+        inputs = torch.tensor(list(tokens) + [tokens[-1]] * pad + list(positions) + [positions[-1]] * pad
+                              + [write, start], dtype=torch.long).to(self.lm.device, non_blocking=True)
+        if self.options is not None and self.lm.device.type == "cuda":
+            torch.compiler.cudagraph_mark_step_begin()  # CUDA graphs may reuse the last step's outputs
+        logits = self._step_fn(tuple(pattern.shape))(inputs, pattern)
+        self.length = write + count
+        return logits[0, :count]
+
+    def extend(self, tokens: list[int], first_position: int, width: int):
+        """Causal step: `tokens` at consecutive positions from `first_position`, padded to `width`."""
+        pattern = self.pattern(("causal", width), lambda: causal_pattern(width))
+        return self.step(tokens, list(range(first_position, first_position + len(tokens))), pattern)
+
+    def _step_fn(self, shape: tuple[int, int]):
+        if shape not in self.steps:
+            step = functools.partial(step_logits, self.lm, self.cache)
+            self.steps[shape] = step if self.options is None else torch.compile(step, **self.options)
+        return self.steps[shape]
+
+
+def round_up(n: int, multiple: int) -> int:
+    """round_up(130, 128) -> 256."""
+    return -(-n // multiple) * multiple
+
+
+_ENGINES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def static_lm(lm: VideoLM, role: str, options: dict | None) -> StaticLM:
+    """The `StaticLM` kept for `lm` in `role` ("target" or "draft": a model drafting for itself
+    needs two caches). Made anew when the compile options change."""
+    engines = _ENGINES.setdefault(lm, {})
+    if role not in engines or engines[role].options != options:
+        engines[role] = StaticLM(lm, options)
+    return engines[role]
+
+
+def compile_options(compile, device: torch.device) -> dict | None:
+    """torch.compile keyword arguments, or None for plain eager steps.
+    None -> {"mode": "reduce-overhead"} on CUDA, None elsewhere; True -> the same on any
+    device; False -> None; "max-autotune" -> {"mode": "max-autotune"}; a dict is passed through
+    (e.g. {"backend": "eager"}: dynamo's tracing without code generation, for tests)."""
+    if compile is None:
+        compile = device.type == "cuda"
+    if compile is True:
+        compile = "reduce-overhead"
+    if isinstance(compile, str):
+        compile = {"mode": compile}
+    if compile:
+        # one graph per step shape and model: more than dynamo's default of 8 per function
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+        return {"fullgraph": False, "dynamic": False, **compile}
+    return None
+
+
+def capture_report(pair: Pair | None = None) -> dict:
+    """What the fast path compiled, for a benchmark's JSON: options, CUDA graphs on or off,
+    the step shapes (q, S) per model, and dynamo's counters (graph breaks, cudagraph skips)."""
+    from torch._dynamo.utils import counters
+
+    report = {"torch": torch.__version__, "cuda": torch.cuda.is_available()}
+    roles = {}
+    for role, lm in (("target", pair.target), ("draft", pair.draft)) if pair else ():
+        engine = _ENGINES.get(lm, {}).get(role)
+        if engine is not None:
+            roles[role] = {
+                "compile": engine.options,
+                "cuda_graphs": lm.device.type == "cuda" and (engine.options or {}).get("mode") == "reduce-overhead",
+                "capacity": engine.cache.capacity if engine.cache is not None else None,
+                "step_shapes": [list(shape) for shape in sorted(engine.steps)],
+            }
+    report["models"] = roles
+    report["graph_breaks"] = sum(counters["graph_break"].values())
+    report["graph_break_reasons"] = dict(counters["graph_break"].most_common(5))
+    report["cudagraph_skips"] = counters["inductor"].get("cudagraph_skips", 0)
+    report["unique_graphs"] = counters["stats"].get("unique_graphs", 0)
+    return report
+
+
+# ----------------------------------------------------------------------------------------
+# decoding
+
+
+@dataclass
+class Run:
+    """The state between rounds; invariants as in `decoding.Speculation`: target cache =
+    prompt + out[:-1], draft cache = draft prompt + out[:draft_seen]."""
+
+    target: StaticLM
+    draft: StaticLM
+    prompt: Prompt
+    draft_prompt: Prompt
+    out: list[int]
+    verify_width: int  # k+1 (chain) or tree depth + 1: chain verifications are padded to it
+    feed_width: int  # the most committed tokens the draft may have to catch up on
+    draft_seen: int = 0
+    draft_prefix: int = 0  # draft cache slots before the first generated token
+
+    def draft_feed(self) -> torch.Tensor:
+        """Feed the committed tokens the draft has not seen; return its logits [V] after the last."""
+        feed = self.out[self.draft_seen:]
+        width = 1 if len(feed) == 1 else self.feed_width
+        logits = self.draft.extend(feed, self.draft_prompt.next_position + self.draft_seen, width)[-1]
+        self.draft_seen = len(self.out)
+        return logits
+
+
+def chain_round(run: Run, k: int) -> int:
+    """One greedy round with a chain of k drafted tokens (k may be 0); returns the accepted count."""
+    # 1. draft: catch up, then propose k tokens, one step each
+    proposal = []
+    if k:
+        logits = run.draft_feed()
+        for i in range(k):
+            proposal.append(int(logits.argmax()))
+            if i < k - 1:
+                logits = run.draft.extend(proposal[-1:], run.draft_prompt.next_position + run.draft_seen + i, 1)[-1]
+    # 2. target: the last committed token and the proposals in one pass (padded to a fixed width)
+    start = len(run.out) - 1
+    logits = run.target.extend([run.out[-1]] + proposal, run.prompt.next_position + start, run.verify_width)
+    # 3. accept the agreeing prefix and the target's next token
+    n, next_token = greedy_chain(torch.tensor(proposal, dtype=torch.long), logits)
+    # 4. rewind: both caches keep exactly the committed text (the draft never fed its last proposal)
+    run.target.length -= k - n
+    if k:
+        valid = min(n, k - 1)
+        run.draft_seen = len(run.out) + valid
+        run.draft.length = run.draft_prefix + run.draft_seen
+    run.out += proposal[:n] + [next_token]
+    return n
+
+
+def draft_tree(run: Run, tree: Tree, levels: DraftLevels) -> list[int]:
+    """Expand `tree` with the draft, one fixed-width step per level; returns node tokens [N+1]
+    (root first). Afterwards the draft's cache is back at the committed text."""
+    tokens = [run.out[-1]] + [0] * (tree.num_nodes - 1)
+    root_position = run.draft_prompt.next_position + len(run.out) - 1
+    logits = run.draft_feed()[None]  # [1, V]: the root's
+    base = run.draft.length
+    expand = [0]
+    for depth in range(1, tree.depth + 1):
+        ranks = [tree.ranks[tree.children(node)].tolist() for node in expand]
+        top = logits.topk(max(max(r) for r in ranks) + 1).indices.tolist()
+        for row, node in enumerate(expand):
+            for child, rank in zip(tree.children(node).tolist(), ranks[row]):
+                tokens[child] = top[row][rank]
+        if depth > len(levels.nodes):
+            break
+        expand = list(levels.nodes[depth - 1])
+        run.draft.length = base + levels.offsets[depth - 1]
+        pattern = run.draft.pattern((tree, depth), lambda: levels.patterns[depth - 1])
+        logits = run.draft.step([tokens[n] for n in expand], [root_position + depth] * len(expand), pattern, start=base)
+    run.draft.length = base
+    return tokens
+
+
+def tree_round(run: Run, tree: Tree, levels: DraftLevels) -> int:
+    """One greedy round with a static tree; returns the number of accepted drafted tokens."""
+    # 1. draft: expand the tree level by level
+    tokens = draft_tree(run, tree, levels)
+    # 2. target: every node in one pass with the tree mask, at positions root + depth
+    prefix = run.target.length
+    root_position = run.prompt.next_position + len(run.out) - 1
+    pattern = run.target.pattern(tree, lambda: tree.mask)
+    logits = run.target.step(tokens, (root_position + tree.depths).tolist(), pattern)
+    # 3. accept the longest agreeing root-to-leaf path and the target's next token
+    accepted, next_token = greedy_tree(tree, torch.tensor(tokens, dtype=torch.long), logits)
+    # 4. the target keeps the root and the accepted path, moved to consecutive slots
+    if accepted:
+        source, dest = path_moves(prefix, accepted, tree.depth)
+        device = run.target.lm.device
+        run.target.cache.move(torch.tensor(source, device=device), torch.tensor(dest, device=device))
+    run.target.length = prefix + 1 + len(accepted)
+    run.out += [tokens[n] for n in accepted] + [next_token]
+    return len(accepted)
+
+
+@torch.no_grad()
+def generate_fast(pair: Pair, prompt: Prompt, method: str = "specvlm", ratio: float = 0.9, k: int = 5,
+                  tree: Tree | None = None, max_new_tokens: int = 64, mass: float = 0.4, seed: int = 0,
+                  draft_prompt: Prompt | None = None, compile=None, temperature: float = 0.0) -> Result:
+    """`decoding.generate_ar` (method="ar") or `decoding.generate_sd` on static caches with
+    fixed-shape steps: the same tokens and accepted counts, greedy only. `compile`: None ->
+    compiled on CUDA only; True / False; or a torch.compile mode string."""
+    if temperature:
+        raise ValueError(f"generate_fast is greedy only (temperature 0), got temperature={temperature}; "
+                         "use decoding.generate for sampling.")
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; choose one of {METHODS}.")
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}.")
+    if method == "ar":
+        return _generate_ar(pair.target, prompt, max_new_tokens, compile)
+    if tree is None and k < 1:
+        raise ValueError(f"k (draft tokens per round) must be >= 1, got {k}.")
+    pruning.keep_budget(prompt.num_video_tokens, ratio)
+    target, draft = pair.target, pair.draft
+    options = compile_options(compile, target.device)
+    depth = k if tree is None else tree.depth
+    levels = DraftLevels.of(tree) if tree is not None else None
+    watch = Stopwatch(target.device)
+
+    logits, target_cache, scores = prefill_target(target, prompt, with_scores=method in SCORED_METHODS)
+    fast_target = static_lm(target, "target", options)
+    widest = max(depth + 1, tree.num_nodes if tree is not None else 0)
+    fast_target.load(target_cache, target_cache.get_seq_length() + max_new_tokens + widest)
+    del target_cache
+    first = int(logits.argmax())
+    watch.lap("target_prefill")
+    keep = select_video_tokens(method, prompt, ratio, scores, mass, seed)
+    watch.lap("select")
+    draft_prompt = draft_prompt or prompt
+    _, draft_cache = prefill_pruned(draft, draft_prompt, keep)
+    fast_draft = static_lm(draft, "draft", options)
+    draft_prefix = draft_cache.get_seq_length()
+    feed_width = 2 if tree is None else depth + 1
+    tree_slots = levels.patterns.shape[-1] if levels is not None else 0
+    fast_draft.load(draft_cache, draft_prefix + max_new_tokens + feed_width + max(k, tree_slots) + 1)
+    del draft_cache
+    watch.lap("draft_prefill")
+
+    run = Run(fast_target, fast_draft, prompt, draft_prompt, [first], depth + 1, feed_width, draft_prefix=draft_prefix)
+    accepted = []
+    while len(run.out) < max_new_tokens and not target.eos_token_ids.intersection(run.out):
+        room = max_new_tokens - len(run.out) - 1  # drafted tokens that may still be kept
+        if tree is not None and room >= tree.depth:
+            accepted.append(tree_round(run, tree, levels))
+        else:  # a chain, or a tree too deep for the tokens left: never overshoot
+            accepted.append(chain_round(run, min(depth, room)))
+    watch.lap("decode")
+
+    out = truncate(run.out, target.eos_token_ids, max_new_tokens)
+    return Result(
+        out, target.decode(out), method, 0.0 if method == "sd" else ratio, accepted,
+        video_tokens=prompt.num_video_tokens,
+        draft_video_tokens=prompt.num_video_tokens if keep is None else len(keep),
+        target_cache_len=fast_target.length, draft_cache_len=fast_draft.length,
+        kept=keep, scores=scores, timings=watch.laps,
+    )
+
+
+def _generate_ar(target: VideoLM, prompt: Prompt, max_new_tokens: int, compile) -> Result:
+    """The target alone, greedy, one fixed-shape step per token."""
+    watch = Stopwatch(target.device)
+    logits, cache = prefill_pruned(target, prompt, None)
+    fast = static_lm(target, "target", compile_options(compile, target.device))
+    fast.load(cache, cache.get_seq_length() + max_new_tokens)
+    del cache
+    watch.lap("prefill")
+    out = [int(logits.argmax())]
+    while len(out) < max_new_tokens and out[-1] not in target.eos_token_ids:
+        logits = fast.extend(out[-1:], prompt.next_position + len(out) - 1, 1)
+        out.append(int(logits[-1].argmax()))
+    watch.lap("decode")
+    return Result(out, target.decode(out), "ar", 0.0, video_tokens=prompt.num_video_tokens,
+                  target_cache_len=fast.length, timings=watch.laps)

@@ -1,0 +1,145 @@
+"""Predicted speedups from step costs: hand-computed rounds, interpolation, pruning gain."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from specvlm import cost_model as cm
+from specvlm.trees import MC_SIM_7B_63, chain
+
+FIGURES = Path(__file__).resolve().parents[1] / "figures"
+
+
+def test_chain_speedup_hand_computed():
+    # all 5 accepted: 6 tokens for 5 draft steps (1 ms) + one verification (10 ms), AR step 10 ms
+    assert cm.chain_speedup([0, 0, 0, 0, 0, 1], k=5, t_draft=1, t_verify=10, t_ar=10) == pytest.approx(4.0)
+    assert cm.chain_speedup(5.0, k=5, t_draft=1, t_verify=10, t_ar=10) == pytest.approx(4.0)
+    # nothing accepted: one token for 15 ms, slower than AR
+    assert cm.chain_speedup([7], k=5, t_draft=1, t_verify=10, t_ar=10) == pytest.approx(10 / 15)
+
+
+def test_histogram_and_tokens_per_round():
+    assert cm.histogram([2, 0, 2, 3]) == [1, 0, 2, 1]
+    assert cm.tokens_per_round([1, 0, 2, 1]) == pytest.approx(2.75)
+    assert cm.tokens_per_round(cm.histogram([2, 0, 2, 3])) == pytest.approx(sum([2, 0, 2, 3]) / 4 + 1)
+    assert cm.tokens_per_round(2.5) == 3.5
+    for bad in ([], [0, 0], [-1, 2]):
+        with pytest.raises(ValueError):
+            cm.tokens_per_round(bad)
+    with pytest.raises(ValueError):
+        cm.histogram([1, -1])
+
+
+def test_tree_round_has_one_draft_pass_per_level():
+    assert cm.draft_passes(MC_SIM_7B_63) == [1, 4, 4, 1, 1]
+    assert cm.tree_round_ms(MC_SIM_7B_63, 1.0, 12.0) == pytest.approx(17.0)
+    assert cm.tree_speedup(2.0, MC_SIM_7B_63, t_draft=1, t_verify=12, t_ar=10) == pytest.approx(30 / 17)
+    # a chain drawn as a tree costs what the chain costs
+    assert cm.draft_passes(chain(5)) == [1] * 5
+    assert cm.tree_round_ms(chain(5), 1.5, 9.0) == cm.chain_round_ms(5, 1.5, 9.0)
+
+
+def test_interpolate_is_linear_and_extends_end_segments():
+    assert cm.interpolate([1000, 3000], [2, 4], 2000) == pytest.approx(3.0)
+    assert cm.interpolate([3000, 1000], [4, 2], 5000) == pytest.approx(6.0)
+    assert cm.interpolate([1000, 3000], [2, 4], 0) == pytest.approx(1.0)
+    assert cm.interpolate([1000, 2000, 4000], [1, 3, 4], 3000) == pytest.approx(3.5)
+    with pytest.raises(ValueError):
+        cm.interpolate([1000, 1000], [1, 2], 5)
+
+
+def _result(draft_ms, target_ms=None, contexts=(1000, 10000), floor=0.1, k=5):
+    """A costs result with step costs given as functions of context."""
+    target_ms = target_ms or {"step": lambda c: 10.0, "chain": lambda c: 12.0, "tree": lambda c: 14.0}
+    rows = []
+    for c in contexts:
+        for kind, f in target_ms.items():
+            rows.append({"shape": "t", "path": "sdpa", "kind": kind, "context": c, "ms": f(c), "floor_ms": floor})
+        rows.append({"shape": "d", "path": "sdpa", "kind": "step", "context": c, "ms": draft_ms(c), "floor_ms": floor})
+    return {"device": "test card", "k": k, "rows": rows}
+
+
+def test_cost_table_interpolates_and_respects_the_floor():
+    table = cm.CostTable(_result(lambda c: 1 + c / 1000))
+    assert table.ms("d", "step", 5500) == pytest.approx(6.5)
+    assert table.ms("d", "step", 0) == pytest.approx(1.0)
+    steep = cm.CostTable(_result(lambda c: 2 * c / 1000 - 1.9, floor=0.5))  # extrapolates to -1.9 at 0
+    assert steep.ms("d", "step", 0) == pytest.approx(0.5)
+    with pytest.raises(ValueError, match="eager"):
+        cm.CostTable(_result(lambda c: 1.0), path="eager")
+    with pytest.raises(ValueError, match="shape 'x'"):
+        table.ms("x", "step", 10)
+
+
+def test_pruning_gain_hand_computed():
+    table = cm.CostTable(_result(lambda c: 1 + c / 1000))
+    # SD draft at 10000 tokens: 11 ms; SpecVLM keeps 2500: 3.5 ms; chain verification 12 ms
+    gain = cm.pruning_gain(table, "t", "d", video_tokens=10000, ratio=0.75, acceptance_sd=3.0)
+    assert gain == pytest.approx((5 * 11 + 12) / (5 * 3.5 + 12))
+    sd = cm.predict(table, "t", "d", 10000, 10000, 3.0)
+    assert sd["speedup"] == pytest.approx(4 * 10 / 67)
+    assert sd["draft_share"] == pytest.approx(55 / 67)
+    # lower acceptance under pruning scales the gain by the ratio of tokens per round
+    lower = cm.pruning_gain(table, "t", "d", 10000, 0.75, acceptance_sd=3.0, acceptance_specvlm=2.0)
+    assert lower == pytest.approx(gain * 3 / 4)
+    # a tree drafts `depth` passes: 5 * 11 + 14 vs 5 * 3.5 + 14
+    tree_gain = cm.pruning_gain(table, "t", "d", 10000, 0.75, 3.0, tree=MC_SIM_7B_63)
+    assert tree_gain == pytest.approx((55 + 14) / (17.5 + 14))
+
+
+def test_pruning_gain_is_one_when_draft_steps_ignore_context():
+    table = cm.CostTable(_result(lambda c: 2.0))
+    assert cm.pruning_gain(table, "t", "d", 50000, 0.9, [1, 2, 3]) == pytest.approx(1.0)
+
+
+def test_sweep_gain_grows_with_video_length():
+    table = cm.CostTable(_result(lambda c: 1 + c / 1000))
+    rows = cm.sweep_video_length(table, "t", "d", [1000, 4000, 16000, 64000], 0.9, acceptance_sd=3.0, text_tokens=50)
+    gains = [r["gain"] for r in rows]
+    assert all(a < b for a, b in zip(gains, gains[1:]))
+    assert all(r["draft_share_specvlm"] < r["draft_share_sd"] for r in rows)
+    assert [r["draft_video_tokens"] for r in rows] == [99, 399, 1599, 6399]  # int(n * (1 - 0.9)): float rounding
+
+
+def test_predict_refuses_a_chain_of_another_length():
+    table = cm.CostTable(_result(lambda c: 1.0))
+    with pytest.raises(ValueError, match="k=5"):
+        cm.predict(table, "t", "d", 1000, 1000, 2.0, k=3)
+
+
+def _bench(step_ms=True):
+    ar = {"frames": 8, "method": "ar", "draft": None, "ratio": 0.0, "mean_accepted": 0.0, "speedup_vs_ar": 1.0,
+          "decode_s": 1.0, "rounds": 0, "new_tokens": 101, "video_tokens": 1000, "draft_video_tokens": None}
+    sd = {"frames": 8, "method": "sd", "draft": "chain", "ratio": 0.0, "mean_accepted": 5.0, "speedup_vs_ar": 3.5,
+          "decode_s": 0.3, "rounds": 20, "new_tokens": 101, "video_tokens": 1000, "draft_video_tokens": 1000}
+    if step_ms:
+        ar["step_ms"] = {"target_step": 10.0}
+        sd["step_ms"] = {"draft_step": 1.0, "verify": 10.0}
+    return {"k": 5, "rows": [ar, sd]}
+
+
+def test_predicted_vs_measured_uses_the_runs_step_timings():
+    (row,) = cm.predicted_vs_measured(_bench())
+    assert row["source"] == "run"
+    assert row["predicted"] == pytest.approx(4.0)
+    assert row["measured"] == 3.5
+    assert row["measured_round_ms"] == pytest.approx(15.0)
+    assert row["predicted_round_ms"] == pytest.approx(15.0)
+
+
+def test_predicted_vs_measured_degrades_without_step_timings():
+    (row,) = cm.predicted_vs_measured(_bench(step_ms=False))
+    assert row["source"] is None and row["predicted"] is None and row["measured"] == 3.5
+    table = cm.CostTable(_result(lambda c: 1.0))
+    (row,) = cm.predicted_vs_measured(_bench(step_ms=False), table, target="t", draft="d")
+    assert row["source"] == "table"
+    assert row["predicted"] == pytest.approx(6 * 10 / (5 * 1 + 12))
+
+
+def test_predicted_vs_measured_reads_the_committed_bench_json():
+    path = sorted(FIGURES.glob("bench_tiny_*.json"))[0]
+    bench = json.loads(path.read_text())
+    rows = cm.predicted_vs_measured(path)
+    assert len(rows) == sum(r["method"] != "ar" for r in bench["rows"])
+    assert all(r["tokens_per_round"] >= 1 and r["measured_round_ms"] > 0 for r in rows)

@@ -1,0 +1,317 @@
+"""The fast path (static caches, fixed-shape steps): the plain path's tokens and accepted
+counts, exactly; and the cache logic on its own."""
+
+import copy
+import os
+
+import pytest
+import torch
+
+import specvlm as sv
+from specvlm import decoding, fast
+from specvlm.fast import DraftLevels, SlotCache, path_moves, visibility_bias
+from specvlm.trees import MC_SIM_7B_63, Tree, chain, tree_attention_bias
+
+from .conftest import random_video
+
+SMALL_TREE = Tree.from_paths([[0], [1], [0, 0], [0, 1], [1, 0], [0, 0, 0]])
+FLAT_TREE = Tree.from_paths([[0], [1], [2]])  # depth 1: no draft level is fed
+
+
+def assert_same(pair, prompt, max_new_tokens=20, **options):
+    """generate_fast == decoding's loop: tokens, accepted counts, cache lengths, laps."""
+    if options.get("method") == "ar":
+        reference = decoding.generate_ar(pair.target, prompt, max_new_tokens)
+    else:
+        reference = decoding.generate_sd(pair, prompt, max_new_tokens=max_new_tokens, **options)
+    result = fast.generate_fast(pair, prompt, max_new_tokens=max_new_tokens, compile=False, **options)
+    label = (pair.name, options)
+    assert result.tokens == reference.tokens, label
+    assert result.accepted == reference.accepted, label
+    assert (result.target_cache_len, result.draft_cache_len) == (reference.target_cache_len, reference.draft_cache_len)
+    assert result.draft_video_tokens == reference.draft_video_tokens
+    assert result.timings.keys() == reference.timings.keys()
+    return result
+
+
+# --- the cache on its own ----------------------------------------------------------------
+
+
+def small_cache(capacity=8):
+    return SlotCache([(2, 4, 4), (2, 4, 4)], capacity, torch.float32, "cpu")
+
+
+def write(cache, position, values):
+    """One forward's worth of writes: every layer gets entries `values` (one float each)."""
+    cache.position.fill_(position)
+    entries = torch.tensor(values, dtype=torch.float32)[None, None, :, None].expand(1, 2, len(values), 4)
+    for layer in range(len(cache.keys)):
+        cache.update(entries, -entries, layer)
+    cache.length = position + len(values)
+
+
+def slots(cache, layer=0):
+    return cache.keys[layer][0, 0, :, 0].tolist()
+
+
+def test_a_rejection_only_moves_the_write_position():
+    cache = small_cache()
+    addresses = [t.data_ptr() for t in cache.keys + cache.values]
+    write(cache, 0, [1, 2, 3])
+    write(cache, 3, [4, 5, 6, 7])  # a verification of 4 tokens
+    cache.length = 4  # 1 accepted: slots 4..6 are stale now
+    assert cache.get_seq_length() == 4 and slots(cache)[:7] == [1, 2, 3, 4, 5, 6, 7]
+    write(cache, cache.length, [8, 9])  # the next step overwrites them
+    assert slots(cache) == [1, 2, 3, 4, 8, 9, 7, 0] and slots(cache, 1) == slots(cache)
+    assert cache.values[1][0, 1, :6, 2].tolist() == [-1, -2, -3, -4, -8, -9]
+    assert [t.data_ptr() for t in cache.keys + cache.values] == addresses
+
+
+def test_an_accepted_tree_path_moves_to_consecutive_slots():
+    cache = small_cache(10)
+    write(cache, 0, [1, 2])
+    write(cache, 2, [10, 11, 12, 13, 14, 15])  # root + 5 nodes; nodes 2 and 5 are accepted
+    source, dest = path_moves(2, [2, 5], depth=3)
+    assert (source, dest) == ([4, 7, 5], [3, 4, 5])
+    cache.move(torch.tensor(source), torch.tensor(dest))
+    assert slots(cache)[:6] == [1, 2, 10, 12, 15, 13]  # slot 5 copied onto itself: the padding
+    assert slots(cache, 1)[:6] == slots(cache)[:6] and cache.values[0][0, 0, :5, 0].tolist() == [-1, -2, -10, -12, -15]
+
+
+def test_path_moves_example():
+    assert path_moves(10, [2, 7], 4) == ([12, 17, 13, 14], [11, 12, 13, 14])
+    assert path_moves(0, [], 2) == ([1, 2], [1, 2])
+
+
+def test_loading_a_prefill_and_overflow(tiny_pair):
+    lm = tiny_pair.target
+    prompt = lm.prepare(random_video(0, 1))
+    _, dynamic = decoding.prefill_pruned(lm, prompt, None)
+    n = dynamic.get_seq_length()
+    cache = SlotCache.like(dynamic, n + 4)
+    cache.load(dynamic)
+    assert cache.length == n and cache.fits(dynamic)
+    torch.testing.assert_close(cache.keys[1][:, :, :n], dynamic.layers[1].keys, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="does not fit"):
+        SlotCache.like(dynamic, n - 1).load(dynamic)
+    engine = fast.StaticLM(lm, None)
+    engine.load(dynamic, n + 2)
+    with pytest.raises(RuntimeError, match="static cache overflow"):
+        engine.extend([1], prompt.next_position, width=engine.cache.capacity - n + 1)
+
+
+# --- masks ---------------------------------------------------------------------------------
+
+
+def test_visibility_bias_example():
+    bias = visibility_bias(torch.tensor(2), torch.tensor([[1, 0], [1, 1]], dtype=torch.bool), 5, torch.float32)
+    seen = (bias[0, 0] == 0).int().tolist()
+    assert bias.shape == (1, 1, 2, 5) and seen == [[1, 1, 1, 0, 0], [1, 1, 1, 1, 0]]
+    assert bias.min() == torch.finfo(torch.float32).min
+
+
+@pytest.mark.parametrize("tree", [MC_SIM_7B_63, SMALL_TREE, chain(4)], ids=["mc_sim_7b_63", "small", "chain4"])
+def test_tree_mask_equals_the_plain_paths(tree):
+    prefix, capacity = 7, 64
+    expected = tree_attention_bias(tree, prefix, cache_len=capacity)
+    assert torch.equal(visibility_bias(torch.tensor(prefix), tree.mask, capacity, torch.float32), expected)
+
+
+def test_draft_levels_example():
+    levels = DraftLevels.of(Tree.from_paths([[0], [1], [0, 0], [0, 0, 0]]))
+    assert levels.nodes == ((1,), (3,)) and levels.offsets == (0, 1) and levels.width == 1
+    assert levels.patterns.int().tolist() == [[[1, 0]], [[1, 1]]]
+
+
+@pytest.mark.parametrize("tree", [MC_SIM_7B_63, SMALL_TREE], ids=["mc_sim_7b_63", "small"])
+def test_draft_levels_see_exactly_their_ancestors(tree):
+    """Level patterns, read through the slots the fed nodes occupy, are the tree mask."""
+    levels = DraftLevels.of(tree)
+    fed = [node for level in levels.nodes for node in level]  # fed nodes in slot order
+    assert levels.width == max(len(level) for level in levels.nodes)
+    for i, level in enumerate(levels.nodes):
+        for row, node in enumerate(level):
+            assert levels.offsets[i] + row == fed.index(node)
+            seen = levels.patterns[i, row, :len(fed)]
+            assert torch.equal(seen, tree.mask[node, fed])
+        for row in range(len(level), levels.width):  # padding rows see only themselves
+            assert levels.patterns[i, row].nonzero().flatten().tolist() == [levels.offsets[i] + row]
+
+
+def test_a_padded_static_step_equals_the_dynamic_step(tiny_pair):
+    lm = tiny_pair.target
+    prompt = lm.prepare(random_video(1, 2))
+    new = [5, 9, 17, 3]
+    _, dynamic = decoding.prefill_pruned(lm, prompt, None)
+    engine = fast.StaticLM(lm, None)
+    engine.load(dynamic, dynamic.get_seq_length() + 16)
+    expected = lm.step(new, decoding.positions(prompt, 0, len(new)), dynamic)[0]
+    got = engine.extend(new, prompt.next_position, width=7)  # 3 padding rows
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+    assert engine.length == dynamic.get_seq_length()
+
+
+# --- the same tokens and accepted counts as the plain path ---------------------------------
+
+
+@pytest.fixture(scope="module")
+def embedded():
+    return sv.load_pair("tiny", device="cpu")
+
+
+@pytest.fixture(scope="module")
+def embedded_prompt(embedded):
+    return embedded.target.prepare(sv.sample_video("bikes", 2))
+
+
+@pytest.mark.parametrize("method,ratio,seed", [
+    ("sd", 0.0, 0), ("specvlm", 0.5, 0), ("specvlm", 0.9, 0), ("uniform", 0.5, 0), ("uniform", 0.9, 0),
+    ("random", 0.5, 0), ("random", 0.9, 1), ("top", 0.5, 0), ("top", 0.9, 0),
+])
+def test_chain_on_the_embedded_pair(embedded, embedded_prompt, method, ratio, seed):
+    result = assert_same(embedded, embedded_prompt, method=method, ratio=ratio, seed=seed, k=3)
+    if method == "sd":
+        assert 0 < result.mean_accepted < 3  # partial acceptance: every rewind path runs
+
+
+@pytest.mark.parametrize("k", [1, 5])
+def test_chain_lengths(embedded, embedded_prompt, k):
+    assert_same(embedded, embedded_prompt, method="specvlm", ratio=0.9, k=k, max_new_tokens=24)
+
+
+@pytest.mark.parametrize("tree,method,ratio", [
+    (MC_SIM_7B_63, "sd", 0.0), (MC_SIM_7B_63, "specvlm", 0.9), (MC_SIM_7B_63, "uniform", 0.5),
+    (MC_SIM_7B_63, "top", 0.9), (SMALL_TREE, "specvlm", 0.5), (SMALL_TREE, "random", 0.9),
+    (FLAT_TREE, "specvlm", 0.9),
+], ids=["mc-sd", "mc-specvlm", "mc-uniform", "mc-top", "small-specvlm", "small-random", "flat-specvlm"])
+def test_tree_on_the_embedded_pair(embedded, embedded_prompt, tree, method, ratio):
+    assert_same(embedded, embedded_prompt, method=method, ratio=ratio, tree=tree, max_new_tokens=24)
+
+
+def test_another_clip(embedded):
+    prompt = embedded.target.prepare(sv.sample_video("bigbuckbunny", 4))
+    assert_same(embedded, prompt, method="ar", max_new_tokens=16)
+    assert_same(embedded, prompt, method="specvlm", ratio=0.9, k=4, max_new_tokens=16)
+    assert_same(embedded, prompt, method="specvlm", ratio=0.9, tree=MC_SIM_7B_63, max_new_tokens=16)
+
+
+@pytest.mark.parametrize("which", ["tiny_pair", "self_pair", "noisy_pair"])
+def test_random_pairs(request, which):
+    pair = request.getfixturevalue(which)
+    prompt = pair.target.prepare(random_video(2, 3))
+    assert_same(pair, prompt, method="ar")
+    assert_same(pair, prompt, method="specvlm", ratio=0.9, k=3)
+    assert_same(pair, prompt, method="random", ratio=0.5, tree=MC_SIM_7B_63, seed=3)
+    assert_same(pair, prompt, method="sd", tree=SMALL_TREE)
+
+
+@pytest.mark.parametrize("tree,max_new_tokens", [
+    (None, 1), (None, 2), (None, 9), (MC_SIM_7B_63, 3), (MC_SIM_7B_63, 11),
+])
+def test_max_new_tokens_cuts_mid_round(self_pair, tree, max_new_tokens):
+    """Self-speculation accepts whole rounds of 6, so these limits end inside a round."""
+    prompt = self_pair.target.prepare(random_video(3, 2))
+    result = assert_same(self_pair, prompt, method="sd", k=5, tree=tree, max_new_tokens=max_new_tokens)
+    assert len(result.tokens) == max_new_tokens
+
+
+@pytest.mark.parametrize("tree", [None, MC_SIM_7B_63], ids=["chain", "tree"])
+def test_an_end_token_mid_round(embedded, embedded_prompt, tree):
+    """Declare a token that first appears at index 7 or later an end token: generation stops
+    there, past the first round of a self-speculation that accepts 5 + 1 tokens per round,
+    and the round that produced it is cut."""
+    target = embedded.target
+    tokens = decoding.generate_ar(target, embedded_prompt, 30).tokens
+    stop = next(i for i in range(7, len(tokens)) if tokens[i] not in tokens[:i])
+    ending = copy.copy(target)
+    ending.eos_token_ids = frozenset({tokens[stop]})
+    pair = sv.Pair(ending, ending, name="self, early end")
+    result = assert_same(pair, embedded_prompt, method="sd", k=5, tree=tree, max_new_tokens=30)
+    assert result.tokens == tokens[:stop + 1]
+    assert sum(result.accepted) + result.rounds + 1 > len(result.tokens)  # the last round was cut
+
+
+# --- Qwen2.5-VL: 3-D rotary positions -------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def qwen_pair(tmp_path_factory):
+    target, draft = sv.make_tiny_pair(tmp_path_factory.mktemp("fast_qwen"), seed=0, family="qwen2_5_vl")
+    return sv.load_pair(str(target), str(draft), device="cpu")
+
+
+def test_qwen(qwen_pair):
+    prompt = qwen_pair.target.prepare(sv.sample_video("bikes", 6))
+    assert prompt.position_ids.dim() == 3
+    self_pair = sv.Pair(qwen_pair.target, qwen_pair.target, name="qwen self")
+    for pair in (qwen_pair, self_pair):
+        assert_same(pair, prompt, method="ar", max_new_tokens=12)
+        assert_same(pair, prompt, method="specvlm", ratio=0.9, k=3, max_new_tokens=12)
+        assert_same(pair, prompt, method="uniform", ratio=0.5, tree=MC_SIM_7B_63, max_new_tokens=12)
+    result = assert_same(self_pair, prompt, method="sd", tree=SMALL_TREE, max_new_tokens=12)
+    assert result.accepted[0] == SMALL_TREE.depth
+
+
+# --- engines, options, errors ----------------------------------------------------------------
+
+
+def test_static_caches_are_reused_and_never_reallocated_mid_run(embedded, embedded_prompt):
+    fast.generate_fast(embedded, embedded_prompt, method="specvlm", tree=MC_SIM_7B_63, max_new_tokens=8, compile=False)
+    engine = fast.static_lm(embedded.target, "target", None)
+    addresses = [t.data_ptr() for t in engine.cache.keys + engine.cache.values]
+    fast.generate_fast(embedded, embedded_prompt, method="specvlm", tree=MC_SIM_7B_63, max_new_tokens=8, compile=False)
+    assert [t.data_ptr() for t in engine.cache.keys + engine.cache.values] == addresses
+    longer = embedded.target.prepare(sv.sample_video("bikes", 4))
+    fast.generate_fast(embedded, longer, method="specvlm", k=2, max_new_tokens=4, compile=False)
+    assert engine.cache.capacity >= longer.input_ids.shape[1] + 4
+
+
+def test_compile_options():
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert fast.compile_options(None, cpu) is None and fast.compile_options(False, cuda) is None
+    assert fast.compile_options(None, cuda)["mode"] == "reduce-overhead"
+    assert fast.compile_options("max-autotune", cpu)["mode"] == "max-autotune"
+    assert fast.compile_options({"backend": "eager"}, cpu) == {"fullgraph": False, "dynamic": False, "backend": "eager"}
+
+
+def test_traced_steps_have_no_graph_breaks(noisy_pair):
+    """Dynamo traces every step kind in one graph (backend "eager": tracing without code
+    generation, so this runs in seconds); the tokens stay the same."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    prompt = noisy_pair.target.prepare(random_video(4, 1))
+    options = {"backend": "eager"}
+    for kwargs in ({"k": 3}, {"tree": SMALL_TREE}):
+        reference = decoding.generate_sd(noisy_pair, prompt, method="specvlm", ratio=0.5, max_new_tokens=12, **kwargs)
+        result = fast.generate_fast(noisy_pair, prompt, method="specvlm", ratio=0.5, max_new_tokens=12,
+                                    compile=options, **kwargs)
+        assert result.tokens == reference.tokens and result.accepted == reference.accepted
+    report = fast.capture_report(noisy_pair)
+    shapes = sum(len(engine["step_shapes"]) for engine in report["models"].values() if engine["compile"])
+    assert report["graph_breaks"] == 0 and report["unique_graphs"] == shapes >= 5  # one graph per shape
+    target = report["models"]["target"]
+    assert target["compile"]["backend"] == "eager" and not target["cuda_graphs"]
+    assert [SMALL_TREE.num_nodes] * 2 in target["step_shapes"] and [4, 4] in target["step_shapes"]
+
+
+@pytest.mark.skipif(not os.environ.get("SPECVLM_TEST_INDUCTOR"),
+                    reason="inductor compiles each step shape on the CPU in minutes; set SPECVLM_TEST_INDUCTOR=1")
+def test_inductor_on_the_cpu(noisy_pair):
+    prompt = noisy_pair.target.prepare(random_video(4, 1))
+    reference = decoding.generate_sd(noisy_pair, prompt, method="specvlm", ratio=0.5, k=3, max_new_tokens=12)
+    result = fast.generate_fast(noisy_pair, prompt, method="specvlm", ratio=0.5, k=3, max_new_tokens=12, compile=True)
+    assert result.tokens == reference.tokens and result.accepted == reference.accepted
+
+
+def test_bad_requests(tiny_pair):
+    prompt = tiny_pair.target.prepare(random_video(0, 1))
+    with pytest.raises(ValueError, match="greedy only"):
+        fast.generate_fast(tiny_pair, prompt, temperature=0.7)
+    with pytest.raises(ValueError, match="unknown method"):
+        fast.generate_fast(tiny_pair, prompt, method="magic")
+    with pytest.raises(ValueError, match="k \\(draft tokens per round\\)"):
+        fast.generate_fast(tiny_pair, prompt, k=0)
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        fast.generate_fast(tiny_pair, prompt, max_new_tokens=0)
