@@ -9,11 +9,12 @@ video tokens, chosen by the target's attention.
     result = sv.generate(pair, video, "Describe the video.", method="specvlm", ratio=0.9)
 """
 
-from . import synthetic
+from . import replay, synthetic, views
 from .acceptance import greedy_chain, greedy_tree, sample_chain, sample_tree
 from .attention import SCORES_ATTENTION, prefill_with_scores
 from .builders import make_tiny_pair
 from .decoding import METHODS, Result, generate, generate_ar, generate_sd
+from .fast import generate_fast
 from .models import Pair, Prompt, VideoLM, load_lm, load_pair
 from .sampling import Picker
 from .trees import MC_SIM_7B_63, Tree, chain, draw_tree

@@ -1,0 +1,229 @@
+"""Figures of measured and predicted decoding speed, drawn from results; nothing here runs a model.
+
+Three kinds of result, each a dict (or its JSON file, read with `cost_model.load`):
+
+    bench.bench(...)                     rows per path, frame count and run: decode_s, speedup_vs_ar, ...
+    costs.measure_costs(...)             rows per shape, path, kind and context: ms, floor_ms
+    cost_model.sweep_video_length(...)   a list of rows per video length: sd_speedup, specvlm_speedup, gain
+
+    plot_speedups(bench)          decode speedup over AR on the same path, one panel per frame count
+    plot_ms_per_token(bench)      decode ms per new token of one run on each path (what the fast path buys)
+    plot_cost_curves(costs)       ms per pass vs context and its ratio to the bytes-over-bandwidth floor
+    plot_predictions(frames, {label: sweep})   predicted SD and SpecVLM speedups, and the pruning gain
+
+Every title says where the numbers come from (pair, card, dtype); the caller adds what the
+result cannot know (which clip, which assumption). Rows of a bench result without a "path" field
+(runs made before the fast path existed) count as "plain".
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import matplotlib.pyplot as plt
+from matplotlib.lines import Line2D
+
+from .cost_model import load
+
+PATH_COLOURS = {"plain": "tab:blue", "fast": "tab:orange", "eager": "tab:red", "sdpa": "tab:blue"}
+KIND_MARKERS = {"step": "o", "chain": "s", "tree": "^"}
+
+
+def run_label(row: dict) -> str:
+    """How a bench row is named in a figure:
+    {"method": "specvlm", "draft": "tree", "ratio": 0.9} -> "SpecVLM tree 90%";  {"method": "ar"} -> "AR"."""
+    names = {"ar": "AR", "sd": "SD", "specvlm": "SpecVLM"}
+    label = names.get(row["method"], row["method"])
+    if row.get("draft"):
+        label += f" {row['draft']}"
+    if row.get("ratio"):
+        label += f" {row['ratio']:.0%}"
+    return label
+
+
+def bench_rows(result, path: str | None = None, frames: int | None = None) -> list[dict]:
+    """The rows of a bench result, each with its "path" filled in, optionally of one path and frame count."""
+    rows = [{"path": "plain", **r} for r in load(result)["rows"]]
+    return [r for r in rows if (path is None or r["path"] == path) and (frames is None or r["frames"] == frames)]
+
+
+def _unique(values) -> list:
+    return list(dict.fromkeys(values))
+
+
+def _colour(path: str, index: int) -> str:
+    return PATH_COLOURS.get(path, plt.rcParams["axes.prop_cycle"].by_key()["color"][index % 10])
+
+
+def _source(result: dict) -> str:
+    return f"{result['pair']} on {result['device']} ({result['dtype'].removeprefix('torch.')})"
+
+
+def plot_speedups(result, title: str | None = None):
+    """Bars of `speedup_vs_ar` (AR on the same path = 1) for every speculative run: one panel per
+    frame count, one colour per path. A run whose tokens differ from AR's has no speedup: it is
+    marked "not = AR" instead of a bar. Returns the Figure."""
+    result = load(result)
+    rows = [r for r in bench_rows(result) if r["method"] != "ar"]
+    if not rows:
+        raise ValueError("this bench result has no speculative rows (method sd, specvlm, ...) to compare with AR.")
+    frames, paths = sorted({r["frames"] for r in rows}), _unique(r["path"] for r in rows)
+    labels = _unique(run_label(r) for r in rows)
+    width = 0.8 / len(paths)
+    fig, axes = plt.subplots(1, len(frames), figsize=(5.2 * len(frames), 4.2), sharey=True, squeeze=False)
+    top = max(r["speedup_vs_ar"] or 0 for r in rows)
+    for ax, count in zip(axes[0], frames):
+        for p, path in enumerate(paths):
+            of = {run_label(r): r for r in rows if r["frames"] == count and r["path"] == path}
+            for i, label in enumerate(labels):
+                x = i + (p - (len(paths) - 1) / 2) * width
+                row = of.get(label)
+                if row is None:
+                    continue
+                if row["speedup_vs_ar"] is None:
+                    ax.text(x, 0.05, "not = AR", rotation=90, ha="center", va="bottom", fontsize=7, color="red")
+                else:
+                    ax.bar(x, row["speedup_vs_ar"], width, color=_colour(path, p), label=path if i == 0 else None)
+        ax.axhline(1.0, color="black", lw=1, ls="--")
+        ax.set_xticks(range(len(labels)), labels, rotation=35, ha="right", fontsize=8)
+        video = next(r["video_tokens"] for r in rows if r["frames"] == count)
+        ax.set_title(f"{count} frames ({video} video tokens)", fontsize=10)
+        ax.set_ylim(0, max(1.35, 1.2 * top))
+        ax.grid(axis="y", alpha=0.3)
+    axes[0][0].set_ylabel("decode speedup over AR on the same path (x)")
+    axes[0][0].legend(title="path", fontsize=8, title_fontsize=8, loc="upper left", ncol=len(paths))
+    fig.suptitle(title or f"{_source(result)}: speculative decoding vs AR (dashed: AR)", fontsize=11)
+    fig.tight_layout()
+    return fig
+
+
+def plot_ms_per_token(result, method: str = "ar", title: str | None = None):
+    """Decode milliseconds per new token of one method, one bar per path and frame count, each
+    bar labelled with its value; the ratio of the first path to each other one written above the
+    group. Returns the Figure."""
+    result = load(result)
+    rows = [r for r in bench_rows(result) if r["method"] == method]
+    if not rows:
+        raise ValueError(f"no rows of method {method!r}; this result has {sorted({r['method'] for r in bench_rows(result)})}.")
+    frames, paths = sorted({r["frames"] for r in rows}), _unique(r["path"] for r in rows)
+    width = 0.8 / len(paths)
+    fig, ax = plt.subplots(figsize=(2.2 + 2.2 * len(frames), 3.8))
+    top = 0.0
+    for f, count in enumerate(frames):
+        ms = {}
+        for p, path in enumerate(paths):
+            row = next((r for r in rows if r["frames"] == count and r["path"] == path), None)
+            if row is None or not row["new_tokens"]:
+                continue
+            ms[path] = 1000 * row["decode_s"] / row["new_tokens"]
+            x = f + (p - (len(paths) - 1) / 2) * width
+            ax.bar(x, ms[path], width, color=_colour(path, p), label=path if f == 0 else None)
+            ax.text(x, ms[path], f"{ms[path]:.2f}", ha="center", va="bottom", fontsize=8)
+            top = max(top, ms[path])
+        ratios = [f"{paths[0]}/{p}: {ms[paths[0]] / ms[p]:.1f}x" for p in paths[1:] if paths[0] in ms and p in ms]
+        if ratios:
+            ax.text(f, 0.97, "\n".join(ratios), ha="center", va="top", fontsize=8, transform=ax.get_xaxis_transform(),
+                    bbox={"facecolor": "white", "edgecolor": "none", "alpha": 0.8})
+    ax.set_xticks(range(len(frames)), [f"{c} frames" for c in frames])
+    ax.set_ylim(0, 1.4 * top)
+    ax.set_ylabel("decode ms per new token")
+    ax.legend(title="path", fontsize=8, title_fontsize=8)
+    ax.grid(axis="y", alpha=0.3)
+    name = run_label({"method": method})
+    ax.set_title(title or f"{name} decoding, {_source(result)}", fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+def _context_ticks(ax, contexts) -> None:
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(contexts, [f"{c / 1024:g}k" if c >= 1024 else str(c) for c in contexts])
+    ax.minorticks_off()
+
+
+def plot_cost_curves(result, title: str | None = None):
+    """Two rows, one column per shape: on top ms per forward pass against context length (log-log;
+    a colour per path, a marker per kind; dashed: the one-token step's floor, weights + KV bytes
+    over the measured copy bandwidth), below each pass's ratio to its own floor. Returns the Figure."""
+    result = load(result)
+    rows = [r for r in result["rows"] if r["ms"] is not None]
+    if not rows:
+        raise ValueError("this costs result has no timed rows (every point was skipped).")
+    shapes, paths = _unique(r["shape"] for r in rows), _unique(r["path"] for r in rows)
+    kinds = [k for k in KIND_MARKERS if any(r["kind"] == k for r in rows)]
+    fig, axes = plt.subplots(2, len(shapes), figsize=(4.4 * len(shapes), 6.4), squeeze=False,
+                             gridspec_kw={"height_ratios": [3, 2]})
+    for column, shape in enumerate(shapes):
+        ms_ax, ratio_ax = axes[0][column], axes[1][column]
+        of_shape = [r for r in rows if r["shape"] == shape]
+        for p, path in enumerate(paths):
+            for kind in kinds:
+                points = sorted((r["context"], r["ms"], r["floor_ms"]) for r in of_shape
+                                if r["path"] == path and r["kind"] == kind)
+                if not points:
+                    continue
+                contexts, ms, floors = zip(*points)
+                style = {"color": _colour(path, p), "marker": KIND_MARKERS[kind], "lw": 1.2, "ms": 5}
+                ms_ax.plot(contexts, ms, **style)
+                ratio_ax.plot(contexts, [m / f for m, f in zip(ms, floors)], **style)
+        floor = sorted((r["context"], r["floor_ms"]) for r in of_shape if r["kind"] == kinds[0] and r["path"] == paths[0])
+        ms_ax.plot(*zip(*floor), color="black", ls="--", lw=1)
+        ratio_ax.axhline(1.0, color="black", ls="--", lw=1)
+        contexts = sorted({r["context"] for r in of_shape})
+        for ax in (ms_ax, ratio_ax):
+            ax.set_yscale("log")
+            _context_ticks(ax, contexts)
+            ax.grid(True, which="major", alpha=0.3)
+        params = result.get("shapes", {}).get(shape, {}).get("params")
+        size = "" if params is None else f" ({params / 1e9:.2f}B params)" if params >= 1e8 else f" ({params / 1e6:.2f}M params)"
+        ms_ax.set_title(f"{shape}{size}", fontsize=10)
+        ms_ax.set_ylabel("ms per forward pass")
+        ratio_ax.set_ylabel("time / floor (x)")
+        ratio_ax.set_xlabel("context length (cached tokens)")
+    handles = [Line2D([], [], color=_colour(p, i), lw=1.5, label=f"{p} path") for i, p in enumerate(paths)]
+    names = {"step": "1 token (AR or draft step)", "chain": f"{result.get('k', 5) + 1} tokens (chain verify)",
+             "tree": f"{result.get('tree_nodes', 26)} tokens (tree verify)"}
+    handles += [Line2D([], [], color="0.4", marker=KIND_MARKERS[k], ls="", label=names[k]) for k in kinds]
+    handles.append(Line2D([], [], color="black", ls="--", label="floor: (weights + KV) bytes / bandwidth"))
+    fig.suptitle(title or f"One forward pass on {result['device']} ({result['dtype']}), random weights at real "
+                          f"LM shapes, transformers {result.get('transformers', '?')}, {result.get('date', '?')}",
+                 fontsize=10)
+    fig.tight_layout()
+    fig.legend(handles=handles, fontsize=8, loc="center left", bbox_to_anchor=(1.0, 0.5))
+    return fig
+
+
+def plot_predictions(frames: Sequence[int], sweeps: dict[str, list[dict]], title: str = ""):
+    """Left: predicted speedup over AR of plain SD (dashed) and SpecVLM (solid) against frames,
+    one colour per scenario; right: the pruning gain, SpecVLM / SD. `sweeps` maps a scenario's
+    label to the rows of `cost_model.sweep_video_length`, one per entry of `frames`.
+    Returns the Figure (its legend sits below the panels: save with `bbox_inches="tight"`)."""
+    if not sweeps:
+        raise ValueError("no scenarios to plot: pass {label: rows of cost_model.sweep_video_length}.")
+    for label, rows in sweeps.items():
+        if len(rows) != len(frames):
+            raise ValueError(f"scenario {label!r} has {len(rows)} rows for {len(frames)} frame counts; "
+                             f"sweep the same video lengths as `frames`.")
+    fig, (speed_ax, gain_ax) = plt.subplots(1, 2, figsize=(11, 4.2))
+    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for i, (label, rows) in enumerate(sweeps.items()):
+        colour = colours[i % len(colours)]
+        speed_ax.plot(frames, [r["sd_speedup"] for r in rows], color=colour, ls="--", marker="o", ms=4)
+        speed_ax.plot(frames, [r["specvlm_speedup"] for r in rows], color=colour, marker="o", ms=4, label=label)
+        gain_ax.plot(frames, [r["gain"] for r in rows], color=colour, marker="o", ms=4, label=label)
+    for ax in (speed_ax, gain_ax):
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(list(frames), [str(f) for f in frames])
+        ax.minorticks_off()
+        ax.axhline(1.0, color="black", lw=1)
+        ax.set_xlabel("frames")
+        ax.grid(alpha=0.3)
+    speed_ax.set_ylabel("predicted decode speedup over AR (x)")
+    speed_ax.set_title("plain SD (dashed) and SpecVLM (solid)", fontsize=10)
+    gain_ax.set_ylabel("pruning gain: SpecVLM / SD (x)")
+    gain_ax.set_title("what pruning the draft's video adds", fontsize=10)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.legend(*speed_ax.get_legend_handles_labels(), loc="upper center", bbox_to_anchor=(0.5, 0.0),
+               ncol=min(2, len(sweeps)), fontsize=8)
+    return fig

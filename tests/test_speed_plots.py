@@ -1,0 +1,119 @@
+"""Speed figures: drawn from hand-made results, one bar or line per row, titles naming the source."""
+
+import json
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+import pytest
+
+from specvlm import cost_model, speed_plots
+
+
+def bench_row(path, frames, method, draft=None, ratio=0.0, decode_s=0.1, new_tokens=20, speedup=1.0, equal=True):
+    return {"path": path, "frames": frames, "video_tokens": 64 * frames + 1, "method": method, "draft": draft,
+            "ratio": ratio, "new_tokens": new_tokens, "equal_to_ar": equal, "mean_accepted": 2.0, "rounds": 5,
+            "decode_s": decode_s, "speedup_vs_ar": speedup if equal else None, "draft_video_tokens": None}
+
+
+@pytest.fixture
+def bench():
+    rows = []
+    for path, ar_s in (("plain", 0.2), ("fast", 0.05)):
+        for frames in (16, 64):
+            rows += [bench_row(path, frames, "ar", decode_s=ar_s),
+                     bench_row(path, frames, "sd", "chain", speedup=0.8),
+                     bench_row(path, frames, "specvlm", "tree", 0.9, speedup=1.3)]
+    rows[-1] = bench_row("fast", 64, "specvlm", "tree", 0.9, equal=False)  # a run that differs from AR
+    return {"pair": "test pair (stand-in)", "device": "Test GPU", "dtype": "torch.float32", "k": 5, "rows": rows}
+
+
+@pytest.fixture(autouse=True)
+def close_figures():
+    yield
+    plt.close("all")
+
+
+def test_run_label():
+    assert speed_plots.run_label({"method": "specvlm", "draft": "tree", "ratio": 0.9}) == "SpecVLM tree 90%"
+    assert speed_plots.run_label({"method": "sd", "draft": "chain", "ratio": 0.0}) == "SD chain"
+    assert speed_plots.run_label({"method": "ar", "draft": None, "ratio": 0.0}) == "AR"
+    assert speed_plots.run_label({"method": "uniform", "draft": "tree", "ratio": 0.5}) == "uniform tree 50%"
+
+
+def test_rows_without_a_path_are_plain(bench):
+    old = {**bench, "rows": [{k: v for k, v in r.items() if k != "path"} for r in bench["rows"][:3]]}
+    assert {r["path"] for r in speed_plots.bench_rows(old)} == {"plain"}
+    assert len(speed_plots.bench_rows(bench, "fast", 64)) == 3
+
+
+def test_speedup_bars_one_per_equal_run(bench, tmp_path):
+    (tmp_path / "bench.json").write_text(json.dumps(bench))
+    fig = speed_plots.plot_speedups(tmp_path / "bench.json")
+    assert len(fig.axes) == 2  # 16 and 64 frames
+    heights = sorted(round(p.get_height(), 3) for ax in fig.axes for p in ax.patches)
+    # 2 paths x 2 frame counts x 2 runs, less the one that differs from AR
+    assert heights == sorted([0.8] * 4 + [1.3] * 3)
+    marked = [t.get_text() for t in fig.axes[1].texts]
+    assert marked == ["not = AR"]
+    assert "test pair (stand-in) on Test GPU (float32)" in fig._suptitle.get_text()
+
+
+def test_ms_per_token_bars_and_ratio(bench):
+    fig = speed_plots.plot_ms_per_token(bench, "ar")
+    (ax,) = fig.axes
+    assert sorted(round(p.get_height(), 6) for p in ax.patches) == [2.5, 2.5, 10.0, 10.0]  # 1000 * s / 20 tokens
+    assert any("plain/fast: 4.0x" in t.get_text() for t in ax.texts)
+    assert ax.get_ylabel() == "decode ms per new token"
+    with pytest.raises(ValueError, match="no rows of method 'beam'"):
+        speed_plots.plot_ms_per_token(bench, "beam")
+
+
+def test_speedups_need_speculative_rows(bench):
+    only_ar = {**bench, "rows": [r for r in bench["rows"] if r["method"] == "ar"]}
+    with pytest.raises(ValueError, match="no speculative rows"):
+        speed_plots.plot_speedups(only_ar)
+
+
+def costs_result():
+    rows = []
+    for shape, base in (("big", 10.0), ("small", 5.0)):
+        for path, slope in (("eager", 2.0), ("sdpa", 1.0)):
+            for kind in ("step", "chain", "tree"):
+                for context in (1024, 4096):
+                    rows.append({"shape": shape, "path": path, "kind": kind, "context": context, "query_len": 1,
+                                 "ms": base + slope * context / 1024, "floor_ms": base / 10 + context / 4096})
+    return {"device": "Test GPU", "dtype": "bfloat16", "transformers": "5.24.0", "date": "2026-01-01", "k": 5,
+            "tree_nodes": 26, "shapes": {"big": {"params": 7e9}, "small": {"params": 5e8}}, "rows": rows}
+
+
+def test_cost_curves_plot_time_and_ratio_to_floor():
+    result = costs_result()
+    fig = speed_plots.plot_cost_curves(result)
+    assert len(fig.axes) == 4  # 2 rows x 2 shapes
+    ms_ax, ratio_ax = fig.axes[0], fig.axes[2]
+    assert ms_ax.get_title() == "big (7.00B params)"
+    # 2 paths x 3 kinds + the floor; the ratio panel: 2 x 3 + the line at 1
+    assert len(ms_ax.lines) == 7 and len(ratio_ax.lines) == 7
+    eager_step = ratio_ax.lines[0].get_ydata()
+    assert list(eager_step) == pytest.approx([12.0 / 1.25, 18.0 / 2.0])
+    assert "random weights" in fig._suptitle.get_text() and "Test GPU" in fig._suptitle.get_text()
+    skipped = {**result, "rows": [{**r, "ms": None} for r in result["rows"]]}
+    with pytest.raises(ValueError, match="no timed rows"):
+        speed_plots.plot_cost_curves(skipped)
+
+
+def test_predictions_plot_the_sweep():
+    table = cost_model.CostTable(costs_result(), "eager")
+    frames = (4, 16)
+    rows = cost_model.sweep_video_length(table, "big", "small", [64 * f for f in frames], 0.9, 2.0)
+    fig = speed_plots.plot_predictions(frames, {"eager": rows}, title="t")
+    speed_ax, gain_ax = fig.axes
+    assert len(speed_ax.lines) == 3 and len(gain_ax.lines) == 2  # SD, SpecVLM, 1x; gain, 1x
+    assert list(gain_ax.lines[0].get_ydata()) == pytest.approx([r["gain"] for r in rows])
+    assert all(r["gain"] > 1 for r in rows)  # the draft's cost grows with context here, so pruning pays
+    with pytest.raises(ValueError, match="has 2 rows for 3 frame counts"):
+        speed_plots.plot_predictions((4, 16, 64), {"eager": rows})
+    with pytest.raises(ValueError, match="no scenarios"):
+        speed_plots.plot_predictions(frames, {})
