@@ -51,7 +51,8 @@ def bench(args) -> int:
         video_for = lambda frames: from_array(synthetic.make_clip(0, num_frames=frames).frames, fps=8.0)
     else:
         video_for = lambda frames: sample_video(args.clip, frames)
-    result = run(pair, video_for, args.frames, args.max_new_tokens, args.k, args.repeats, paths=args.paths)
+    result = run(pair, video_for, args.frames, args.max_new_tokens, args.k, args.repeats, paths=args.paths,
+                 transformers_baselines=args.transformers)
     print(table(result))
     if args.out:
         save(result, args.out)
@@ -99,6 +100,8 @@ def main(argv=None) -> int:
     b.add_argument("--repeats", type=int, default=3)
     b.add_argument("--paths", nargs="+", choices=("plain", "fast"), default=["plain"],
                    help="plain: dynamic caches; fast: static caches and CUDA graphs (fast.py)")
+    b.add_argument("--transformers", action="store_true",
+                   help="also time transformers' generate and assisted generation (end to end)")
     b.add_argument("--device", default=None)
     b.add_argument("--dtype", default=None, help="float32 or bfloat16 (default: bf16 on CUDA, fp32 on CPU)")
     b.add_argument("--out", default=None, help="write the JSON here (e.g. figures/bench_tiny.json)")
