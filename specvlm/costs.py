@@ -40,7 +40,6 @@ only the few rotary multiplications, not the bytes or the kernels); several GPUs
 from __future__ import annotations
 
 import gc
-import json
 import platform
 import re
 import statistics
@@ -51,6 +50,7 @@ import torch
 import transformers
 from transformers import DynamicCache, Qwen2Config, Qwen2ForCausalLM
 
+from .bench import save  # one JSON writer for every measurement
 from .cost_model import load
 from .trees import MC_SIM_7B_63, Tree, tree_attention_bias
 
@@ -317,10 +317,6 @@ def table(result: dict) -> str:
     return "\n".join(lines)
 
 
-def save(result: dict, path) -> None:
-    with open(path, "w") as f:
-        json.dump(result, f, indent=1)
-        f.write("\n")
 
 
 def plot_costs(json_path):
