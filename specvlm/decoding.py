@@ -323,13 +323,22 @@ def generate_sd(pair: Pair, prompt: Prompt, method: str = "specvlm", ratio: floa
             accepted.append(chain_round(state, min(k if tree is None else tree.depth, room)))
     watch.lap("decode")
 
-    out = truncate(state.out, target.eos_token_ids, max_new_tokens)
+    return speculative_result(state.out, target, prompt, method, ratio, accepted, keep, scores,
+                              target_cache.get_seq_length(), draft_cache.get_seq_length(), watch.laps, max_new_tokens)
+
+
+def speculative_result(out, target: VideoLM, prompt: Prompt, method: str, ratio: float, accepted: list[int],
+                       keep, scores, target_cache_len: int, draft_cache_len: int, timings: dict,
+                       max_new_tokens: int) -> Result:
+    """The `Result` of a speculative loop: committed tokens cut at the first end token and at
+    `max_new_tokens`; ratio 0 for plain SD; the draft's video size from `keep` (None: all)."""
+    out = truncate(out, target.eos_token_ids, max_new_tokens)
     return Result(
         out, target.decode(out), method, 0.0 if method == "sd" else ratio, accepted,
         video_tokens=prompt.num_video_tokens,
         draft_video_tokens=prompt.num_video_tokens if keep is None else len(keep),
-        target_cache_len=target_cache.get_seq_length(), draft_cache_len=draft_cache.get_seq_length(),
-        kept=keep, scores=scores, timings=watch.laps,
+        target_cache_len=target_cache_len, draft_cache_len=draft_cache_len,
+        kept=keep, scores=scores, timings=timings,
     )
 
 

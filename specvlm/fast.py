@@ -46,7 +46,7 @@ from transformers import Cache
 
 from .acceptance import greedy_chain, greedy_tree
 from .decoding import (METHODS, SCORED_METHODS, Result, Stopwatch, prefill_pruned, prefill_target,
-                       select_video_tokens, truncate)
+                       select_video_tokens, speculative_result)
 from .models import Pair, Prompt, VideoLM
 from . import pruning
 from .trees import Tree
@@ -484,14 +484,8 @@ def generate_fast(pair: Pair, prompt: Prompt, method: str = "specvlm", ratio: fl
             accepted.append(chain_round(run, min(depth, room)))
     watch.lap("decode")
 
-    out = truncate(run.out, target.eos_token_ids, max_new_tokens)
-    return Result(
-        out, target.decode(out), method, 0.0 if method == "sd" else ratio, accepted,
-        video_tokens=prompt.num_video_tokens,
-        draft_video_tokens=prompt.num_video_tokens if keep is None else len(keep),
-        target_cache_len=fast_target.length, draft_cache_len=fast_draft.length,
-        kept=keep, scores=scores, timings=watch.laps,
-    )
+    return speculative_result(run.out, target, prompt, method, ratio, accepted, keep, scores,
+                              fast_target.length, fast_draft.length, watch.laps, max_new_tokens)
 
 
 def _generate_ar(target: VideoLM, prompt: Prompt, max_new_tokens: int, compile) -> Result:
