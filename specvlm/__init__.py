@@ -9,7 +9,7 @@ video tokens, chosen by the target's attention.
     result = sv.generate(pair, video, "Describe the video.", method="specvlm", ratio=0.9)
 """
 
-from . import replay, synthetic, views
+from . import replay, synthetic, views, widen
 from .acceptance import greedy_chain, greedy_tree, sample_chain, sample_tree
 from .attention import SCORES_ATTENTION, prefill_with_scores
 from .builders import make_tiny_pair

@@ -2,7 +2,8 @@
 
 `demo` runs AR, plain SD and SpecVLM on one clip with one pair, prints a table and exits
 with status 1 if any speculative output differs from the target's greedy output.
-`bench` times AR, SD and SpecVLM (chain and tree) over frame counts and writes JSON.
+`bench` times AR, SD and SpecVLM (chain and tree; `--self`: the target drafting for itself) over
+frame counts and writes JSON; `--widen T D` first widens the embedded pair to real shapes.
 `costs` times one forward pass (1 token, chain, tree) against context length at real
 language-model shapes with random weights, beside its bytes-over-bandwidth floor, and writes JSON.
 """
@@ -38,21 +39,42 @@ def demo(args) -> int:
     return 0
 
 
-def bench(args) -> int:
+def bench_pair(args):
+    """(pair, stand_in) for `bench`: the named pair, or with `--widen` the embedded pair widened
+    to real language-model shapes (`widen.widen_pair`; the same outputs, so still a stand-in)."""
     import torch
 
-    from . import load_pair, synthetic
+    from . import load_pair
+
+    dtype = getattr(torch, args.dtype) if args.dtype else None
+    if not args.widen:
+        return load_pair(args.target, args.draft, device=args.device, dtype=dtype), args.target == "tiny"
+    try:
+        from .widen import widen_pair
+    except ImportError as error:
+        raise SystemExit(f"--widen needs specvlm.widen, which could not be imported ({error}).") from error
+    base = load_pair(args.target, args.draft, device="cpu")  # widened in fp32, then moved and cast
+    target_shape, draft_shape = args.widen
+    return widen_pair(base, target_shape, draft_shape, device=args.device, dtype=dtype), True
+
+
+def bench(args) -> int:
+    from . import synthetic
     from .bench import bench as run, save, table
     from .video import from_array, sample_video
 
-    dtype = getattr(torch, args.dtype) if args.dtype else None
-    pair = load_pair(args.target, args.draft, device=args.device, dtype=dtype)
+    pair, stand_in = bench_pair(args)
     if args.clip == "synthetic":
         video_for = lambda frames: from_array(synthetic.make_clip(0, num_frames=frames).frames, fps=8.0)
     else:
         video_for = lambda frames: sample_video(args.clip, frames)
     result = run(pair, video_for, args.frames, args.max_new_tokens, args.k, args.repeats, paths=args.paths,
-                 transformers_baselines=args.transformers)
+                 transformers_baselines=args.transformers, self_speculation=args.self_speculation,
+                 step_repeats=args.step_repeats, stand_in=stand_in,
+                 progress=(lambda rows: save({"pair": pair.name, "partial": True, "rows": rows}, args.out))
+                 if args.out else None)
+    if args.widen:
+        result["widened_to"] = {"target": args.widen[0], "draft": args.widen[1]}
     print(table(result))
     if args.out:
         save(result, args.out)
@@ -102,6 +124,12 @@ def main(argv=None) -> int:
                    help="plain: dynamic caches; fast: static caches and CUDA graphs (fast.py)")
     b.add_argument("--transformers", action="store_true",
                    help="also time transformers' generate and assisted generation (end to end)")
+    b.add_argument("--self", dest="self_speculation", action="store_true",
+                   help="add self-speculation rows: the target drafts for itself with its own pruned video")
+    b.add_argument("--widen", nargs=2, default=None, metavar=("TARGET_SHAPE", "DRAFT_SHAPE"),
+                   help="widen the pair to these language-model shapes first, e.g. llava-ov-7b llava-ov-0.5b "
+                        "(same outputs as the embedded pair: a stand-in)")
+    b.add_argument("--step-repeats", type=int, default=5, help="timed isolated passes per row (step_ms)")
     b.add_argument("--device", default=None)
     b.add_argument("--dtype", default=None, help="float32 or bfloat16 (default: bf16 on CUDA, fp32 on CPU)")
     b.add_argument("--out", default=None, help="write the JSON here (e.g. figures/bench_tiny.json)")

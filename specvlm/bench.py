@@ -1,6 +1,6 @@
 """End-to-end decoding speed: AR vs speculative decoding vs SpecVLM on one pair, in one run.
 
-    python -m specvlm bench --frames 16 64 --max-new-tokens 64 --out figures/bench.json
+    python -m specvlm bench --frames 16 64 --max-new-tokens 64 --self --out figures/bench.json
 
 For each frame count, every method decodes the same prompt; each is timed `repeats` times
 after one warm-up (device-synchronised wall clock, median reported), and its tokens are
@@ -11,9 +11,24 @@ reported beside it. `paths=("plain", "fast")` runs every method on the plain pat
 (`decoding.py`: dynamic caches, uncompiled) and on the fast path (`fast.py`: static caches,
 fixed-shape steps, CUDA graphs on a GPU); each row's speedup is against AR on the same path,
 and `speedup_vs_plain_ar` against the plain AR. Outputs of both paths are compared with the plain AR.
+`self_speculation=True` adds the paper's Self-SD setting: the target drafts for itself, its
+draft cache holding its own video pruned by SpecVLM's selection ("drafter": "self").
 `transformers_baselines=True` adds transformers' own greedy `generate` and assisted generation
 (the draft as `assistant_model`, seeing the whole video), timed end to end since `generate` has
 no separate prefill: `speedup_vs_ar_total` compares every row's prefill + decode with AR's.
+
+Besides times, each project row records what the cost model (`cost_model.predicted_vs_measured`)
+needs to predict its speedup from this run alone:
+  "accepted_hist"  rounds per accepted count (None for AR);
+  "prompt_tokens", "draft_prompt_tokens"  cache lengths when decoding starts;
+  "step_ms"        medians of isolated, device-synchronised passes on the row's path at those
+                   lengths: {"target_step"} (1 token) on AR rows, {"draft_step"} (1 token) and
+                   {"verify"} (k + 1 tokens, or the tree's nodes with its mask) on speculative rows.
+                   They are timed after the row's timed repetitions, on caches prefilled anew
+                   (plain: a forward into a DynamicCache, then a crop) or on the row's own static
+                   caches with its compiled step functions (fast), so decode times are untouched;
+  "kv_bytes"       target and draft KV bytes holding the text at the end (fast path: also the
+                   "allocated" static buffers); "peak_memory_bytes" on CUDA (reset per row).
 """
 
 from __future__ import annotations
@@ -26,9 +41,10 @@ from datetime import date
 import torch
 import transformers
 
-from .decoding import Stopwatch, generate_ar, generate_sd
+from .cost_model import histogram
+from .decoding import Stopwatch, generate_ar, generate_sd, positions, prefill_pruned
 from .models import Pair
-from .trees import MC_SIM_7B_63
+from .trees import MC_SIM_7B_63, tree_attention_bias
 
 RUNS = (
     ("ar", None, 0.0),
@@ -39,6 +55,14 @@ RUNS = (
     ("specvlm", "tree", 0.9),
     ("uniform", "tree", 0.9),
 )
+# the target drafting for itself with its own pruned video (Self-SD); unpruned it would only repeat the target
+SELF_RUNS = (
+    ("specvlm", "chain", 0.5),
+    ("specvlm", "chain", 0.9),
+    ("specvlm", "tree", 0.5),
+    ("specvlm", "tree", 0.9),
+)
+STEP_WARMUP = 3  # compile, record the CUDA graph, replay: timed calls replay
 
 
 def timed(fn, repeats: int):
@@ -61,6 +85,125 @@ def run_once(path: str, pair: Pair, prompt, draft_prompt, method: str, shape, ra
     return generate_sd(pair, prompt, method, ratio, k, max_new_tokens, draft_prompt=draft_prompt, tree=tree)
 
 
+# ----------------------------------------------------------------------------------------
+# isolated passes at a row's context lengths (after its timed repetitions)
+
+
+def median_ms(device: torch.device, call, reset, repeats: int, warmup: int = STEP_WARMUP) -> float:
+    """Median wall-clock ms of `call()` over `repeats` timed calls after `warmup` untimed ones,
+    synchronised with the device; `reset()` (untimed) runs before each call and at the end."""
+    if repeats < 1:
+        raise ValueError(f"step timings need at least one repetition, got {repeats}.")
+    times = []
+    for i in range(warmup + repeats):
+        reset()
+        watch = Stopwatch(device)
+        call()
+        watch.lap("pass")
+        if i >= warmup:
+            times.append(1000 * watch.laps["pass"])
+    reset()
+    return statistics.median(times)
+
+
+def crop_to(cache, length: int) -> None:
+    """Drop a DynamicCache's entries past `length` (transformers' `crop` takes how many to drop)."""
+    extra = cache.get_seq_length() - length
+    if extra > 0:
+        cache.crop(-extra)
+
+
+def kv_bytes_per_token(keys, values) -> int:
+    """Bytes one cached token takes over all layers: keys/values are [1, H, L, d] per layer."""
+    return sum(t.shape[1] * t.shape[-1] * t.element_size() for t in (*keys, *values))
+
+
+def plain_steps(pair: Pair, prompt, draft_prompt, res, shape, k: int, repeats: int) -> dict:
+    """Step timings on the plain path: caches prefilled anew exactly as the row's (the draft's
+    with the row's kept video tokens), one forward into each, cropped back after every pass."""
+    target, token, device = pair.target, res.tokens[0], pair.target.device
+    _, cache = prefill_pruned(target, prompt, None)
+    start = cache.get_seq_length()
+    reset = lambda: crop_to(cache, start)
+    per_token = {"target": kv_bytes_per_token([l.keys for l in cache.layers], [l.values for l in cache.layers])}
+    if shape is None:
+        steps = {"target_step": median_ms(device, lambda: target.step([token], positions(prompt, 0, 1), cache),
+                                          reset, repeats)}
+        return {"step_ms": steps, "per_token": per_token, "allocated": None}
+    if shape == "tree":
+        tree = MC_SIM_7B_63
+        mask = tree_attention_bias(tree, start, target.dtype, device=device)
+        where = prompt.next_position + tree.depths
+        verify = lambda: target.step([token] * tree.num_nodes, where, cache, mask)
+    else:
+        verify = lambda: target.step([token] * (k + 1), positions(prompt, 0, k + 1), cache)
+    steps = {"verify": median_ms(device, verify, reset, repeats)}
+    del cache
+    _, draft_cache = prefill_pruned(pair.draft, draft_prompt, res.kept)
+    draft_start = draft_cache.get_seq_length()
+    steps["draft_step"] = median_ms(
+        device, lambda: pair.draft.step([token], positions(draft_prompt, 0, 1), draft_cache),
+        lambda: crop_to(draft_cache, draft_start), repeats)
+    per_token["draft"] = kv_bytes_per_token([l.keys for l in draft_cache.layers], [l.values for l in draft_cache.layers])
+    return {"step_ms": steps, "per_token": per_token, "allocated": None}
+
+
+def fast_steps(pair: Pair, prompt, draft_prompt, res, shape, k: int, repeats: int) -> dict:
+    """Step timings on the fast path: the row's own static caches and step functions (compiled
+    as in the run), their write position set back to where decoding started before each pass."""
+    from .fast import compile_options, static_lm
+
+    device, token = pair.target.device, res.tokens[0]
+    options = compile_options(None, device)  # what `generate_fast` used in `run_once`
+    target = static_lm(pair.target, "target", options)
+    start = prompt.input_ids.shape[1]
+    reset = lambda: setattr(target, "length", start)
+    per_token = {"target": kv_bytes_per_token(target.cache.keys, target.cache.values)}
+    allocated = {"target": per_token["target"] * target.cache.capacity}
+    if shape is None:
+        steps = {"target_step": median_ms(device, lambda: target.extend([token], prompt.next_position, 1), reset,
+                                          repeats)}
+        return {"step_ms": steps, "per_token": per_token, "allocated": allocated}
+    if shape == "tree":
+        tree = MC_SIM_7B_63
+        pattern = target.pattern(tree, lambda: tree.mask)  # the key and mask `fast.tree_round` uses
+        where = (prompt.next_position + tree.depths).tolist()
+        verify = lambda: target.step([token] * tree.num_nodes, where, pattern)
+    else:
+        verify = lambda: target.extend([token] * (k + 1), prompt.next_position, k + 1)
+    steps = {"verify": median_ms(device, verify, reset, repeats)}
+    draft = static_lm(pair.draft, "draft", options)
+    draft_start = len(draft_prompt.rows(res.kept))
+    steps["draft_step"] = median_ms(device, lambda: draft.extend([token], draft_prompt.next_position, 1),
+                                    lambda: setattr(draft, "length", draft_start), repeats)
+    per_token["draft"] = kv_bytes_per_token(draft.cache.keys, draft.cache.values)
+    allocated["draft"] = per_token["draft"] * draft.cache.capacity
+    return {"step_ms": steps, "per_token": per_token, "allocated": allocated}
+
+
+def measure(path: str, pair: Pair, prompt, draft_prompt, method: str, shape, ratio: float, k: int,
+            max_new_tokens: int, repeats: int, step_repeats: int) -> dict:
+    """One method on one path: timed generations, then its isolated passes and memory."""
+    device = pair.target.device
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    res, decode_s, prefill_s = timed(lambda: run_once(path, pair, prompt, draft_prompt, method, shape, ratio, k,
+                                                      max_new_tokens), repeats)
+    peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
+    steps = (fast_steps if path == "fast" else plain_steps)(pair, prompt, draft_prompt, res, shape, k, step_repeats)
+    per_token = steps["per_token"]
+    kv = {"target": per_token["target"] * res.target_cache_len,
+          "draft": per_token["draft"] * res.draft_cache_len if res.draft_cache_len is not None else None}
+    if steps["allocated"] is not None:
+        kv["allocated"] = steps["allocated"]
+    return {"res": res, "decode_s": decode_s, "prefill_s": prefill_s, "peak": peak, "step_ms": steps["step_ms"],
+            "kv_bytes": kv}
+
+
+# ----------------------------------------------------------------------------------------
+# the benchmark
+
+
 def hf_generate(pair: Pair, prompt, max_new_tokens: int, assisted: bool) -> tuple[list[int], float]:
     """transformers' own greedy `generate` on the target, as users call it (assisted: with the
     draft as `assistant_model`, which sees the whole video): (new tokens, wall seconds including
@@ -70,10 +213,21 @@ def hf_generate(pair: Pair, prompt, max_new_tokens: int, assisted: bool) -> tupl
     if "pixel_values_videos" in inputs:
         inputs["pixel_values_videos"] = inputs["pixel_values_videos"].to(pair.target.dtype)
     extra = {"assistant_model": pair.draft.model} if assisted else {}
+    if assisted and assisted_mode(pair) == "universal":
+        extra.update(tokenizer=pair.target.processor.tokenizer, assistant_tokenizer=pair.draft.processor.tokenizer)
     watch = Stopwatch(pair.target.device)
     out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, **extra)
     watch.lap("total")
     return out[0, prompt.input_ids.shape[1]:].tolist(), watch.laps["total"]
+
+
+def assisted_mode(pair: Pair) -> str:
+    """How transformers' assisted generation treats the pair: "token" when both output layers
+    have one vocabulary size; otherwise it calls the tokenizers different (as for the llava-hf
+    7B and 0.5B checkpoints: 152128 and 152000 padded rows, one tokenizer) and needs both
+    tokenizers passed, "universal" assisted decoding, which drafts through text."""
+    sizes = {lm.model.get_output_embeddings().weight.shape[0] for lm in (pair.target, pair.draft)}
+    return "token" if len(sizes) == 1 else "universal"
 
 
 def hf_rows(pair: Pair, prompt, reference: list[int], ar_total_s: float, frames: int, max_new_tokens: int,
@@ -82,59 +236,97 @@ def hf_rows(pair: Pair, prompt, reference: list[int], ar_total_s: float, frames:
     included, so compared with the project's AR prefill + decode)."""
     rows = []
     for method, assisted in (("hf-generate", False), ("hf-assisted", True)):
-        hf_generate(pair, prompt, max_new_tokens, assisted)  # warm-up
-        runs = [hf_generate(pair, prompt, max_new_tokens, assisted) for _ in range(repeats)]
+        row = {"path": "transformers", "frames": frames, "video_tokens": prompt.num_video_tokens, "method": method,
+               "draft": "assistant" if assisted else None, "ratio": 0.0,
+               "assisted_mode": assisted_mode(pair) if assisted else None,
+               "draft_video_tokens": prompt.num_video_tokens if assisted else None}
+        try:
+            hf_generate(pair, prompt, max_new_tokens, assisted)  # warm-up
+            runs = [hf_generate(pair, prompt, max_new_tokens, assisted) for _ in range(repeats)]
+        except Exception as error:  # a baseline transformers refuses is reported, not fatal to the run
+            rows.append({**row, "new_tokens": 0, "equal_to_ar": False, "total_s": None, "speedup_vs_ar_total": None,
+                         "error": f"{type(error).__name__}: {error}"})
+            continue
         tokens, total_s = runs[0][0], statistics.median(t for _, t in runs)
         same = tokens == reference
-        rows.append({
-            "path": "transformers", "frames": frames, "video_tokens": prompt.num_video_tokens, "method": method,
-            "draft": "assistant" if assisted else None, "ratio": 0.0, "new_tokens": len(tokens), "equal_to_ar": same,
-            "total_s": total_s, "speedup_vs_ar_total": ar_total_s / total_s if same else None,
-            "draft_video_tokens": prompt.num_video_tokens if assisted else None,
-        })
+        rows.append({**row, "new_tokens": len(tokens), "equal_to_ar": same, "total_s": total_s,
+                     "speedup_vs_ar_total": ar_total_s / total_s if same else None})
     return rows
 
 
+def make_row(path: str, frames: int, prompt, draft_prompt, drafter, method, shape, ratio, m: dict, ar: dict,
+             reference: list[int], plain_ar_s) -> dict:
+    """A JSON row; every speedup is None unless this row's and its AR's tokens equal the reference."""
+    res, decode_s, prefill_s = m["res"], m["decode_s"], m["prefill_s"]
+    same = res.tokens == reference and ar["res"].tokens == reference
+    return {
+        "path": path, "speedup_vs_plain_ar": (plain_ar_s / decode_s) if same and plain_ar_s and decode_s else None,
+        "frames": frames, "video_tokens": prompt.num_video_tokens, "method": method, "draft": shape,
+        "drafter": drafter, "ratio": ratio, "new_tokens": len(res.tokens), "equal_to_ar": same,
+        "mean_accepted": res.mean_accepted, "rounds": res.rounds,
+        "accepted_hist": histogram(res.accepted) if res.accepted else None,
+        "decode_s": decode_s, "prefill_s": prefill_s,
+        "tokens_per_s": len(res.tokens) / decode_s if decode_s else None,
+        "speedup_vs_ar": (ar["decode_s"] / decode_s) if same and decode_s else None,
+        "draft_video_tokens": res.draft_video_tokens, "total_s": decode_s + prefill_s,
+        "speedup_vs_ar_total": (ar["decode_s"] + ar["prefill_s"]) / (decode_s + prefill_s) if same else None,
+        "prompt_tokens": prompt.input_ids.shape[1],
+        "draft_prompt_tokens": len(draft_prompt.rows(res.kept)) if drafter else None,
+        "step_ms": m["step_ms"], "kv_bytes": m["kv_bytes"], "peak_memory_bytes": m["peak"],
+    }
+
+
 def bench(pair: Pair, video_for, frames_list, max_new_tokens=64, k=5, repeats=3, question="Describe the video.",
-          paths=("plain",), transformers_baselines: bool = False) -> dict:
-    """`video_for(frames)` returns a `Video`; returns a JSON-ready dict of rows."""
+          paths=("plain",), transformers_baselines: bool = False, self_speculation: bool = False,
+          step_repeats: int = 5, stand_in: bool | None = None, progress=None) -> dict:
+    """`video_for(frames)` returns a `Video`; returns a JSON-ready dict of rows (module docstring).
+    `stand_in`: whether the pair stands in for real checkpoints (default: "stand-in" in its name).
+    `progress(rows)` is called after every row (e.g. to save partial results of a long run)."""
+    self_pair = Pair(pair.target, pair.target, name=f"{pair.name}: target drafting for itself") \
+        if self_speculation else None
     rows = []
     for frames in frames_list:
         video = video_for(frames)
         prompt = pair.target.prepare(video, question)
         draft_prompt = prompt if pair.draft is pair.target else pair.draft.prepare(video, question)
+        drafter = "self" if pair.draft is pair.target else "draft"
+        plan = [(pair, draft_prompt, drafter if method != "ar" else None, method, shape, ratio)
+                for method, shape, ratio in RUNS]
+        if self_pair is not None:
+            plan += [(self_pair, prompt, "self", method, shape, ratio) for method, shape, ratio in SELF_RUNS]
         plain_ar_s, reference = None, None
         for path in paths:
-            ar, ar_s, ar_prefill = timed(lambda: run_once(path, pair, prompt, draft_prompt, "ar", None, 0.0, k,
-                                                            max_new_tokens), repeats)
-            reference = reference or ar.tokens
-            plain_ar_s = plain_ar_s or (ar_s if path == "plain" else None)
-            for method, shape, ratio in RUNS:
+            ar = None
+            for run_pair, run_draft_prompt, run_drafter, method, shape, ratio in plan:
+                m = measure(path, run_pair, prompt, run_draft_prompt, method, shape, ratio, k, max_new_tokens,
+                            repeats, step_repeats)
                 if method == "ar":
-                    res, decode_s, prefill_s = ar, ar_s, ar_prefill
-                else:
-                    res, decode_s, prefill_s = timed(lambda: run_once(
-                        path, pair, prompt, draft_prompt, method, shape, ratio, k, max_new_tokens), repeats)
-                same = res.tokens == reference and ar.tokens == reference
-                rows.append({
-                    "path": path, "speedup_vs_plain_ar": (plain_ar_s / decode_s) if same and plain_ar_s and decode_s else None,
-                    "frames": frames, "video_tokens": prompt.num_video_tokens, "method": method, "draft": shape,
-                    "ratio": ratio, "new_tokens": len(res.tokens), "equal_to_ar": same,
-                    "mean_accepted": res.mean_accepted, "rounds": res.rounds, "decode_s": decode_s, "prefill_s": prefill_s,
-                    "tokens_per_s": len(res.tokens) / decode_s if decode_s else None,
-                    "speedup_vs_ar": (ar_s / decode_s) if same and decode_s else None,
-                    "draft_video_tokens": res.draft_video_tokens, "total_s": decode_s + prefill_s,
-                    "speedup_vs_ar_total": (ar_s + ar_prefill) / (decode_s + prefill_s) if same else None,
-                })
+                    ar = m
+                    reference = reference or m["res"].tokens
+                    plain_ar_s = plain_ar_s or (m["decode_s"] if path == "plain" else None)
+                rows.append(make_row(path, frames, prompt, run_draft_prompt, run_drafter, method, shape, ratio, m,
+                                     ar, reference, plain_ar_s))
+                if progress:
+                    progress(rows)
         if transformers_baselines:
             plain_ar = next(r for r in rows if r["frames"] == frames and r["method"] == "ar")
             rows += hf_rows(pair, prompt, reference, plain_ar["total_s"], frames, max_new_tokens, repeats)
+            if progress:
+                progress(rows)
+    from . import __version__  # here: the package may import this module while it initialises
+
     device = pair.target.device
+    card = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
     result = {
-        "pair": pair.name, "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
-        "dtype": str(pair.target.dtype), "torch": torch.__version__, "transformers": transformers.__version__,
+        "pair": pair.name, "stand_in": ("stand-in" in pair.name.lower()) if stand_in is None else bool(stand_in),
+        "device": card, "card": card, "dtype": str(pair.target.dtype),
+        "torch": torch.__version__, "transformers": transformers.__version__, "cuda": torch.version.cuda,
+        "python": platform.python_version(), "specvlm": __version__,
         "date": str(date.today()), "max_new_tokens": max_new_tokens, "k": k, "repeats": repeats,
-        "timing": "median decode wall clock after one warm-up; device-synchronised", "rows": rows,
+        "step_repeats": step_repeats, "self_speculation": self_speculation,
+        "timing": "median decode wall clock after one warm-up; device-synchronised; step_ms: medians of isolated "
+                  "passes at the cache lengths when decoding starts, after the timed repetitions",
+        "rows": rows,
     }
     if "fast" in paths:
         from .fast import capture_report
@@ -144,19 +336,34 @@ def bench(pair: Pair, video_for, frames_list, max_new_tokens=64, k=5, repeats=3,
 
 
 def table(result: dict) -> str:
-    lines = [f"{result['pair']} on {result['device']} ({result['dtype']}), {result['date']}",
-             f"{'path':<5} {'frames':>6} {'video':>6} {'method':<8} {'draft':<5} {'ratio':>5} {'MAT':>5} {'decode s':>9} "
-             f"{'tok/s':>7} {'x AR':>6} {'= AR':>5}"]
+    """The rows as text: one line per row; "by" is who drafts ("draft" model, "self" = the target
+    with its own pruned video); step columns are the row's isolated passes in ms."""
+    stand_in = " (stand-in)" if result.get("stand_in") and "stand-in" not in result["pair"] else ""
+    lines = [f"{result['pair']}{stand_in} on {result['device']} ({result['dtype']}), {result['date']}",
+             f"{'path':<5} {'frames':>6} {'video':>6} {'method':<8} {'by':<5} {'draft':<5} {'ratio':>5} {'d.vid':>6} "
+             f"{'MAT':>5} {'decode s':>9} {'tok/s':>7} {'x AR':>6} {'= AR':>5} {'step ms (AR | draft, verify)':>28}"]
     for r in result["rows"]:
+        if r.get("path") == "transformers" and r.get("error"):
+            lines.append(f"{'hf':<5} {r['frames']:>6} {r['video_tokens']:>6} {r['method']:<12} failed: {r['error'][:120]}")
+            continue
         if r.get("path") == "transformers":
             total = "-" if r["speedup_vs_ar_total"] is None else f"{r['speedup_vs_ar_total']:.2f}"
             lines.append(f"{'hf':<5} {r['frames']:>6} {r['video_tokens']:>6} {r['method']:<12} total {r['total_s']:.3f} s, "
                          f"x AR (prefill + decode) {total}, = AR {'yes' if r['equal_to_ar'] else 'NO'}")
             continue
         speed = "-" if r["speedup_vs_ar"] is None else f"{r['speedup_vs_ar']:.2f}"
-        lines.append(f"{r.get('path', 'plain'):<5} {r['frames']:>6} {r['video_tokens']:>6} {r['method']:<8} {r['draft'] or '-':<5} {r['ratio']:>5.2f} "
+        steps = r.get("step_ms") or {}
+        if "target_step" in steps:
+            step = f"{steps['target_step']:.3f}"
+        elif steps:
+            step = f"{steps['draft_step']:.3f}, {steps['verify']:.3f}"
+        else:
+            step = "-"
+        draft_video = "-" if r["method"] == "ar" or r["draft_video_tokens"] is None else r["draft_video_tokens"]
+        lines.append(f"{r.get('path', 'plain'):<5} {r['frames']:>6} {r['video_tokens']:>6} {r['method']:<8} "
+                     f"{r.get('drafter') or '-':<5} {r['draft'] or '-':<5} {r['ratio']:>5.2f} {draft_video:>6} "
                      f"{r['mean_accepted']:>5.2f} {r['decode_s']:>9.3f} {r['tokens_per_s']:>7.1f} {speed:>6} "
-                     f"{'yes' if r['equal_to_ar'] else 'NO':>5}")
+                     f"{'yes' if r['equal_to_ar'] else 'NO':>5} {step:>28}")
     return "\n".join(lines)
 
 

@@ -232,26 +232,26 @@ def predicted_vs_measured(bench_result, table: CostTable | None = None, target: 
                   {"draft_step", "verify"} on speculative rows,
                   "prompt_tokens", "draft_prompt_tokens" (cache length when decoding starts).
     Step costs come from the run's own "step_ms" when present (t_ar from the AR row of the same
-    frame count), else from `table` (with `target` and `draft` shape names) at the row's
+    path and frame count), else from `table` (with `target` and `draft` shape names) at the row's
     contexts: "prompt_tokens", else `text_tokens + video_tokens`; the draft's likewise with
     "draft_video_tokens". Trees are taken to be `MC_SIM_7B_63` (what the benchmark drafts).
-    Each output row: frames, method, draft, ratio, tokens_per_round, measured, predicted,
+    Each output row: path, drafter, frames, method, draft, ratio, tokens_per_round, measured, predicted,
     source ("run" | "table" | None), measured_round_ms (decode time / rounds), predicted_round_ms.
     """
     result = load(bench_result)
     k = result.get("k", 5)
-    ar_rows = {r["frames"]: r for r in result["rows"] if r["method"] == "ar"}
+    ar_rows = {(r.get("path"), r["frames"]): r for r in result["rows"] if r["method"] == "ar"}
     out = []
     for r in result["rows"]:
-        if r["method"] == "ar":
+        if r["method"] == "ar" or r.get("path") == "transformers":  # hf rows are timed end to end only
             continue
         tree = MC_SIM_7B_63 if r.get("draft") == "tree" else None
         acceptance = r.get("accepted_hist") or r["mean_accepted"]
-        row = {"frames": r["frames"], "method": r["method"], "draft": r.get("draft"), "ratio": r.get("ratio"),
+        row = {"path": r.get("path"), "drafter": r.get("drafter"), "frames": r["frames"], "method": r["method"], "draft": r.get("draft"), "ratio": r.get("ratio"),
                "tokens_per_round": tokens_per_round(acceptance), "measured": r.get("speedup_vs_ar"),
                "predicted": None, "source": None, "predicted_round_ms": None,
                "measured_round_ms": 1000 * r["decode_s"] / r["rounds"] if r.get("rounds") else None}
-        costs = _run_costs(r, ar_rows.get(r["frames"]))
+        costs = _run_costs(r, ar_rows.get((r.get("path"), r["frames"])))
         if costs is not None:
             row["source"] = "run"
         elif table is not None and target and draft:

@@ -26,11 +26,14 @@ tree=None) -> step`. `step()` runs one forward pass of `query_len` new tokens af
 `context_len` cached ones (with `tree`'s mask when given; then `query_len == tree.num_nodes`),
 returns its logits (the harness ignores them) and leaves everything as it found it, so it can
 be called again with the same result. `PATHS` holds transformers' own paths ("eager", "sdpa":
-dynamic cache, uncompiled); another path (a static cache with compiled steps) is added by
-putting its factory in `PATHS` or passing `factories=`.
+dynamic cache, uncompiled) and the project's fast path (`fast_step`: a static `SlotCache`,
+fixed-shape steps compiled into CUDA graphs on a GPU) with its two attentions: "fast" (sdpa
+with an additive mask over the whole capacity, `fast.py`'s default) and "fast-flex"
+(FlexAttention's split-KV decode kernel, `fast.flex_block_mask`). Other paths come with
+`factories=`.
 
     python -m specvlm costs --shapes llava-ov-7b llava-ov-0.5b --contexts 1024 4096 16384 65536 \\
-        --paths eager sdpa --out "figures/costs_{card}.json"
+        --paths eager sdpa fast fast-flex --out "figures/costs_{card}.json"
 
 Not handled: the vision tower (its cost is in the prefill, not in decoding steps); Qwen2.5-VL's
 3-D rotary positions (its language model is built as Qwen2 with 1-D positions, which changes
@@ -50,8 +53,10 @@ import torch
 import transformers
 from transformers import DynamicCache, Qwen2Config, Qwen2ForCausalLM
 
+from . import fast
 from .bench import save  # one JSON writer for every measurement
 from .cost_model import load
+from .models import VideoLM
 from .trees import MC_SIM_7B_63, Tree, tree_attention_bias
 
 # Language-model fields of the checkpoints' config.json files (the `text_config` of the
@@ -145,11 +150,16 @@ def build_lm(shape: str | Qwen2Config, device="cpu", dtype: torch.dtype = torch.
 
 def random_kv(config: Qwen2Config, context_len: int, device, dtype, generator=None):
     """Per layer, random (keys, values) of shape [1, kv_heads, context_len, head_dim]."""
+    return list(_random_kv_layers(config, context_len, device, dtype, generator))
+
+
+def _random_kv_layers(config: Qwen2Config, context_len: int, device, dtype, generator=None):
+    """`random_kv` one layer at a time (the same numbers), so a filler holds one layer's worth."""
     head_dim = config.hidden_size // config.num_attention_heads
     shape = (1, config.num_key_value_heads, context_len, head_dim)
-    return [(torch.empty(shape, device=device, dtype=dtype).normal_(generator=generator),
-             torch.empty(shape, device=device, dtype=dtype).normal_(generator=generator))
-            for _ in range(config.num_hidden_layers)]
+    for _ in range(config.num_hidden_layers):
+        yield (torch.empty(shape, device=device, dtype=dtype).normal_(generator=generator),
+               torch.empty(shape, device=device, dtype=dtype).normal_(generator=generator))
 
 
 def step_inputs(model, context_len: int, query_len: int, tree: Tree | None, generator=None):
@@ -188,7 +198,83 @@ def transformers_step(attn_implementation: str):
     return make_step
 
 
-PATHS = {"eager": transformers_step("eager"), "sdpa": transformers_step("sdpa")}
+class _BareLM(VideoLM):
+    """The fast path's view of a bare Qwen2ForCausalLM: no processor, 1-D positions."""
+
+    def __init__(self, model):
+        self.model, self.config = model, model.config
+
+    @property
+    def language_model(self):
+        return self.model.model
+
+    def position_ids_for(self, positions: torch.Tensor) -> torch.Tensor:
+        return positions.reshape(1, -1)
+
+
+SLACK = 32  # free slots after the context in a fast path's cache: room for the widest step (26)
+
+
+def fast_step(attention: str = "sdpa", compile=None):
+    """The factory of the project's fast path (`fast.py`): a `SlotCache` holding `context_len`
+    random cached tokens (the same numbers `transformers_step` uses, so the logits agree) and
+    `StaticLM.step` (host inputs copied in, the fixed-shape step compiled with
+    `fast.compile_options(compile)`: CUDA graphs on CUDA, plain eager elsewhere).
+
+    One engine (cache + compiled steps) per model and attention is kept on the model and
+    reused across points: "sdpa" reads its whole capacity, so its capacity is the context plus
+    `SLACK` rounded up to 128 (a new engine, and new graphs, per context length); "flex" visits
+    only the blocks up to the last visible slot, so one engine as large as the largest context
+    (measure_costs times the largest first) serves them all, with no recompilation."""
+    if attention not in fast.ATTENTIONS:
+        raise ValueError(f"unknown attention {attention!r}; choose one of {fast.ATTENTIONS}.")
+
+    def make_step(model, context_len: int, query_len: int, tree: Tree | None = None):
+        if tree is not None and query_len != tree.num_nodes:
+            raise ValueError(f"a tree pass feeds all {tree.num_nodes} nodes; got query_len={query_len}.")
+        if attention == "sdpa":
+            model.set_attn_implementation("sdpa")
+        capacity = fast.round_up(context_len + max(query_len, SLACK), 128)
+        engines = model.__dict__.setdefault("_specvlm_fast_engines", {})
+        engine = engines.get((attention, str(compile)))
+        fits = engine is not None and (engine.cache.capacity == capacity if attention == "sdpa"
+                                       else engine.cache.capacity >= capacity)
+        if not fits:
+            engines.pop((attention, str(compile)), None)
+            engine = None
+            _free(model.device)  # the old engine's cache and graphs go before the new cache comes
+            engine = fast.StaticLM(_BareLM(model), fast.compile_options(compile, model.device), attention)
+            config = model.config
+            head_dim = config.hidden_size // config.num_attention_heads
+            shapes = [(config.num_key_value_heads, head_dim, head_dim)] * config.num_hidden_layers
+            engine.cache = fast.SlotCache(shapes, capacity, model.dtype, model.device)
+            engines[(attention, str(compile))] = engine
+        generator = torch.Generator(device=model.device).manual_seed(context_len)
+        cache = engine.cache
+        for layer, (keys, values) in enumerate(_random_kv_layers(model.config, context_len, model.device,
+                                                                  model.dtype, generator)):
+            cache.keys[layer][:, :, :context_len].copy_(keys)
+            cache.values[layer][:, :, :context_len].copy_(values)
+        ids, positions, _ = step_inputs(model, context_len, query_len, tree, generator)
+        tokens, where = ids[0].tolist(), positions[0].tolist()
+        if tree is None:
+            pattern = engine.pattern(("causal", query_len), lambda: fast.causal_pattern(query_len))
+        else:
+            pattern = engine.pattern(tree, lambda: tree.mask)  # the key and mask `fast.tree_round` uses
+        engine.length = context_len
+
+        def step():
+            logits = engine.step(tokens, where, pattern)
+            engine.length = context_len
+            return logits[None]
+
+        return step
+
+    return make_step
+
+
+PATHS = {"eager": transformers_step("eager"), "sdpa": transformers_step("sdpa"),
+         "fast": fast_step("sdpa"), "fast-flex": fast_step("flex")}
 
 
 def _sync(device: torch.device) -> None:
@@ -244,9 +330,11 @@ def measure_costs(shapes, contexts, paths=("eager", "sdpa"), device=None, dtype=
                   factories: dict | None = None, progress=None) -> dict:
     """Time every kind of pass (`KINDS`) for each shape, context length and path; JSON-ready.
 
-    One model per shape is built and reused across contexts and paths. Each row: shape, path,
-    kind, context, query_len, ms (median), floor_ms, weight_bytes, kv_bytes (read by the pass:
-    context + new tokens), skipped (None, or why the point has no time, e.g. out of memory).
+    One model per shape is built and reused across contexts and paths; contexts are timed
+    largest first (rows come back in increasing order). Each row: shape, path, kind, context,
+    query_len, ms (median), floor_ms, weight_bytes, kv_bytes (read by the pass: context + new
+    tokens), setup_s (making the step and its warm-up calls: compilation included), skipped
+    (None, or why the point has no time, e.g. out of memory).
     `factories` adds or replaces paths ({name: make_step}); `progress(row)` sees each row.
     """
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -272,17 +360,19 @@ def measure_costs(shapes, contexts, paths=("eager", "sdpa"), device=None, dtype=
         except torch.OutOfMemoryError as error:
             model, build_error = None, f"model does not fit: {str(error).splitlines()[0]}"
             _free(device)
-        for context in contexts:
+        for context in sorted(contexts, reverse=True):  # largest first: see `fast_step`
             for path in paths:
                 for kind, (query_len, kind_tree) in queries.items():
                     kv = kv_bytes(config, context + query_len, dtype)
                     row = {"shape": shape, "path": path, "kind": kind, "context": int(context),
                            "query_len": query_len, "ms": None, "floor_ms": 1000 * (weights + kv) / bandwidth,
-                           "weight_bytes": weights, "kv_bytes": kv, "skipped": build_error}
+                           "weight_bytes": weights, "kv_bytes": kv, "setup_s": None, "skipped": build_error}
                     if model is not None:
                         try:
+                            began = time.perf_counter()
                             step = available[path](model, int(context), query_len, kind_tree)
                             row["ms"] = time_ms(step, device, repeats, warmup)
+                            row["setup_s"] = time.perf_counter() - began - repeats * row["ms"] / 1000
                         except torch.OutOfMemoryError as error:
                             row["skipped"] = f"out of memory: {str(error).splitlines()[0]}"
                             step = None
@@ -293,6 +383,8 @@ def measure_costs(shapes, contexts, paths=("eager", "sdpa"), device=None, dtype=
                         progress(row)
         model = None
         _free(device)
+    order = {name: i for i, name in enumerate(shapes)}
+    rows.sort(key=lambda r: (order[r["shape"]], r["context"]))  # stable: paths and kinds keep their order
     return {
         "device": card_name(device), "dtype": str(dtype).removeprefix("torch."), "torch": torch.__version__,
         "transformers": transformers.__version__, "date": str(date.today()),
@@ -308,11 +400,11 @@ def measure_costs(shapes, contexts, paths=("eager", "sdpa"), device=None, dtype=
 def table(result: dict) -> str:
     lines = [f"{result['device']} ({result['dtype']}), copy bandwidth {result['bandwidth_GBps']:.0f} GB/s, "
              f"{result['date']}",
-             f"{'shape':<15} {'path':<6} {'kind':<5} {'context':>7} {'q':>3} {'ms':>9} {'floor ms':>9} {'x floor':>7}"]
+             f"{'shape':<15} {'path':<9} {'kind':<5} {'context':>7} {'q':>3} {'ms':>9} {'floor ms':>9} {'x floor':>7}"]
     for r in result["rows"]:
         ms = "skipped" if r["ms"] is None else f"{r['ms']:.3f}"
         ratio = "-" if r["ms"] is None else f"{r['ms'] / r['floor_ms']:.1f}"
-        lines.append(f"{r['shape']:<15} {r['path']:<6} {r['kind']:<5} {r['context']:>7} {r['query_len']:>3} "
+        lines.append(f"{r['shape']:<15} {r['path']:<9} {r['kind']:<5} {r['context']:>7} {r['query_len']:>3} "
                      f"{ms:>9} {r['floor_ms']:>9.3f} {ratio:>7}")
     return "\n".join(lines)
 

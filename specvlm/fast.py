@@ -38,13 +38,19 @@ are then copied into the static caches.
 from __future__ import annotations
 
 import functools
+import inspect
+import os
 import weakref
 from dataclasses import dataclass
 
 import torch
-from transformers import Cache
+import torch.nn.functional as F
+from torch.nn.attention.flex_attention import BlockMask, flex_attention
+from transformers import AttentionInterface, Cache
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from .acceptance import greedy_chain, greedy_tree
+from .attention import sdpa_with_scores
 from .decoding import (METHODS, SCORED_METHODS, Result, Stopwatch, prefill_pruned, prefill_target,
                        select_video_tokens, speculative_result)
 from .models import Pair, Prompt, VideoLM
@@ -193,29 +199,141 @@ class DraftLevels:
 
 
 # ----------------------------------------------------------------------------------------
+# the same rule for FlexAttention (attention="flex"): a split-KV decode kernel on the GPU
+#
+# Masked sdpa over the whole capacity is slow at long contexts: under torch.compile
+# transformers repeats the grouped KV heads in memory whenever a mask is given, and the masked
+# kernels do not split a long cache over the card's SMs. FlexAttention's decode kernel (chosen
+# by inductor for short queries when the query heads per KV head are a power of two) reads each
+# KV head once, splits the visited blocks evenly over the SMs, and skips blocks no row sees.
+
+FLEX_ATTENTION = "specvlm_flex"
+FLEX_BLOCK = 128  # slots per block of the block mask (capacities are multiples of it)
+FLEX_ROWS = 128  # most query rows (rows x heads per KV head) one decode-kernel call takes
+# widest step given to FlexAttention: measured on an H200 (figures/costs_llava_fastflex_*.json),
+# a 26-node tree verification through flex took 76 ms at 16k context where masked sdpa took
+# 18 ms (the decode kernel serves short queries only), so wider steps keep the masked sdpa
+FLEX_MAX_QUERY = 16
+
+
+def flex_block_mask(start: torch.Tensor, pattern: torch.Tensor, capacity: int, block: int = FLEX_BLOCK) -> BlockMask:
+    """`visibility_bias`'s rule as a FlexAttention BlockMask over `capacity` slots (same
+    start, pattern [q, S]). Made from tensors inside the step: no host sync, fixed shapes,
+    so it is captured in the step's CUDA graph. Every block up to the last one any row sees
+    (slot start + S - 1) is visited as a partial block (mask_mod applied); later blocks are
+    skipped, so a step costs what its visible slots cost, whatever the capacity."""
+    if capacity % block:
+        raise ValueError(f"a flex block mask needs a capacity that is a multiple of {block}, got {capacity}.")
+    q, width = pattern.shape
+    blocks, tiles = capacity // block, -(-q // FLEX_ROWS)
+    visited = torch.clamp(torch.div(start + width + block - 1, block, rounding_mode="floor"), max=blocks)
+    num_blocks = visited.to(torch.int32).reshape(1, 1, 1).repeat(1, 1, tiles)
+    indices = torch.arange(blocks, dtype=torch.int32, device=pattern.device).repeat(tiles).reshape(1, 1, tiles, blocks)
+
+    def visible(batch, head, row, slot):
+        offset = slot - start
+        seen = pattern[row.clamp(max=q - 1), offset.clamp(0, width - 1)]
+        return (offset < 0) | ((offset < width) & seen)
+
+    return BlockMask.from_kv_blocks(num_blocks, indices, BLOCK_SIZE=(FLEX_ROWS, block), mask_mod=visible,
+                                    seq_lengths=(q, capacity), **_NO_Q_BLOCKS)
+
+
+# the transposed (backward-pass) block lists are not needed; older torch cannot skip them
+_NO_Q_BLOCKS = ({"compute_q_blocks": False}
+                if "compute_q_blocks" in inspect.signature(BlockMask.from_kv_blocks).parameters else {})
+
+
+def grouped_flex(query, key, value, block_mask: BlockMask, scale: float | None = None) -> torch.Tensor:
+    """flex_attention with grouped KV heads read in place (never repeated in memory).
+
+    query [B, Hq, q, d], key/value [B, Hkv, K, d] -> [B, Hq, q, d]. The decode kernel wants a
+    power-of-two number of query heads per KV head and at most FLEX_ROWS rows (q x heads) per
+    KV head: the group is padded with zero queries (their outputs are dropped) and split into
+    calls of `per_call` heads (e.g. 7 heads per KV head, a 26-node tree: 8 heads, 2 calls of 4)."""
+    batch, heads, q, dim = query.shape
+    groups = heads // key.shape[1]
+    padded = 1 << (groups - 1).bit_length()
+    per_call = max(1, min(padded, FLEX_ROWS // (1 << (q - 1).bit_length())))
+    grouped = query.reshape(batch, key.shape[1], groups, q, dim)
+    if padded > groups:
+        grouped = F.pad(grouped, (0, 0, 0, 0, 0, padded - groups))
+    outputs = [flex_attention(grouped[:, :, first:first + per_call].reshape(batch, -1, q, dim), key, value,
+                              block_mask=block_mask, scale=scale, enable_gqa=True)
+               for first in range(0, padded, per_call)]
+    out = torch.cat([o.reshape(batch, key.shape[1], per_call, q, dim) for o in outputs], dim=2)
+    return out[:, :, :groups].reshape(batch, heads, q, dim)
+
+
+def flex_or_sdpa(module, query, key, value, attention_mask, scaling=None, **kwargs):
+    """The attention function registered as FLEX_ATTENTION: FlexAttention when the mask is a
+    BlockMask (the fast path's steps), otherwise exactly the project's sdpa (verifier scores
+    included), so prefills and the plain path are unchanged."""
+    if not isinstance(attention_mask, BlockMask):
+        return sdpa_with_scores(module, query, key, value, attention_mask, scaling=scaling, **kwargs)
+    out = grouped_flex(query, key, value, attention_mask, scaling)
+    return out.transpose(1, 2).contiguous(), None
+
+
+AttentionInterface.register(FLEX_ATTENTION, flex_or_sdpa)
+AttentionMaskInterface.register(FLEX_ATTENTION, sdpa_mask)
+ATTENTIONS = ("sdpa", "flex")
+
+
+def _restore_output_capture() -> None:
+    """Work around a torch.compile side-effect bug (torch 2.14): after a compiled call that
+    holds a flex_attention, transformers' output collector stays in its "compiling" state with
+    an empty collection, and every later eager forward silently records no hidden states (the
+    next prefill's vision tower then fails). Put it back to its idle state."""
+    from transformers.utils import output_capturing
+
+    collector = output_capturing._active_collector
+    if collector.compiling:
+        collector.reset(None)
+
+
+def use_flex(lm: VideoLM) -> None:
+    """Switch `lm`'s language model to FLEX_ATTENTION (a superset of sdpa: see `flex_or_sdpa`)."""
+    if lm.language_model.config._attn_implementation != FLEX_ATTENTION:
+        # through the top-level model, as `attention.enable_scores` does: switching a submodel
+        # alone left LLaVA-OneVision's vision tower without its hidden states after a compile
+        composite = hasattr(lm.model.config, "text_config")
+        lm.model.set_attn_implementation({"text_config": FLEX_ATTENTION} if composite else FLEX_ATTENTION)
+
+
+# ----------------------------------------------------------------------------------------
 # one model, its static cache and its step functions
 
 
 @torch.no_grad()
-def step_logits(lm: VideoLM, cache: SlotCache, inputs: torch.Tensor, pattern: torch.Tensor) -> torch.Tensor:
+def step_logits(lm: VideoLM, cache: SlotCache, inputs: torch.Tensor, pattern: torch.Tensor,
+                attention: str = "sdpa") -> torch.Tensor:
     """One forward of fixed shape: the function that gets compiled (one graph per shape).
 
     inputs: [2q + 2] long on the device = token ids [q], positions [q], write slot, mask start;
-    pattern: [q, S] bool (see `visibility_bias`). Returns logits [1, q, V] (float32)."""
+    pattern: [q, S] bool (see `visibility_bias`). Returns logits [1, q, V] (float32).
+    attention "flex" passes the same visibility as a BlockMask (`flex_block_mask`) to steps of at
+    most FLEX_MAX_QUERY tokens (a draft step, a chain verification); wider ones keep the bias."""
     q = pattern.shape[0]
     cache.position.copy_(inputs[2 * q])
     embeds = lm.model.get_input_embeddings()(inputs[:q].reshape(1, q))
-    mask = visibility_bias(inputs[2 * q + 1], pattern, cache.capacity, lm.dtype)
+    if attention == "flex" and q <= FLEX_MAX_QUERY:
+        mask = flex_block_mask(inputs[2 * q + 1], pattern, cache.capacity)
+    else:
+        mask = visibility_bias(inputs[2 * q + 1], pattern, cache.capacity, lm.dtype)
     return lm.forward(embeds, lm.position_ids_for(inputs[q:2 * q]), cache, mask)
 
 
 class StaticLM:
     """A `VideoLM` with one `SlotCache` and one step function per input shape (q, S), compiled
     with `torch.compile(**options)` unless `options` is None. Reused across generations while the
-    cache is large enough, so compiled graphs survive from one call to the next."""
+    cache is large enough, so compiled graphs survive from one call to the next. `attention`:
+    "sdpa" (an additive mask) or "flex" (a BlockMask and FlexAttention; same logits)."""
 
-    def __init__(self, lm: VideoLM, options: dict | None):
-        self.lm, self.options = lm, options
+    def __init__(self, lm: VideoLM, options: dict | None, attention: str = "sdpa"):
+        if attention not in ATTENTIONS:
+            raise ValueError(f"unknown attention {attention!r}; choose one of {ATTENTIONS}.")
+        self.lm, self.options, self.attention = lm, options, attention
         self.cache: SlotCache | None = None
         self.steps: dict[tuple[int, int], object] = {}
         self._patterns: dict[object, torch.Tensor] = {}
@@ -255,9 +373,13 @@ class StaticLM:
         start = write if start is None else start
         inputs = torch.tensor(list(tokens) + [tokens[-1]] * pad + list(positions) + [positions[-1]] * pad
                               + [write, start], dtype=torch.long).to(self.lm.device, non_blocking=True)
+        if self.attention == "flex":
+            use_flex(self.lm)  # a prefill in between may have switched the implementation
         if self.options is not None and self.lm.device.type == "cuda":
             torch.compiler.cudagraph_mark_step_begin()  # CUDA graphs may reuse the last step's outputs
         logits = self._step_fn(tuple(pattern.shape))(inputs, pattern)
+        if self.attention == "flex" and self.options is not None:
+            _restore_output_capture()
         self.length = write + count
         return logits[0, :count]
 
@@ -268,7 +390,7 @@ class StaticLM:
 
     def _step_fn(self, shape: tuple[int, int]):
         if shape not in self.steps:
-            step = functools.partial(step_logits, self.lm, self.cache)
+            step = functools.partial(step_logits, self.lm, self.cache, attention=self.attention)
             self.steps[shape] = step if self.options is None else torch.compile(step, **self.options)
         return self.steps[shape]
 
@@ -281,13 +403,23 @@ def round_up(n: int, multiple: int) -> int:
 _ENGINES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
-def static_lm(lm: VideoLM, role: str, options: dict | None) -> StaticLM:
+def static_lm(lm: VideoLM, role: str, options: dict | None, attention: str | None = None) -> StaticLM:
     """The `StaticLM` kept for `lm` in `role` ("target" or "draft": a model drafting for itself
-    needs two caches). Made anew when the compile options change."""
+    needs two caches). Made anew when the compile options or the attention (`fast_attention`)
+    change."""
+    attention = fast_attention(attention)
     engines = _ENGINES.setdefault(lm, {})
-    if role not in engines or engines[role].options != options:
-        engines[role] = StaticLM(lm, options)
+    if role not in engines or engines[role].options != options or engines[role].attention != attention:
+        engines[role] = StaticLM(lm, options, attention)
     return engines[role]
+
+
+def fast_attention(attention: str | None) -> str:
+    """The fast path's attention: given, else $SPECVLM_FAST_ATTENTION, else "sdpa"."""
+    attention = attention or os.environ.get("SPECVLM_FAST_ATTENTION") or "sdpa"
+    if attention not in ATTENTIONS:
+        raise ValueError(f"unknown fast-path attention {attention!r}; choose one of {ATTENTIONS}.")
+    return attention
 
 
 def compile_options(compile, device: torch.device) -> dict | None:
@@ -320,6 +452,7 @@ def capture_report(pair: Pair | None = None) -> dict:
         if engine is not None:
             roles[role] = {
                 "compile": engine.options,
+                "attention": engine.attention,
                 "cuda_graphs": lm.device.type == "cuda" and (engine.options or {}).get("mode") == "reduce-overhead",
                 "capacity": engine.cache.capacity if engine.cache is not None else None,
                 "step_shapes": [list(shape) for shape in sorted(engine.steps)],
@@ -433,10 +566,12 @@ def tree_round(run: Run, tree: Tree, levels: DraftLevels) -> int:
 @torch.no_grad()
 def generate_fast(pair: Pair, prompt: Prompt, method: str = "specvlm", ratio: float = 0.9, k: int = 5,
                   tree: Tree | None = None, max_new_tokens: int = 64, mass: float = 0.4, seed: int = 0,
-                  draft_prompt: Prompt | None = None, compile=None, temperature: float = 0.0) -> Result:
+                  draft_prompt: Prompt | None = None, compile=None, temperature: float = 0.0,
+                  attention: str | None = None) -> Result:
     """`decoding.generate_ar` (method="ar") or `decoding.generate_sd` on static caches with
     fixed-shape steps: the same tokens and accepted counts, greedy only. `compile`: None ->
-    compiled on CUDA only; True / False; or a torch.compile mode string."""
+    compiled on CUDA only; True / False; or a torch.compile mode string. `attention`: "sdpa"
+    or "flex" (FlexAttention's split-KV decode kernel); None -> $SPECVLM_FAST_ATTENTION or "sdpa"."""
     if temperature:
         raise ValueError(f"generate_fast is greedy only (temperature 0), got temperature={temperature}; "
                          "use decoding.generate for sampling.")
@@ -444,8 +579,9 @@ def generate_fast(pair: Pair, prompt: Prompt, method: str = "specvlm", ratio: fl
         raise ValueError(f"unknown method {method!r}; choose one of {METHODS}.")
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}.")
+    attention = fast_attention(attention)
     if method == "ar":
-        return _generate_ar(pair.target, prompt, max_new_tokens, compile)
+        return _generate_ar(pair.target, prompt, max_new_tokens, compile, attention)
     if tree is None and k < 1:
         raise ValueError(f"k (draft tokens per round) must be >= 1, got {k}.")
     pruning.keep_budget(prompt.num_video_tokens, ratio)
@@ -456,7 +592,7 @@ def generate_fast(pair: Pair, prompt: Prompt, method: str = "specvlm", ratio: fl
     watch = Stopwatch(target.device)
 
     logits, target_cache, scores = prefill_target(target, prompt, with_scores=method in SCORED_METHODS)
-    fast_target = static_lm(target, "target", options)
+    fast_target = static_lm(target, "target", options, attention)
     widest = max(depth + 1, tree.num_nodes if tree is not None else 0)
     fast_target.load(target_cache, target_cache.get_seq_length() + max_new_tokens + widest)
     del target_cache
@@ -466,7 +602,7 @@ def generate_fast(pair: Pair, prompt: Prompt, method: str = "specvlm", ratio: fl
     watch.lap("select")
     draft_prompt = draft_prompt or prompt
     _, draft_cache = prefill_pruned(draft, draft_prompt, keep)
-    fast_draft = static_lm(draft, "draft", options)
+    fast_draft = static_lm(draft, "draft", options, attention)
     draft_prefix = draft_cache.get_seq_length()
     feed_width = 2 if tree is None else depth + 1
     tree_slots = levels.patterns.shape[-1] if levels is not None else 0
@@ -488,11 +624,11 @@ def generate_fast(pair: Pair, prompt: Prompt, method: str = "specvlm", ratio: fl
                               fast_target.length, fast_draft.length, watch.laps, max_new_tokens)
 
 
-def _generate_ar(target: VideoLM, prompt: Prompt, max_new_tokens: int, compile) -> Result:
+def _generate_ar(target: VideoLM, prompt: Prompt, max_new_tokens: int, compile, attention: str = "sdpa") -> Result:
     """The target alone, greedy, one fixed-shape step per token."""
     watch = Stopwatch(target.device)
     logits, cache = prefill_pruned(target, prompt, None)
-    fast = static_lm(target, "target", compile_options(compile, target.device))
+    fast = static_lm(target, "target", compile_options(compile, target.device), attention)
     fast.load(cache, cache.get_seq_length() + max_new_tokens)
     del cache
     watch.lap("prefill")

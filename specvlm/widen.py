@@ -379,3 +379,47 @@ def check_widening(pair: Pair, widened: Pair, clips, max_new_tokens: int = 32, q
 def prompt_logits(lm, prompt) -> torch.Tensor:
     """Logits [L, V] of every prompt row, fp32 on the CPU."""
     return lm.forward(lm.embed(prompt), prompt.position_ids, lm.new_cache())[0].cpu()
+
+
+def main(argv=None) -> None:
+    """python -m specvlm.widen --clips 8 --out "figures/widen_check_{card}.json": widen the
+    embedded pair at the real shapes in fp32 on the card and check it decodes what the tiny pair
+    decodes (`check_widening`), with the zero fractions (`widening_report`)."""
+    import argparse
+    import json
+    from datetime import date
+
+    import transformers
+
+    from .costs import card_name, card_slug
+    from .models import load_pair
+    from .synthetic import make_clip
+
+    parser = argparse.ArgumentParser(prog="python -m specvlm.widen", description=main.__doc__)
+    parser.add_argument("--target-shape", default="llava-ov-7b")
+    parser.add_argument("--draft-shape", default="llava-ov-0.5b")
+    parser.add_argument("--clips", type=int, default=8)
+    parser.add_argument("--frames", type=int, nargs="+", default=[4, 16, 64])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--out", default=None, help="JSON path; '{card}' becomes the card's name")
+    args = parser.parse_args(argv)
+    device = torch.device(args.device)
+    tiny = load_pair("tiny", device=device, dtype=torch.float32)
+    widened = widen_pair(tiny, args.target_shape, args.draft_shape, device=device, dtype=torch.float32)
+    clips = [make_clip(seed=10_000 + i, num_frames=args.frames[i % len(args.frames)]) for i in range(args.clips)]
+    result = {
+        "pair": widened.name, "card": card_name(device),
+        "dtype": "float32", "torch": torch.__version__, "transformers": transformers.__version__, "date": str(date.today()),
+        "frames": [len(c.frames) for c in clips],
+        "reports": {"target": widening_report(widened.target.model), "draft": widening_report(widened.draft.model)},
+        "check": check_widening(tiny, widened, clips),
+    }
+    print(json.dumps(result, indent=1))
+    if args.out:
+        from .bench import save
+
+        save(result, args.out.replace("{card}", card_slug(result["card"])))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,9 +1,16 @@
 """The benchmark's bookkeeping (timings themselves are measured on a GPU, never asserted)."""
 
 import json
+import sys
+import types
+
+import pytest
 
 import specvlm as sv
-from specvlm.bench import RUNS, bench, save, table
+from specvlm import synthetic
+from specvlm.__main__ import main
+from specvlm.bench import RUNS, SELF_RUNS, bench, save, table
+from specvlm.cost_model import predicted_vs_measured
 
 
 def test_bench_rows_compare_every_method_with_ar(tiny_pair, tmp_path):
@@ -11,7 +18,8 @@ def test_bench_rows_compare_every_method_with_ar(tiny_pair, tmp_path):
     assert len(result["rows"]) == len(RUNS)
     assert all(row["equal_to_ar"] for row in result["rows"])
     assert all(row["speedup_vs_ar"] is not None and row["new_tokens"] <= 6 for row in result["rows"])
-    assert {"device", "torch", "transformers", "date", "pair"} <= set(result)
+    assert {"device", "card", "torch", "transformers", "date", "pair"} <= set(result)
+    assert result["stand_in"] is False  # random tiny checkpoints, not a stand-in for real ones
     save(result, tmp_path / "bench.json")
     assert json.loads((tmp_path / "bench.json").read_text())["rows"][0]["method"] == "ar"
     assert "specvlm" in table(result)
@@ -37,3 +45,135 @@ def test_bench_times_transformers_generate_and_assisted_generation_against_ar(ti
     assert hf[1]["draft_video_tokens"] == hf[1]["video_tokens"]  # the assistant sees the whole video
     assert all(row["total_s"] > 0 for row in result["rows"])
     assert "hf-assisted" in table(result)
+
+
+# ----------------------------------------------------------------------------------------
+# self-speculation rows, per-row step timings and what the cost model reads
+
+NEW_TOKENS = 8
+
+
+def synthetic_video(frames):
+    return sv.from_array(synthetic.make_clip(0, num_frames=frames).frames, fps=8.0)
+
+
+@pytest.fixture(scope="module")
+def embedded():
+    return sv.load_pair("tiny", device="cpu")
+
+
+@pytest.fixture(scope="module")
+def embedded_run():
+    """The embedded pair on both paths (fast: eager static steps on CPU), with self rows."""
+    pair = sv.load_pair("tiny", device="cpu")
+    return bench(pair, synthetic_video, [2], max_new_tokens=NEW_TOKENS, repeats=1, paths=("plain", "fast"),
+                 self_speculation=True, step_repeats=2)
+
+
+def test_self_speculation_rows_equal_ar_with_the_targets_own_pruned_video(embedded_run):
+    rows = [row for row in embedded_run["rows"] if row["drafter"] == "self"]
+    assert [(row["path"], row["method"], row["draft"], row["ratio"]) for row in rows] == \
+        [(path, *run) for path in ("plain", "fast") for run in SELF_RUNS]
+    assert all(row["equal_to_ar"] and row["speedup_vs_ar"] is not None for row in rows)
+    for row in rows:
+        pruned = row["video_tokens"] - row["draft_video_tokens"]
+        assert pruned >= row["ratio"] * row["video_tokens"] - 1
+        assert row["draft_prompt_tokens"] == row["prompt_tokens"] - pruned
+        assert row["kv_bytes"]["draft"] < row["kv_bytes"]["target"]  # the target's own layers, fewer tokens
+    assert embedded_run["stand_in"] is True and embedded_run["self_speculation"] is True
+
+
+def test_accepted_histograms_count_rounds_and_tokens(embedded_run):
+    speculative = [row for row in embedded_run["rows"] if row["method"] != "ar"]
+    assert all(sum(row["accepted_hist"]) == row["rounds"] for row in speculative)
+    assert all(row["accepted_hist"] is None for row in embedded_run["rows"] if row["method"] == "ar")
+    # a round commits its accepted tokens and the bonus token, after the prefill's first token;
+    # exact unless an end token cut a round short (then fewer than max_new_tokens come out)
+    full = [row for row in speculative if row["new_tokens"] == NEW_TOKENS]
+    assert full
+    for row in full:
+        assert 1 + sum((a + 1) * count for a, count in enumerate(row["accepted_hist"])) == row["new_tokens"]
+
+
+def test_every_row_has_positive_step_timings_and_cache_sizes(embedded_run):
+    for row in embedded_run["rows"]:
+        expected = {"target_step"} if row["method"] == "ar" else {"draft_step", "verify"}
+        assert set(row["step_ms"]) == expected and all(ms > 0 for ms in row["step_ms"].values())
+        assert row["prompt_tokens"] > row["video_tokens"] and row["kv_bytes"]["target"] > 0
+        assert row["peak_memory_bytes"] is None  # CPU
+    fast = [row for row in embedded_run["rows"] if row["path"] == "fast"]
+    assert all(row["kv_bytes"]["allocated"]["target"] >= row["kv_bytes"]["target"] for row in fast)
+
+
+def test_the_cost_model_predicts_every_speculative_row_from_the_run_itself(embedded_run):
+    predictions = predicted_vs_measured(embedded_run)
+    assert len(predictions) == sum(row["method"] != "ar" for row in embedded_run["rows"])
+    assert all(p["source"] == "run" and p["predicted"] > 0 for p in predictions)
+
+
+def test_table_shows_who_drafts(embedded_run):
+    text = table(embedded_run)
+    assert "self" in text and "draft" in text and "(stand-in)" in text
+
+
+def test_cli_widens_the_pair_and_adds_self_rows(tmp_path, monkeypatch):
+    calls = []
+
+    def widen_pair(pair, target_shape, draft_shape, device=None, dtype=None):
+        calls.append((target_shape, draft_shape, device, dtype))
+        return sv.Pair(pair.target, pair.draft, name="widened stub")
+
+    monkeypatch.setitem(sys.modules, "specvlm.widen", types.SimpleNamespace(widen_pair=widen_pair))
+    out = tmp_path / "bench.json"
+    code = main(["bench", "--widen", "llava-ov-7b", "llava-ov-0.5b", "--self", "--frames", "1",
+                 "--max-new-tokens", "4", "--repeats", "1", "--step-repeats", "1", "--device", "cpu",
+                 "--out", str(out)])
+    assert code == 0
+    assert calls == [("llava-ov-7b", "llava-ov-0.5b", "cpu", None)]
+    result = json.loads(out.read_text())
+    assert result["pair"] == "widened stub" and result["stand_in"] is True
+    assert result["widened_to"] == {"target": "llava-ov-7b", "draft": "llava-ov-0.5b"}
+    assert sum(row["drafter"] == "self" for row in result["rows"]) == len(SELF_RUNS)
+
+
+def test_assisted_generation_goes_universal_when_the_output_vocabularies_differ(embedded):
+    from transformers import Qwen2Config
+
+    from specvlm import bench as bench_module, widen
+
+    assert bench_module.assisted_mode(embedded) == "token"
+    target = Qwen2Config(hidden_size=384, num_hidden_layers=5, num_attention_heads=14, num_key_value_heads=2,
+                         intermediate_size=1024, vocab_size=640, head_dim=128, tie_word_embeddings=False)
+    draft = Qwen2Config(hidden_size=192, num_hidden_layers=3, num_attention_heads=14, num_key_value_heads=2,
+                        intermediate_size=512, vocab_size=576, head_dim=64, tie_word_embeddings=False)
+    wide = widen.widen_pair(embedded, target, draft)  # 640 vs 576 rows, one tokenizer: like llava-hf 7B / 0.5B
+    assert bench_module.assisted_mode(wide) == "universal"
+    prompt = wide.target.prepare(synthetic_video(2), "Describe the video.")
+    reference = sv.generate_ar(wide.target, prompt, NEW_TOKENS).tokens
+    rows = bench_module.hf_rows(wide, prompt, reference, 1.0, 2, NEW_TOKENS, 1)
+    assert [(r["method"], r["assisted_mode"], r["equal_to_ar"]) for r in rows] == [
+        ("hf-generate", None, True), ("hf-assisted", "universal", True)]
+
+
+def test_a_baseline_transformers_refuses_is_a_row_with_its_error_and_no_speedup(embedded, monkeypatch):
+    from specvlm import bench as bench_module
+
+    def refuse(pair, prompt, max_new_tokens, assisted):
+        if assisted:
+            raise ValueError("The main and assistant models have different tokenizers.")
+        return [1, 2], 0.5
+
+    monkeypatch.setattr(bench_module, "hf_generate", refuse)
+    prompt = embedded.target.prepare(synthetic_video(2), "Describe the video.")
+    generate_row, assisted_row = bench_module.hf_rows(embedded, prompt, [1, 2], 1.0, 2, NEW_TOKENS, 1)
+    assert generate_row["equal_to_ar"] and generate_row["speedup_vs_ar_total"] == pytest.approx(2.0)
+    assert not assisted_row["equal_to_ar"] and assisted_row["speedup_vs_ar_total"] is None
+    assert "different tokenizers" in assisted_row["error"]
+    assert "failed" in table({"pair": "p", "device": "cpu", "dtype": "float32", "date": "d", "rows": [assisted_row]})
+
+
+def test_bench_reports_progress_after_every_row(embedded):
+    seen = []
+    bench(embedded, synthetic_video, [1], max_new_tokens=4, repeats=1, step_repeats=1,
+          progress=lambda rows: seen.append(len(rows)))
+    assert seen == list(range(1, len(RUNS) + 1))

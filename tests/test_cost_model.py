@@ -143,3 +143,18 @@ def test_predicted_vs_measured_reads_the_committed_bench_json():
     rows = cm.predicted_vs_measured(path)
     assert len(rows) == sum(r["method"] != "ar" for r in bench["rows"])
     assert all(r["tokens_per_round"] >= 1 and r["measured_round_ms"] > 0 for r in rows)
+
+
+def test_predicted_vs_measured_takes_the_ar_step_of_the_same_path_and_skips_transformers_rows():
+    plain = _bench()
+    fast = _bench()
+    for row in plain["rows"]:
+        row["path"] = "plain"
+    for row in fast["rows"]:
+        row["path"] = "fast"
+    fast["rows"][0]["step_ms"] = {"target_step": 5.0}
+    hf = {"path": "transformers", "frames": 8, "method": "hf-generate", "total_s": 2.0, "equal_to_ar": True}
+    rows = cm.predicted_vs_measured({"k": 5, "rows": plain["rows"] + fast["rows"] + [hf]})
+    assert [(r["path"], r["method"]) for r in rows] == [("plain", "sd"), ("fast", "sd")]
+    assert rows[0]["predicted"] == pytest.approx(4.0)  # t_ar 10 ms from the plain AR row
+    assert rows[1]["predicted"] == pytest.approx(2.0)  # t_ar 5 ms from the fast AR row

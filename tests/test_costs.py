@@ -6,16 +6,20 @@ import pytest
 import torch
 from transformers import Qwen2Config
 
-from specvlm import costs
+import specvlm as sv
+from specvlm import costs, decoding, fast
 from specvlm.__main__ import main
 from specvlm.trees import MC_SIM_7B_63
 
 CONTEXTS = [32, 96]
 
 
+PATHS = ["eager", "sdpa", "fast", "fast-flex"]
+
+
 @pytest.fixture(scope="module")
 def result():
-    return costs.measure_costs(["tiny"], CONTEXTS, ["eager", "sdpa"], device="cpu", repeats=2, warmup=1)
+    return costs.measure_costs(["tiny"], CONTEXTS, PATHS, device="cpu", repeats=2, warmup=1)
 
 
 def test_shapes_match_the_checkpoints():
@@ -69,14 +73,15 @@ def test_steps_restore_the_cache_and_paths_agree():
 def test_rows_have_the_fields_and_growing_bytes(result):
     assert {"device", "dtype", "torch", "transformers", "date", "bandwidth_GBps", "k", "rows", "shapes"} <= set(result)
     assert result["bandwidth_GBps"] > 0
-    assert len(result["rows"]) == len(CONTEXTS) * 2 * len(costs.KINDS)
+    assert len(result["rows"]) == len(CONTEXTS) * len(PATHS) * len(costs.KINDS)
+    assert [r["context"] for r in result["rows"]] == sorted(r["context"] for r in result["rows"])
     assert json.loads(json.dumps(result)) == result
     for row in result["rows"]:
         assert {"shape", "path", "kind", "context", "query_len", "ms", "floor_ms"} <= set(row)
-        assert row["skipped"] is None and row["ms"] > 0 and row["floor_ms"] > 0
+        assert row["skipped"] is None and row["ms"] > 0 and row["floor_ms"] > 0 and row["setup_s"] >= 0
     queries = {r["kind"]: r["query_len"] for r in result["rows"]}
     assert queries == {"step": 1, "chain": result["k"] + 1, "tree": 26}
-    for path in ("eager", "sdpa"):
+    for path in PATHS:
         for kind in costs.KINDS:
             rows = sorted((r for r in result["rows"] if r["path"] == path and r["kind"] == kind),
                           key=lambda r: r["context"])
@@ -104,7 +109,7 @@ def test_a_path_is_a_factory_and_out_of_memory_is_skipped():
     skipped = [r for r in result["rows"] if r["path"] == "too_big"]
     assert all(r["ms"] is None and r["skipped"].startswith("out of memory") and r["floor_ms"] > 0 for r in skipped)
     with pytest.raises(ValueError, match="unknown path"):
-        costs.measure_costs(["tiny"], [16], ["fast"], device="cpu")
+        costs.measure_costs(["tiny"], [16], ["faster"], device="cpu")
 
 
 def test_plot_has_one_panel_per_shape(result, tmp_path):
@@ -123,3 +128,104 @@ def test_command_line_writes_json_named_after_the_card(tmp_path):
     result = json.loads(written.read_text())
     assert written.name == f"costs_{costs.card_slug(result['device'])}.json"
     assert {r["path"] for r in result["rows"]} == {"sdpa"}
+
+
+# --- the project's fast path and its FlexAttention ------------------------------------------
+
+KINDS = [(1, None), (6, None), (MC_SIM_7B_63.num_nodes, MC_SIM_7B_63)]
+GROUPED_7 = Qwen2Config(hidden_size=56, num_hidden_layers=2, num_attention_heads=14, num_key_value_heads=2,
+                        intermediate_size=64, vocab_size=300, tie_word_embeddings=True)  # 7 heads per KV head
+
+
+@pytest.mark.parametrize("shape", ["tiny", GROUPED_7], ids=["2-per-kv", "7-per-kv"])
+def test_fast_steps_repeat_and_equal_the_sdpa_path(shape):
+    model = costs.build_lm(shape, "cpu", torch.float32)
+    for query_len, tree in KINDS:
+        reference = costs.PATHS["sdpa"](model, 40, query_len, tree)()
+        for path in ("fast", "fast-flex"):
+            step = costs.PATHS[path](model, 40, query_len, tree)
+            first = step().clone()
+            assert first.shape == (1, query_len, model.config.vocab_size)
+            assert torch.equal(step(), first)  # the write position is back at 40 after each call
+            torch.testing.assert_close(first, reference, rtol=1e-4, atol=1e-5)
+
+
+def test_the_flex_engine_serves_every_context_and_the_sdpa_engine_fits_each():
+    model = costs.build_lm("tiny", "cpu", torch.float32)
+    engines = lambda: model.__dict__["_specvlm_fast_engines"]
+    costs.PATHS["fast-flex"](model, 300, 1)()
+    flex = engines()[("flex", "None")]
+    address = flex.cache.keys[0].data_ptr()
+    for context in (300, 40):  # largest first, as measure_costs times them
+        step = costs.PATHS["fast-flex"](model, context, 6)
+        torch.testing.assert_close(step(), costs.PATHS["sdpa"](model, context, 6)(), rtol=1e-4, atol=1e-5)
+        costs.PATHS["fast"](model, context, 6)()
+        assert engines()[("sdpa", "None")].cache.capacity == costs.fast.round_up(context + costs.SLACK, 128)
+    assert engines()[("flex", "None")] is flex and flex.cache.keys[0].data_ptr() == address
+    assert flex.cache.capacity == 384
+
+
+def _visibility_case(query_len, start, capacity, seed):
+    generator = torch.Generator().manual_seed(seed)
+    pattern = torch.rand(query_len, query_len, generator=generator) < 0.4
+    pattern |= torch.eye(query_len, dtype=torch.bool)  # every row sees itself, as in every step
+    return torch.tensor(start), pattern
+
+
+@pytest.mark.parametrize("query_len", [1, 6, 26, 40])
+@pytest.mark.parametrize("start", [0, 100, 127, 250, 358])
+def test_flex_attention_equals_sdpa_with_the_additive_mask(query_len, start):
+    """Grouped heads 7 per KV head (padded to 8 and split: 26 rows -> 2 calls of 4 heads),
+    blocks of 128 slots, the visible span crossing block boundaries."""
+    capacity = 384
+    if start + query_len > capacity:
+        pytest.skip("the step would not fit")
+    start, pattern = _visibility_case(query_len, start, capacity, seed=query_len)
+    generator = torch.Generator().manual_seed(1)
+    query = torch.randn(1, 14, query_len, 8, generator=generator)
+    key, value = (torch.randn(1, 2, capacity, 8, generator=generator) for _ in range(2))
+    mask = fast.flex_block_mask(start, pattern, capacity)
+    visited = -(-(int(start) + query_len) // fast.FLEX_BLOCK)
+    assert mask.kv_num_blocks.flatten().tolist() == [visited]  # blocks past the last visible slot are skipped
+    got = fast.grouped_flex(query, key, value, mask, scale=0.3)
+    bias = fast.visibility_bias(start, pattern, capacity, torch.float32)
+    expected = torch.nn.functional.scaled_dot_product_attention(query, key, value, attn_mask=bias, scale=0.3,
+                                                                enable_gqa=True)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_flex_needs_whole_blocks_and_a_known_attention(monkeypatch):
+    with pytest.raises(ValueError, match="multiple of 128"):
+        fast.flex_block_mask(torch.tensor(0), torch.ones(1, 1, dtype=torch.bool), 200)
+    with pytest.raises(ValueError, match="unknown attention"):
+        costs.fast_step("xformers")
+    monkeypatch.setenv("SPECVLM_FAST_ATTENTION", "flex")
+    assert fast.fast_attention(None) == "flex" and fast.fast_attention("sdpa") == "sdpa"
+    monkeypatch.setenv("SPECVLM_FAST_ATTENTION", "flash")
+    with pytest.raises(ValueError, match="unknown fast-path attention 'flash'"):
+        fast.fast_attention(None)
+
+
+@pytest.fixture(scope="module")
+def embedded():
+    return sv.load_pair("tiny", device="cpu")
+
+
+@pytest.mark.parametrize("kwargs", [{"k": 3}, {"tree": MC_SIM_7B_63}], ids=["chain", "tree"])
+def test_the_decoding_fast_path_with_flex_gives_the_plain_tokens(embedded, kwargs):
+    """The embedded pair has 7 query heads per KV head, like the real checkpoints. Traced by
+    dynamo (backend "eager": no code generation) in one graph per step shape."""
+    from torch._dynamo.utils import counters
+
+    prompt = embedded.target.prepare(sv.sample_video("bikes", 2))
+    reference = decoding.generate_sd(embedded, prompt, method="specvlm", ratio=0.9, max_new_tokens=16, **kwargs)
+    torch._dynamo.reset()
+    counters.clear()
+    result = fast.generate_fast(embedded, prompt, method="specvlm", ratio=0.9, max_new_tokens=16,
+                                compile={"backend": "eager"}, attention="flex", **kwargs)
+    assert result.tokens == reference.tokens and result.accepted == reference.accepted
+    report = fast.capture_report(embedded)
+    assert report["models"]["target"]["attention"] == report["models"]["draft"]["attention"] == "flex"
+    assert report["graph_breaks"] == 0
+    ar = fast.generate_fast(embedded, prompt, method="ar", max_new_tokens=16, compile=False, attention="flex")
+    assert ar.tokens == decoding.generate_ar(embedded.target, prompt, 16).tokens

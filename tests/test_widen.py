@@ -6,6 +6,7 @@ units, bigger vocabulary, dead kv heads, kv heads copied with q heads duplicated
 untied output layers. The real 7B / 0.5B shapes are checked on configs only (meta device).
 """
 
+import json
 import math
 
 import pytest
@@ -182,3 +183,22 @@ def test_bad_shapes_get_clear_errors(embedded):
         widen.wide_text_config(text, grown(text, tiny_group(text)), tie=True)
     with pytest.raises(ValueError, match="LLaVA-OneVision"):
         widen.widen_model(torch.nn.Linear(2, 2), "llava-ov-7b")
+
+
+def test_the_widen_command_writes_a_passing_check(tmp_path, monkeypatch):
+    from specvlm import costs, widen
+
+    monkeypatch.setitem(costs.SHAPES, "test-target", dict(source="test", hidden_size=384, num_hidden_layers=5,
+                        num_attention_heads=14, num_key_value_heads=2, intermediate_size=1024, vocab_size=600, head_dim=128,
+                        tie_word_embeddings=False))
+    monkeypatch.setitem(costs.SHAPES, "test-draft", dict(source="test", hidden_size=192, num_hidden_layers=3,
+                        num_attention_heads=14, num_key_value_heads=2, intermediate_size=512, vocab_size=600, head_dim=64,
+                        tie_word_embeddings=False))
+    out = tmp_path / "check_{card}.json"
+    widen.main(["--target-shape", "test-target", "--draft-shape", "test-draft", "--clips", "2", "--frames", "4",
+                "--device", "cpu", "--out", str(out)])
+    (written,) = tmp_path.glob("check_*.json")
+    result = json.loads(written.read_text())
+    assert result["check"]["clips"] == 2 and result["check"]["ar_equal"] == 2 and result["check"]["sd_equal"] == 2
+    assert result["reports"]["target"]["wide"]["hidden_size"] == 384
+    assert 0 < result["reports"]["draft"]["zero_fraction"] < 0.05
