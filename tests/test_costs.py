@@ -178,8 +178,7 @@ def test_flex_attention_equals_sdpa_with_the_additive_mask(query_len, start):
     """Grouped heads 7 per KV head (padded to 8 and split: 26 rows -> 2 calls of 4 heads),
     blocks of 128 slots, the visible span crossing block boundaries."""
     capacity = 384
-    if start + query_len > capacity:
-        pytest.skip("the step would not fit")
+    start = min(start, capacity - query_len)  # the step must fit in the cache
     start, pattern = _visibility_case(query_len, start, capacity, seed=query_len)
     generator = torch.Generator().manual_seed(1)
     query = torch.randn(1, 14, query_len, 8, generator=generator)
@@ -229,3 +228,16 @@ def test_the_decoding_fast_path_with_flex_gives_the_plain_tokens(embedded, kwarg
     assert report["graph_breaks"] == 0
     ar = fast.generate_fast(embedded, prompt, method="ar", max_new_tokens=16, compile=False, attention="flex")
     assert ar.tokens == decoding.generate_ar(embedded.target, prompt, 16).tokens
+
+
+def test_flex_serves_only_short_steps_and_wider_ones_keep_the_masked_sdpa(embedded, monkeypatch):
+    """A tree verification (26 nodes) is wider than FLEX_MAX_QUERY: it gets the additive bias."""
+    widths = []
+    real = fast.flex_block_mask
+    monkeypatch.setattr(fast, "flex_block_mask", lambda start, pattern, capacity: widths.append(pattern.shape[0])
+                        or real(start, pattern, capacity))
+    prompt = embedded.target.prepare(sv.sample_video("bikes", 2))
+    result = fast.generate_fast(embedded, prompt, method="specvlm", ratio=0.9, max_new_tokens=8, tree=MC_SIM_7B_63,
+                                compile=False, attention="flex")
+    assert result.tokens == decoding.generate_ar(embedded.target, prompt, 8).tokens
+    assert widths and max(widths) <= fast.FLEX_MAX_QUERY < MC_SIM_7B_63.num_nodes
