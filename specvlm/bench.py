@@ -13,8 +13,9 @@ fixed-shape steps, CUDA graphs on a GPU); each row's speedup is against AR on th
 and `speedup_vs_plain_ar` against the plain AR. Outputs of both paths are compared with the plain AR.
 `self_speculation=True` adds the paper's Self-SD setting: the target drafts for itself, its
 draft cache holding its own video pruned by SpecVLM's selection ("drafter": "self").
-`transformers_baselines=True` adds transformers' own greedy `generate` and assisted generation
-(the draft as `assistant_model`, seeing the whole video), timed end to end since `generate` has
+`transformers_baselines=True` adds transformers' own greedy `generate` (default dynamic cache, and
+a static cache, which transformers compiles on CUDA) and assisted generation (the draft as
+`assistant_model`, seeing the whole video), timed end to end since `generate` has
 no separate prefill: `speedup_vs_ar_total` compares every row's prefill + decode with AR's.
 
 Besides times, each project row records what the cost model (`cost_model.predicted_vs_measured`)
@@ -62,6 +63,8 @@ SELF_RUNS = (
     ("specvlm", "tree", 0.5),
     ("specvlm", "tree", 0.9),
 )
+# transformers' baselines: (method, assisted, static cache)
+HF_RUNS = (("hf-generate", False, False), ("hf-generate-static", False, True), ("hf-assisted", True, False))
 STEP_WARMUP = 3  # compile, record the CUDA graph, replay: timed calls replay
 
 
@@ -204,15 +207,18 @@ def measure(path: str, pair: Pair, prompt, draft_prompt, method: str, shape, rat
 # the benchmark
 
 
-def hf_generate(pair: Pair, prompt, max_new_tokens: int, assisted: bool) -> tuple[list[int], float]:
+def hf_generate(pair: Pair, prompt, max_new_tokens: int, assisted: bool, static: bool = False) -> tuple[list[int], float]:
     """transformers' own greedy `generate` on the target, as users call it (assisted: with the
-    draft as `assistant_model`, which sees the whole video): (new tokens, wall seconds including
-    the vision tower and the prefill)."""
+    draft as `assistant_model`, which sees the whole video; static: `cache_implementation="static"`,
+    which transformers also compiles on CUDA): (new tokens, wall seconds including the vision
+    tower and the prefill)."""
     model = pair.target.model
     inputs = {k: v.to(model.device) if hasattr(v, "to") else v for k, v in prompt.inputs.items()}
     if "pixel_values_videos" in inputs:
         inputs["pixel_values_videos"] = inputs["pixel_values_videos"].to(pair.target.dtype)
     extra = {"assistant_model": pair.draft.model} if assisted else {}
+    if static:
+        extra["cache_implementation"] = "static"
     if assisted and assisted_mode(pair) == "universal":
         extra.update(tokenizer=pair.target.processor.tokenizer, assistant_tokenizer=pair.draft.processor.tokenizer)
     watch = Stopwatch(pair.target.device)
@@ -235,14 +241,14 @@ def hf_rows(pair: Pair, prompt, reference: list[int], ar_total_s: float, frames:
     """Rows for transformers' `generate` and assisted generation, timed end to end (prefill
     included, so compared with the project's AR prefill + decode)."""
     rows = []
-    for method, assisted in (("hf-generate", False), ("hf-assisted", True)):
+    for method, assisted, static in HF_RUNS:
         row = {"path": "transformers", "frames": frames, "video_tokens": prompt.num_video_tokens, "method": method,
                "draft": "assistant" if assisted else None, "ratio": 0.0,
-               "assisted_mode": assisted_mode(pair) if assisted else None,
+               "assisted_mode": assisted_mode(pair) if assisted else None, "cache": "static" if static else "dynamic",
                "draft_video_tokens": prompt.num_video_tokens if assisted else None}
         try:
-            hf_generate(pair, prompt, max_new_tokens, assisted)  # warm-up
-            runs = [hf_generate(pair, prompt, max_new_tokens, assisted) for _ in range(repeats)]
+            hf_generate(pair, prompt, max_new_tokens, assisted, static)  # warm-up (and compile)
+            runs = [hf_generate(pair, prompt, max_new_tokens, assisted, static) for _ in range(repeats)]
         except Exception as error:  # a baseline transformers refuses is reported, not fatal to the run
             rows.append({**row, "new_tokens": 0, "equal_to_ar": False, "total_s": None, "speedup_vs_ar_total": None,
                          "error": f"{type(error).__name__}: {error}"})

@@ -40,9 +40,10 @@ def test_bench_times_transformers_generate_and_assisted_generation_against_ar(ti
     result = bench(tiny_pair, lambda frames: sv.sample_video("bikes", frames), [1], max_new_tokens=6, repeats=1,
                    transformers_baselines=True)
     hf = [row for row in result["rows"] if row["path"] == "transformers"]
-    assert [row["method"] for row in hf] == ["hf-generate", "hf-assisted"]
+    assert [(row["method"], row["cache"]) for row in hf] == [
+        ("hf-generate", "dynamic"), ("hf-generate-static", "static"), ("hf-assisted", "dynamic")]
     assert all(row["equal_to_ar"] and row["speedup_vs_ar_total"] > 0 for row in hf)
-    assert hf[1]["draft_video_tokens"] == hf[1]["video_tokens"]  # the assistant sees the whole video
+    assert hf[2]["draft_video_tokens"] == hf[2]["video_tokens"]  # the assistant sees the whole video
     assert all(row["total_s"] > 0 for row in result["rows"])
     assert "hf-assisted" in table(result)
 
@@ -152,20 +153,21 @@ def test_assisted_generation_goes_universal_when_the_output_vocabularies_differ(
     reference = sv.generate_ar(wide.target, prompt, NEW_TOKENS).tokens
     rows = bench_module.hf_rows(wide, prompt, reference, 1.0, 2, NEW_TOKENS, 1)
     assert [(r["method"], r["assisted_mode"], r["equal_to_ar"]) for r in rows] == [
-        ("hf-generate", None, True), ("hf-assisted", "universal", True)]
+        ("hf-generate", None, True), ("hf-generate-static", None, True), ("hf-assisted", "universal", True)]
 
 
 def test_a_baseline_transformers_refuses_is_a_row_with_its_error_and_no_speedup(embedded, monkeypatch):
     from specvlm import bench as bench_module
 
-    def refuse(pair, prompt, max_new_tokens, assisted):
+    def refuse(pair, prompt, max_new_tokens, assisted, static=False):
         if assisted:
             raise ValueError("The main and assistant models have different tokenizers.")
         return [1, 2], 0.5
 
     monkeypatch.setattr(bench_module, "hf_generate", refuse)
     prompt = embedded.target.prepare(synthetic_video(2), "Describe the video.")
-    generate_row, assisted_row = bench_module.hf_rows(embedded, prompt, [1, 2], 1.0, 2, NEW_TOKENS, 1)
+    generate_row, static_row, assisted_row = bench_module.hf_rows(embedded, prompt, [1, 2], 1.0, 2, NEW_TOKENS, 1)
+    assert static_row["equal_to_ar"] and static_row["cache"] == "static"
     assert generate_row["equal_to_ar"] and generate_row["speedup_vs_ar_total"] == pytest.approx(2.0)
     assert not assisted_row["equal_to_ar"] and assisted_row["speedup_vs_ar_total"] is None
     assert "different tokenizers" in assisted_row["error"]
