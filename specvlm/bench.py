@@ -322,7 +322,7 @@ def bench(pair: Pair, video_for, frames_list, max_new_tokens=64, k=5, repeats=3,
     from . import __version__  # here: the package may import this module while it initialises
 
     device = pair.target.device
-    card = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
+    card = card_name(device)
     result = {
         "pair": pair.name, "stand_in": ("stand-in" in pair.name.lower()) if stand_in is None else bool(stand_in),
         "device": card, "card": card, "dtype": str(pair.target.dtype),
@@ -371,6 +371,11 @@ def table(result: dict) -> str:
                      f"{r['mean_accepted']:>5.2f} {r['decode_s']:>9.3f} {r['tokens_per_s']:>7.1f} {speed:>6} "
                      f"{'yes' if r['equal_to_ar'] else 'NO':>5} {step:>28}")
     return "\n".join(lines)
+
+
+def card_name(device: torch.device) -> str:
+    """The card a measurement ran on: the CUDA device's name, else the CPU's."""
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
 
 
 def save(result: dict, path) -> None:

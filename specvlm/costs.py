@@ -43,7 +43,6 @@ only the few rotary multiplications, not the bytes or the kernels); several GPUs
 from __future__ import annotations
 
 import gc
-import platform
 import re
 import statistics
 import time
@@ -54,7 +53,7 @@ import transformers
 from transformers import DynamicCache, Qwen2Config, Qwen2ForCausalLM
 
 from . import fast
-from .bench import save  # one JSON writer for every measurement
+from .bench import card_name, save  # one JSON writer and one card name for every measurement
 from .cost_model import load
 from .models import VideoLM
 from .trees import MC_SIM_7B_63, Tree, tree_attention_bias
@@ -307,10 +306,6 @@ def measure_bandwidth(device="cuda", nbytes: int | None = None, repeats: int = 1
     dst = torch.empty_like(src)
     ms = time_ms(lambda: dst.copy_(src), device, repeats, warmup=2)
     return 2 * nbytes / (ms / 1000)
-
-
-def card_name(device: torch.device) -> str:
-    return torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
 
 
 def card_slug(name: str) -> str:

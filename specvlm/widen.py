@@ -391,7 +391,8 @@ def main(argv=None) -> None:
 
     import transformers
 
-    from .costs import card_name, card_slug
+    from .bench import card_name
+    from .costs import card_slug
     from .models import load_pair
     from .synthetic import make_clip
 
