@@ -2,8 +2,8 @@
 
     python -m specvlm.tiny.card
 
-Every number in the card is read from `metrics.json` (written by `specvlm.tiny.evaluate`),
-`train_log.jsonl` (written by `specvlm.tiny.train`) and the saved configs: nothing is typed.
+Every number in the card is read from `metrics.json` and `metrics_long.json` (both written by
+`specvlm.tiny.evaluate`, on 16-frame and on long clips), `train_log.jsonl` (written by `specvlm.tiny.train`) and the saved configs: nothing is typed.
 """
 
 from __future__ import annotations
@@ -64,12 +64,24 @@ def _schedule(args: dict) -> str:
     return "constant" if fraction == 0 else "cosine to 0" if fraction == 1 else f"constant, then cosine over the last {fraction:g}"
 
 
+def _frames(args: dict) -> list[int]:
+    """The clip frame counts a run trained on (runs logged before `--frames` existed used 4..64)."""
+    from .train import FRAMES
+
+    return json.loads(args["frames"]) if "frames" in args else list(FRAMES)
+
+
 def _command(index: int, stage: dict) -> str:
     args = stage["args"]
     init = f" --init run{index}" if index else ""
+    frames = ""
+    if "frames" in args:
+        frames = f" --frames {' '.join(map(str, _frames(args)))}"
+        if args.get("frame_weights", "None") != "None":
+            frames += f" --frame-weights {' '.join(f'{w:g}' for w in json.loads(args['frame_weights']))}"
     return (f"python -m specvlm.tiny.train --out run{index + 1}{init} --target-steps {stage['steps'].get('target', 0)} "
             f"--draft-steps {stage['steps'].get('draft', 0)} --lr {args['lr']} --decay-fraction {args.get('decay_fraction', 1.0)} "
-            f"--tokens-per-batch {args['tokens_per_batch']}")
+            f"--tokens-per-batch {args['tokens_per_batch']}{frames}")
 
 
 def render(folder: Path = HERE) -> str:
@@ -94,13 +106,14 @@ def render(folder: Path = HERE) -> str:
         "  frame plus one newline token per video.",
         "",
         "## Training recipe (from `train_log.jsonl`)",
-        f"- seed {stages[0]['args']['seed']}, AdamW, bf16 autocast on a GPU, clips of 4 to 64 frames, "
-        f"about {stages[0]['args']['tokens_per_batch']} tokens per batch, in {len(stages)} runs, each continuing "
-        "the last (`--init`):",
+        f"- seed {stages[0]['args']['seed']}, AdamW, bf16 autocast on a GPU, "
+        f"about {stages[0]['args']['tokens_per_batch']} tokens per batch (one frame count per batch), in {len(stages)} runs, "
+        "each continuing the last (`--init`):",
         "",
-        "| run | target steps | draft steps | peak learning rate | schedule | final loss (target / draft) |",
-        "|---|---|---|---|---|---|",
-        *[f"| {i + 1} | {st['steps'].get('target', 0)} | {st['steps'].get('draft', 0)} | {st['args']['lr']} | "
+        "| run | clip frames | target steps | draft steps | peak learning rate | schedule | final loss (target / draft) |",
+        "|---|---|---|---|---|---|---|",
+        *[f"| {i + 1} | {min(_frames(st['args']))} to {max(_frames(st['args']))} | {st['steps'].get('target', 0)} | "
+          f"{st['steps'].get('draft', 0)} | {st['args']['lr']} | "
           f"{_schedule(st['args'])} | {st['loss'].get('target', '-')} / {st['loss'].get('draft', '-')} |"
           for i, st in enumerate(stages)],
         "",
@@ -124,18 +137,16 @@ def render(folder: Path = HERE) -> str:
     for key, name in ROWS.items():
         row = metrics["captions"][key]
         lines.append(f"| {name} | " + " | ".join(fmt(row[a]) for a in ATTRIBUTES) + f" | {fmt(row['exact'])} |")
-    ratios = sorted({float(k.split("@")[1]) for k in metrics["mean_accepted"] if not k.startswith("sd@")})
-    methods = list(dict.fromkeys(k.split("@")[0] for k in metrics["mean_accepted"] if not k.startswith("sd@")))
     lines += [
         "",
         f"Mean accepted draft tokens per round (chain of {metrics['k']}, greedy; the bonus token not counted). "
         f"Unpruned speculative decoding: {metrics['mean_accepted']['sd@0.0']:.2f}.",
         "",
-        "| draft's video selection | " + " | ".join(f"ratio {r:g}" for r in ratios) + " |",
-        "|---|" + "---|" * len(ratios),
+        *_mat_table(metrics["mean_accepted"]),
     ]
-    for method in methods:
-        lines.append(f"| {method} | " + " | ".join(f"{metrics['mean_accepted'][f'{method}@{r}']:.2f}" for r in ratios) + " |")
+    long_path = folder / "metrics_long.json"
+    if long_path.exists():
+        lines += _long_section(json.loads(long_path.read_text()), fmt)
     lines += [
         "",
         "## What this pair does and does not show",
@@ -143,6 +154,38 @@ def render(folder: Path = HERE) -> str:
         *_findings(metrics),
     ]
     return "\n".join(lines) + "\n"
+
+
+def _mat_table(mat: dict) -> list[str]:
+    """Markdown rows: one per selection method, one column per pruning ratio."""
+    ratios = sorted({float(k.split("@")[1]) for k in mat if not k.startswith("sd@")})
+    methods = list(dict.fromkeys(k.split("@")[0] for k in mat if not k.startswith("sd@")))
+    return ["| draft's video selection | " + " | ".join(f"ratio {r:g}" for r in ratios) + " |",
+            "|---|" + "---|" * len(ratios),
+            *[f"| {m} | " + " | ".join(f"{mat[f'{m}@{r}']:.2f}" for r in ratios) + " |" for m in methods]]
+
+
+def _long_section(long: dict, fmt) -> list[str]:
+    """The same measurements on long clips (the GPU benchmark's lengths), fewer clips."""
+    mat = long["mean_accepted"]
+    lengths = long["target_new_tokens"]
+    return [
+        "",
+        f"## Long clips: {long['clips']} held-out clips of {long['frames']} frames ({long['video_tokens']} video tokens), "
+        f"{long['date']}, {long['device']}",
+        "",
+        "The length of the GPU benchmark (`python -m specvlm bench --widen`). The target's captions have "
+        f"{lengths['mean']:.1f} new tokens on average ({lengths['min']} to {lengths['max']}).",
+        "",
+        "| model | " + " | ".join(ATTRIBUTES) + " | exact |",
+        "|---|" + "---|" * (len(ATTRIBUTES) + 1),
+        *[f"| {name} | " + " | ".join(fmt(long["captions"][key][a]) for a in ATTRIBUTES) + f" | {fmt(long['captions'][key]['exact'])} |"
+          for key, name in ROWS.items()],
+        "",
+        f"Mean accepted draft tokens per round (chain of {long['k']}). Unpruned speculative decoding: {mat['sd@0.0']:.2f}.",
+        "",
+        *_mat_table(mat),
+    ]
 
 
 def _findings(metrics: dict, goal: float = 0.9) -> list[str]:

@@ -44,15 +44,18 @@ def target_pruned_keep(lm, prompt, method: str, ratio: float):
     return select(method, n=prompt.num_video_tokens, ratio=ratio, scores=scores, generator=torch.Generator().manual_seed(0))
 
 
-def measure(pair: Pair, seeds, frames: int, k: int, max_new_tokens: int) -> dict:
+def measure(pair: Pair, seeds, frames: int, k: int, max_new_tokens: int, methods=METHODS) -> dict:
     """Raw per-clip caption scores and per-clip MAT for the held-out clips `seeds`."""
     target, draft = pair.target, pair.draft
     captions = {"target": [], "target_uniform_10pct": [], "target_top_10pct": [], "draft": []}
-    accepted = {f"{m}@{r}": [] for m in ("sd",) + tuple(METHODS) for r in RATIOS if (m == "sd") == (r == 0.0)}
+    accepted = {f"{m}@{r}": [] for m in ("sd",) + tuple(methods) for r in RATIOS if (m == "sd") == (r == 0.0)}
+    lengths = []
     for clip, video in held_out(seeds, frames):
         prompt = target.prepare(video, QUESTION)
         score = lambda res: synthetic.score_caption(res.text, clip.objects)
-        captions["target"].append(score(generate_ar(target, prompt, max_new_tokens)))
+        reference = generate_ar(target, prompt, max_new_tokens)
+        lengths.append(len(reference.tokens))
+        captions["target"].append(score(reference))
         captions["draft"].append(score(generate_ar(draft, prompt, max_new_tokens)))
         for name, method in (("target_uniform_10pct", "uniform"), ("target_top_10pct", "top")):
             keep = target_pruned_keep(target, prompt, method, 0.9)
@@ -60,21 +63,30 @@ def measure(pair: Pair, seeds, frames: int, k: int, max_new_tokens: int) -> dict
         for key in accepted:
             method, ratio = key.split("@")
             accepted[key].append(generate_sd(pair, prompt, method, float(ratio), k, max_new_tokens).mean_accepted)
-    return {"captions": captions, "accepted": accepted, "video_tokens": prompt.num_video_tokens}
+    return {"captions": captions, "accepted": accepted, "video_tokens": prompt.num_video_tokens, "lengths": lengths}
 
 
 def _shard(args):
-    folder, seeds, frames, k, max_new_tokens = args
-    torch.set_num_threads(1)
-    pair = Pair(load_lm(folder / "target", "cpu"), load_lm(folder / "draft", "cpu"), "embedded")
-    return measure(pair, seeds, frames, k, max_new_tokens)
+    folder, seeds, frames, k, max_new_tokens, methods, device = args
+    if device == "cpu":
+        torch.set_num_threads(1)
+    pair = Pair(load_lm(folder / "target", device), load_lm(folder / "draft", device), "embedded")
+    with torch.inference_mode():
+        return measure(pair, seeds, frames, k, max_new_tokens, methods)
 
 
-def evaluate(folder: Path, clips: int, frames: int, k: int, max_new_tokens: int, workers: int = 1) -> dict:
-    """Metrics over held-out seeds 0..clips-1, computed on the CPU in `workers` processes."""
+def evaluate(folder: Path, clips: int, frames: int, k: int, max_new_tokens: int, workers: int = 1,
+             methods=METHODS, device: str = "cpu") -> dict:
+    """Metrics over held-out seeds 0..clips-1, computed on the CPU in `workers` processes
+    (or in this process on `device`, e.g. "cuda" for long clips)."""
     import multiprocessing
 
-    shards = [(folder, range(i, clips, workers), frames, k, max_new_tokens) for i in range(workers)]
+    unknown = set(methods) - set(METHODS)
+    if unknown:
+        raise ValueError(f"unknown selection method(s) {sorted(unknown)}: choose from {list(METHODS)}.")
+    if device != "cpu":
+        workers = 1
+    shards = [(folder, range(i, clips, workers), frames, k, max_new_tokens, tuple(methods), device) for i in range(workers)]
     if workers > 1:
         with multiprocessing.get_context("spawn").Pool(workers) as pool:
             parts = pool.map(_shard, shards)
@@ -82,9 +94,11 @@ def evaluate(folder: Path, clips: int, frames: int, k: int, max_new_tokens: int,
         parts = [_shard(shards[0])]
     captions = {name: [row for part in parts for row in part["captions"][name]] for name in parts[0]["captions"]}
     accepted = {key: [v for part in parts for v in part["accepted"][key]] for key in parts[0]["accepted"]}
+    lengths = [n for part in parts for n in part["lengths"]]
     return {
         "clips": clips, "frames": frames, "k": k, "max_new_tokens": max_new_tokens,
         "video_tokens": parts[0]["video_tokens"],
+        "target_new_tokens": {"mean": sum(lengths) / len(lengths), "min": min(lengths), "max": max(lengths)},
         "captions": {name: synthetic.aggregate(rows) for name, rows in captions.items()},
         "mean_accepted": {key: sum(v) / len(v) for key, v in accepted.items()},
     }
@@ -98,11 +112,17 @@ def main(argv=None):
     parser.add_argument("--k", type=int, default=5)
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--workers", type=int, default=1, help="CPU processes")
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), help="selection methods for the MAT table")
+    parser.add_argument("--device", default="cpu", help='"cpu" (with --workers processes) or e.g. "cuda"')
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args(argv)
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        parser.error(f"--device {args.device} asked for, but torch sees no CUDA device: use --device cpu.")
     start = time.time()
-    metrics = evaluate(args.pair, args.clips, args.frames, args.k, args.max_new_tokens, args.workers)
-    metrics.update(date=str(date.today()), device=f"cpu x{args.workers} processes", seconds=round(time.time() - start, 1))
+    metrics = evaluate(args.pair, args.clips, args.frames, args.k, args.max_new_tokens, args.workers, args.methods,
+                       args.device)
+    where = f"cpu x{args.workers} processes" if args.device == "cpu" else torch.cuda.get_device_name(args.device)
+    metrics.update(date=str(date.today()), device=where, seconds=round(time.time() - start, 1))
     args.out.write_text(json.dumps(metrics, indent=1) + "\n")
     print(json.dumps(metrics, indent=1))
 

@@ -8,7 +8,7 @@ one processor (64x64 frames, 4-pixel patches pooled 2x2 to an 8x8 token grid per
 The language models keep the real checkpoints' head layout: 7 query heads per KV head (14 and 2),
 head dimension 128 for the target (as in the 7B) and 64 for the draft (as in the 0.5B).
 
-1. The target learns to caption clips of 4 to 64 frames from all its video tokens.
+1. The target learns to caption clips (4 to 64 frames by default, `--frames` to change) from all its video tokens.
 2. The draft learns the same captions from *pruned* video: each batch keeps a share
    (ratio in {0, .5, .75, .9, .95}) chosen by {specvlm (the trained target's attention),
    uniform, random}, with kept tokens at their original positions, exactly as decoding
@@ -86,8 +86,13 @@ class Batches:
     """Batches (dicts: frames uint8 [B, T, S, S, 3], ids/labels/mask [B, L], video slots [n],
     prompt_len) of one frame count each, from seeded synthetic clips built in worker processes."""
 
-    def __init__(self, processor, tokens_per_batch: int, seed: int, workers: int):
+    def __init__(self, processor, tokens_per_batch: int, seed: int, workers: int,
+                 frames=FRAMES, frame_weights=FRAME_WEIGHTS):
+        if len(frames) != len(frame_weights) or min(frames) < 1 or min(frame_weights) < 0:
+            raise ValueError(f"frames {frames!r} and frame_weights {frame_weights!r} must pair up: "
+                             "one weight >= 0 for each frame count >= 1.")
         self.processor, self.tokens = processor, tokens_per_batch
+        self.frames, self.frame_weights = tuple(frames), tuple(frame_weights)
         self.rng = random.Random(seed)
         self.next_seed = TRAIN_SEED_BASE + seed * 10**8
         self.pool = ProcessPoolExecutor(workers, initializer=torch.set_num_threads, initargs=(1,)) if workers > 1 else None
@@ -122,7 +127,7 @@ class Batches:
         return dict(frames=frames_uint8, ids=ids, labels=labels, mask=mask, slots=video_slots, prompt_len=len(prompt))
 
     def _submit(self):
-        frames = self.rng.choices(FRAMES, FRAME_WEIGHTS)[0]
+        frames = self.rng.choices(self.frames, self.frame_weights)[0]
         count = max(1, self.tokens // (frames * self.per_frame))
         seeds = range(self.next_seed, self.next_seed + count)
         self.next_seed += count
@@ -296,6 +301,10 @@ def main(argv=None):
     parser.add_argument("--device", default=None)
     parser.add_argument("--stop-after-minutes", type=float, default=None, help="end each model's training at this wall time")
     parser.add_argument("--init", type=Path, default=None, help="continue from the models saved in this folder")
+    parser.add_argument("--frames", type=int, nargs="+", default=list(FRAMES),
+                        help="frame counts of the training clips (64 video tokens per frame)")
+    parser.add_argument("--frame-weights", type=float, nargs="+", default=None,
+                        help="relative frequency of each --frames entry (default: the built-in mix, or equal)")
     parser.add_argument("--decay-fraction", type=float, default=1.0,
                         help="share of this run's steps over which the learning rate decays to 0 (0: constant)")
     args = parser.parse_args(argv)
@@ -318,7 +327,8 @@ def main(argv=None):
     stage = sum('"stage"' in line for line in earlier.splitlines())
     log({"stage": stage, "init": str(args.init) if args.init else None})
     # a stage continued from saved models draws fresh clips: training seeds never repeat
-    batches = Batches(processor, args.tokens_per_batch, args.seed + 1000 * stage, args.workers)
+    weights = args.frame_weights or (list(FRAME_WEIGHTS) if tuple(args.frames) == FRAMES else [1.0] * len(args.frames))
+    batches = Batches(processor, args.tokens_per_batch, args.seed + 1000 * stage, args.workers, args.frames, weights)
     held_out = list(HELD_OUT_SEEDS[: args.eval_clips])
 
     roles = [("target", target)]

@@ -1,0 +1,45 @@
+"""The embedded pair's tools: the card matches its measured files, training draws the asked frame counts."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from specvlm.tiny import card, evaluate, train
+
+TINY = Path(card.__file__).parent
+
+
+def test_committed_card_is_rendered_from_the_committed_measurements():
+    assert (TINY / "README.md").read_text() == card.render(TINY)
+
+
+def test_card_shows_the_long_clip_measurements_only_when_they_exist(tmp_path):
+    for name in ("metrics.json", "train_log.jsonl"):
+        (tmp_path / name).write_text((TINY / name).read_text())
+    for role in ("target", "draft"):
+        (tmp_path / role).mkdir()
+        (tmp_path / role / "config.json").write_text((TINY / role / "config.json").read_text())
+    assert "## Long clips" not in card.render(tmp_path)
+    long = json.loads((TINY / "metrics_long.json").read_text())
+    (tmp_path / "metrics_long.json").write_text(json.dumps(long))
+    text = card.render(tmp_path)
+    assert f"## Long clips: {long['clips']} held-out clips of {long['frames']} frames" in text
+    assert f"Unpruned speculative decoding: {long['mean_accepted']['sd@0.0']:.2f}." in text
+
+
+def test_training_batches_use_the_asked_frame_counts():
+    from transformers import AutoProcessor
+
+    processor = AutoProcessor.from_pretrained(TINY / "target")
+    batches = train.Batches(processor, tokens_per_batch=400, seed=0, workers=1, frames=(2, 3), frame_weights=(1, 0))
+    batch = next(batches)
+    assert batch["frames"].shape[1] == 2
+    assert len(batch["slots"]) == 2 * batches.per_frame + 1
+    with pytest.raises(ValueError, match="must pair up"):
+        train.Batches(processor, 400, 0, 1, frames=(2, 3), frame_weights=(1,))
+
+
+def test_evaluate_rejects_an_unknown_selection_method():
+    with pytest.raises(ValueError, match="unknown selection method"):
+        evaluate.evaluate(TINY, clips=1, frames=2, k=2, max_new_tokens=2, methods=("specvlm", "nearest"))
