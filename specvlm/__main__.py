@@ -65,14 +65,15 @@ def bench(args) -> int:
 
     pair, stand_in = bench_pair(args)
     if args.clip == "synthetic":
-        video_for = lambda frames: from_array(synthetic.make_clip(0, num_frames=frames).frames, fps=8.0)
+        video_for = lambda frames: from_array(synthetic.make_clip(args.clip_seed, num_frames=frames).frames, fps=8.0)
     else:
         video_for = lambda frames: sample_video(args.clip, frames)
     result = run(pair, video_for, args.frames, args.max_new_tokens, args.k, args.repeats, paths=args.paths,
                  transformers_baselines=args.transformers, self_speculation=args.self_speculation,
-                 step_repeats=args.step_repeats, stand_in=stand_in,
+                 step_repeats=args.step_repeats, stand_in=stand_in, only=args.only,
                  progress=(lambda rows: save({"pair": pair.name, "partial": True, "rows": rows}, args.out))
                  if args.out else None)
+    result["clip"] = f"synthetic seed {args.clip_seed}" if args.clip == "synthetic" else args.clip
     if args.widen:
         result["widened_to"] = {"target": args.widen[0], "draft": args.widen[1]}
     print(table(result))
@@ -116,6 +117,7 @@ def main(argv=None) -> int:
     b.add_argument("--target", default="tiny")
     b.add_argument("--draft", default=None)
     b.add_argument("--clip", default="synthetic", help="'synthetic' or a bundled sample clip name")
+    b.add_argument("--clip-seed", type=int, default=0, help="seed of the synthetic clip (held-out seeds: below 10**5)")
     b.add_argument("--frames", type=int, nargs="+", default=[16, 64])
     b.add_argument("--k", type=int, default=5)
     b.add_argument("--max-new-tokens", type=int, default=64)
@@ -130,6 +132,9 @@ def main(argv=None) -> int:
                    help="widen the pair to these language-model shapes first, e.g. llava-ov-7b llava-ov-0.5b "
                         "(same outputs as the embedded pair: a stand-in)")
     b.add_argument("--step-repeats", type=int, default=5, help="timed isolated passes per row (step_ms)")
+    b.add_argument("--only", nargs="+", default=None, metavar="ROW",
+                   help="run only these rows (AR always runs), e.g. specvlm-tree-0.9 hf-generate; names: "
+                        "sv.bench.run_labels()")
     b.add_argument("--device", default=None)
     b.add_argument("--dtype", default=None, help="float32 or bfloat16 (default: bf16 on CUDA, fp32 on CPU)")
     b.add_argument("--out", default=None, help="write the JSON here (e.g. figures/bench_tiny.json)")

@@ -64,8 +64,21 @@ SELF_RUNS = (
     ("specvlm", "tree", 0.9),
 )
 # transformers' baselines: (method, assisted, static cache)
-HF_RUNS = (("hf-generate", False, False), ("hf-generate-static", False, True), ("hf-assisted", True, False))
-STEP_WARMUP = 3  # compile, record the CUDA graph, replay: timed calls replay
+HF_RUNS = (("hf-generate", False, False), ("hf-assisted", True, False), ("hf-generate-static", False, True))
+STEP_WARMUP = 3
+
+
+def run_label(method: str, shape: str | None, ratio: float, drafter: str | None = None) -> str:
+    """A run's name for `bench(only=...)`: "ar", "sd-chain-0", "specvlm-tree-0.9", "self-specvlm-chain-0.5"."""
+    if method == "ar":
+        return "ar"
+    return ("self-" if drafter == "self" else "") + f"{method}-{shape}-{ratio:g}"
+
+
+def run_labels(self_speculation: bool = True) -> list[str]:
+    """Every row name `bench` knows, in its order (the transformers baselines by their method)."""
+    return ([run_label(*run) for run in RUNS] + [run_label(*run, "self") for run in SELF_RUNS] * self_speculation
+            + [method for method, _, _ in HF_RUNS])  # compile, record the CUDA graph, replay: timed calls replay
 
 
 def timed(fn, repeats: int):
@@ -236,12 +249,20 @@ def assisted_mode(pair: Pair) -> str:
     return "token" if len(sizes) == 1 else "universal"
 
 
-def hf_rows(pair: Pair, prompt, reference: list[int], ar_total_s: float, frames: int, max_new_tokens: int,
-            repeats: int) -> list[dict]:
+def hf_rows(pair: Pair, prompt, reference: list[int], ar: dict, frames: int, max_new_tokens: int,
+            repeats: int, only=None, progress=None) -> list[dict]:
     """Rows for transformers' `generate` and assisted generation, timed end to end (prefill
-    included, so compared with the project's AR prefill + decode)."""
-    rows = []
+    included, so compared with the project's AR prefill + decode: `speedup_vs_ar_total`).
+    `generate` has no separate prefill, so its decode is estimated as the end-to-end time less
+    that of `generate(max_new_tokens=1)` (vision tower, prefill and the first token; the same
+    for every baseline): `prefill_s`, `decode_s` and `speedup_vs_ar` (the project's AR decode
+    over this row's). Assisted generation's decode also holds its draft's prefill."""
+    rows, prefill_s = [], None
     for method, assisted, static in HF_RUNS:
+        if only is not None and method not in only:
+            continue
+        if progress and rows:
+            progress(rows)
         row = {"path": "transformers", "frames": frames, "video_tokens": prompt.num_video_tokens, "method": method,
                "draft": "assistant" if assisted else None, "ratio": 0.0,
                "assisted_mode": assisted_mode(pair) if assisted else None, "cache": "static" if static else "dynamic",
@@ -249,14 +270,19 @@ def hf_rows(pair: Pair, prompt, reference: list[int], ar_total_s: float, frames:
         try:
             hf_generate(pair, prompt, max_new_tokens, assisted, static)  # warm-up (and compile)
             runs = [hf_generate(pair, prompt, max_new_tokens, assisted, static) for _ in range(repeats)]
+            if prefill_s is None:
+                prefill_s = statistics.median(hf_generate(pair, prompt, 1, False)[1] for _ in range(repeats))
         except Exception as error:  # a baseline transformers refuses is reported, not fatal to the run
             rows.append({**row, "new_tokens": 0, "equal_to_ar": False, "total_s": None, "speedup_vs_ar_total": None,
                          "error": f"{type(error).__name__}: {error}"})
             continue
         tokens, total_s = runs[0][0], statistics.median(t for _, t in runs)
         same = tokens == reference
+        decode_s = max(total_s - prefill_s, 0.0)
         rows.append({**row, "new_tokens": len(tokens), "equal_to_ar": same, "total_s": total_s,
-                     "speedup_vs_ar_total": ar_total_s / total_s if same else None})
+                     "prefill_s": prefill_s, "decode_s": decode_s,
+                     "speedup_vs_ar": ar["decode_s"] / decode_s if same and decode_s else None,
+                     "speedup_vs_ar_total": ar["total_s"] / total_s if same else None})
     return rows
 
 
@@ -284,10 +310,15 @@ def make_row(path: str, frames: int, prompt, draft_prompt, drafter, method, shap
 
 def bench(pair: Pair, video_for, frames_list, max_new_tokens=64, k=5, repeats=3, question="Describe the video.",
           paths=("plain",), transformers_baselines: bool = False, self_speculation: bool = False,
-          step_repeats: int = 5, stand_in: bool | None = None, progress=None) -> dict:
+          step_repeats: int = 5, stand_in: bool | None = None, progress=None, only=None) -> dict:
     """`video_for(frames)` returns a `Video`; returns a JSON-ready dict of rows (module docstring).
     `stand_in`: whether the pair stands in for real checkpoints (default: "stand-in" in its name).
-    `progress(rows)` is called after every row (e.g. to save partial results of a long run)."""
+    `progress(rows)` is called after every row (e.g. to save partial results of a long run).
+    `only`: names of the rows to run (`run_labels()`); AR always runs, as every row's reference."""
+    if only is not None:
+        unknown = set(only) - set(run_labels())
+        if unknown:
+            raise ValueError(f"unknown bench rows {sorted(unknown)}: choose from {run_labels()}.")
     self_pair = Pair(pair.target, pair.target, name=f"{pair.name}: target drafting for itself") \
         if self_speculation else None
     rows = []
@@ -300,6 +331,8 @@ def bench(pair: Pair, video_for, frames_list, max_new_tokens=64, k=5, repeats=3,
                 for method, shape, ratio in RUNS]
         if self_pair is not None:
             plan += [(self_pair, prompt, "self", method, shape, ratio) for method, shape, ratio in SELF_RUNS]
+        if only is not None:
+            plan = [p for p in plan if p[3] == "ar" or run_label(*p[3:], p[2]) in only]
         plain_ar_s, reference = None, None
         for path in paths:
             ar = None
@@ -316,7 +349,8 @@ def bench(pair: Pair, video_for, frames_list, max_new_tokens=64, k=5, repeats=3,
                     progress(rows)
         if transformers_baselines:
             plain_ar = next(r for r in rows if r["frames"] == frames and r["method"] == "ar")
-            rows += hf_rows(pair, prompt, reference, plain_ar["total_s"], frames, max_new_tokens, repeats)
+            rows += hf_rows(pair, prompt, reference, plain_ar, frames, max_new_tokens, repeats, only,
+                            (lambda done: progress(rows + done)) if progress else None)
             if progress:
                 progress(rows)
     from . import __version__  # here: the package may import this module while it initialises

@@ -41,9 +41,10 @@ def test_bench_times_transformers_generate_and_assisted_generation_against_ar(ti
                    transformers_baselines=True)
     hf = [row for row in result["rows"] if row["path"] == "transformers"]
     assert [(row["method"], row["cache"]) for row in hf] == [
-        ("hf-generate", "dynamic"), ("hf-generate-static", "static"), ("hf-assisted", "dynamic")]
+        ("hf-generate", "dynamic"), ("hf-assisted", "dynamic"), ("hf-generate-static", "static")]
     assert all(row["equal_to_ar"] and row["speedup_vs_ar_total"] > 0 for row in hf)
-    assert hf[2]["draft_video_tokens"] == hf[2]["video_tokens"]  # the assistant sees the whole video
+    assert hf[1]["draft_video_tokens"] == hf[1]["video_tokens"]  # the assistant sees the whole video
+    assert all(row["decode_s"] >= 0 and row["prefill_s"] > 0 for row in hf)
     assert all(row["total_s"] > 0 for row in result["rows"])
     assert "hf-assisted" in table(result)
 
@@ -151,9 +152,9 @@ def test_assisted_generation_goes_universal_when_the_output_vocabularies_differ(
     assert bench_module.assisted_mode(wide) == "universal"
     prompt = wide.target.prepare(synthetic_video(2), "Describe the video.")
     reference = sv.generate_ar(wide.target, prompt, NEW_TOKENS).tokens
-    rows = bench_module.hf_rows(wide, prompt, reference, 1.0, 2, NEW_TOKENS, 1)
+    rows = bench_module.hf_rows(wide, prompt, reference, {"decode_s": 1.0, "total_s": 1.0}, 2, NEW_TOKENS, 1)
     assert [(r["method"], r["assisted_mode"], r["equal_to_ar"]) for r in rows] == [
-        ("hf-generate", None, True), ("hf-generate-static", None, True), ("hf-assisted", "universal", True)]
+        ("hf-generate", None, True), ("hf-assisted", "universal", True), ("hf-generate-static", None, True)]
 
 
 def test_a_baseline_transformers_refuses_is_a_row_with_its_error_and_no_speedup(embedded, monkeypatch):
@@ -162,13 +163,16 @@ def test_a_baseline_transformers_refuses_is_a_row_with_its_error_and_no_speedup(
     def refuse(pair, prompt, max_new_tokens, assisted, static=False):
         if assisted:
             raise ValueError("The main and assistant models have different tokenizers.")
-        return [1, 2], 0.5
+        return [1, 2][:max_new_tokens], 0.1 if max_new_tokens == 1 else 0.5  # prefill and first token: 0.1 s
 
     monkeypatch.setattr(bench_module, "hf_generate", refuse)
     prompt = embedded.target.prepare(synthetic_video(2), "Describe the video.")
-    generate_row, static_row, assisted_row = bench_module.hf_rows(embedded, prompt, [1, 2], 1.0, 2, NEW_TOKENS, 1)
+    ar = {"decode_s": 0.2, "total_s": 1.0}
+    generate_row, assisted_row, static_row = bench_module.hf_rows(embedded, prompt, [1, 2], ar, 2, NEW_TOKENS, 1)
     assert static_row["equal_to_ar"] and static_row["cache"] == "static"
     assert generate_row["equal_to_ar"] and generate_row["speedup_vs_ar_total"] == pytest.approx(2.0)
+    assert generate_row["prefill_s"] == pytest.approx(0.1) and generate_row["decode_s"] == pytest.approx(0.4)
+    assert generate_row["speedup_vs_ar"] == pytest.approx(0.5)
     assert not assisted_row["equal_to_ar"] and assisted_row["speedup_vs_ar_total"] is None
     assert "different tokenizers" in assisted_row["error"]
     assert "failed" in table({"pair": "p", "device": "cpu", "dtype": "float32", "date": "d", "rows": [assisted_row]})
@@ -179,3 +183,14 @@ def test_bench_reports_progress_after_every_row(embedded):
     bench(embedded, synthetic_video, [1], max_new_tokens=4, repeats=1, step_repeats=1,
           progress=lambda rows: seen.append(len(rows)))
     assert seen == list(range(1, len(RUNS) + 1))
+
+
+def test_bench_runs_only_the_named_rows_and_always_ar(embedded):
+    from specvlm.bench import run_labels
+
+    assert "specvlm-tree-0.9" in run_labels() and "self-specvlm-chain-0.5" in run_labels()
+    result = bench(embedded, synthetic_video, [1], max_new_tokens=4, repeats=1, step_repeats=1,
+                   only=["specvlm-chain-0.9"])
+    assert [(r["method"], r["draft"], r["ratio"]) for r in result["rows"]] == [("ar", None, 0.0), ("specvlm", "chain", 0.9)]
+    with pytest.raises(ValueError, match="unknown bench rows"):
+        bench(embedded, synthetic_video, [1], only=["specvlm-chain-0.8"])
