@@ -28,6 +28,8 @@ needs to predict its speedup from this run alone:
                    They are timed after the row's timed repetitions, on caches prefilled anew
                    (plain: a forward into a DynamicCache, then a crop) or on the row's own static
                    caches with its compiled step functions (fast), so decode times are untouched;
+  "row_s"          the row's whole wall time: compiling its steps, warm-up, repetitions, step timings
+                   (what a long run's time limit must allow per row);
   "kv_bytes"       target and draft KV bytes holding the text at the end (fast path: also the
                    "allocated" static buffers); "peak_memory_bytes" on CUDA (reset per row).
 """
@@ -37,6 +39,7 @@ from __future__ import annotations
 import json
 import platform
 import statistics
+import time
 from datetime import date
 
 import torch
@@ -337,14 +340,16 @@ def bench(pair: Pair, video_for, frames_list, max_new_tokens=64, k=5, repeats=3,
         for path in paths:
             ar = None
             for run_pair, run_draft_prompt, run_drafter, method, shape, ratio in plan:
+                started = time.perf_counter()
                 m = measure(path, run_pair, prompt, run_draft_prompt, method, shape, ratio, k, max_new_tokens,
                             repeats, step_repeats)
+                row_s = time.perf_counter() - started
                 if method == "ar":
                     ar = m
                     reference = reference or m["res"].tokens
                     plain_ar_s = plain_ar_s or (m["decode_s"] if path == "plain" else None)
-                rows.append(make_row(path, frames, prompt, run_draft_prompt, run_drafter, method, shape, ratio, m,
-                                     ar, reference, plain_ar_s))
+                rows.append({**make_row(path, frames, prompt, run_draft_prompt, run_drafter, method, shape, ratio, m,
+                                        ar, reference, plain_ar_s), "row_s": row_s})
                 if progress:
                     progress(rows)
         if transformers_baselines:

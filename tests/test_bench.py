@@ -192,5 +192,6 @@ def test_bench_runs_only_the_named_rows_and_always_ar(embedded):
     result = bench(embedded, synthetic_video, [1], max_new_tokens=4, repeats=1, step_repeats=1,
                    only=["specvlm-chain-0.9"])
     assert [(r["method"], r["draft"], r["ratio"]) for r in result["rows"]] == [("ar", None, 0.0), ("specvlm", "chain", 0.9)]
+    assert all(r["row_s"] > r["decode_s"] + r["prefill_s"] for r in result["rows"])  # warm-up and step timings too
     with pytest.raises(ValueError, match="unknown bench rows"):
         bench(embedded, synthetic_video, [1], only=["specvlm-chain-0.8"])
