@@ -68,7 +68,7 @@ SELF_RUNS = (
 )
 # transformers' baselines: (method, assisted, static cache)
 HF_RUNS = (("hf-generate", False, False), ("hf-assisted", True, False), ("hf-generate-static", False, True))
-STEP_WARMUP = 3
+STEP_WARMUP = 3  # compile, record the CUDA graph, replay: timed calls replay
 
 
 def run_label(method: str, shape: str | None, ratio: float, drafter: str | None = None) -> str:
@@ -78,10 +78,12 @@ def run_label(method: str, shape: str | None, ratio: float, drafter: str | None 
     return ("self-" if drafter == "self" else "") + f"{method}-{shape}-{ratio:g}"
 
 
-def run_labels(self_speculation: bool = True) -> list[str]:
-    """Every row name `bench` knows, in its order (the transformers baselines by their method)."""
-    return ([run_label(*run) for run in RUNS] + [run_label(*run, "self") for run in SELF_RUNS] * self_speculation
-            + [method for method, _, _ in HF_RUNS])  # compile, record the CUDA graph, replay: timed calls replay
+def run_labels(self_speculation: bool = True, transformers_baselines: bool = True, drafter: str = "draft") -> list[str]:
+    """The row names a `bench` call with these options runs, in its order (the transformers
+    baselines by their method). `drafter` "self": the pair's draft is its target, so every
+    speculative row is self-speculation."""
+    return ([run_label(*run, drafter) for run in RUNS] + [run_label(*run, "self") for run in SELF_RUNS] * self_speculation
+            + [method for method, _, _ in HF_RUNS] * transformers_baselines)
 
 
 def timed(fn, repeats: int):
@@ -273,17 +275,20 @@ def hf_rows(pair: Pair, prompt, reference: list[int], ar: dict, frames: int, max
         try:
             hf_generate(pair, prompt, max_new_tokens, assisted, static)  # warm-up (and compile)
             runs = [hf_generate(pair, prompt, max_new_tokens, assisted, static) for _ in range(repeats)]
-            if prefill_s is None:
-                prefill_s = statistics.median(hf_generate(pair, prompt, 1, False)[1] for _ in range(repeats))
         except Exception as error:  # a baseline transformers refuses is reported, not fatal to the run
             rows.append({**row, "new_tokens": 0, "equal_to_ar": False, "total_s": None, "speedup_vs_ar_total": None,
                          "error": f"{type(error).__name__}: {error}"})
             continue
+        if prefill_s is None:  # plain generate stopped after its first token; None if even that fails
+            try:
+                prefill_s = statistics.median(hf_generate(pair, prompt, 1, False)[1] for _ in range(repeats))
+            except Exception:
+                prefill_s = False
         tokens, total_s = runs[0][0], statistics.median(t for _, t in runs)
         same = tokens == reference
-        decode_s = max(total_s - prefill_s, 0.0)
+        decode_s = max(total_s - prefill_s, 0.0) if prefill_s else None
         rows.append({**row, "new_tokens": len(tokens), "equal_to_ar": same, "total_s": total_s,
-                     "prefill_s": prefill_s, "decode_s": decode_s,
+                     "prefill_s": prefill_s or None, "decode_s": decode_s,
                      "speedup_vs_ar": ar["decode_s"] / decode_s if same and decode_s else None,
                      "speedup_vs_ar_total": ar["total_s"] / total_s if same else None})
     return rows
@@ -319,9 +324,11 @@ def bench(pair: Pair, video_for, frames_list, max_new_tokens=64, k=5, repeats=3,
     `progress(rows)` is called after every row (e.g. to save partial results of a long run).
     `only`: names of the rows to run (`run_labels()`); AR always runs, as every row's reference."""
     if only is not None:
-        unknown = set(only) - set(run_labels())
+        known = run_labels(self_speculation, transformers_baselines, "self" if pair.draft is pair.target else "draft")
+        unknown = set(only) - set(known)
         if unknown:
-            raise ValueError(f"unknown bench rows {sorted(unknown)}: choose from {run_labels()}.")
+            raise ValueError(f"bench rows {sorted(unknown)} are not among this call's rows (see --self and "
+                             f"--transformers): choose from {known}.")
     self_pair = Pair(pair.target, pair.target, name=f"{pair.name}: target drafting for itself") \
         if self_speculation else None
     rows = []
@@ -393,8 +400,12 @@ def table(result: dict) -> str:
             continue
         if r.get("path") == "transformers":
             total = "-" if r["speedup_vs_ar_total"] is None else f"{r['speedup_vs_ar_total']:.2f}"
+            decode = ""
+            if r.get("decode_s") is not None:
+                speed = "-" if r["speedup_vs_ar"] is None else f"{r['speedup_vs_ar']:.2f}"
+                decode = f"decode {r['decode_s']:.3f} s (x AR {speed}), prefill {r['prefill_s']:.3f} s, "
             lines.append(f"{'hf':<5} {r['frames']:>6} {r['video_tokens']:>6} {r['method']:<12} total {r['total_s']:.3f} s, "
-                         f"x AR (prefill + decode) {total}, = AR {'yes' if r['equal_to_ar'] else 'NO'}")
+                         f"{decode}x AR (prefill + decode) {total}, = AR {'yes' if r['equal_to_ar'] else 'NO'}")
             continue
         speed = "-" if r["speedup_vs_ar"] is None else f"{r['speedup_vs_ar']:.2f}"
         steps = r.get("step_ms") or {}

@@ -224,7 +224,9 @@ def fast_step(attention: str = "sdpa", compile=None):
     reused across points: "sdpa" reads its whole capacity, so its capacity is the context plus
     `SLACK` rounded up to 128 (a new engine, and new graphs, per context length); "flex" visits
     only the blocks up to the last visible slot, so one engine as large as the largest context
-    (measure_costs times the largest first) serves them all, with no recompilation."""
+    (measure_costs times the largest first) serves them all, with no recompilation; steps wider
+    than `fast.FLEX_MAX_QUERY` (the tree verification) keep the masked sdpa under "flex" too, so
+    they get their own engine, sized per context like "sdpa"'s."""
     if attention not in fast.ATTENTIONS:
         raise ValueError(f"unknown attention {attention!r}; choose one of {fast.ATTENTIONS}.")
 
@@ -234,12 +236,15 @@ def fast_step(attention: str = "sdpa", compile=None):
         if attention == "sdpa":
             model.set_attn_implementation("sdpa")
         capacity = fast.round_up(context_len + max(query_len, SLACK), 128)
+        # a step wider than FLEX_MAX_QUERY keeps the masked sdpa even under "flex": it reads its whole
+        # capacity, so it gets an engine of its own, sized for this context
+        masked = attention == "sdpa" or query_len > fast.FLEX_MAX_QUERY
+        key = (attention, str(compile), masked)
         engines = model.__dict__.setdefault("_specvlm_fast_engines", {})
-        engine = engines.get((attention, str(compile)))
-        fits = engine is not None and (engine.cache.capacity == capacity if attention == "sdpa"
-                                       else engine.cache.capacity >= capacity)
+        engine = engines.get(key)
+        fits = engine is not None and (engine.cache.capacity == capacity if masked else engine.cache.capacity >= capacity)
         if not fits:
-            engines.pop((attention, str(compile)), None)
+            engines.pop(key, None)
             engine = None
             _free(model.device)  # the old engine's cache and graphs go before the new cache comes
             engine = fast.StaticLM(_BareLM(model), fast.compile_options(compile, model.device), attention)
@@ -247,7 +252,7 @@ def fast_step(attention: str = "sdpa", compile=None):
             head_dim = config.hidden_size // config.num_attention_heads
             shapes = [(config.num_key_value_heads, head_dim, head_dim)] * config.num_hidden_layers
             engine.cache = fast.SlotCache(shapes, capacity, model.dtype, model.device)
-            engines[(attention, str(compile))] = engine
+            engines[key] = engine
         generator = torch.Generator(device=model.device).manual_seed(context_len)
         cache = engine.cache
         for layer, (keys, values) in enumerate(_random_kv_layers(model.config, context_len, model.device,

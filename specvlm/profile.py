@@ -26,8 +26,8 @@ and carries a second profile of the same step without CUDA graphs (`without_grap
 default the eager fast path), so a breakdown is still there, labelled as such; both wall
 times are reported.
 
-    python -m specvlm.profile --shapes llava-ov-7b llava-ov-0.5b --contexts 16384 1638 \\
-        --out "figures/profile_llava_{card}.json" --png figures/profile_llava.png
+    python -m specvlm.profile --shapes llava-ov-7b llava-ov-0.5b --contexts 16384 1638 --attention flex \\
+        --out "figures/profile_llava_flex_{card}.json" --png figures/profile_llava_flex.png
 
 The largest shape given is taken as the target: it also gets the chain verification (k + 1 =
 6 tokens) and the tree verification (`MC_SIM_7B_63`, 26 nodes); the others get the one-token

@@ -44,7 +44,8 @@ def test_bench_times_transformers_generate_and_assisted_generation_against_ar(ti
         ("hf-generate", "dynamic"), ("hf-assisted", "dynamic"), ("hf-generate-static", "static")]
     assert all(row["equal_to_ar"] and row["speedup_vs_ar_total"] > 0 for row in hf)
     assert hf[1]["draft_video_tokens"] == hf[1]["video_tokens"]  # the assistant sees the whole video
-    assert all(row["decode_s"] >= 0 and row["prefill_s"] > 0 for row in hf)
+    assert all(row["decode_s"] == pytest.approx(max(row["total_s"] - row["prefill_s"], 0.0)) and row["prefill_s"] > 0
+               for row in hf)
     assert all(row["total_s"] > 0 for row in result["rows"])
     assert "hf-assisted" in table(result)
 
@@ -193,5 +194,10 @@ def test_bench_runs_only_the_named_rows_and_always_ar(embedded):
                    only=["specvlm-chain-0.9"])
     assert [(r["method"], r["draft"], r["ratio"]) for r in result["rows"]] == [("ar", None, 0.0), ("specvlm", "chain", 0.9)]
     assert all(r["row_s"] > r["decode_s"] + r["prefill_s"] for r in result["rows"])  # warm-up and step timings too
-    with pytest.raises(ValueError, match="unknown bench rows"):
+    with pytest.raises(ValueError, match="not among this call's rows"):
         bench(embedded, synthetic_video, [1], only=["specvlm-chain-0.8"])
+    with pytest.raises(ValueError, match="--transformers"):  # a baseline row without the baselines
+        bench(embedded, synthetic_video, [1], only=["hf-generate"])
+    self_pair = sv.Pair(embedded.target, embedded.target)
+    with pytest.raises(ValueError, match="self-sd-chain-0"):  # a target drafting for itself: every row is "self-"
+        bench(self_pair, synthetic_video, [1], only=["sd-chain-0"])

@@ -154,14 +154,18 @@ def test_the_flex_engine_serves_every_context_and_the_sdpa_engine_fits_each():
     model = costs.build_lm("tiny", "cpu", torch.float32)
     engines = lambda: model.__dict__["_specvlm_fast_engines"]
     costs.PATHS["fast-flex"](model, 300, 1)()
-    flex = engines()[("flex", "None")]
+    flex = engines()[("flex", "None", False)]
     address = flex.cache.keys[0].data_ptr()
     for context in (300, 40):  # largest first, as measure_costs times them
         step = costs.PATHS["fast-flex"](model, context, 6)
         torch.testing.assert_close(step(), costs.PATHS["sdpa"](model, context, 6)(), rtol=1e-4, atol=1e-5)
         costs.PATHS["fast"](model, context, 6)()
-        assert engines()[("sdpa", "None")].cache.capacity == costs.fast.round_up(context + costs.SLACK, 128)
-    assert engines()[("flex", "None")] is flex and flex.cache.keys[0].data_ptr() == address
+        assert engines()[("sdpa", "None", True)].cache.capacity == costs.fast.round_up(context + costs.SLACK, 128)
+        # a tree verification keeps the masked sdpa under flex too: an engine sized for this context
+        costs.PATHS["fast-flex"](model, context, MC_SIM_7B_63.num_nodes, MC_SIM_7B_63)()
+        wide = engines()[("flex", "None", True)]
+        assert wide.cache.capacity == costs.fast.round_up(context + max(MC_SIM_7B_63.num_nodes, costs.SLACK), 128)
+    assert engines()[("flex", "None", False)] is flex and flex.cache.keys[0].data_ptr() == address
     assert flex.cache.capacity == 384
 
 

@@ -43,3 +43,9 @@ def test_training_batches_use_the_asked_frame_counts():
 def test_evaluate_rejects_an_unknown_selection_method():
     with pytest.raises(ValueError, match="unknown selection method"):
         evaluate.evaluate(TINY, clips=1, frames=2, k=2, max_new_tokens=2, methods=("specvlm", "nearest"))
+
+
+def test_evaluate_command_line_refuses_a_device_it_cannot_use(capsys):
+    with pytest.raises(SystemExit):
+        evaluate.main(["--clips", "1", "--out", "unused.json", "--device", "mps"])
+    assert "use cpu (with --workers processes) or cuda" in capsys.readouterr().err

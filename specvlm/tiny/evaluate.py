@@ -116,8 +116,12 @@ def main(argv=None):
     parser.add_argument("--device", default="cpu", help='"cpu" (with --workers processes) or e.g. "cuda"')
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args(argv)
+    if args.device != "cpu" and not args.device.startswith("cuda"):
+        parser.error(f"--device {args.device!r}: use cpu (with --workers processes) or cuda.")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         parser.error(f"--device {args.device} asked for, but torch sees no CUDA device: use --device cpu.")
+    if args.device != "cpu" and args.workers > 1:
+        parser.error("--workers applies to --device cpu only: on a GPU the clips run in this process.")
     start = time.time()
     metrics = evaluate(args.pair, args.clips, args.frames, args.k, args.max_new_tokens, args.workers, args.methods,
                        args.device)
