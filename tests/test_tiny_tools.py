@@ -49,3 +49,9 @@ def test_evaluate_command_line_refuses_a_device_it_cannot_use(capsys):
     with pytest.raises(SystemExit):
         evaluate.main(["--clips", "1", "--out", "unused.json", "--device", "mps"])
     assert "use cpu (with --workers processes) or cuda" in capsys.readouterr().err
+
+
+def test_training_plans_the_steps_that_fit_its_minutes():
+    assert train.planned_steps(1000, budget_s=100, before_warm_s=10, per_step_s=0.5, done=40) == 180
+    assert train.planned_steps(150, budget_s=100, before_warm_s=10, per_step_s=0.5, done=40) == 150  # the cap
+    assert train.planned_steps(1000, budget_s=100, before_warm_s=10, per_step_s=5.0, done=40) == 41  # never less

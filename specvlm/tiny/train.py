@@ -199,11 +199,22 @@ def learning_rate_factor(step: int, steps: int, warmup: int = 50, decay_fraction
     return min(1.0, (step + 1) / warmup) * (0.5 * (1 + math.cos(math.pi * into_decay)) if decay_fraction > 0 else 1.0)
 
 
+REPLAN_AT = (40, 100, 200, 400, 800, 1600, 3200, 6400)
+
+
+def planned_steps(cap: int, budget_s: float, before_warm_s: float, per_step_s: float, done: int) -> int:
+    """Steps that fit `budget_s` at `per_step_s` after `before_warm_s` of start-up, at most `cap`
+    and never fewer than one more than `done`. planned_steps(1000, 100, 10, 0.5, 40) -> 180."""
+    return max(done + 1, min(cap, int((budget_s - before_warm_s) / per_step_s)))
+
+
 def train_model(model, batches, steps, lr, device, log, role, target=None, seed=0, minutes=None, decay_fraction=1.0,
                 stop_after_minutes=None):
     """Train for `steps`, or fewer if `minutes` would be exceeded: the number of steps is
-    fixed from the time of steps 10-40 and logged ("planned_steps"), so a run is reproducible
-    by passing that number back as `steps`. `stop_after_minutes` ends the run at that wall time
+    planned from the mean time per step since step 10, at each step of REPLAN_AT (clip lengths,
+    and so step times, vary from batch to batch: an early plan can be far off), and logged
+    ("planned_steps", then "steps_done"), so a run is reproducible by passing "steps_done" back
+    as `steps` (up to the learning-rate curve, which followed each plan). `stop_after_minutes` ends the run at that wall time
     whatever the schedule (for a constant-rate stage that a later run continues; "steps_done" is logged)."""
     model.to(device).train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01, betas=(0.9, 0.98))
@@ -220,10 +231,10 @@ def train_model(model, batches, steps, lr, device, log, role, target=None, seed=
             break
         if step == 10:
             warm = time.time()
-        if step == 40 and minutes is not None:
-            per_step = (time.time() - warm) / 30
-            plan["steps"] = max(41, min(steps, int((minutes * 60 - (warm - start)) / per_step)))
-            log({"role": role, "planned_steps": plan["steps"], "seconds_per_step": round(per_step, 4)})
+        if minutes is not None and step in REPLAN_AT:
+            per_step = (time.time() - warm) / (step - 10)
+            plan["steps"] = planned_steps(steps, minutes * 60, warm - start, per_step, step)
+            log({"role": role, "step": step, "planned_steps": plan["steps"], "seconds_per_step": round(per_step, 4)})
         waited = time.time()
         batch = next(batches)
         data_s += time.time() - waited
