@@ -254,6 +254,15 @@ def assisted_mode(pair: Pair) -> str:
     return "token" if len(sizes) == 1 else "universal"
 
 
+def hf_prefill_s(pair: Pair, prompt, repeats: int) -> float | None:
+    """Median seconds of plain `generate(max_new_tokens=1)`: vision tower, prefill and the first
+    token; None when transformers refuses even that."""
+    try:
+        return statistics.median(hf_generate(pair, prompt, 1, False)[1] for _ in range(repeats))
+    except Exception:
+        return None
+
+
 def hf_rows(pair: Pair, prompt, reference: list[int], ar: dict, frames: int, max_new_tokens: int,
             repeats: int, only=None, progress=None) -> list[dict]:
     """Rows for transformers' `generate` and assisted generation, timed end to end (prefill
@@ -262,7 +271,7 @@ def hf_rows(pair: Pair, prompt, reference: list[int], ar: dict, frames: int, max
     that of `generate(max_new_tokens=1)` (vision tower, prefill and the first token; the same
     for every baseline): `prefill_s`, `decode_s` and `speedup_vs_ar` (the project's AR decode
     over this row's). Assisted generation's decode also holds its draft's prefill."""
-    rows, prefill_s = [], None
+    rows, prefill_s, measured_prefill = [], None, False
     for method, assisted, static in HF_RUNS:
         if only is not None and method not in only:
             continue
@@ -279,16 +288,13 @@ def hf_rows(pair: Pair, prompt, reference: list[int], ar: dict, frames: int, max
             rows.append({**row, "new_tokens": 0, "equal_to_ar": False, "total_s": None, "speedup_vs_ar_total": None,
                          "error": f"{type(error).__name__}: {error}"})
             continue
-        if prefill_s is None:  # plain generate stopped after its first token; None if even that fails
-            try:
-                prefill_s = statistics.median(hf_generate(pair, prompt, 1, False)[1] for _ in range(repeats))
-            except Exception:
-                prefill_s = False
+        if not measured_prefill:
+            prefill_s, measured_prefill = hf_prefill_s(pair, prompt, repeats), True
         tokens, total_s = runs[0][0], statistics.median(t for _, t in runs)
         same = tokens == reference
         decode_s = max(total_s - prefill_s, 0.0) if prefill_s else None
         rows.append({**row, "new_tokens": len(tokens), "equal_to_ar": same, "total_s": total_s,
-                     "prefill_s": prefill_s or None, "decode_s": decode_s,
+                     "prefill_s": prefill_s, "decode_s": decode_s,
                      "speedup_vs_ar": ar["decode_s"] / decode_s if same and decode_s else None,
                      "speedup_vs_ar_total": ar["total_s"] / total_s if same else None})
     return rows

@@ -3,7 +3,8 @@
     python -m specvlm.tiny.card
 
 Every number in the card is read from `metrics.json` and `metrics_long.json` (both written by
-`specvlm.tiny.evaluate`, on 16-frame and on long clips), `train_log.jsonl` (written by `specvlm.tiny.train`) and the saved configs: nothing is typed.
+`specvlm.tiny.evaluate`, on 16-frame and on long clips), `train_log.jsonl` (written by
+`specvlm.tiny.train`) and the saved configs: nothing is typed.
 """
 
 from __future__ import annotations

@@ -214,8 +214,8 @@ def train_model(model, batches, steps, lr, device, log, role, target=None, seed=
     planned from the mean time per step since step 10, at each step of REPLAN_AT (clip lengths,
     and so step times, vary from batch to batch: an early plan can be far off), and logged
     ("planned_steps", then "steps_done"), so a run is reproducible by passing "steps_done" back
-    as `steps` (up to the learning-rate curve, which followed each plan). `stop_after_minutes` ends the run at that wall time
-    whatever the schedule (for a constant-rate stage that a later run continues; "steps_done" is logged)."""
+    as `steps` (up to the learning-rate curve, which followed each plan). `stop_after_minutes`
+    ends the run at that wall time whatever the schedule (for a constant-rate stage that a later run continues; "steps_done" is logged)."""
     model.to(device).train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01, betas=(0.9, 0.98))
     plan = {"steps": steps}
