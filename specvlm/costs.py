@@ -225,8 +225,9 @@ def fast_step(attention: str = "sdpa", compile=None):
     `SLACK` rounded up to 128 (a new engine, and new graphs, per context length); "flex" visits
     only the blocks up to the last visible slot, so one engine as large as the largest context
     (measure_costs times the largest first) serves them all, with no recompilation; steps wider
-    than `fast.FLEX_MAX_QUERY` (the tree verification) keep the masked sdpa under "flex" too, so
-    they get their own engine, sized per context like "sdpa"'s."""
+    than `fast.FLEX_MAX_QUERY` (the tree verification) take `fast.grouped_attention` under
+    "flex", which reads the whole capacity too, so they get their own engine, sized per context
+    like "sdpa"'s."""
     if attention not in fast.ATTENTIONS:
         raise ValueError(f"unknown attention {attention!r}; choose one of {fast.ATTENTIONS}.")
 
@@ -236,8 +237,8 @@ def fast_step(attention: str = "sdpa", compile=None):
         if attention == "sdpa":
             model.set_attn_implementation("sdpa")
         capacity = fast.round_up(context_len + max(query_len, SLACK), 128)
-        # a step wider than FLEX_MAX_QUERY keeps the masked sdpa even under "flex": it reads its whole
-        # capacity, so it gets an engine of its own, sized for this context
+        # a step wider than FLEX_MAX_QUERY takes the grouped masked attention even under "flex": it
+        # reads its whole capacity, so it gets an engine of its own, sized for this context
         masked = attention == "sdpa" or query_len > fast.FLEX_MAX_QUERY
         key = (attention, str(compile), masked)
         engines = model.__dict__.setdefault("_specvlm_fast_engines", {})

@@ -212,7 +212,7 @@ FLEX_BLOCK = 128  # slots per block of the block mask (capacities are multiples 
 FLEX_ROWS = 128  # most query rows (rows x heads per KV head) one decode-kernel call takes
 # widest step given to FlexAttention: measured on an H200 (figures/costs_llava_fastflex_*.json),
 # a 26-node tree verification through flex took 76 ms at 16k context where masked sdpa took
-# 18 ms (the decode kernel serves short queries only), so wider steps keep the masked sdpa
+# 18 ms (the decode kernel serves short queries only), so wider steps take `grouped_attention`
 FLEX_MAX_QUERY = 16
 
 
@@ -265,13 +265,39 @@ def grouped_flex(query, key, value, block_mask: BlockMask, scale: float | None =
     return out[:, :, :groups].reshape(batch, heads, q, dim)
 
 
-def flex_or_sdpa(module, query, key, value, attention_mask, scaling=None, **kwargs):
+def grouped_attention(query, key, value, bias, scale: float) -> torch.Tensor:
+    """Attention with an additive mask, grouped KV heads read in place: for wide steps.
+
+    query [B, Hq, q, d], key/value [B, Hkv, K, d], bias [B or 1, 1, q, K] -> [B, Hq, q, d].
+    The G = Hq / Hkv query heads that share a KV head are stacked as G*q rows of one batched
+    matmul against it (a 26-node tree, 28 heads over 4 KV heads: 182 rows per KV head), so the
+    KV heads are never repeated in memory and the long key axis is the matmul's wide side, which
+    spreads over every SM. Scores and softmax in float32 (as sdpa's kernels keep them), the
+    probabilities rounded to the value dtype before the second matmul (as flash does). Masked
+    sdpa instead repeats each KV head G times under torch.compile and runs one tile of rows per
+    head over the whole key axis: 63% of a 7B tree verification on the H100 (profile, 16k)."""
+    batch, heads, q, dim = query.shape
+    kv_heads, slots = key.shape[1], key.shape[2]
+    groups = heads // kv_heads
+    rows = query.reshape(batch, kv_heads, groups * q, dim).float()
+    scores = (rows @ key.float().transpose(-1, -2)) * scale  # [B, Hkv, G*q, K]
+    scores = scores.view(batch, kv_heads, groups, q, slots) + bias[:, :, None].float()
+    probs = scores.softmax(-1).to(value.dtype).view(batch, kv_heads, groups * q, slots)
+    return (probs @ value).view(batch, heads, q, dim)
+
+
+def flex_or_sdpa(module, query, key, value, attention_mask, scaling=None, grouped=False, **kwargs):
     """The attention function registered as FLEX_ATTENTION: FlexAttention when the mask is a
-    BlockMask (the fast path's steps), otherwise exactly the project's sdpa (verifier scores
-    included), so prefills and the plain path are unchanged."""
-    if not isinstance(attention_mask, BlockMask):
+    BlockMask (the fast path's short steps), `grouped_attention` when the step asks for it
+    (`grouped=True`: the fast path's wide steps), otherwise exactly the project's sdpa
+    (verifier scores included), so prefills and the plain path are unchanged."""
+    scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+    if isinstance(attention_mask, BlockMask):
+        out = grouped_flex(query, key, value, attention_mask, scale)
+    elif grouped:
+        out = grouped_attention(query, key, value, attention_mask, scale)
+    else:
         return sdpa_with_scores(module, query, key, value, attention_mask, scaling=scaling, **kwargs)
-    out = grouped_flex(query, key, value, attention_mask, scaling)
     return out.transpose(1, 2).contiguous(), None
 
 
@@ -313,15 +339,18 @@ def step_logits(lm: VideoLM, cache: SlotCache, inputs: torch.Tensor, pattern: to
     inputs: [2q + 2] long on the device = token ids [q], positions [q], write slot, mask start;
     pattern: [q, S] bool (see `visibility_bias`). Returns logits [1, q, V] (float32).
     attention "flex" passes the same visibility as a BlockMask (`flex_block_mask`) to steps of at
-    most FLEX_MAX_QUERY tokens (a draft step, a chain verification); wider ones keep the bias."""
+    most FLEX_MAX_QUERY tokens (a draft step, a chain verification) and as the bias, for
+    `grouped_attention`, to wider ones (a tree verification)."""
     q = pattern.shape[0]
     cache.position.copy_(inputs[2 * q])
     embeds = lm.model.get_input_embeddings()(inputs[:q].reshape(1, q))
+    options = {}
     if attention == "flex" and q <= FLEX_MAX_QUERY:
         mask = flex_block_mask(inputs[2 * q + 1], pattern, cache.capacity)
     else:
         mask = visibility_bias(inputs[2 * q + 1], pattern, cache.capacity, lm.dtype)
-    return lm.forward(embeds, lm.position_ids_for(inputs[q:2 * q]), cache, mask)
+        options = {"grouped": True} if attention == "flex" else {}
+    return lm.forward(embeds, lm.position_ids_for(inputs[q:2 * q]), cache, mask, **options)
 
 
 class StaticLM:

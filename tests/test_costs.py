@@ -161,7 +161,7 @@ def test_the_flex_engine_serves_every_context_and_the_sdpa_engine_fits_each():
         torch.testing.assert_close(step(), costs.PATHS["sdpa"](model, context, 6)(), rtol=1e-4, atol=1e-5)
         costs.PATHS["fast"](model, context, 6)()
         assert engines()[("sdpa", "None", True)].cache.capacity == costs.fast.round_up(context + costs.SLACK, 128)
-        # a tree verification keeps the masked sdpa under flex too: an engine sized for this context
+        # a tree verification takes the grouped masked attention under flex: an engine sized for this context
         costs.PATHS["fast-flex"](model, context, MC_SIM_7B_63.num_nodes, MC_SIM_7B_63)()
         wide = engines()[("flex", "None", True)]
         assert wide.cache.capacity == costs.fast.round_up(context + max(MC_SIM_7B_63.num_nodes, costs.SLACK), 128)
@@ -195,6 +195,26 @@ def test_flex_attention_equals_sdpa_with_the_additive_mask(query_len, start):
     expected = torch.nn.functional.scaled_dot_product_attention(query, key, value, attn_mask=bias, scale=0.3,
                                                                 enable_gqa=True)
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("heads,kv_heads,query_len", [(14, 2, 26), (28, 4, 26), (4, 4, 17), (6, 2, 40)])
+def test_grouped_attention_equals_sdpa_with_the_kv_heads_repeated(heads, kv_heads, query_len):
+    """The wide steps' attention: query heads stacked per KV head, the mask shared by the group."""
+    capacity = 384
+    start, pattern = _visibility_case(query_len, 300, capacity, seed=heads)
+    generator = torch.Generator().manual_seed(heads + query_len)
+    query = torch.randn(1, heads, query_len, 8, generator=generator)
+    key, value = (torch.randn(1, kv_heads, capacity, 8, generator=generator) for _ in range(2))
+    bias = fast.visibility_bias(start, pattern, capacity, torch.float32)
+    got = fast.grouped_attention(query, key, value, bias, scale=0.3)
+    groups = heads // kv_heads
+    expected = torch.nn.functional.scaled_dot_product_attention(
+        query, key.repeat_interleave(groups, 1), value.repeat_interleave(groups, 1), attn_mask=bias, scale=0.3)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    # a row must not depend on the slots it does not see
+    garbage = key.clone()
+    garbage[:, :, int(start) + query_len:] = 1e4
+    torch.testing.assert_close(fast.grouped_attention(query, garbage, value, bias, scale=0.3), got)
 
 
 def test_flex_needs_whole_blocks_and_a_known_attention(monkeypatch):
@@ -234,14 +254,20 @@ def test_the_decoding_fast_path_with_flex_gives_the_plain_tokens(embedded, kwarg
     assert ar.tokens == decoding.generate_ar(embedded.target, prompt, 16).tokens
 
 
-def test_flex_serves_only_short_steps_and_wider_ones_keep_the_masked_sdpa(embedded, monkeypatch):
-    """A tree verification (26 nodes) is wider than FLEX_MAX_QUERY: it gets the additive bias."""
-    widths = []
-    real = fast.flex_block_mask
+def test_flex_serves_only_short_steps_and_wider_ones_take_the_grouped_attention(embedded, monkeypatch):
+    """A tree verification (26 nodes) is wider than FLEX_MAX_QUERY: it gets the additive bias and
+    `grouped_attention`, in every layer; the shorter steps get a BlockMask."""
+    widths, grouped = [], []
+    real_mask, real_grouped = fast.flex_block_mask, fast.grouped_attention
     monkeypatch.setattr(fast, "flex_block_mask", lambda start, pattern, capacity: widths.append(pattern.shape[0])
-                        or real(start, pattern, capacity))
+                        or real_mask(start, pattern, capacity))
+    monkeypatch.setattr(fast, "grouped_attention", lambda query, *args: grouped.append(query.shape[2])
+                        or real_grouped(query, *args))
     prompt = embedded.target.prepare(sv.sample_video("bikes", 2))
     result = fast.generate_fast(embedded, prompt, method="specvlm", ratio=0.9, max_new_tokens=8, tree=MC_SIM_7B_63,
                                 compile=False, attention="flex")
     assert result.tokens == decoding.generate_ar(embedded.target, prompt, 8).tokens
     assert widths and max(widths) <= fast.FLEX_MAX_QUERY < MC_SIM_7B_63.num_nodes
+    layers = embedded.target.language_model.config.num_hidden_layers
+    # (near the end a round drafts a smaller tree, which may fit FLEX_MAX_QUERY)
+    assert set(grouped) == {MC_SIM_7B_63.num_nodes} and len(grouped) % layers == 0 and grouped

@@ -20,10 +20,11 @@ FLAT_TREE = Tree.from_paths([[0], [1], [2]])  # depth 1: no draft level is fed
 
 def assert_same(pair, prompt, max_new_tokens=20, **options):
     """generate_fast == decoding's loop: tokens, accepted counts, cache lengths, laps."""
+    plain = {key: value for key, value in options.items() if key != "attention"}
     if options.get("method") == "ar":
         reference = decoding.generate_ar(pair.target, prompt, max_new_tokens)
     else:
-        reference = decoding.generate_sd(pair, prompt, max_new_tokens=max_new_tokens, **options)
+        reference = decoding.generate_sd(pair, prompt, max_new_tokens=max_new_tokens, **plain)
     result = fast.generate_fast(pair, prompt, max_new_tokens=max_new_tokens, compile=False, **options)
     label = (pair.name, options)
     assert result.tokens == reference.tokens, label
@@ -188,6 +189,18 @@ def test_tree_on_the_embedded_pair(embedded, embedded_prompt, tree, method, rati
     assert_same(embedded, embedded_prompt, method=method, ratio=ratio, tree=tree, max_new_tokens=24)
 
 
+@pytest.mark.parametrize("clip,frames,method,ratio,tree", [
+    ("bikes", 2, "sd", 0.0, MC_SIM_7B_63), ("bikes", 2, "specvlm", 0.9, MC_SIM_7B_63),
+    ("bigbuckbunny", 4, "uniform", 0.5, MC_SIM_7B_63), ("bigbuckbunny", 4, "specvlm", 0.75, SMALL_TREE),
+    ("bikes", 6, "top", 0.9, chain(4)),
+])
+def test_flex_attention_on_the_embedded_pair(embedded, clip, frames, method, ratio, tree):
+    """attention="flex": short steps through FlexAttention, the 26-node verifications through
+    `grouped_attention`; the same tokens, accepted counts and cache lengths as the plain path."""
+    prompt = embedded.target.prepare(sv.sample_video(clip, frames))
+    assert_same(embedded, prompt, method=method, ratio=ratio, tree=tree, max_new_tokens=20, attention="flex")
+
+
 def test_another_clip(embedded):
     prompt = embedded.target.prepare(sv.sample_video("bigbuckbunny", 4))
     assert_same(embedded, prompt, method="ar", max_new_tokens=16)
@@ -248,6 +261,8 @@ def test_qwen(qwen_pair):
         assert_same(pair, prompt, method="ar", max_new_tokens=12)
         assert_same(pair, prompt, method="specvlm", ratio=0.9, k=3, max_new_tokens=12)
         assert_same(pair, prompt, method="uniform", ratio=0.5, tree=MC_SIM_7B_63, max_new_tokens=12)
+        assert_same(pair, prompt, method="specvlm", ratio=0.9, tree=MC_SIM_7B_63, max_new_tokens=12,
+                    attention="flex")
     result = assert_same(self_pair, prompt, method="sd", tree=SMALL_TREE, max_new_tokens=12)
     assert result.accepted[0] == SMALL_TREE.depth
 
