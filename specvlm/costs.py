@@ -27,10 +27,11 @@ tree=None) -> step`. `step()` runs one forward pass of `query_len` new tokens af
 returns its logits (the harness ignores them) and leaves everything as it found it, so it can
 be called again with the same result. `PATHS` holds transformers' own paths ("eager", "sdpa":
 dynamic cache, uncompiled) and the project's fast path (`fast_step`: a static `SlotCache`,
-fixed-shape steps compiled into CUDA graphs on a GPU) with its two attentions: "fast" (sdpa
-with an additive mask over the whole capacity, `fast.py`'s default) and "fast-flex"
-(FlexAttention's split-KV decode kernel, `fast.flex_block_mask`). Other paths come with
-`factories=`.
+fixed-shape steps compiled into CUDA graphs on a GPU) with its three attentions: "fast" (sdpa
+with an additive mask over the whole capacity, `fast.py`'s default), "fast-flex"
+(FlexAttention's split-KV decode kernel, `fast.flex_block_mask`, for short steps) and
+"fast-grouped" (`fast.grouped_attention`: two batched matmuls, no repeated KV heads). Other
+paths come with `factories=`.
 
     python -m specvlm costs --shapes llava-ov-7b llava-ov-0.5b --contexts 1024 4096 16384 65536 \\
         --paths eager sdpa fast fast-flex --out "figures/costs_{card}.json"
@@ -221,8 +222,9 @@ def fast_step(attention: str = "sdpa", compile=None):
     `fast.compile_options(compile)`: CUDA graphs on CUDA, plain eager elsewhere).
 
     One engine (cache + compiled steps) per model and attention is kept on the model and
-    reused across points: "sdpa" reads its whole capacity, so its capacity is the context plus
-    `SLACK` rounded up to 128 (a new engine, and new graphs, per context length); "flex" visits
+    reused across points: "sdpa" and "grouped" read their whole capacity, so their capacity is
+    the context plus `SLACK` rounded up to 128 (a new engine, and new graphs, per context
+    length); "flex" visits
     only the blocks up to the last visible slot, so one engine as large as the largest context
     (measure_costs times the largest first) serves them all, with no recompilation; steps wider
     than `fast.FLEX_MAX_QUERY` (the tree verification) take `fast.grouped_attention` under
@@ -239,7 +241,7 @@ def fast_step(attention: str = "sdpa", compile=None):
         capacity = fast.round_up(context_len + max(query_len, SLACK), 128)
         # a step wider than FLEX_MAX_QUERY takes the grouped masked attention even under "flex": it
         # reads its whole capacity, so it gets an engine of its own, sized for this context
-        masked = attention == "sdpa" or query_len > fast.FLEX_MAX_QUERY
+        masked = attention != "flex" or query_len > fast.FLEX_MAX_QUERY
         key = (attention, str(compile), masked)
         engines = model.__dict__.setdefault("_specvlm_fast_engines", {})
         engine = engines.get(key)
@@ -279,7 +281,7 @@ def fast_step(attention: str = "sdpa", compile=None):
 
 
 PATHS = {"eager": transformers_step("eager"), "sdpa": transformers_step("sdpa"),
-         "fast": fast_step("sdpa"), "fast-flex": fast_step("flex")}
+         "fast": fast_step("sdpa"), "fast-flex": fast_step("flex"), "fast-grouped": fast_step("grouped")}
 
 
 def _sync(device: torch.device) -> None:

@@ -303,7 +303,9 @@ def flex_or_sdpa(module, query, key, value, attention_mask, scaling=None, groupe
 
 AttentionInterface.register(FLEX_ATTENTION, flex_or_sdpa)
 AttentionMaskInterface.register(FLEX_ATTENTION, sdpa_mask)
-ATTENTIONS = ("sdpa", "flex")
+# "sdpa": masked sdpa for every step; "flex": FlexAttention for short steps, `grouped_attention`
+# for wide ones; "grouped": `grouped_attention` for every step (no split-KV kernel, fewer kernels)
+ATTENTIONS = ("sdpa", "flex", "grouped")
 
 
 def _restore_output_capture() -> None:
@@ -340,7 +342,8 @@ def step_logits(lm: VideoLM, cache: SlotCache, inputs: torch.Tensor, pattern: to
     pattern: [q, S] bool (see `visibility_bias`). Returns logits [1, q, V] (float32).
     attention "flex" passes the same visibility as a BlockMask (`flex_block_mask`) to steps of at
     most FLEX_MAX_QUERY tokens (a draft step, a chain verification) and as the bias, for
-    `grouped_attention`, to wider ones (a tree verification)."""
+    `grouped_attention`, to wider ones (a tree verification); "grouped" gives every step to
+    `grouped_attention`."""
     q = pattern.shape[0]
     cache.position.copy_(inputs[2 * q])
     embeds = lm.model.get_input_embeddings()(inputs[:q].reshape(1, q))
@@ -349,7 +352,7 @@ def step_logits(lm: VideoLM, cache: SlotCache, inputs: torch.Tensor, pattern: to
         mask = flex_block_mask(inputs[2 * q + 1], pattern, cache.capacity)
     else:
         mask = visibility_bias(inputs[2 * q + 1], pattern, cache.capacity, lm.dtype)
-        options = {"grouped": True} if attention == "flex" else {}
+        options = {} if attention == "sdpa" else {"grouped": True}
     return lm.forward(embeds, lm.position_ids_for(inputs[q:2 * q]), cache, mask, **options)
 
 
@@ -357,7 +360,8 @@ class StaticLM:
     """A `VideoLM` with one `SlotCache` and one step function per input shape (q, S), compiled
     with `torch.compile(**options)` unless `options` is None. Reused across generations while the
     cache is large enough, so compiled graphs survive from one call to the next. `attention`:
-    "sdpa" (an additive mask) or "flex" (a BlockMask and FlexAttention; same logits)."""
+    "sdpa" (an additive mask), "flex" (a BlockMask and FlexAttention for short steps) or
+    "grouped" (`grouped_attention` for every step); the same logits up to rounding."""
 
     def __init__(self, lm: VideoLM, options: dict | None, attention: str = "sdpa"):
         if attention not in ATTENTIONS:
@@ -402,12 +406,12 @@ class StaticLM:
         start = write if start is None else start
         inputs = torch.tensor(list(tokens) + [tokens[-1]] * pad + list(positions) + [positions[-1]] * pad
                               + [write, start], dtype=torch.long).to(self.lm.device, non_blocking=True)
-        if self.attention == "flex":
+        if self.attention != "sdpa":
             use_flex(self.lm)  # a prefill in between may have switched the implementation
         if self.options is not None and self.lm.device.type == "cuda":
             torch.compiler.cudagraph_mark_step_begin()  # CUDA graphs may reuse the last step's outputs
         logits = self._step_fn(tuple(pattern.shape))(inputs, pattern)
-        if self.attention == "flex" and self.options is not None:
+        if self.attention != "sdpa" and self.options is not None:
             _restore_output_capture()
         self.length = write + count
         return logits[0, :count]
@@ -599,8 +603,10 @@ def generate_fast(pair: Pair, prompt: Prompt, method: str = "specvlm", ratio: fl
                   attention: str | None = None) -> Result:
     """`decoding.generate_ar` (method="ar") or `decoding.generate_sd` on static caches with
     fixed-shape steps: the same tokens and accepted counts, greedy only. `compile`: None ->
-    compiled on CUDA only; True / False; or a torch.compile mode string. `attention`: "sdpa"
-    or "flex" (FlexAttention's split-KV decode kernel); None -> $SPECVLM_FAST_ATTENTION or "sdpa"."""
+    compiled on CUDA only; True / False; or a torch.compile mode string. `attention`: "sdpa",
+    "flex" (FlexAttention's split-KV decode kernel for short steps, `grouped_attention` for wide
+    ones) or "grouped" (`grouped_attention` for every step); None -> $SPECVLM_FAST_ATTENTION or
+    "sdpa"."""
     if temperature:
         raise ValueError(f"generate_fast is greedy only (temperature 0), got temperature={temperature}; "
                          "use decoding.generate for sampling.")

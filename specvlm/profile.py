@@ -58,8 +58,10 @@ from .trees import MC_SIM_7B_63, Tree
 # elementwise (at::native's index kernels are "elementwise" kernels too). Inductor names a fused
 # kernel after the ops it fused (`triton_red_fused__to_copy_add_mean_mul_pow_rsqrt`: an RMS norm
 # with a cast), so a fused kernel is a copy only when it writes the cache (index_copy).
+# `fast.grouped_attention` is two batched matmuls around a softmax: its softmax counts as
+# attention, its matmuls as matmul (a kernel's name does not tell them from the weights').
 CATEGORIES = (
-    ("attention", r"flash|fmha|sdpa|scaled_dot_product|flex|attention|cudnn|triton_tem_fused_(?!.*mm)"),
+    ("attention", r"flash|fmha|sdpa|scaled_dot_product|flex|attention|cudnn|softmax|triton_tem_fused_(?!.*mm)"),
     ("matmul", r"gemm|gemv|cutlass|cublas|nvjet|xmma|s16816|splitk|(^|[^a-z])(add|b)?mm([^a-z]|$)|matmul"),
     ("copy", r"index_copy|index_put|scatter|memcpy|memset|direct_copy|copy_kernel|CatArray|"
              r"aten::(copy_|cat|fill_|zero_|clone)$"),
@@ -145,7 +147,7 @@ def _make_step(model, path: str, attention: str, compile, context_len: int, quer
         return costs.fast_step(attention, compile)(model, context_len, query_len, tree)
     if attention != "sdpa":
         raise ValueError(f"attention={attention!r} applies to the fast path only; transformers' path is "
-                         f"chosen by path= ({sorted(set(costs.PATHS) - {'fast', 'fast-flex'})}).")
+                         f"chosen by path= ({sorted(set(costs.PATHS) - {'fast', 'fast-flex', 'fast-grouped'})}).")
     return costs.PATHS[path](model, context_len, query_len, tree)
 
 
@@ -187,7 +189,7 @@ def profile_step(shape, context_len: int, query_len: int | None = None, path: st
     compilation included), graph_kernels_visible
     (None when no CUDA graph is involved) and without_graphs (None or a breakdown).
     """
-    valid = ("fast", *sorted(set(costs.PATHS) - {"fast", "fast-flex"}))
+    valid = ("fast", *sorted(set(costs.PATHS) - {"fast", "fast-flex", "fast-grouped"}))
     if path not in valid:
         raise ValueError(f"unknown path {path!r}; choose one of {valid} (attention= picks the fast path's kernel).")
     config = costs.lm_config(shape) if isinstance(shape, str) else shape

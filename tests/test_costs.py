@@ -14,7 +14,7 @@ from specvlm.trees import MC_SIM_7B_63
 CONTEXTS = [32, 96]
 
 
-PATHS = ["eager", "sdpa", "fast", "fast-flex"]
+PATHS = ["eager", "sdpa", "fast", "fast-flex", "fast-grouped"]
 
 
 @pytest.fixture(scope="module")
@@ -142,7 +142,7 @@ def test_fast_steps_repeat_and_equal_the_sdpa_path(shape):
     model = costs.build_lm(shape, "cpu", torch.float32)
     for query_len, tree in KINDS:
         reference = costs.PATHS["sdpa"](model, 40, query_len, tree)()
-        for path in ("fast", "fast-flex"):
+        for path in ("fast", "fast-flex", "fast-grouped"):
             step = costs.PATHS[path](model, 40, query_len, tree)
             first = step().clone()
             assert first.shape == (1, query_len, model.config.vocab_size)

@@ -201,6 +201,13 @@ def test_flex_attention_on_the_embedded_pair(embedded, clip, frames, method, rat
     assert_same(embedded, prompt, method=method, ratio=ratio, tree=tree, max_new_tokens=20, attention="flex")
 
 
+@pytest.mark.parametrize("tree", [None, MC_SIM_7B_63], ids=["chain", "tree"])
+def test_grouped_attention_for_every_step(embedded, tree):
+    prompt = embedded.target.prepare(sv.sample_video("bigbuckbunny", 4))
+    assert_same(embedded, prompt, method="ar", max_new_tokens=12, attention="grouped")
+    assert_same(embedded, prompt, method="specvlm", ratio=0.9, k=4, tree=tree, max_new_tokens=20, attention="grouped")
+
+
 def test_another_clip(embedded):
     prompt = embedded.target.prepare(sv.sample_video("bigbuckbunny", 4))
     assert_same(embedded, prompt, method="ar", max_new_tokens=16)
