@@ -387,8 +387,9 @@ def bench(pair: Pair, video_for, frames_list, max_new_tokens=64, k=5, repeats=3,
         "rows": rows,
     }
     if "fast" in paths:
-        from .fast import capture_report
+        from .fast import capture_report, fast_attention
 
+        result["fast_attention"] = fast_attention(None)
         result["fast_path"] = capture_report(pair)
     return result
 

@@ -438,21 +438,27 @@ _ENGINES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 def static_lm(lm: VideoLM, role: str, options: dict | None, attention: str | None = None) -> StaticLM:
     """The `StaticLM` kept for `lm` in `role` ("target" or "draft": a model drafting for itself
-    needs two caches). Made anew when the compile options or the attention (`fast_attention`)
-    change."""
-    attention = fast_attention(attention)
+    needs two caches). Made anew when the compile options or the role's attention
+    (`fast_attention`) change."""
+    attention = fast_attention(attention, role)
     engines = _ENGINES.setdefault(lm, {})
     if role not in engines or engines[role].options != options or engines[role].attention != attention:
         engines[role] = StaticLM(lm, options, attention)
     return engines[role]
 
 
-def fast_attention(attention: str | None) -> str:
-    """The fast path's attention: given, else $SPECVLM_FAST_ATTENTION, else "sdpa"."""
+def fast_attention(attention: str | None, role: str | None = None) -> str:
+    """The fast path's attention: given, else $SPECVLM_FAST_ATTENTION, else "sdpa". One of
+    ATTENTIONS for both models, or "target/draft" for each its own: fast_attention("flex/grouped")
+    -> "flex/grouped"; with role="draft" -> "grouped", role="target" -> "flex"."""
     attention = attention or os.environ.get("SPECVLM_FAST_ATTENTION") or "sdpa"
-    if attention not in ATTENTIONS:
-        raise ValueError(f"unknown fast-path attention {attention!r}; choose one of {ATTENTIONS}.")
-    return attention
+    parts = attention.split("/")
+    if len(parts) > 2 or any(part not in ATTENTIONS for part in parts):
+        raise ValueError(f"unknown fast-path attention {attention!r}; choose one of {ATTENTIONS}, or one for "
+                         "the target and one for the draft, e.g. 'flex/grouped'.")
+    if role is None:
+        return attention
+    return parts[-1] if role == "draft" else parts[0]
 
 
 def compile_options(compile, device: torch.device) -> dict | None:
@@ -605,8 +611,8 @@ def generate_fast(pair: Pair, prompt: Prompt, method: str = "specvlm", ratio: fl
     fixed-shape steps: the same tokens and accepted counts, greedy only. `compile`: None ->
     compiled on CUDA only; True / False; or a torch.compile mode string. `attention`: "sdpa",
     "flex" (FlexAttention's split-KV decode kernel for short steps, `grouped_attention` for wide
-    ones) or "grouped" (`grouped_attention` for every step); None -> $SPECVLM_FAST_ATTENTION or
-    "sdpa"."""
+    ones) or "grouped" (`grouped_attention` for every step), or "target/draft" (e.g.
+    "flex/grouped"); None -> $SPECVLM_FAST_ATTENTION or "sdpa"."""
     if temperature:
         raise ValueError(f"generate_fast is greedy only (temperature 0), got temperature={temperature}; "
                          "use decoding.generate for sampling.")
@@ -616,7 +622,7 @@ def generate_fast(pair: Pair, prompt: Prompt, method: str = "specvlm", ratio: fl
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}.")
     attention = fast_attention(attention)
     if method == "ar":
-        return _generate_ar(pair.target, prompt, max_new_tokens, compile, attention)
+        return _generate_ar(pair.target, prompt, max_new_tokens, compile, fast_attention(attention, "target"))
     if tree is None and k < 1:
         raise ValueError(f"k (draft tokens per round) must be >= 1, got {k}.")
     pruning.keep_budget(prompt.num_video_tokens, ratio)

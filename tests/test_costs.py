@@ -224,6 +224,10 @@ def test_flex_needs_whole_blocks_and_a_known_attention(monkeypatch):
         costs.fast_step("xformers")
     monkeypatch.setenv("SPECVLM_FAST_ATTENTION", "flex")
     assert fast.fast_attention(None) == "flex" and fast.fast_attention("sdpa") == "sdpa"
+    monkeypatch.setenv("SPECVLM_FAST_ATTENTION", "flex/grouped")
+    assert [fast.fast_attention(None, role) for role in (None, "target", "draft")] == ["flex/grouped", "flex", "grouped"]
+    with pytest.raises(ValueError, match="one for the target and one for the draft"):
+        fast.fast_attention("flex/grouped/sdpa")
     monkeypatch.setenv("SPECVLM_FAST_ATTENTION", "flash")
     with pytest.raises(ValueError, match="unknown fast-path attention 'flash'"):
         fast.fast_attention(None)

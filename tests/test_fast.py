@@ -202,10 +202,14 @@ def test_flex_attention_on_the_embedded_pair(embedded, clip, frames, method, rat
 
 
 @pytest.mark.parametrize("tree", [None, MC_SIM_7B_63], ids=["chain", "tree"])
-def test_grouped_attention_for_every_step(embedded, tree):
+@pytest.mark.parametrize("attention", ["grouped", "flex/grouped"])
+def test_grouped_attention_for_every_step(embedded, tree, attention):
     prompt = embedded.target.prepare(sv.sample_video("bigbuckbunny", 4))
-    assert_same(embedded, prompt, method="ar", max_new_tokens=12, attention="grouped")
-    assert_same(embedded, prompt, method="specvlm", ratio=0.9, k=4, tree=tree, max_new_tokens=20, attention="grouped")
+    assert_same(embedded, prompt, method="ar", max_new_tokens=12, attention=attention)
+    assert_same(embedded, prompt, method="specvlm", ratio=0.9, k=4, tree=tree, max_new_tokens=20, attention=attention)
+    models = fast.capture_report(embedded)["models"]
+    assert (models["target"]["attention"], models["draft"]["attention"]) == tuple(fast.fast_attention(attention, role)
+                                                                               for role in ("target", "draft"))
 
 
 def test_another_clip(embedded):
