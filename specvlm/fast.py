@@ -279,11 +279,23 @@ def grouped_attention(query, key, value, bias, scale: float) -> torch.Tensor:
     batch, heads, q, dim = query.shape
     kv_heads, slots = key.shape[1], key.shape[2]
     groups = heads // kv_heads
-    rows = query.reshape(batch, kv_heads, groups * q, dim).float()
-    scores = (rows @ key.float().transpose(-1, -2)) * scale  # [B, Hkv, G*q, K]
+    rows = query.reshape(batch, kv_heads, groups * q, dim)
+    scores = float32_scores(rows, key) * scale  # [B, Hkv, G*q, K]
     scores = scores.view(batch, kv_heads, groups, q, slots) + bias[:, :, None].float()
     probs = scores.softmax(-1).to(value.dtype).view(batch, kv_heads, groups * q, slots)
     return (probs @ value).view(batch, heads, q, dim)
+
+
+def float32_scores(rows: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
+    """rows [B, H, M, d] @ key [B, H, K, d]^T -> [B, H, M, K] in float32. Half-precision inputs
+    off the CPU go through the tensor cores with float32 output (`torch.bmm(out_dtype=)`: no
+    float32 copy of the keys, no float32 matmul); elsewhere both sides are cast to float32."""
+    if rows.device.type != "cpu" and rows.dtype in (torch.float16, torch.bfloat16):
+        batch, heads, m, dim = rows.shape
+        scores = torch.bmm(rows.reshape(batch * heads, m, dim), key.reshape(batch * heads, -1, dim).transpose(1, 2),
+                           out_dtype=torch.float32)
+        return scores.view(batch, heads, m, -1)
+    return rows.float() @ key.float().transpose(-1, -2)
 
 
 def flex_or_sdpa(module, query, key, value, attention_mask, scaling=None, grouped=False, **kwargs):

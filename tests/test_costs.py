@@ -217,6 +217,17 @@ def test_grouped_attention_equals_sdpa_with_the_kv_heads_repeated(heads, kv_head
     torch.testing.assert_close(fast.grouped_attention(query, garbage, value, bias, scale=0.3), got)
 
 
+def test_float32_scores_of_half_precision_inputs_keep_their_shape_and_dtype():
+    """bf16 off the CPU takes torch.bmm(out_dtype=float32) (checked on the meta device, which
+    has that kernel; its numbers are checked on the GPU inside every benchmark run)."""
+    rows = torch.empty(1, 4, 182, 128, dtype=torch.bfloat16, device="meta")
+    key = torch.empty(1, 4, 16512, 128, dtype=torch.bfloat16, device="meta")
+    scores = fast.float32_scores(rows, key)
+    assert scores.shape == (1, 4, 182, 16512) and scores.dtype == torch.float32
+    cpu = fast.float32_scores(torch.ones(1, 2, 3, 4, dtype=torch.bfloat16), torch.ones(1, 2, 5, 4, dtype=torch.bfloat16))
+    assert cpu.dtype == torch.float32 and torch.equal(cpu, torch.full((1, 2, 3, 5), 4.0))
+
+
 def test_flex_needs_whole_blocks_and_a_known_attention(monkeypatch):
     with pytest.raises(ValueError, match="multiple of 128"):
         fast.flex_block_mask(torch.tensor(0), torch.ones(1, 1, dtype=torch.bool), 200)
