@@ -66,10 +66,9 @@ def greedy_tree(tree: Tree, node_tokens: torch.Tensor, target_logits: torch.Tens
     longest kept root-to-leaf prefix wins, the first in `tree.retrieve` order on ties.
     E.g. tree [[0], [1], [0, 0]], node_tokens [4, 8, 6, 1], argmaxes [6, 2, 3, 5]:
     node 2 (token 6) is kept, node 1 (token 8) is not -> ([2], 3)."""
-    predicted = target_logits.argmax(-1)  # [N+1]
-    parents = tree.parents.to(predicted.device)
-    matches = node_tokens.to(predicted.device) == predicted[parents.clamp(min=0)]  # [N+1], root unused
-    paths = tree.retrieve[:, 1:].to(predicted.device)  # [leaves, depth]
+    predicted = target_logits.argmax(-1).cpu()  # [N+1]: one copy to the host, the rest is host work
+    matches = node_tokens.cpu() == predicted[tree.parents.clamp(min=0)]  # [N+1], root unused
+    paths = tree.retrieve[:, 1:]  # [leaves, depth]
     lengths = _prefix_lengths(matches[paths.clamp(min=0)] & (paths >= 0))  # [leaves]
     best = int(lengths.argmax())  # argmax returns the first maximum
     accepted = paths[best, : int(lengths[best])].tolist()

@@ -167,14 +167,20 @@ class DraftLevels:
     order; level i is written at slots base + offsets[i] + row, base = the first slot after
     the root; `patterns` [levels, width, S] bool: row r of level i sees its ancestors' slots
     and its own (relative to base; everything before base is seen by all). Rows past a
-    level's node count are padding and see only themselves. E.g. [[0], [1], [0, 0], [0, 0, 0]]:
-    nodes ((1,), (3,)), offsets (0, 1), width 1, patterns [[[1, 0]], [[1, 1]]].
+    level's node count are padding and see only themselves. `picks[d]`: how the nodes at
+    depth d+1 get their tokens, (row, node, rank): node = the rank-th most likely token of
+    logits row `row` (the root's for d = 0, else level d-1's); `top[d]`: the most ranks a row
+    of depth d+1 takes. E.g. [[0], [1], [0, 0], [0, 0, 0]]: nodes ((1,), (3,)), offsets (0, 1),
+    width 1, patterns [[[1, 0]], [[1, 1]]], picks (((0, 1, 0), (0, 2, 1)), ((0, 3, 0),),
+    ((0, 4, 0),)), top (2, 1, 1).
     """
 
     nodes: tuple[tuple[int, ...], ...]
     offsets: tuple[int, ...]
     width: int
     patterns: torch.Tensor
+    picks: tuple[tuple[tuple[int, int, int], ...], ...]
+    top: tuple[int, ...]
 
     @classmethod
     def of(cls, tree: Tree) -> DraftLevels:
@@ -195,7 +201,12 @@ class DraftLevels:
                 while ancestor > 0:
                     patterns[i, row, slot[ancestor]] = True
                     ancestor = parents[ancestor]
-        return cls(nodes, offsets, width, patterns)
+        ranks = tree.ranks.tolist()
+        picks = tuple(tuple((row, child, ranks[child]) for row, node in enumerate(expanded)
+                            for child in tree.children(node).tolist())
+                      for expanded in ((0,), *nodes))
+        top = tuple(max(rank for _, _, rank in level) + 1 for level in picks)
+        return cls(nodes, offsets, width, patterns, picks, top)
 
 
 # ----------------------------------------------------------------------------------------
@@ -381,6 +392,7 @@ class StaticLM:
         self.lm, self.options, self.attention = lm, options, attention
         self.cache: SlotCache | None = None
         self.steps: dict[tuple[int, int], object] = {}
+        self._move = None
         self._patterns: dict[object, torch.Tensor] = {}
 
     @property
@@ -395,7 +407,7 @@ class StaticLM:
         """Copy a prefilled DynamicCache in, (re)allocating the static cache if it is missing,
         too small or of another model shape (new buffers mean new graphs)."""
         if self.cache is None or self.cache.capacity < capacity or not self.cache.fits(prefilled):
-            self.cache, self.steps = None, {}
+            self.cache, self.steps, self._move = None, {}, None
             self.cache = SlotCache.like(prefilled, round_up(capacity, 128))
         self.cache.load(prefilled)
 
@@ -428,6 +440,17 @@ class StaticLM:
         self.length = write + count
         return logits[0, :count]
 
+    def move(self, source: list[int], dest: list[int]) -> None:
+        """`SlotCache.move` in every layer as one compiled function (on CUDA: one CUDA graph
+        instead of four eager kernels per layer, launched from the host every tree round)."""
+        moves = torch.tensor([source, dest], dtype=torch.long).to(self.lm.device, non_blocking=True)
+        if self._move is None:
+            move = functools.partial(move_slots, self.cache)
+            self._move = move if self.options is None else torch.compile(move, **self.options)
+        if self.options is not None and self.lm.device.type == "cuda":
+            torch.compiler.cudagraph_mark_step_begin()
+        self._move(moves)
+
     def extend(self, tokens: list[int], first_position: int, width: int):
         """Causal step: `tokens` at consecutive positions from `first_position`, padded to `width`."""
         pattern = self.pattern(("causal", width), lambda: causal_pattern(width))
@@ -438,6 +461,11 @@ class StaticLM:
             step = functools.partial(step_logits, self.lm, self.cache, attention=self.attention)
             self.steps[shape] = step if self.options is None else torch.compile(step, **self.options)
         return self.steps[shape]
+
+
+def move_slots(cache: SlotCache, moves: torch.Tensor) -> None:
+    """cache.move(moves[0], moves[1]): the function `StaticLM.move` compiles (moves: [2, m] long)."""
+    cache.move(moves[0], moves[1])
 
 
 def round_up(n: int, multiple: int) -> int:
@@ -493,7 +521,8 @@ def compile_options(compile, device: torch.device) -> dict | None:
 
 def capture_report(pair: Pair | None = None) -> dict:
     """What the fast path compiled, for a benchmark's JSON: options, CUDA graphs on or off,
-    the step shapes (q, S) per model, and dynamo's counters (graph breaks, cudagraph skips)."""
+    the step shapes (q, S) per model, whether the tree rounds' KV move was compiled, and
+    dynamo's counters (graph breaks, cudagraph skips)."""
     from torch._dynamo.utils import counters
 
     report = {"torch": torch.__version__, "cuda": torch.cuda.is_available()}
@@ -507,6 +536,7 @@ def capture_report(pair: Pair | None = None) -> dict:
                 "cuda_graphs": lm.device.type == "cuda" and (engine.options or {}).get("mode") == "reduce-overhead",
                 "capacity": engine.cache.capacity if engine.cache is not None else None,
                 "step_shapes": [list(shape) for shape in sorted(engine.steps)],
+                "compiled_move": engine._move is not None and engine.options is not None,
             }
     report["models"] = roles
     report["graph_breaks"] = sum(counters["graph_break"].values())
@@ -576,13 +606,10 @@ def draft_tree(run: Run, tree: Tree, levels: DraftLevels) -> list[int]:
     root_position = run.draft_prompt.next_position + len(run.out) - 1
     logits = run.draft_feed()[None]  # [1, V]: the root's
     base = run.draft.length
-    expand = [0]
     for depth in range(1, tree.depth + 1):
-        ranks = [tree.ranks[tree.children(node)].tolist() for node in expand]
-        top = logits.topk(max(max(r) for r in ranks) + 1).indices.tolist()
-        for row, node in enumerate(expand):
-            for child, rank in zip(tree.children(node).tolist(), ranks[row]):
-                tokens[child] = top[row][rank]
+        top = logits.topk(levels.top[depth - 1]).indices.tolist()
+        for row, node, rank in levels.picks[depth - 1]:
+            tokens[node] = top[row][rank]
         if depth > len(levels.nodes):
             break
         expand = list(levels.nodes[depth - 1])
@@ -606,9 +633,7 @@ def tree_round(run: Run, tree: Tree, levels: DraftLevels) -> int:
     accepted, next_token = greedy_tree(tree, torch.tensor(tokens, dtype=torch.long), logits)
     # 4. the target keeps the root and the accepted path, moved to consecutive slots
     if accepted:
-        source, dest = path_moves(prefix, accepted, tree.depth)
-        device = run.target.lm.device
-        run.target.cache.move(torch.tensor(source, device=device), torch.tensor(dest, device=device))
+        run.target.move(*path_moves(prefix, accepted, tree.depth))
     run.target.length = prefix + 1 + len(accepted)
     run.out += [tokens[n] for n in accepted] + [next_token]
     return len(accepted)
