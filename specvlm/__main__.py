@@ -11,6 +11,8 @@ language-model shapes with random weights, beside its bytes-over-bandwidth floor
 from __future__ import annotations
 
 import argparse
+import os
+import shlex
 import sys
 
 
@@ -74,6 +76,7 @@ def bench(args) -> int:
                  progress=(lambda rows: save({"pair": pair.name, "partial": True, "rows": rows}, args.out))
                  if args.out else None)
     result["clip"] = f"synthetic seed {args.clip_seed}" if args.clip == "synthetic" else args.clip
+    result["command"] = args.command_line
     if args.widen:
         result["widened_to"] = {"target": args.widen[0], "draft": args.widen[1]}
     print(table(result))
@@ -151,6 +154,9 @@ def main(argv=None) -> int:
     c.add_argument("--dtype", default=None, help="default: bfloat16 on CUDA, float32 on CPU")
     c.add_argument("--out", default=None, help="JSON path; '{card}' becomes the card's name, e.g. figures/costs_{card}.json")
     args = parser.parse_args(argv)
+    attention = os.environ.get("SPECVLM_FAST_ATTENTION")
+    args.command_line = (f"SPECVLM_FAST_ATTENTION={attention} " if attention else "") + "python -m specvlm " + \
+        shlex.join(sys.argv[1:] if argv is None else argv)
     return {"demo": demo, "bench": bench, "costs": costs}[args.command](args)
 
 

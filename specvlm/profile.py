@@ -274,11 +274,31 @@ def profile_shapes(shapes, contexts, kinds=None, attention: str = "sdpa", device
             "rows": rows}
 
 
+def combine(runs: dict, note: str = "") -> dict:
+    """Profile results of several runs (label -> result, on one card) as one result whose rows
+    carry their run's `label`, `attention`, `date` and versions, e.g. the same step before and
+    after a kernel change: {"masked sdpa": result_a, "grouped": result_b} -> rows of both."""
+    results = list(runs.values())
+    cards = {result["card"] for result in results}
+    if len(cards) != 1:
+        raise ValueError(f"combine profiles of one card only; got {sorted(cards)}.")
+    rows = [{**row, "label": label, "attention": result["attention"], "date": result["date"],
+             "torch": result["torch"], "transformers": result["transformers"]}
+            for label, result in runs.items() for row in result["rows"]]
+    return {**{key: results[0][key] for key in ("card", "dtype", "repeats", "k", "tree_nodes", "weights", "timing",
+                                                "floor")},
+            "attention": "per row", "bandwidth_GBps": min(result["bandwidth_GBps"] for result in results),
+            "date": max(result["date"] for result in results), "torch": results[0]["torch"],
+            "transformers": results[0]["transformers"], "note": note, "rows": rows}
+
+
 def table(result: dict) -> str:
     """Markdown: one line per profiled step (and one per without-graphs profile), us per step."""
     head = ["shape", "context", "q", "profile", "wall us", "floor us", "x floor", "kernels", "busy us", "idle",
             *CATEGORY_NAMES]
-    lines = [f"{result['card']} ({result['dtype']}), copy bandwidth {result['bandwidth_GBps']:.0f} GB/s, "
+    bandwidth = f"{result['bandwidth_GBps']:.0f} GB/s" + (" (the lowest of the runs)" if result["attention"] == "per row"
+                                                          else "")
+    lines = [f"{result['card']} ({result['dtype']}), copy bandwidth {bandwidth}, "
              f"{result['attention']} attention, random weights at the shapes, {result['date']}", "",
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for row in result["rows"]:
@@ -287,7 +307,8 @@ def table(result: dict) -> str:
             variants.append((row["without_graphs"]["label"], row["without_graphs"]))
         for label, b in variants:
             idle = "-" if b["idle_share"] is None else f"{b['idle_share']:.0%}"
-            cells = [row["shape"], row["context"], row["query_len"], label, f"{b['wall_us_per_step']:.0f}",
+            shape = f"{row['shape']} ({row['label']})" if "label" in row else row["shape"]
+            cells = [shape, row["context"], row["query_len"], label, f"{b['wall_us_per_step']:.0f}",
                      f"{b['floor_us']:.0f}", f"{b['wall_x_floor']:.2f}", f"{b['kernels_per_step']:.0f}",
                      f"{b['gpu_busy_us_per_step']:.0f}", idle,
                      *(f"{b['categories'][c]['us_per_step']:.0f}" for c in CATEGORY_NAMES)]
@@ -322,7 +343,8 @@ def plot_profile(json_path, out=None):
             ax.plot(b["wall_us_per_step"], y, "D", mfc="none", mec="black",
                     label="wall time without CUDA graphs" if not any(r["without_graphs"] for r in rows[:y]) else None)
         note = " *" if row["without_graphs"] else ""
-        labels.append(f"{row['shape']}, {row['context']} ctx, {row['query_len']} tok{note}")
+        run = f"\n{row['label']}" if "label" in row else ""
+        labels.append(f"{row['shape']}, {row['context']} ctx, {row['query_len']} tok{note}{run}")
     ax.set_yticks(range(len(rows)), labels, fontsize=8)
     ax.invert_yaxis()
     ax.set_xlim(0, ax.get_xlim()[1] * 1.12)  # room for the "x floor" notes

@@ -120,6 +120,7 @@ def test_table_shows_who_drafts(embedded_run):
 
 
 def test_cli_widens_the_pair_and_adds_self_rows(tmp_path, monkeypatch):
+    monkeypatch.delenv("SPECVLM_FAST_ATTENTION", raising=False)
     calls = []
 
     def widen_pair(pair, target_shape, draft_shape, device=None, dtype=None):
@@ -137,6 +138,7 @@ def test_cli_widens_the_pair_and_adds_self_rows(tmp_path, monkeypatch):
     assert result["pair"] == "widened stub" and result["stand_in"] is True
     assert result["widened_to"] == {"target": "llava-ov-7b", "draft": "llava-ov-0.5b"}
     assert sum(row["drafter"] == "self" for row in result["rows"]) == len(SELF_RUNS)
+    assert result["command"].startswith("python -m specvlm bench --widen llava-ov-7b llava-ov-0.5b --self")
 
 
 def test_assisted_generation_goes_universal_when_the_output_vocabularies_differ(embedded):

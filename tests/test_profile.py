@@ -109,6 +109,21 @@ def test_cli_writes_json_and_plot(cli_run):
     assert table.count("| tiny | 64 |") == 2
 
 
+def test_combined_profiles_keep_each_run_and_refuse_two_cards(cli_run, tmp_path):
+    result = cli_run[0]
+    other = {**result, "attention": "flex", "date": "2026-01-02", "bandwidth_GBps": result["bandwidth_GBps"] / 2}
+    both = profile.combine({"before": result, "after": other}, note="two runs")
+    assert [row["label"] for row in both["rows"]] == ["before"] * 2 + ["after"] * 2
+    assert [row["attention"] for row in both["rows"]] == [result["attention"]] * 2 + ["flex"] * 2
+    assert both["attention"] == "per row" and both["bandwidth_GBps"] == other["bandwidth_GBps"]
+    assert both["date"] == max(result["date"], "2026-01-02") and both["note"] == "two runs"
+    assert profile.table(both).count("| tiny (after) | 64 |") == 2
+    profile.save(both, tmp_path / "both.json")
+    assert profile.plot_profile(tmp_path / "both.json", tmp_path / "both.png") and (tmp_path / "both.png").stat().st_size
+    with pytest.raises(ValueError, match="one card only"):
+        profile.combine({"a": result, "b": {**result, "card": "NVIDIA H200"}})
+
+
 def test_profile_step_on_a_cpu_returns_the_documented_keys(cli_run):
     row = cli_run[0]["rows"][0]
     keys = {"shape", "context", "query_len", "path", "attention", "compile", "device", "dtype", "bandwidth_GBps",
