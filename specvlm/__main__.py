@@ -76,13 +76,27 @@ def bench(args) -> int:
                  progress=(lambda rows: save({"pair": pair.name, "partial": True, "rows": rows}, args.out))
                  if args.out else None)
     result["clip"] = f"synthetic seed {args.clip_seed}" if args.clip == "synthetic" else args.clip
-    result["command"] = args.command_line
+    result["command"], result["code"] = args.command_line, git_commit()
     if args.widen:
         result["widened_to"] = {"target": args.widen[0], "draft": args.widen[1]}
     print(table(result))
     if args.out:
         save(result, args.out)
     return 0 if all(r["equal_to_ar"] for r in result["rows"]) else 1
+
+
+def git_commit() -> str | None:
+    """The commit of the checkout the package runs from, or None outside a git checkout."""
+    import subprocess
+    from pathlib import Path
+
+    try:
+        done = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True, text=True,
+                              timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    commit = done.stdout.strip() if done.returncode == 0 else ""
+    return commit or None
 
 
 def costs(args) -> int:

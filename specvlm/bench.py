@@ -24,7 +24,9 @@ needs to predict its speedup from this run alone:
   "prompt_tokens", "draft_prompt_tokens"  cache lengths when decoding starts;
   "step_ms"        medians of isolated, device-synchronised passes on the row's path at those
                    lengths: {"target_step"} (1 token) on AR rows, {"draft_step"} (1 token) and
-                   {"verify"} (k + 1 tokens, or the tree's nodes with its mask) on speculative rows.
+                   {"verify"} (k + 1 tokens, or the tree's nodes with its mask) on speculative rows;
+                   on the fast path's tree rows also {"draft_feed"} (the draft catching up on
+                   depth + 1 tokens) and {"draft_level"} (one tree level, with its mask).
                    They are timed after the row's timed repetitions, on caches prefilled anew
                    (plain: a forward into a DynamicCache, then a crop) or on the row's own static
                    caches with its compiled step functions (fast), so decode times are untouched;
@@ -172,7 +174,7 @@ def plain_steps(pair: Pair, prompt, draft_prompt, res, shape, k: int, repeats: i
 def fast_steps(pair: Pair, prompt, draft_prompt, res, shape, k: int, repeats: int) -> dict:
     """Step timings on the fast path: the row's own static caches and step functions (compiled
     as in the run), their write position set back to where decoding started before each pass."""
-    from .fast import compile_options, static_lm
+    from .fast import DraftLevels, compile_options, static_lm
 
     device, token = pair.target.device, res.tokens[0]
     options = compile_options(None, device)  # what `generate_fast` used in `run_once`
@@ -195,8 +197,18 @@ def fast_steps(pair: Pair, prompt, draft_prompt, res, shape, k: int, repeats: in
     steps = {"verify": median_ms(device, verify, reset, repeats)}
     draft = static_lm(pair.draft, "draft", options)
     draft_start = len(draft_prompt.rows(res.kept))
+    draft_reset = lambda: setattr(draft, "length", draft_start)
     steps["draft_step"] = median_ms(device, lambda: draft.extend([token], draft_prompt.next_position, 1),
-                                    lambda: setattr(draft, "length", draft_start), repeats)
+                                    draft_reset, repeats)
+    if shape == "tree":  # the tree round's wider draft passes, with the shapes and masks `fast.draft_tree` uses
+        levels, feed = DraftLevels.of(tree), tree.depth + 1
+        steps["draft_feed"] = median_ms(device, lambda: draft.extend([token] * feed, draft_prompt.next_position, feed),
+                                        draft_reset, repeats)
+        pattern = draft.pattern((tree, 1), lambda: levels.patterns[0])
+        nodes = len(levels.nodes[0])
+        steps["draft_level"] = median_ms(
+            device, lambda: draft.step([token] * nodes, [draft_prompt.next_position + 1] * nodes, pattern,
+                                       start=draft_start), draft_reset, repeats)
     per_token["draft"] = kv_bytes_per_token(draft.cache.keys, draft.cache.values)
     allocated["draft"] = per_token["draft"] * draft.cache.capacity
     return {"step_ms": steps, "per_token": per_token, "allocated": allocated}

@@ -94,10 +94,17 @@ def draft_passes(tree: Tree) -> list[int]:
     return [1] + [sum(int(n) in parents for n in tree.level_nodes(d)) for d in range(1, tree.depth)]
 
 
-def tree_round_ms(tree: Tree, t_draft: float, t_verify: float, extra_ms: float = 0.0) -> float:
+def tree_round_ms(tree: Tree, t_draft: float, t_verify: float, extra_ms: float = 0.0, t_feed: float | None = None,
+                  t_level: float | None = None, wide_feed: float = 1.0) -> float:
     """One tree round: `tree.depth` draft passes + one verification of all nodes (+ `extra_ms`).
-    tree_round_ms(MC_SIM_7B_63, 1.0, 12.0) -> 17.0"""
-    return len(draft_passes(tree)) * t_draft + t_verify + extra_ms
+    The first pass catches up on the tokens the last round committed: `t_feed` when that is
+    several (a share `wide_feed` of the rounds: those after a round that accepted a token),
+    else a one-token step; each later pass feeds one tree level (`t_level`). Both default to
+    `t_draft`. tree_round_ms(MC_SIM_7B_63, 1.0, 12.0) -> 17.0;
+    tree_round_ms(MC_SIM_7B_63, 1.0, 12.0, t_feed=2.0, t_level=1.5, wide_feed=0.5) -> 1.5 + 4 * 1.5 + 12 = 19.5"""
+    first = wide_feed * (t_draft if t_feed is None else t_feed) + (1 - wide_feed) * t_draft
+    levels = (len(draft_passes(tree)) - 1) * (t_draft if t_level is None else t_level)
+    return first + levels + t_verify + extra_ms
 
 
 def speedup(acceptance, round_ms: float, t_ar: float) -> float:
@@ -229,7 +236,8 @@ def predicted_vs_measured(bench_result, table: CostTable | None = None, target: 
                   "video_tokens", "draft_video_tokens"
       optional:   "accepted_hist" (list: rounds per accepted count; else "mean_accepted"),
                   "step_ms": median ms per pass in that run, {"target_step"} on AR rows,
-                  {"draft_step", "verify"} on speculative rows,
+                  {"draft_step", "verify"} on speculative rows, and on tree rows of the fast path
+                  also {"draft_feed", "draft_level"} (the tree round's wider draft passes),
                   "prompt_tokens", "draft_prompt_tokens" (cache length when decoding starts).
     Step costs come from the run's own "step_ms" when present (t_ar from the AR row of the same
     path and frame count), else from `table` (with `target` and `draft` shape names) at the row's
@@ -264,11 +272,26 @@ def predicted_vs_measured(bench_result, table: CostTable | None = None, target: 
             row["source"] = "table"
         if costs is not None:
             t_ar, t_draft, t_verify = costs
-            round_ms = chain_round_ms(k, t_draft, t_verify) if tree is None else tree_round_ms(tree, t_draft, t_verify)
+            if tree is None:
+                round_ms = chain_round_ms(k, t_draft, t_verify)
+            else:
+                steps = (r.get("step_ms") or {}) if row["source"] == "run" else {}
+                round_ms = tree_round_ms(tree, t_draft, t_verify, t_feed=steps.get("draft_feed"),
+                                         t_level=steps.get("draft_level"), wide_feed=wide_feed_share(acceptance))
             row["predicted_round_ms"] = round_ms
             row["predicted"] = speedup(acceptance, round_ms, t_ar)
         out.append(row)
     return out
+
+
+def wide_feed_share(acceptance) -> float:
+    """The share of rounds whose draft catches up on more than one token: those that follow a
+    round that accepted at least one drafted token, estimated from the accepted-count histogram
+    (a mean alone gives 1 when it is above 0). wide_feed_share([1, 2, 1]) -> 0.75"""
+    if isinstance(acceptance, (int, float)):
+        return 1.0 if acceptance > 0 else 0.0
+    rounds = sum(acceptance)
+    return (rounds - acceptance[0]) / rounds if rounds else 0.0
 
 
 def _run_costs(row: dict, ar_row: dict | None):

@@ -210,7 +210,8 @@ class DraftLevels:
 
 
 # ----------------------------------------------------------------------------------------
-# the same rule for FlexAttention (attention="flex"): a split-KV decode kernel on the GPU
+# the same rule for FlexAttention (attention="flex"): a split-KV decode kernel on the GPU;
+# and `grouped_attention`, for the steps too wide for that kernel
 #
 # Masked sdpa over the whole capacity is slow at long contexts: under torch.compile
 # transformers repeats the grouped KV heads in memory whenever a mask is given, and the masked
@@ -299,9 +300,9 @@ def grouped_attention(query, key, value, bias, scale: float) -> torch.Tensor:
 
 def float32_scores(rows: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
     """rows [B, H, M, d] @ key [B, H, K, d]^T -> [B, H, M, K] in float32. Half-precision inputs
-    off the CPU go through the tensor cores with float32 output (`torch.bmm(out_dtype=)`: no
-    float32 copy of the keys, no float32 matmul); elsewhere both sides are cast to float32."""
-    if rows.device.type != "cpu" and rows.dtype in (torch.float16, torch.bfloat16):
+    on CUDA go through the tensor cores with float32 output (`torch.bmm(out_dtype=)`, a CUDA
+    kernel: no float32 copy of the keys, no float32 matmul); elsewhere both sides are cast."""
+    if rows.device.type in ("cuda", "meta") and rows.dtype in (torch.float16, torch.bfloat16):
         batch, heads, m, dim = rows.shape
         scores = torch.bmm(rows.reshape(batch * heads, m, dim), key.reshape(batch * heads, -1, dim).transpose(1, 2),
                            out_dtype=torch.float32)
@@ -370,13 +371,13 @@ def step_logits(lm: VideoLM, cache: SlotCache, inputs: torch.Tensor, pattern: to
     q = pattern.shape[0]
     cache.position.copy_(inputs[2 * q])
     embeds = lm.model.get_input_embeddings()(inputs[:q].reshape(1, q))
-    options = {}
+    attention_kwargs = {}
     if attention == "flex" and q <= FLEX_MAX_QUERY:
         mask = flex_block_mask(inputs[2 * q + 1], pattern, cache.capacity)
     else:
         mask = visibility_bias(inputs[2 * q + 1], pattern, cache.capacity, lm.dtype)
-        options = {} if attention == "sdpa" else {"grouped": True}
-    return lm.forward(embeds, lm.position_ids_for(inputs[q:2 * q]), cache, mask, **options)
+        attention_kwargs = {} if attention == "sdpa" else {"grouped": True}
+    return lm.forward(embeds, lm.position_ids_for(inputs[q:2 * q]), cache, mask, **attention_kwargs)
 
 
 class StaticLM:
@@ -496,6 +497,8 @@ def fast_attention(attention: str | None, role: str | None = None) -> str:
     if len(parts) > 2 or any(part not in ATTENTIONS for part in parts):
         raise ValueError(f"unknown fast-path attention {attention!r}; choose one of {ATTENTIONS}, or one for "
                          "the target and one for the draft, e.g. 'flex/grouped'.")
+    if role not in (None, "target", "draft"):
+        raise ValueError(f"role must be 'target' or 'draft', got {role!r}.")
     if role is None:
         return attention
     return parts[-1] if role == "draft" else parts[0]

@@ -9,7 +9,8 @@ records `repeats` steps with `torch.profiler`. `kernel_breakdown` groups the rec
 kernels by name into five categories and divides by the steps:
 
     attention      flash / fmha / cudnn / sdpa / flex kernels, inductor templates (FlexAttention's
-                   decode kernel), and inductor kernels fused into an attention's inputs (named after it)
+                   decode kernel), inductor kernels fused into an attention's inputs (named after it),
+                   and softmax kernels (`fast.grouped_attention`'s; its two batched matmuls are matmul)
     matmul         gemm / gemv / cutlass / cublas / nvjet kernels, aten mm ops
     elementwise    norms, rotary, activations: inductor's fused triton kernels, reductions
     copy           cache writes and copies: index_copy / index_put / scatter / memcpy / memset
@@ -65,7 +66,7 @@ CATEGORIES = (
     ("matmul", r"gemm|gemv|cutlass|cublas|nvjet|xmma|s16816|splitk|(^|[^a-z])(add|b)?mm([^a-z]|$)|matmul"),
     ("copy", r"index_copy|index_put|scatter|memcpy|memset|direct_copy|copy_kernel|CatArray|"
              r"aten::(copy_|cat|fill_|zero_|clone)$"),
-    ("elementwise", r"triton_(poi|red|per)|elementwise|reduce|rms|norm|rotary|rope|silu|softmax|"
+    ("elementwise", r"triton_(poi|red|per)|elementwise|reduce|rms|norm|rotary|rope|silu|"
                     r"aten::(mul|add|sub|div|neg|pow|rsqrt|mean|sigmoid|exp|where|masked_fill)"),
 )
 OTHER = "other"
@@ -279,9 +280,10 @@ def combine(runs: dict, note: str = "") -> dict:
     carry their run's `label`, `attention`, `date` and versions, e.g. the same step before and
     after a kernel change: {"masked sdpa": result_a, "grouped": result_b} -> rows of both."""
     results = list(runs.values())
-    cards = {result["card"] for result in results}
-    if len(cards) != 1:
-        raise ValueError(f"combine profiles of one card only; got {sorted(cards)}.")
+    for key in ("card", "dtype", "repeats", "k", "tree_nodes"):
+        values = {result[key] for result in results}
+        if len(values) != 1:
+            raise ValueError(f"combine profiles of one card, dtype and settings only; got {key} {sorted(map(str, values))}.")
     rows = [{**row, "label": label, "attention": result["attention"], "date": result["date"],
              "torch": result["torch"], "transformers": result["transformers"]}
             for label, result in runs.items() for row in result["rows"]]

@@ -38,6 +38,9 @@ def test_tree_round_has_one_draft_pass_per_level():
     # a chain drawn as a tree costs what the chain costs
     assert cm.draft_passes(chain(5)) == [1] * 5
     assert cm.tree_round_ms(chain(5), 1.5, 9.0) == cm.chain_round_ms(5, 1.5, 9.0)
+    assert cm.tree_round_ms(MC_SIM_7B_63, 1.0, 12.0, t_feed=2.0, t_level=1.5, wide_feed=0.5) == pytest.approx(19.5)
+    assert cm.tree_round_ms(MC_SIM_7B_63, 1.0, 12.0, t_feed=2.0, wide_feed=0.0) == pytest.approx(17.0)
+    assert cm.wide_feed_share([1, 2, 1]) == 0.75 and cm.wide_feed_share(0.0) == 0.0 and cm.wide_feed_share(2.5) == 1.0
 
 
 def test_interpolate_is_linear_and_extends_end_segments():
@@ -126,6 +129,17 @@ def test_predicted_vs_measured_uses_the_runs_step_timings():
     assert row["measured"] == 3.5
     assert row["measured_round_ms"] == pytest.approx(15.0)
     assert row["predicted_round_ms"] == pytest.approx(15.0)
+
+
+def test_tree_rows_use_their_wider_draft_passes():
+    bench = _bench()
+    tree = {**bench["rows"][1], "draft": "tree", "accepted_hist": [5, 5, 10], "mean_accepted": 1.25,
+            "step_ms": {"draft_step": 1.0, "verify": 12.0, "draft_feed": 3.0, "draft_level": 2.0}}
+    (row,) = cm.predicted_vs_measured({"k": 5, "rows": [bench["rows"][0], tree]})
+    assert row["predicted_round_ms"] == pytest.approx(0.75 * 3.0 + 0.25 * 1.0 + 4 * 2.0 + 12.0)
+    del tree["step_ms"]["draft_feed"], tree["step_ms"]["draft_level"]
+    (row,) = cm.predicted_vs_measured({"k": 5, "rows": [bench["rows"][0], tree]})
+    assert row["predicted_round_ms"] == pytest.approx(5 * 1.0 + 12.0)
 
 
 def test_predicted_vs_measured_degrades_without_step_timings():

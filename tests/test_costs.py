@@ -211,6 +211,8 @@ def test_grouped_attention_equals_sdpa_with_the_kv_heads_repeated(heads, kv_head
     expected = torch.nn.functional.scaled_dot_product_attention(
         query, key.repeat_interleave(groups, 1), value.repeat_interleave(groups, 1), attn_mask=bias, scale=0.3)
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    half = fast.grouped_attention(query.bfloat16(), key.bfloat16(), value.bfloat16(), bias.bfloat16(), scale=0.3)
+    torch.testing.assert_close(half.float(), expected, rtol=0.02, atol=0.02)
     # a row must not depend on the slots it does not see
     garbage = key.clone()
     garbage[:, :, int(start) + query_len:] = 1e4
@@ -218,8 +220,8 @@ def test_grouped_attention_equals_sdpa_with_the_kv_heads_repeated(heads, kv_head
 
 
 def test_float32_scores_of_half_precision_inputs_keep_their_shape_and_dtype():
-    """bf16 off the CPU takes torch.bmm(out_dtype=float32) (checked on the meta device, which
-    has that kernel; its numbers are checked on the GPU inside every benchmark run)."""
+    """bf16 on CUDA takes torch.bmm(out_dtype=float32) (its shapes checked here on the meta device,
+    which has that kernel; on the GPU every benchmark run checks the tokens it leads to)."""
     rows = torch.empty(1, 4, 182, 128, dtype=torch.bfloat16, device="meta")
     key = torch.empty(1, 4, 16512, 128, dtype=torch.bfloat16, device="meta")
     scores = fast.float32_scores(rows, key)
@@ -239,6 +241,8 @@ def test_flex_needs_whole_blocks_and_a_known_attention(monkeypatch):
     assert [fast.fast_attention(None, role) for role in (None, "target", "draft")] == ["flex/grouped", "flex", "grouped"]
     with pytest.raises(ValueError, match="one for the target and one for the draft"):
         fast.fast_attention("flex/grouped/sdpa")
+    with pytest.raises(ValueError, match="role must be"):
+        fast.fast_attention("flex", "verifier")
     monkeypatch.setenv("SPECVLM_FAST_ATTENTION", "flash")
     with pytest.raises(ValueError, match="unknown fast-path attention 'flash'"):
         fast.fast_attention(None)
@@ -284,5 +288,5 @@ def test_flex_serves_only_short_steps_and_wider_ones_take_the_grouped_attention(
     assert result.tokens == decoding.generate_ar(embedded.target, prompt, 8).tokens
     assert widths and max(widths) <= fast.FLEX_MAX_QUERY < MC_SIM_7B_63.num_nodes
     layers = embedded.target.language_model.config.num_hidden_layers
-    # (near the end a round drafts a smaller tree, which may fit FLEX_MAX_QUERY)
+    # (near the end, with fewer tokens left than the tree is deep, a round drafts a chain)
     assert set(grouped) == {MC_SIM_7B_63.num_nodes} and len(grouped) % layers == 0 and grouped

@@ -2,6 +2,7 @@
 counts, exactly; and the cache logic on its own."""
 
 import copy
+import functools
 import os
 
 import pytest
@@ -77,6 +78,22 @@ def test_an_accepted_tree_path_moves_to_consecutive_slots():
     cache.move(torch.tensor(source), torch.tensor(dest))
     assert slots(cache)[:6] == [1, 2, 10, 12, 15, 13]  # slot 5 copied onto itself: the padding
     assert slots(cache, 1)[:6] == slots(cache)[:6] and cache.values[0][0, 0, :5, 0].tolist() == [-1, -2, -10, -12, -15]
+
+
+def test_the_compiled_move_equals_the_eager_one_for_overlapping_slots():
+    """`StaticLM.move` compiles `move_slots` (inductor here, as on a GPU without the CUDA graph):
+    every source must be read before any destination is written, as in `SlotCache.move`."""
+    eager, compiled = small_cache(16), small_cache(16)
+    for cache in (eager, compiled):
+        for buffer in (*cache.keys, *cache.values):
+            buffer.copy_(torch.arange(16.0)[None, None, :, None].expand_as(buffer))
+    move = torch.compile(functools.partial(fast.move_slots, compiled), fullgraph=True, dynamic=False)
+    for start, accepted in ((2, [2, 7]), (5, [1, 3, 4]), (0, [6])):
+        source, dest = path_moves(start, accepted, 4)
+        eager.move(torch.tensor(source), torch.tensor(dest))
+        move(torch.tensor([source, dest]))
+        assert all(torch.equal(a, b) for a, b in zip((*eager.keys, *eager.values), (*compiled.keys, *compiled.values)))
+    assert slots(eager) != list(range(16))
 
 
 def test_path_moves_example():

@@ -120,7 +120,7 @@ def test_combined_profiles_keep_each_run_and_refuse_two_cards(cli_run, tmp_path)
     assert profile.table(both).count("| tiny (after) | 64 |") == 2
     profile.save(both, tmp_path / "both.json")
     assert profile.plot_profile(tmp_path / "both.json", tmp_path / "both.png") and (tmp_path / "both.png").stat().st_size
-    with pytest.raises(ValueError, match="one card only"):
+    with pytest.raises(ValueError, match="one card, dtype and settings only"):
         profile.combine({"a": result, "b": {**result, "card": "NVIDIA H200"}})
 
 
