@@ -86,17 +86,23 @@ def bench(args) -> int:
 
 
 def git_commit() -> str | None:
-    """The commit of the checkout the package runs from, or None outside a git checkout."""
+    """The commit of the checkout the package runs from, with " + uncommitted changes" when its
+    tracked files differ from it (e.g. a copy of a working tree next to a stale .git); None
+    outside a git checkout."""
     import subprocess
     from pathlib import Path
 
+    def git(*args):
+        done = subprocess.run(["git", *args], cwd=Path(__file__).parent, capture_output=True, text=True, timeout=30)
+        return done.stdout.strip() if done.returncode == 0 else None
+
     try:
-        done = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True, text=True,
-                              timeout=10)
+        commit, changes = git("rev-parse", "HEAD"), git("status", "--porcelain", "--untracked-files=no")
     except (OSError, subprocess.SubprocessError):
         return None
-    commit = done.stdout.strip() if done.returncode == 0 else ""
-    return commit or None
+    if not commit:
+        return None
+    return commit + " + uncommitted changes" if changes else commit
 
 
 def costs(args) -> int:

@@ -31,14 +31,15 @@ KIND_MARKERS = {"step": "o", "chain": "s", "tree": "^"}
 
 def run_label(row: dict) -> str:
     """How a bench row is named in a figure:
-    {"method": "specvlm", "draft": "tree", "ratio": 0.9} -> "SpecVLM tree 90%";  {"method": "ar"} -> "AR"."""
+    {"method": "specvlm", "draft": "tree", "ratio": 0.9} -> "SpecVLM tree 90%";  {"method": "ar"} -> "AR";
+    with "drafter": "self" (the target drafting for itself) -> "self SpecVLM tree 90%"."""
     names = {"ar": "AR", "sd": "SD", "specvlm": "SpecVLM"}
     label = names.get(row["method"], row["method"])
     if row.get("draft"):
         label += f" {row['draft']}"
     if row.get("ratio"):
         label += f" {row['ratio']:.0%}"
-    return label
+    return f"self {label}" if row.get("drafter") == "self" else label
 
 
 def bench_rows(result, path: str | None = None, frames: int | None = None) -> list[dict]:

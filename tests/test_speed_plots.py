@@ -40,6 +40,9 @@ def test_run_label():
     assert speed_plots.run_label({"method": "sd", "draft": "chain", "ratio": 0.0}) == "SD chain"
     assert speed_plots.run_label({"method": "ar", "draft": None, "ratio": 0.0}) == "AR"
     assert speed_plots.run_label({"method": "uniform", "draft": "tree", "ratio": 0.5}) == "uniform tree 50%"
+    # the target drafting for itself is another run than the draft model drafting: labels must differ
+    assert speed_plots.run_label({"method": "specvlm", "draft": "tree", "ratio": 0.5, "drafter": "self"}) == \
+        "self SpecVLM tree 50%"
 
 
 def test_rows_without_a_path_are_plain(bench):
