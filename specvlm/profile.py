@@ -70,6 +70,8 @@ CATEGORIES = (
                     r"aten::(mul|add|sub|div|neg|pow|rsqrt|mean|sigmoid|exp|where|masked_fill)"),
 )
 OTHER = "other"
+# costs' own fast paths, one per attention: here the one path "fast", its attention given apart
+FAST_PATHS = {path for path in costs.PATHS if path.split("-")[0] == "fast"}
 CATEGORY_NAMES = tuple(name for name, _ in CATEGORIES) + (OTHER,)
 _PATTERNS = [(name, re.compile(pattern, re.IGNORECASE)) for name, pattern in CATEGORIES]
 TOP = 10
@@ -148,7 +150,7 @@ def _make_step(model, path: str, attention: str, compile, context_len: int, quer
         return costs.fast_step(attention, compile)(model, context_len, query_len, tree)
     if attention != "sdpa":
         raise ValueError(f"attention={attention!r} applies to the fast path only; transformers' path is "
-                         f"chosen by path= ({sorted(set(costs.PATHS) - {'fast', 'fast-flex', 'fast-grouped'})}).")
+                         f"chosen by path= ({sorted(set(costs.PATHS) - FAST_PATHS)}).")
     return costs.PATHS[path](model, context_len, query_len, tree)
 
 
@@ -190,7 +192,7 @@ def profile_step(shape, context_len: int, query_len: int | None = None, path: st
     compilation included), graph_kernels_visible
     (None when no CUDA graph is involved) and without_graphs (None or a breakdown).
     """
-    valid = ("fast", *sorted(set(costs.PATHS) - {"fast", "fast-flex", "fast-grouped"}))
+    valid = ("fast", *sorted(set(costs.PATHS) - FAST_PATHS))
     if path not in valid:
         raise ValueError(f"unknown path {path!r}; choose one of {valid} (attention= picks the fast path's kernel).")
     config = costs.lm_config(shape) if isinstance(shape, str) else shape
