@@ -54,7 +54,11 @@ def greedy_chain(draft_tokens: torch.Tensor, target_logits: torch.Tensor) -> tup
     """Greedy verification of a chain: (n_accepted, bonus_token).
     draft_tokens: [k]; target_logits: [k+1, V], row i = the target after drafted position i.
     E.g. target argmaxes [5, 7, 2, 9] and draft [5, 7, 3] -> (2, 2)."""
-    predicted = target_logits.argmax(-1)  # [k+1]
+    return chain_accept(draft_tokens, target_logits.argmax(-1))
+
+
+def chain_accept(draft_tokens: torch.Tensor, predicted: torch.Tensor) -> tuple[int, int]:
+    """`greedy_chain` from the target's argmaxes `predicted` [k+1] instead of its logits."""
     n = accepted_prefix_length(draft_tokens.to(predicted.device) == predicted[:-1])
     return n, int(predicted[n])
 
@@ -66,8 +70,14 @@ def greedy_tree(tree: Tree, node_tokens: torch.Tensor, target_logits: torch.Tens
     longest kept root-to-leaf prefix wins, the first in `tree.retrieve` order on ties.
     E.g. tree [[0], [1], [0, 0]], node_tokens [4, 8, 6, 1], argmaxes [6, 2, 3, 5]:
     node 2 (token 6) is kept, node 1 (token 8) is not -> ([2], 3)."""
-    predicted = target_logits.argmax(-1).cpu()  # [N+1]: one copy to the host, the rest is host work
-    matches = node_tokens.cpu() == predicted[tree.parents.clamp(min=0)]  # [N+1], root unused
+    return tree_accept(tree, node_tokens, target_logits.argmax(-1))
+
+
+def tree_accept(tree: Tree, node_tokens: torch.Tensor, predicted: torch.Tensor) -> tuple[list[int], int]:
+    """`greedy_tree` from the target's argmaxes `predicted` [N+1] instead of its logits; host work
+    on CPU copies of both (pass CPU tensors to keep it free of device copies)."""
+    predicted, node_tokens = predicted.cpu(), node_tokens.cpu()
+    matches = node_tokens == predicted[tree.parents.clamp(min=0)]  # [N+1], root unused
     paths = tree.retrieve[:, 1:]  # [leaves, depth]
     lengths = _prefix_lengths(matches[paths.clamp(min=0)] & (paths >= 0))  # [leaves]
     best = int(lengths.argmax())  # argmax returns the first maximum

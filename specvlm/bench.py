@@ -22,11 +22,15 @@ Besides times, each project row records what the cost model (`cost_model.predict
 needs to predict its speedup from this run alone:
   "accepted_hist"  rounds per accepted count (None for AR);
   "prompt_tokens", "draft_prompt_tokens"  cache lengths when decoding starts;
-  "step_ms"        medians of isolated, device-synchronised passes on the row's path at those
-                   lengths: {"target_step"} (1 token) on AR rows, {"draft_step"} (1 token) and
-                   {"verify"} (k + 1 tokens, or the tree's nodes with its mask) on speculative rows;
-                   on the fast path's tree rows also {"draft_feed"} (the draft catching up on
-                   depth + 1 tokens) and {"draft_level"} (one tree level, with its mask).
+  "step_ms"        medians of device-synchronised passes on the row's path at those lengths:
+                   {"target_step"} (1 token) on AR rows, {"draft_step"} (1 token) and {"verify"}
+                   (k + 1 tokens, or the tree's nodes with its mask) on speculative rows; on the
+                   fast path's tree rows also {"draft_feed"} (the draft catching up on depth + 1
+                   tokens) and {"draft_level"} (one tree level, with its mask). Plain-path passes
+                   are timed one at a time; fast-path passes `QUEUED` in a row without waiting
+                   for the device (per pass: what a pass costs inside a round), plus
+                   {"draft_step_synced"} / {"target_step_synced"}, one pass on an idle device (the
+                   difference is the host's launch time, exposed once per round).
                    They are timed after the row's timed repetitions, on caches prefilled anew
                    (plain: a forward into a DynamicCache, then a crop) or on the row's own static
                    caches with its compiled step functions (fast), so decode times are untouched;
@@ -38,6 +42,7 @@ needs to predict its speedup from this run alone:
 
 from __future__ import annotations
 
+import functools
 import json
 import platform
 import statistics
@@ -71,6 +76,7 @@ SELF_RUNS = (
 # transformers' baselines: (method, assisted, static cache)
 HF_RUNS = (("hf-generate", False, False), ("hf-assisted", True, False), ("hf-generate-static", False, True))
 STEP_WARMUP = 3  # compile, record the CUDA graph, replay: timed calls replay
+QUEUED = 8  # fast-path passes timed back to back per sample (see `median_ms`)
 
 
 def run_label(method: str, shape: str | None, ratio: float, drafter: str | None = None) -> str:
@@ -112,19 +118,24 @@ def run_once(path: str, pair: Pair, prompt, draft_prompt, method: str, shape, ra
 # isolated passes at a row's context lengths (after its timed repetitions)
 
 
-def median_ms(device: torch.device, call, reset, repeats: int, warmup: int = STEP_WARMUP) -> float:
-    """Median wall-clock ms of `call()` over `repeats` timed calls after `warmup` untimed ones,
-    synchronised with the device; `reset()` (untimed) runs before each call and at the end."""
-    if repeats < 1:
-        raise ValueError(f"step timings need at least one repetition, got {repeats}.")
+def median_ms(device: torch.device, call, reset, repeats: int, warmup: int = STEP_WARMUP, queued: int = 1) -> float:
+    """Median wall-clock ms of `call()` over `repeats` timed samples after `warmup` untimed ones,
+    synchronised with the device; `reset()` runs before each call and at the end. A sample
+    times `queued` calls in a row with no wait for the device between them and is divided by
+    `queued`: with queued > 1 (and a `reset` that does not wait for the device either) the host
+    prepares a call while the device runs the last one, as the fast path's decoding loops do;
+    queued=1 times a call that starts on an idle device, host work included."""
+    if repeats < 1 or queued < 1:
+        raise ValueError(f"step timings need at least one repetition and one call, got {repeats} and {queued}.")
     times = []
     for i in range(warmup + repeats):
-        reset()
         watch = Stopwatch(device)
-        call()
+        for _ in range(queued):
+            reset()
+            call()
         watch.lap("pass")
         if i >= warmup:
-            times.append(1000 * watch.laps["pass"])
+            times.append(1000 * watch.laps["pass"] / queued)
     reset()
     return statistics.median(times)
 
@@ -173,42 +184,46 @@ def plain_steps(pair: Pair, prompt, draft_prompt, res, shape, k: int, repeats: i
 
 def fast_steps(pair: Pair, prompt, draft_prompt, res, shape, k: int, repeats: int) -> dict:
     """Step timings on the fast path: the row's own static caches and step functions (compiled
-    as in the run), their write position set back to where decoding started before each pass."""
+    as in the run), their write position set back to where decoding started before each pass.
+    Passes are timed queued back to back (`QUEUED` per sample), as the decoding loops run them;
+    "draft_step_synced" (or "target_step_synced" on AR rows) times one pass started on an idle
+    device, as a round's first pass starts after the host has read the last verification."""
     from .fast import DraftLevels, compile_options, static_lm
 
     device, token = pair.target.device, res.tokens[0]
     options = compile_options(None, device)  # what `generate_fast` used in `run_once`
+    time = functools.partial(median_ms, device, repeats=repeats, queued=QUEUED)
     target = static_lm(pair.target, "target", options)
     start = prompt.input_ids.shape[1]
     reset = lambda: setattr(target, "length", start)
     per_token = {"target": kv_bytes_per_token(target.cache.keys, target.cache.values)}
     allocated = {"target": per_token["target"] * target.cache.capacity}
     if shape is None:
-        steps = {"target_step": median_ms(device, lambda: target.extend([token], prompt.next_position, 1), reset,
-                                          repeats)}
+        ar_step = lambda: target.extend([token], prompt.next_position, 1)
+        steps = {"target_step": time(ar_step, reset),
+                 "target_step_synced": median_ms(device, ar_step, reset, repeats)}
         return {"step_ms": steps, "per_token": per_token, "allocated": allocated}
     if shape == "tree":
         tree = MC_SIM_7B_63
-        pattern = target.pattern(tree, lambda: tree.mask)  # the key and mask `fast.tree_round` uses
+        pattern = target.constant(tree, lambda: tree.mask)  # the key and mask `fast.tree_round` uses
         where = (prompt.next_position + tree.depths).tolist()
         verify = lambda: target.step([token] * tree.num_nodes, where, pattern)
     else:
         verify = lambda: target.extend([token] * (k + 1), prompt.next_position, k + 1)
-    steps = {"verify": median_ms(device, verify, reset, repeats)}
+    steps = {"verify": time(verify, reset)}
     draft = static_lm(pair.draft, "draft", options)
     draft_start = len(draft_prompt.rows(res.kept))
     draft_reset = lambda: setattr(draft, "length", draft_start)
-    steps["draft_step"] = median_ms(device, lambda: draft.extend([token], draft_prompt.next_position, 1),
-                                    draft_reset, repeats)
+    draft_step = lambda: draft.extend([token], draft_prompt.next_position, 1)
+    steps["draft_step"] = time(draft_step, draft_reset)
+    steps["draft_step_synced"] = median_ms(device, draft_step, draft_reset, repeats)
     if shape == "tree":  # the tree round's wider draft passes, with the shapes and masks `fast.draft_tree` uses
         levels, feed = DraftLevels.of(tree), tree.depth + 1
-        steps["draft_feed"] = median_ms(device, lambda: draft.extend([token] * feed, draft_prompt.next_position, feed),
-                                        draft_reset, repeats)
-        pattern = draft.pattern((tree, 1), lambda: levels.patterns[0])
+        steps["draft_feed"] = time(lambda: draft.extend([token] * feed, draft_prompt.next_position, feed), draft_reset)
+        pattern = draft.constant((tree, 1), lambda: levels.patterns[0])
         nodes = len(levels.nodes[0])
-        steps["draft_level"] = median_ms(
-            device, lambda: draft.step([token] * nodes, [draft_prompt.next_position + 1] * nodes, pattern,
-                                       start=draft_start), draft_reset, repeats)
+        steps["draft_level"] = time(lambda: draft.step([token] * nodes, [draft_prompt.next_position + 1] * nodes,
+                                                       pattern, start=draft_start), draft_reset)
     per_token["draft"] = kv_bytes_per_token(draft.cache.keys, draft.cache.values)
     allocated["draft"] = per_token["draft"] * draft.cache.capacity
     return {"step_ms": steps, "per_token": per_token, "allocated": allocated}
@@ -394,8 +409,9 @@ def bench(pair: Pair, video_for, frames_list, max_new_tokens=64, k=5, repeats=3,
         "python": platform.python_version(), "specvlm": __version__,
         "date": str(date.today()), "max_new_tokens": max_new_tokens, "k": k, "repeats": repeats,
         "step_repeats": step_repeats, "self_speculation": self_speculation,
-        "timing": "median decode wall clock after one warm-up; device-synchronised; step_ms: medians of isolated "
-                  "passes at the cache lengths when decoding starts, after the timed repetitions",
+        "timing": "median decode wall clock after one warm-up; device-synchronised; step_ms: medians of passes at "
+                  "the cache lengths when decoding starts, after the timed repetitions (plain path: one pass at a "
+                  f"time; fast path: {QUEUED} passes queued back to back, '_synced' ones one at a time)",
         "rows": rows,
     }
     if "fast" in paths:

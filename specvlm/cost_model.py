@@ -38,8 +38,13 @@ however much is pruned. `sweep_video_length` draws exactly this trade.
 Acceptance is given either as a histogram (`hist[a]` = rounds with a accepted tokens, see
 `histogram`) or as the mean accepted length (a float); only its mean enters a speedup, since
 a round's cost does not depend on how much of it is accepted.
+A fast-path run queues its passes without waiting for the device, so its step timings are
+queued ones; the host's launch time shows once per round (`launch_ms`: the first pass after the
+host reads a verification), added to the round by `predicted_vs_measured`.
+
 Not modelled: prefill, scoring and selection (decode time only, as the benchmark measures),
-per-round host work (acceptance, cache crops), the short last rounds near `max_new_tokens`.
+other per-round host work (acceptance, the tree's KV move), the short last rounds near
+`max_new_tokens`.
 """
 
 from __future__ import annotations
@@ -272,16 +277,26 @@ def predicted_vs_measured(bench_result, table: CostTable | None = None, target: 
             row["source"] = "table"
         if costs is not None:
             t_ar, t_draft, t_verify = costs
+            steps = (r.get("step_ms") or {}) if row["source"] == "run" else {}
             if tree is None:
-                round_ms = chain_round_ms(k, t_draft, t_verify)
+                round_ms = chain_round_ms(k, t_draft, t_verify) + launch_ms(steps)
             else:
-                steps = (r.get("step_ms") or {}) if row["source"] == "run" else {}
-                round_ms = tree_round_ms(tree, t_draft, t_verify, t_feed=steps.get("draft_feed"),
+                round_ms = tree_round_ms(tree, t_draft, t_verify, extra_ms=launch_ms(steps), t_feed=steps.get("draft_feed"),
                                          t_level=steps.get("draft_level"), wide_feed=wide_feed_share(acceptance))
             row["predicted_round_ms"] = round_ms
             row["predicted"] = speedup(acceptance, round_ms, t_ar)
         out.append(row)
     return out
+
+
+def launch_ms(steps: dict) -> float:
+    """The host time a round exposes: a round's first pass starts on an idle device (the host has
+    just read the verification's result), the later ones are queued while the device runs. From
+    a fast-path run's step timings: "draft_step_synced" - "draft_step" (one pass on an idle
+    device minus one queued pass), else 0 (step timings that were not queued already include it).
+    launch_ms({"draft_step": 1.5, "draft_step_synced": 2.1}) -> 0.6 (up to rounding)"""
+    synced, queued = steps.get("draft_step_synced"), steps.get("draft_step")
+    return max(0.0, synced - queued) if synced is not None and queued is not None else 0.0
 
 
 def wide_feed_share(acceptance) -> float:

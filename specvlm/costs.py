@@ -265,9 +265,9 @@ def fast_step(attention: str = "sdpa", compile=None):
         ids, positions, _ = step_inputs(model, context_len, query_len, tree, generator)
         tokens, where = ids[0].tolist(), positions[0].tolist()
         if tree is None:
-            pattern = engine.pattern(("causal", query_len), lambda: fast.causal_pattern(query_len))
+            pattern = engine.constant(("causal", query_len), lambda: fast.causal_pattern(query_len))
         else:
-            pattern = engine.pattern(tree, lambda: tree.mask)  # the key and mask `fast.tree_round` uses
+            pattern = engine.constant(tree, lambda: tree.mask)  # the key and mask `fast.tree_round` uses
         engine.length = context_len
 
         def step():
@@ -289,9 +289,13 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def time_ms(fn, device, repeats: int = 10, warmup: int = 2) -> float:
+def time_ms(fn, device, repeats: int = 10, warmup: int = 2, queued: int = 1) -> float:
     """Median wall-clock milliseconds of `fn()` after `warmup` calls, the device synchronised
-    before and after each call (as in a decoding loop, where each step's token is needed next)."""
+    before and after each sample (as in a loop where each step's token is needed on the host
+    next). A sample is `queued` calls in a row, divided by `queued`: with more than one, the
+    host prepares a call while the device runs the last (as the fast path's loops do)."""
+    if repeats < 1 or queued < 1:
+        raise ValueError(f"time_ms needs repeats >= 1 and queued >= 1, got {repeats} and {queued}.")
     device = torch.device(device)
     for _ in range(warmup):
         fn()
@@ -299,9 +303,10 @@ def time_ms(fn, device, repeats: int = 10, warmup: int = 2) -> float:
     for _ in range(repeats):
         _sync(device)
         start = time.perf_counter()
-        fn()
+        for _ in range(queued):
+            fn()
         _sync(device)
-        times.append(time.perf_counter() - start)
+        times.append((time.perf_counter() - start) / queued)
     return 1000 * statistics.median(times)
 
 

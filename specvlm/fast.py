@@ -49,7 +49,7 @@ from torch.nn.attention.flex_attention import BlockMask, flex_attention
 from transformers import AttentionInterface, Cache
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-from .acceptance import greedy_chain, greedy_tree
+from .acceptance import chain_accept, tree_accept
 from .attention import sdpa_with_scores
 from .decoding import (METHODS, SCORED_METHODS, Result, Stopwatch, prefill_pruned, prefill_target,
                        select_video_tokens, speculative_result)
@@ -172,7 +172,8 @@ class DraftLevels:
     logits row `row` (the root's for d = 0, else level d-1's); `top[d]`: the most ranks a row
     of depth d+1 takes. E.g. [[0], [1], [0, 0], [0, 0, 0]]: nodes ((1,), (3,)), offsets (0, 1),
     width 1, patterns [[[1, 0]], [[1, 1]]], picks (((0, 1, 0), (0, 2, 1)), ((0, 3, 0),),
-    ((0, 4, 0),)), top (2, 1, 1).
+    ((0, 4, 0),)), top (2, 1, 1). `pick_index[d]` ([3, m] long: rows, nodes, ranks) and
+    `expand_index[i]` ([len(nodes[i])] long) hold the same as tensors, for drafting on the device.
     """
 
     nodes: tuple[tuple[int, ...], ...]
@@ -181,6 +182,8 @@ class DraftLevels:
     patterns: torch.Tensor
     picks: tuple[tuple[tuple[int, int, int], ...], ...]
     top: tuple[int, ...]
+    pick_index: tuple[torch.Tensor, ...]
+    expand_index: tuple[torch.Tensor, ...]
 
     @classmethod
     def of(cls, tree: Tree) -> DraftLevels:
@@ -206,7 +209,9 @@ class DraftLevels:
                             for child in tree.children(node).tolist())
                       for expanded in ((0,), *nodes))
         top = tuple(max(rank for _, _, rank in level) + 1 for level in picks)
-        return cls(nodes, offsets, width, patterns, picks, top)
+        pick_index = tuple(torch.tensor(level, dtype=torch.long).T.contiguous() for level in picks)
+        expand_index = tuple(torch.tensor(level, dtype=torch.long) for level in nodes)
+        return cls(nodes, offsets, width, patterns, picks, top, pick_index, expand_index)
 
 
 # ----------------------------------------------------------------------------------------
@@ -394,7 +399,7 @@ class StaticLM:
         self.cache: SlotCache | None = None
         self.steps: dict[tuple[int, int], object] = {}
         self._move = None
-        self._patterns: dict[object, torch.Tensor] = {}
+        self._constants: dict[object, torch.Tensor] = {}
 
     @property
     def length(self) -> int:
@@ -412,16 +417,20 @@ class StaticLM:
             self.cache = SlotCache.like(prefilled, round_up(capacity, 128))
         self.cache.load(prefilled)
 
-    def pattern(self, key, make) -> torch.Tensor:
-        """A mask pattern kept on the device (made once per key)."""
-        if key not in self._patterns:
-            self._patterns[key] = make().to(self.lm.device)
-        return self._patterns[key]
+    def constant(self, key, make) -> torch.Tensor:
+        """A constant tensor (a mask pattern, an index) kept on the device, made once per key."""
+        if key not in self._constants:
+            self._constants[key] = make().to(self.lm.device)
+        return self._constants[key]
 
-    def step(self, tokens: list[int], positions: list[int], pattern: torch.Tensor, start: int | None = None):
+    def step(self, tokens, positions: list[int], pattern: torch.Tensor, start: int | None = None):
         """Run `tokens` (padded to `pattern`'s rows) at `positions`, written from slot `length`;
         slots before `start` (default: `length`) are seen by every row. Advances `length` by
-        len(tokens) and returns their logits [len(tokens), V]."""
+        len(tokens) and returns their logits [len(tokens), V].
+
+        `tokens`: a list of ints, or a 1-D long tensor on the device (e.g. the argmax of the
+        last step's logits): then nothing waits for the device, and the host can queue the next
+        steps while this one runs (the decoding loops copy to the host once per round)."""
         width, count, write = pattern.shape[0], len(tokens), self.length
         if not 0 < count <= width:
             raise ValueError(f"a step of width {width} cannot take {count} tokens")
@@ -429,8 +438,11 @@ class StaticLM:
             raise RuntimeError(f"static cache overflow: writing {width} slots at {write} of {self.cache.capacity}")
         pad = width - count
         start = write if start is None else start
-        inputs = torch.tensor(list(tokens) + [tokens[-1]] * pad + list(positions) + [positions[-1]] * pad
-                              + [write, start], dtype=torch.long).to(self.lm.device, non_blocking=True)
+        tail = list(positions) + [positions[-1]] * pad + [write, start]
+        if isinstance(tokens, torch.Tensor):
+            inputs = torch.cat([tokens, tokens[-1:].expand(pad), to_device(tail, self.lm.device)])
+        else:
+            inputs = to_device(list(tokens) + [tokens[-1]] * pad + tail, self.lm.device)
         if self.attention != "sdpa":
             use_flex(self.lm)  # a prefill in between may have switched the implementation
         if self.options is not None and self.lm.device.type == "cuda":
@@ -444,7 +456,7 @@ class StaticLM:
     def move(self, source: list[int], dest: list[int]) -> None:
         """`SlotCache.move` in every layer as one compiled function (on CUDA: one CUDA graph
         instead of four eager kernels per layer, launched from the host every tree round)."""
-        moves = torch.tensor([source, dest], dtype=torch.long).to(self.lm.device, non_blocking=True)
+        moves = to_device([source, dest], self.lm.device)
         if self._move is None:
             move = functools.partial(move_slots, self.cache)
             self._move = move if self.options is None else torch.compile(move, **self.options)
@@ -454,7 +466,7 @@ class StaticLM:
 
     def extend(self, tokens: list[int], first_position: int, width: int):
         """Causal step: `tokens` at consecutive positions from `first_position`, padded to `width`."""
-        pattern = self.pattern(("causal", width), lambda: causal_pattern(width))
+        pattern = self.constant(("causal", width), lambda: causal_pattern(width))
         return self.step(tokens, list(range(first_position, first_position + len(tokens))), pattern)
 
     def _step_fn(self, shape: tuple[int, int]):
@@ -462,6 +474,14 @@ class StaticLM:
             step = functools.partial(step_logits, self.lm, self.cache, attention=self.attention)
             self.steps[shape] = step if self.options is None else torch.compile(step, **self.options)
         return self.steps[shape]
+
+
+def to_device(values: list, device: torch.device) -> torch.Tensor:
+    """A long tensor of host ints on `device` without waiting for the device: on CUDA through
+    page-locked memory (a copy from pageable memory may wait for the work queued before it)."""
+    if device.type != "cuda":
+        return torch.tensor(values, dtype=torch.long, device=device)
+    return torch.tensor(values, dtype=torch.long, pin_memory=True).to(device, non_blocking=True)
 
 
 def move_slots(cache: SlotCache, moves: torch.Tensor) -> None:
@@ -556,7 +576,7 @@ def capture_report(pair: Pair | None = None) -> dict:
 @dataclass
 class Run:
     """The state between rounds; invariants as in `decoding.Speculation`: target cache =
-    prompt + out[:-1], draft cache = draft prompt + out[:draft_seen]."""
+    prompt + out[:-1] (once `target_move` is queued), draft cache = draft prompt + out[:draft_seen]."""
 
     target: StaticLM
     draft: StaticLM
@@ -567,6 +587,15 @@ class Run:
     feed_width: int  # the most committed tokens the draft may have to catch up on
     draft_seen: int = 0
     draft_prefix: int = 0  # draft cache slots before the first generated token
+    # the last tree round's KV move (source, dest slots), not queued yet: the next round queues its
+    # draft passes first, so the host launches the move while the device runs them
+    target_move: tuple[list[int], list[int]] | None = None
+
+    def finish_target_move(self) -> None:
+        """Queue the pending KV move (before anything reads the target's cache)."""
+        if self.target_move is not None:
+            self.target.move(*self.target_move)
+            self.target_move = None
 
     def draft_feed(self) -> torch.Tensor:
         """Feed the committed tokens the draft has not seen; return its logits [V] after the last."""
@@ -578,67 +607,81 @@ class Run:
 
 
 def chain_round(run: Run, k: int) -> int:
-    """One greedy round with a chain of k drafted tokens (k may be 0); returns the accepted count."""
+    """One greedy round with a chain of k drafted tokens (k may be 0); returns the accepted count.
+    The drafted tokens stay on the device (each step's argmax is the next step's input) until
+    the verification's argmaxes come back with them in one copy."""
     # 1. draft: catch up, then propose k tokens, one step each
-    proposal = []
+    drafted = []
     if k:
         logits = run.draft_feed()
         for i in range(k):
-            proposal.append(int(logits.argmax()))
+            drafted.append(logits.argmax(-1, keepdim=True))  # [1], on the device
             if i < k - 1:
-                logits = run.draft.extend(proposal[-1:], run.draft_prompt.next_position + run.draft_seen + i, 1)[-1]
+                logits = run.draft.extend(drafted[-1], run.draft_prompt.next_position + run.draft_seen + i, 1)[-1]
     # 2. target: the last committed token and the proposals in one pass (padded to a fixed width)
     start = len(run.out) - 1
-    logits = run.target.extend([run.out[-1]] + proposal, run.prompt.next_position + start, run.verify_width)
-    # 3. accept the agreeing prefix and the target's next token
-    n, next_token = greedy_chain(torch.tensor(proposal, dtype=torch.long), logits)
+    run.finish_target_move()
+    device = run.target.lm.device
+    drafted = [token.to(device, non_blocking=True) for token in drafted]  # no-ops when both share a device
+    logits = run.target.extend(torch.cat([to_device([run.out[-1]], device), *drafted]), run.prompt.next_position + start,
+                               run.verify_width)
+    # 3. accept the agreeing prefix and the target's next token (one copy to the host)
+    host = torch.cat([*drafted, logits.argmax(-1)]).cpu()
+    proposal, predicted = host[:k], host[k:]
+    n, next_token = chain_accept(proposal, predicted)
     # 4. rewind: both caches keep exactly the committed text (the draft never fed its last proposal)
     run.target.length -= k - n
     if k:
         valid = min(n, k - 1)
         run.draft_seen = len(run.out) + valid
         run.draft.length = run.draft_prefix + run.draft_seen
-    run.out += proposal[:n] + [next_token]
+    run.out += proposal[:n].tolist() + [next_token]
     return n
 
 
-def draft_tree(run: Run, tree: Tree, levels: DraftLevels) -> list[int]:
+def draft_tree(run: Run, tree: Tree, levels: DraftLevels) -> torch.Tensor:
     """Expand `tree` with the draft, one fixed-width step per level; returns node tokens [N+1]
-    (root first). Afterwards the draft's cache is back at the committed text."""
-    tokens = [run.out[-1]] + [0] * (tree.num_nodes - 1)
+    (root first) on the device: each level's tokens are picked from the last level's logits
+    there, so the host queues every level without waiting. Afterwards the draft's cache is
+    back at the committed text."""
+    draft = run.draft
+    tokens = to_device([run.out[-1]] + [0] * (tree.num_nodes - 1), draft.lm.device)
     root_position = run.draft_prompt.next_position + len(run.out) - 1
     logits = run.draft_feed()[None]  # [1, V]: the root's
-    base = run.draft.length
+    base = draft.length
     for depth in range(1, tree.depth + 1):
-        top = logits.topk(levels.top[depth - 1]).indices.tolist()
-        for row, node, rank in levels.picks[depth - 1]:
-            tokens[node] = top[row][rank]
+        top = logits.topk(levels.top[depth - 1]).indices  # [rows, top]
+        rows, nodes, ranks = draft.constant(("picks", tree, depth), lambda: levels.pick_index[depth - 1])
+        tokens[nodes] = top[rows, ranks]
         if depth > len(levels.nodes):
             break
-        expand = list(levels.nodes[depth - 1])
-        run.draft.length = base + levels.offsets[depth - 1]
-        pattern = run.draft.pattern((tree, depth), lambda: levels.patterns[depth - 1])
-        logits = run.draft.step([tokens[n] for n in expand], [root_position + depth] * len(expand), pattern, start=base)
-    run.draft.length = base
+        expand = draft.constant(("expand", tree, depth), lambda: levels.expand_index[depth - 1])
+        draft.length = base + levels.offsets[depth - 1]
+        pattern = draft.constant((tree, depth), lambda: levels.patterns[depth - 1])
+        logits = draft.step(tokens[expand], [root_position + depth] * len(expand), pattern, start=base)
+    draft.length = base
     return tokens
 
 
 def tree_round(run: Run, tree: Tree, levels: DraftLevels) -> int:
     """One greedy round with a static tree; returns the number of accepted drafted tokens."""
     # 1. draft: expand the tree level by level
-    tokens = draft_tree(run, tree, levels)
+    tokens = draft_tree(run, tree, levels).to(run.target.lm.device, non_blocking=True)
+    run.finish_target_move()
     # 2. target: every node in one pass with the tree mask, at positions root + depth
     prefix = run.target.length
     root_position = run.prompt.next_position + len(run.out) - 1
-    pattern = run.target.pattern(tree, lambda: tree.mask)
+    pattern = run.target.constant(tree, lambda: tree.mask)
     logits = run.target.step(tokens, (root_position + tree.depths).tolist(), pattern)
-    # 3. accept the longest agreeing root-to-leaf path and the target's next token
-    accepted, next_token = greedy_tree(tree, torch.tensor(tokens, dtype=torch.long), logits)
-    # 4. the target keeps the root and the accepted path, moved to consecutive slots
+    # 3. accept the longest agreeing root-to-leaf path and the target's next token (one copy to the host)
+    node_tokens, predicted = torch.stack([tokens, logits.argmax(-1)]).cpu()
+    accepted, next_token = tree_accept(tree, node_tokens, predicted)
+    # 4. the target keeps the root and the accepted path, moved to consecutive slots (queued by
+    # the next round, after its draft passes)
     if accepted:
-        run.target.move(*path_moves(prefix, accepted, tree.depth))
+        run.target_move = path_moves(prefix, accepted, tree.depth)
     run.target.length = prefix + 1 + len(accepted)
-    run.out += [tokens[n] for n in accepted] + [next_token]
+    run.out += node_tokens[accepted].tolist() + [next_token]
     return len(accepted)
 
 
@@ -699,6 +742,7 @@ def generate_fast(pair: Pair, prompt: Prompt, method: str = "specvlm", ratio: fl
             accepted.append(tree_round(run, tree, levels))
         else:  # a chain, or a tree too deep for the tokens left: never overshoot
             accepted.append(chain_round(run, min(depth, room)))
+    run.finish_target_move()
     watch.lap("decode")
 
     return speculative_result(run.out, target, prompt, method, ratio, accepted, keep, scores,
@@ -706,17 +750,28 @@ def generate_fast(pair: Pair, prompt: Prompt, method: str = "specvlm", ratio: fl
 
 
 def _generate_ar(target: VideoLM, prompt: Prompt, max_new_tokens: int, compile, attention: str = "sdpa") -> Result:
-    """The target alone, greedy, one fixed-shape step per token."""
+    """The target alone, greedy, one fixed-shape step per token. Each step's input is the last
+    step's argmax on the device, and the host queues a step before it reads the token of the
+    one before, so the device never waits for the host between steps; a step queued past an
+    end token is dropped (its slot lies past the cache's length)."""
     watch = Stopwatch(target.device)
     logits, cache = prefill_pruned(target, prompt, None)
     fast = static_lm(target, "target", compile_options(compile, target.device), attention)
     fast.load(cache, cache.get_seq_length() + max_new_tokens)
+    prefix = fast.length
     del cache
     watch.lap("prefill")
     out = [int(logits.argmax())]
+    queued = None  # the argmax [1] of the step that feeds out[-1], not read yet
     while len(out) < max_new_tokens and out[-1] not in target.eos_token_ids:
-        logits = fast.extend(out[-1:], prompt.next_position + len(out) - 1, 1)
-        out.append(int(logits[-1].argmax()))
+        if queued is None:  # the first step: its input comes from the host
+            queued = fast.extend(out[-1:], prompt.next_position + len(out) - 1, 1)[-1:].argmax(-1)
+        ahead = None
+        if len(out) + 1 < max_new_tokens:  # queue the step after it before waiting for it
+            ahead = fast.extend(queued, prompt.next_position + len(out), 1)[-1:].argmax(-1)
+        out.append(int(queued))
+        queued = ahead
+    fast.length = prefix + len(out) - 1  # the cache holds prompt + out[:-1]
     watch.lap("decode")
     return Result(out, target.decode(out), "ar", 0.0, video_tokens=prompt.num_video_tokens,
                   target_cache_len=fast.length, timings=watch.laps)

@@ -4,8 +4,9 @@
 bandwidth); this module says why. `profile_step` builds the random-weight language model at a
 real shape exactly as `costs.measure_costs` does (`costs.build_lm`, the cache filled by the
 same path factories), warms the step up (compilation and CUDA-graph capture included), times
-it outside the profiler (`costs.time_ms`: device-synchronised, as in a decoding loop), then
-records `repeats` steps with `torch.profiler`. `kernel_breakdown` groups the recorded GPU
+it outside the profiler (`costs.time_ms`: device-synchronised; "wall" one step at a time, on an
+idle device; "queued" `QUEUED` steps in a row, the host preparing each while the device runs the
+last, as the fast path's decoding loops run), then records `repeats` steps with `torch.profiler`. `kernel_breakdown` groups the recorded GPU
 kernels by name into five categories and divides by the steps:
 
     attention      flash / fmha / cudnn / sdpa / flex kernels, inductor templates (FlexAttention's
@@ -75,6 +76,7 @@ FAST_PATHS = {path for path in costs.PATHS if path.split("-")[0] == "fast"}
 CATEGORY_NAMES = tuple(name for name, _ in CATEGORIES) + (OTHER,)
 _PATTERNS = [(name, re.compile(pattern, re.IGNORECASE)) for name, pattern in CATEGORIES]
 TOP = 10
+QUEUED = 8  # steps per queued sample
 
 
 def category(name: str) -> str:
@@ -154,9 +156,10 @@ def _make_step(model, path: str, attention: str, compile, context_len: int, quer
     return costs.PATHS[path](model, context_len, query_len, tree)
 
 
-def _profiled(make_step, device: torch.device, repeats: int, warmup: int) -> tuple[float, float, list]:
-    """(setup_s, wall_us, records): make the step and warm it up (compilation, graph capture),
-    time it outside the profiler (median us per step), then profile `repeats` steps."""
+def _profiled(make_step, device: torch.device, repeats: int, warmup: int) -> tuple[float, float, float, list]:
+    """(setup_s, wall_us, queued_us, records): make the step and warm it up (compilation, graph
+    capture), time it outside the profiler (median us per step: one at a time, and QUEUED in a
+    row), then profile `repeats` steps."""
     began = time.perf_counter()
     step = make_step()
     for _ in range(warmup):
@@ -164,6 +167,7 @@ def _profiled(make_step, device: torch.device, repeats: int, warmup: int) -> tup
     costs._sync(device)
     setup_s = time.perf_counter() - began
     wall_us = 1000 * costs.time_ms(step, device, repeats, warmup=1)
+    queued_us = 1000 * costs.time_ms(step, device, repeats, warmup=1, queued=QUEUED)
     activities = [torch.profiler.ProfilerActivity.CPU]
     if device.type == "cuda":
         activities.append(torch.profiler.ProfilerActivity.CUDA)
@@ -171,7 +175,7 @@ def _profiled(make_step, device: torch.device, repeats: int, warmup: int) -> tup
         for _ in range(repeats):
             step()
             costs._sync(device)
-    return setup_s, wall_us, kernel_records(profiler, device)
+    return setup_s, wall_us, queued_us, kernel_records(profiler, device)
 
 
 def profile_step(shape, context_len: int, query_len: int | None = None, path: str = "fast",
@@ -206,20 +210,21 @@ def profile_step(shape, context_len: int, query_len: int | None = None, path: st
     weights, kv = costs.weight_bytes(config, dtype), costs.kv_bytes(config, context_len + query_len, dtype)
     floor_us = 1e6 * (weights + kv) / bandwidth
 
-    setup_s, wall_us, records = _profiled(
+    setup_s, wall_us, queued_us, records = _profiled(
         lambda: _make_step(model, path, attention, compile, context_len, query_len, tree), device, repeats, warmup)
     result = {"shape": shape if isinstance(shape, str) else "custom", "context": int(context_len),
               "query_len": query_len, "path": path, "attention": attention if path == "fast" else path,
               "compile": str(fast.compile_options(compile, device)) if path == "fast" else "None",
               "device": card_name(device), "dtype": str(dtype).removeprefix("torch."),
               "bandwidth_GBps": bandwidth / 1e9, "weight_bytes": weights, "kv_bytes": kv, "setup_s": setup_s,
-              **kernel_breakdown(records, repeats, wall_us, floor_us)}
+              **kernel_breakdown(records, repeats, wall_us, floor_us),
+              "queued_us_per_step": queued_us, "queued_x_floor": queued_us / floor_us}
     graphs = (path == "fast" and device.type == "cuda"
               and (fast.compile_options(compile, device) or {}).get("mode") == "reduce-overhead")
     result["graph_kernels_visible"] = graph_kernels_visible(result["kernels_per_step"], config.num_hidden_layers, graphs)
     result["without_graphs"] = None
     if result["graph_kernels_visible"] is False:
-        setup_s, wall_us, records = _profiled(
+        setup_s, wall_us, _, records = _profiled(
             lambda: _make_step(model, path, attention, fallback, context_len, query_len, tree), device, repeats, warmup)
         label = "eager fast path" if not fallback else f"fast path compiled with {fallback!r}, no CUDA graphs"
         result["without_graphs"] = {"label": label, "compile": str(fast.compile_options(fallback, device)),
@@ -297,9 +302,10 @@ def combine(runs: dict, note: str = "") -> dict:
 
 
 def table(result: dict) -> str:
-    """Markdown: one line per profiled step (and one per without-graphs profile), us per step."""
-    head = ["shape", "context", "q", "profile", "wall us", "floor us", "x floor", "kernels", "busy us", "idle",
-            *CATEGORY_NAMES]
+    """Markdown: one line per profiled step (and one per without-graphs profile), us per step;
+    "queued" columns (steps timed in a row) where the profile measured them."""
+    head = ["shape", "context", "q", "profile", "wall us", "floor us", "x floor", "queued us", "queued x floor",
+            "kernels", "busy us", "idle", *CATEGORY_NAMES]
     bandwidth = f"{result['bandwidth_GBps']:.0f} GB/s" + (" (the lowest of the runs)" if result["attention"] == "per row"
                                                           else "")
     lines = [f"{result['card']} ({result['dtype']}), copy bandwidth {bandwidth}, "
@@ -312,8 +318,11 @@ def table(result: dict) -> str:
         for label, b in variants:
             idle = "-" if b["idle_share"] is None else f"{b['idle_share']:.0%}"
             shape = f"{row['shape']} ({row['label']})" if "label" in row else row["shape"]
+            queued = b.get("queued_us_per_step")
             cells = [shape, row["context"], row["query_len"], label, f"{b['wall_us_per_step']:.0f}",
-                     f"{b['floor_us']:.0f}", f"{b['wall_x_floor']:.2f}", f"{b['kernels_per_step']:.0f}",
+                     f"{b['floor_us']:.0f}", f"{b['wall_x_floor']:.2f}",
+                     "-" if queued is None else f"{queued:.0f}", "-" if queued is None else f"{b['queued_x_floor']:.2f}",
+                     f"{b['kernels_per_step']:.0f}",
                      f"{b['gpu_busy_us_per_step']:.0f}", idle,
                      *(f"{b['categories'][c]['us_per_step']:.0f}" for c in CATEGORY_NAMES)]
             lines.append("| " + " | ".join(map(str, cells)) + " |")

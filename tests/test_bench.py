@@ -5,11 +5,12 @@ import sys
 import types
 
 import pytest
+import torch
 
 import specvlm as sv
 from specvlm import synthetic
 from specvlm.__main__ import main
-from specvlm.bench import RUNS, SELF_RUNS, bench, save, table
+from specvlm.bench import RUNS, SELF_RUNS, bench, median_ms, save, table
 from specvlm.cost_model import predicted_vs_measured
 
 
@@ -101,6 +102,8 @@ def test_accepted_histograms_count_rounds_and_tokens(embedded_run):
 def test_every_row_has_positive_step_timings_and_cache_sizes(embedded_run):
     for row in embedded_run["rows"]:
         expected = {"target_step"} if row["method"] == "ar" else {"draft_step", "verify"}
+        if row["path"] == "fast":
+            expected |= {"target_step_synced"} if row["method"] == "ar" else {"draft_step_synced"}
         if row["path"] == "fast" and row["draft"] == "tree":
             expected |= {"draft_feed", "draft_level"}
         assert set(row["step_ms"]) == expected and all(ms > 0 for ms in row["step_ms"].values())
@@ -206,3 +209,21 @@ def test_bench_runs_only_the_named_rows_and_always_ar(embedded):
     self_pair = sv.Pair(embedded.target, embedded.target)
     with pytest.raises(ValueError, match="self-sd-chain-0"):  # a target drafting for itself: every row is "self-"
         bench(self_pair, synthetic_video, [1], only=["sd-chain-0"])
+
+
+def test_median_ms_queues_calls_and_divides_by_their_number(monkeypatch):
+    class EightMs:  # every sample takes 8 ms, however many calls it queues
+        def __init__(self, device):
+            self.laps = {}
+
+        def lap(self, name):
+            self.laps[name] = 0.008
+
+    monkeypatch.setattr("specvlm.bench.Stopwatch", EightMs)
+    calls, resets = [], []
+    ms = median_ms(torch.device("cpu"), lambda: calls.append(1), lambda: resets.append(1), repeats=2, warmup=1,
+                   queued=4)
+    assert ms == pytest.approx(2.0)
+    assert len(calls) == 3 * 4 and len(resets) == 3 * 4 + 1
+    with pytest.raises(ValueError, match="one call"):
+        median_ms(torch.device("cpu"), lambda: None, lambda: None, repeats=1, queued=0)

@@ -142,6 +142,19 @@ def test_tree_rows_use_their_wider_draft_passes():
     assert row["predicted_round_ms"] == pytest.approx(5 * 1.0 + 12.0)
 
 
+def test_a_fast_runs_rounds_pay_one_launch_on_an_idle_device():
+    assert cm.launch_ms({"draft_step": 1.5, "draft_step_synced": 2.25}) == pytest.approx(0.75)
+    assert cm.launch_ms({"draft_step": 1.5}) == 0.0
+    assert cm.launch_ms({"draft_step": 1.5, "draft_step_synced": 1.0}) == 0.0  # noise never subtracts
+    bench = _bench()
+    bench["rows"][1]["step_ms"]["draft_step_synced"] = 2.0
+    (chain,) = cm.predicted_vs_measured(bench)
+    assert chain["predicted_round_ms"] == pytest.approx(5 * 1.0 + 10.0 + 1.0)
+    tree = {**bench["rows"][1], "draft": "tree", "accepted_hist": [0, 1]}
+    (row,) = cm.predicted_vs_measured({"k": 5, "rows": [bench["rows"][0], tree]})
+    assert row["predicted_round_ms"] == pytest.approx(5 * 1.0 + 10.0 + 1.0)
+
+
 def test_predicted_vs_measured_degrades_without_step_timings():
     (row,) = cm.predicted_vs_measured(_bench(step_ms=False))
     assert row["source"] is None and row["predicted"] is None and row["measured"] == 3.5

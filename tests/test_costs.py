@@ -290,3 +290,11 @@ def test_flex_serves_only_short_steps_and_wider_ones_take_the_grouped_attention(
     layers = embedded.target.language_model.config.num_hidden_layers
     # (near the end, with fewer tokens left than the tree is deep, a round drafts a chain)
     assert set(grouped) == {MC_SIM_7B_63.num_nodes} and len(grouped) % layers == 0 and grouped
+
+
+def test_time_ms_queues_calls_between_synchronisations():
+    calls = []
+    assert costs.time_ms(lambda: calls.append(1), "cpu", repeats=2, warmup=1, queued=3) >= 0
+    assert len(calls) == 1 + 2 * 3
+    with pytest.raises(ValueError, match="queued"):
+        costs.time_ms(lambda: None, "cpu", queued=0)

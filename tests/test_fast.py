@@ -270,6 +270,26 @@ def test_max_new_tokens_cuts_mid_round(self_pair, tree, max_new_tokens):
     assert len(result.tokens) == max_new_tokens
 
 
+@pytest.mark.parametrize("max_new_tokens", [1, 2, 3, 9])
+def test_ar_queued_one_step_ahead_stops_at_the_limit(self_pair, max_new_tokens):
+    """AR queues the step after the one it reads: the limit is still met exactly, and the
+    cache holds prompt + out[:-1]."""
+    prompt = self_pair.target.prepare(random_video(3, 2))
+    result = assert_same(self_pair, prompt, method="ar", max_new_tokens=max_new_tokens)
+    assert len(result.tokens) == max_new_tokens
+
+
+def test_ar_drops_the_step_queued_past_an_end_token(embedded, embedded_prompt):
+    target = embedded.target
+    tokens = decoding.generate_ar(target, embedded_prompt, 30).tokens
+    stop = next(i for i in range(3, len(tokens)) if tokens[i] not in tokens[:i])
+    ending = copy.copy(target)
+    ending.eos_token_ids = frozenset({tokens[stop]})
+    result = assert_same(sv.Pair(ending, ending, name="early end"), embedded_prompt, method="ar", max_new_tokens=30)
+    assert result.tokens == tokens[:stop + 1]
+    assert result.target_cache_len == len(embedded_prompt.input_ids[0]) + stop
+
+
 @pytest.mark.parametrize("tree", [None, MC_SIM_7B_63], ids=["chain", "tree"])
 def test_an_end_token_mid_round(embedded, embedded_prompt, tree):
     """Declare a token that first appears at index 7 or later an end token: generation stops
