@@ -70,13 +70,22 @@ def bench(args) -> int:
         video_for = lambda frames: from_array(synthetic.make_clip(args.clip_seed, num_frames=frames).frames, fps=8.0)
     else:
         video_for = lambda frames: sample_video(args.clip, frames)
+    import torch
+    import transformers
+    from datetime import date
+
+    from .bench import card_name
+
+    facts = {"clip": f"synthetic seed {args.clip_seed}" if args.clip == "synthetic" else args.clip,
+             "command": args.command_line, "code": git_commit()}
+    # saved after every row, so a run cut short by a time limit still says where and how it ran
+    partial = {"pair": pair.name, "partial": True, "card": card_name(pair.target.device), "torch": torch.__version__,
+               "transformers": transformers.__version__, "date": date.today().isoformat(), **facts}
     result = run(pair, video_for, args.frames, args.max_new_tokens, args.k, args.repeats, paths=args.paths,
                  transformers_baselines=args.transformers, self_speculation=args.self_speculation,
                  step_repeats=args.step_repeats, stand_in=stand_in, only=args.only,
-                 progress=(lambda rows: save({"pair": pair.name, "partial": True, "rows": rows}, args.out))
-                 if args.out else None)
-    result["clip"] = f"synthetic seed {args.clip_seed}" if args.clip == "synthetic" else args.clip
-    result["command"], result["code"] = args.command_line, git_commit()
+                 progress=(lambda rows: save({**partial, "rows": rows}, args.out)) if args.out else None)
+    result.update(facts)
     if args.widen:
         result["widened_to"] = {"target": args.widen[0], "draft": args.widen[1]}
     print(table(result))
@@ -88,9 +97,14 @@ def bench(args) -> int:
 def git_commit() -> str | None:
     """The commit of the checkout the package runs from, with " + uncommitted changes" when its
     tracked files differ from it (e.g. a copy of a working tree next to a stale .git); None
-    outside a git checkout."""
+    outside a git checkout. $SPECVLM_CODE, when set, is taken instead: the commit a copy of the
+    tree was made from, set by whoever made the copy without its .git."""
+    import os
     import subprocess
     from pathlib import Path
+
+    if os.environ.get("SPECVLM_CODE"):
+        return os.environ["SPECVLM_CODE"]
 
     def git(*args):
         done = subprocess.run(["git", *args], cwd=Path(__file__).parent, capture_output=True, text=True, timeout=30)

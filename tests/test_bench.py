@@ -147,6 +147,22 @@ def test_cli_widens_the_pair_and_adds_self_rows(tmp_path, monkeypatch):
     assert result["code"] is None or len(result["code"].split()[0]) == 40  # the checkout's commit, where there is one
 
 
+def test_a_run_cut_short_still_says_where_and_how_it_ran(tmp_path, monkeypatch):
+    """Every row's save carries the card, versions, command and code: a run stopped by a time
+    limit leaves a usable partial JSON. $SPECVLM_CODE names the commit of a copied tree."""
+    monkeypatch.setenv("SPECVLM_CODE", "abc123 (copied tree)")
+    saved = []
+    monkeypatch.setattr("specvlm.bench.save", lambda result, path: saved.append(json.loads(json.dumps(result))))
+    assert main(["bench", "--frames", "1", "--max-new-tokens", "3", "--repeats", "1", "--step-repeats", "1",
+                 "--device", "cpu", "--only", "sd-chain-0", "--out", str(tmp_path / "b.json")]) == 0
+    *partials, final = saved
+    assert partials and all(p["partial"] and p["card"] and p["torch"] and p["transformers"] and p["date"]
+                            for p in partials)
+    assert {p["code"] for p in partials} == {final["code"]} == {"abc123 (copied tree)"}
+    assert [len(p["rows"]) for p in partials] == list(range(1, len(final["rows"]) + 1))
+    assert "partial" not in final and final["command"].startswith("python -m specvlm bench --frames 1")
+
+
 def test_assisted_generation_goes_universal_when_the_output_vocabularies_differ(embedded):
     from transformers import Qwen2Config
 
