@@ -752,8 +752,9 @@ def generate_fast(pair: Pair, prompt: Prompt, method: str = "specvlm", ratio: fl
 def _generate_ar(target: VideoLM, prompt: Prompt, max_new_tokens: int, compile, attention: str = "sdpa") -> Result:
     """The target alone, greedy, one fixed-shape step per token. Each step's input is the last
     step's argmax on the device, and the host queues a step before it reads the token of the
-    one before, so the device never waits for the host between steps; a step queued past an
-    end token is dropped (its slot lies past the cache's length)."""
+    one before (through `HostCopy`, which waits for that token only, not for the queued step),
+    so the device never waits for the host between steps; a step queued past an end token is
+    dropped (its slot lies past the cache's length)."""
     watch = Stopwatch(target.device)
     logits, cache = prefill_pruned(target, prompt, None)
     fast = static_lm(target, "target", compile_options(compile, target.device), attention)
@@ -765,13 +766,36 @@ def _generate_ar(target: VideoLM, prompt: Prompt, max_new_tokens: int, compile, 
     queued = None  # the argmax [1] of the step that feeds out[-1], not read yet
     while len(out) < max_new_tokens and out[-1] not in target.eos_token_ids:
         if queued is None:  # the first step: its input comes from the host
-            queued = fast.extend(out[-1:], prompt.next_position + len(out) - 1, 1)[-1:].argmax(-1)
+            queued = HostCopy(fast.extend(out[-1:], prompt.next_position + len(out) - 1, 1)[-1:].argmax(-1))
         ahead = None
         if len(out) + 1 < max_new_tokens:  # queue the step after it before waiting for it
-            ahead = fast.extend(queued, prompt.next_position + len(out), 1)[-1:].argmax(-1)
-        out.append(int(queued))
+            ahead = HostCopy(fast.extend(queued.on_device, prompt.next_position + len(out), 1)[-1:].argmax(-1))
+        out.append(int(queued.wait()))
         queued = ahead
     fast.length = prefix + len(out) - 1  # the cache holds prompt + out[:-1]
     watch.lap("decode")
     return Result(out, target.decode(out), "ar", 0.0, video_tokens=prompt.num_video_tokens,
                   target_cache_len=fast.length, timings=watch.laps)
+
+
+class HostCopy:
+    """A device tensor and its copy on the host, started now. `wait()` returns the copy once
+    the work queued *before* it is done; `.item()` or `.cpu()` would wait for everything queued
+    on the stream, steps queued after it included. On the CPU the tensor is its own copy.
+    E.g. token = HostCopy(logits.argmax(-1)); queue the next step with token.on_device; then
+    int(token.wait())."""
+
+    def __init__(self, tensor: torch.Tensor):
+        self.on_device, self._event = tensor, None
+        if tensor.device.type == "cuda":
+            self._host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
+            self._host.copy_(tensor, non_blocking=True)
+            self._event = torch.cuda.Event()
+            self._event.record()
+        else:
+            self._host = tensor
+
+    def wait(self) -> torch.Tensor:
+        if self._event is not None:
+            self._event.synchronize()
+        return self._host

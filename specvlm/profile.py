@@ -277,7 +277,8 @@ def profile_shapes(shapes, contexts, kinds=None, attention: str = "sdpa", device
             "transformers": transformers.__version__, "date": str(date.today()), "bandwidth_GBps": bandwidth / 1e9,
             "attention": attention, "repeats": repeats, "k": k, "tree_nodes": tree.num_nodes,
             "weights": "random: matrices, embeddings, biases normal(0, 0.02), norms 1; KV cache random",
-            "timing": "wall: median device-synchronised step outside the profiler; kernels: profiler, per step",
+            "timing": "wall: median device-synchronised step outside the profiler, one at a time; queued: "
+                      f"{QUEUED} steps in a row, per step; kernels: profiler, per step",
             "floor": "(weight bytes + KV bytes read) / copy bandwidth measured in this run",
             "rows": rows}
 
@@ -332,7 +333,7 @@ def table(result: dict) -> str:
 def plot_profile(json_path, out=None):
     """Stacked horizontal bars, one per profiled (shape, context, query): us per step in each
     kernel category, the floor (black bar) and the wall time (black diamond, "x floor" beside
-    it). A row whose graph kernels were invisible (marked *) shows its without-graphs breakdown,
+    it; a white dot for the queued time per step, where measured). A row whose graph kernels were invisible (marked *) shows its without-graphs breakdown,
     and that profile's wall time as a hollow diamond. Saved to `out` when given; returns the Figure."""
     import matplotlib.pyplot as plt
 
@@ -352,6 +353,10 @@ def plot_profile(json_path, out=None):
                 label="floor: bytes / bandwidth" if y == 0 else None)
         ax.plot(row["wall_us_per_step"], y, "D", color="black", label="wall time per step" if y == 0 else None)
         ax.annotate(f"  {row['wall_x_floor']:.1f}x floor", (row["wall_us_per_step"], y), va="center", fontsize=7)
+        if row.get("queued_us_per_step"):
+            first = not any(r.get("queued_us_per_step") for r in rows[:y])
+            ax.plot(row["queued_us_per_step"], y, "o", mfc="white", mec="black", ms=5,
+                    label=f"queued: per step, {QUEUED} in a row" if first else None)
         if row["without_graphs"]:
             ax.plot(b["wall_us_per_step"], y, "D", mfc="none", mec="black",
                     label="wall time without CUDA graphs" if not any(r["without_graphs"] for r in rows[:y]) else None)

@@ -394,3 +394,9 @@ def test_bad_requests(tiny_pair):
         fast.generate_fast(tiny_pair, prompt, k=0)
     with pytest.raises(ValueError, match="max_new_tokens"):
         fast.generate_fast(tiny_pair, prompt, max_new_tokens=0)
+
+
+def test_host_copy_returns_the_tensors_values():
+    token = torch.tensor([7])
+    copy = fast.HostCopy(token)
+    assert copy.on_device is token and copy.wait().tolist() == [7]
