@@ -24,6 +24,11 @@ memory addresses and shapes. Hence:
    real row attends to them; whatever they write lies past `length` and is overwritten.
 3. The attention mask spans the whole capacity, [1, 1, q, capacity], additive, built on the
    device inside the step from the step's inputs, so its shape never changes either.
+4. No waiting for the device inside a round: drafted tokens are picked on the device (argmax,
+   or top-k and index tensors for a tree level) and fed to the next pass as tensors, so the
+   host queues every pass of a round while the device runs the earlier ones and reads the
+   device once, after the verification (its argmaxes with the drafted tokens, one copy). AR
+   queues its next step before it reads the current token (`HostCopy`).
 With `compile=True` (default on CUDA) each kind is wrapped in
 `torch.compile(mode="reduce-overhead")`: inductor kernels, replayed as CUDA graphs.
 
