@@ -78,6 +78,8 @@ def bench(args) -> int:
 
     facts = {"clip": f"synthetic seed {args.clip_seed}" if args.clip == "synthetic" else args.clip,
              "command": args.command_line, "code": git_commit()}
+    if args.widen:
+        facts["widened_to"] = {"target": args.widen[0], "draft": args.widen[1]}
     # saved after every row, so a run cut short by a time limit still says where and how it ran
     partial = {"pair": pair.name, "partial": True, "card": card_name(pair.target.device), "torch": torch.__version__,
                "transformers": transformers.__version__, "date": date.today().isoformat(), **facts}
@@ -86,8 +88,6 @@ def bench(args) -> int:
                  step_repeats=args.step_repeats, stand_in=stand_in, only=args.only,
                  progress=(lambda rows: save({**partial, "rows": rows}, args.out)) if args.out else None)
     result.update(facts)
-    if args.widen:
-        result["widened_to"] = {"target": args.widen[0], "draft": args.widen[1]}
     print(table(result))
     if args.out:
         save(result, args.out)

@@ -122,16 +122,20 @@ def median_ms(device: torch.device, call, reset, repeats: int, warmup: int = STE
     """Median wall-clock ms of `call()` over `repeats` timed samples after `warmup` untimed ones,
     synchronised with the device; `reset()` runs before each call and at the end. A sample
     times `queued` calls in a row with no wait for the device between them and is divided by
-    `queued`: with queued > 1 (and a `reset` that does not wait for the device either) the host
-    prepares a call while the device runs the last one, as the fast path's decoding loops do;
-    queued=1 times a call that starts on an idle device, host work included."""
+    `queued`: with queued > 1 the host prepares a call while the device runs the last one, as
+    the fast path's decoding loops do, and `reset` is timed with the calls (it must not wait for
+    the device: the fast path's only moves a write position); queued=1 times a call that starts
+    on an idle device, host work included, `reset` untimed before it."""
     if repeats < 1 or queued < 1:
         raise ValueError(f"step timings need at least one repetition and one call, got {repeats} and {queued}.")
     times = []
     for i in range(warmup + repeats):
+        if queued == 1:
+            reset()  # untimed: it may wait for the device (the plain path crops a cache)
         watch = Stopwatch(device)
         for _ in range(queued):
-            reset()
+            if queued > 1:
+                reset()
             call()
         watch.lap("pass")
         if i >= warmup:

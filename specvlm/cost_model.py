@@ -20,8 +20,9 @@ Nothing accepted: 1 * 10 / 15 = 0.67, slower than the target alone.
 
 Tree (`decoding.tree_round`): one draft pass per level, `depth` passes whatever the width
 (level widths in `draft_passes`), then one target pass over all nodes with the tree mask:
-`round_ms = depth * t_draft(c_d) + t_verify(N + 1, c_t)`. (The plain path also copies the
-target's cache to keep the accepted path; pass that as `extra_ms` if it matters.)
+`round_ms = depth * t_draft(c_d) + t_verify(N + 1, c_t)`. Anything else a round pays (the plain
+path's copy of the target's cache to keep the accepted path, the fast path's `launch_ms`) goes
+into `extra_ms`.
 
 SpecVLM changes only c_d: the draft's cache holds the text and `keep` of the video tokens
 instead of all of them. With step costs roughly affine in context, t(c) = a + b * c,
@@ -242,7 +243,8 @@ def predicted_vs_measured(bench_result, table: CostTable | None = None, target: 
       optional:   "accepted_hist" (list: rounds per accepted count; else "mean_accepted"),
                   "step_ms": median ms per pass in that run, {"target_step"} on AR rows,
                   {"draft_step", "verify"} on speculative rows, and on tree rows of the fast path
-                  also {"draft_feed", "draft_level"} (the tree round's wider draft passes),
+                  also {"draft_feed", "draft_level"} (the tree round's wider draft passes);
+                  fast-path rows also {"draft_step_synced"} (see `launch_ms`),
                   "prompt_tokens", "draft_prompt_tokens" (cache length when decoding starts).
     Step costs come from the run's own "step_ms" when present (t_ar from the AR row of the same
     path and frame count), else from `table` (with `target` and `draft` shape names) at the row's
@@ -281,8 +283,9 @@ def predicted_vs_measured(bench_result, table: CostTable | None = None, target: 
             if tree is None:
                 round_ms = chain_round_ms(k, t_draft, t_verify) + launch_ms(steps)
             else:
-                round_ms = tree_round_ms(tree, t_draft, t_verify, extra_ms=launch_ms(steps), t_feed=steps.get("draft_feed"),
-                                         t_level=steps.get("draft_level"), wide_feed=wide_feed_share(acceptance))
+                round_ms = tree_round_ms(tree, t_draft, t_verify, extra_ms=launch_ms(steps),
+                                         t_feed=steps.get("draft_feed"), t_level=steps.get("draft_level"),
+                                         wide_feed=wide_feed_share(acceptance))
             row["predicted_round_ms"] = round_ms
             row["predicted"] = speedup(acceptance, round_ms, t_ar)
         out.append(row)

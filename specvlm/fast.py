@@ -489,6 +489,12 @@ def to_device(values: list, device: torch.device) -> torch.Tensor:
     return torch.tensor(values, dtype=torch.long, pin_memory=True).to(device, non_blocking=True)
 
 
+def to_target(tokens: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """The draft's tokens on the target's device (the same tensor when they share one). Without
+    waiting only towards a GPU: a non-blocking copy to the CPU would be read before it lands."""
+    return tokens.to(device, non_blocking=device.type == "cuda")
+
+
 def move_slots(cache: SlotCache, moves: torch.Tensor) -> None:
     """cache.move(moves[0], moves[1]): the function `StaticLM.move` compiles (moves: [2, m] long)."""
     cache.move(moves[0], moves[1])
@@ -627,9 +633,9 @@ def chain_round(run: Run, k: int) -> int:
     start = len(run.out) - 1
     run.finish_target_move()
     device = run.target.lm.device
-    drafted = [token.to(device, non_blocking=True) for token in drafted]  # no-ops when both share a device
-    logits = run.target.extend(torch.cat([to_device([run.out[-1]], device), *drafted]), run.prompt.next_position + start,
-                               run.verify_width)
+    drafted = [to_target(token, device) for token in drafted]
+    logits = run.target.extend(torch.cat([to_device([run.out[-1]], device), *drafted]),
+                               run.prompt.next_position + start, run.verify_width)
     # 3. accept the agreeing prefix and the target's next token (one copy to the host)
     host = torch.cat([*drafted, logits.argmax(-1)]).cpu()
     proposal, predicted = host[:k], host[k:]
@@ -671,7 +677,7 @@ def draft_tree(run: Run, tree: Tree, levels: DraftLevels) -> torch.Tensor:
 def tree_round(run: Run, tree: Tree, levels: DraftLevels) -> int:
     """One greedy round with a static tree; returns the number of accepted drafted tokens."""
     # 1. draft: expand the tree level by level
-    tokens = draft_tree(run, tree, levels).to(run.target.lm.device, non_blocking=True)
+    tokens = to_target(draft_tree(run, tree, levels), run.target.lm.device)
     run.finish_target_move()
     # 2. target: every node in one pass with the tree mask, at positions root + depth
     prefix = run.target.length
@@ -793,10 +799,11 @@ class HostCopy:
     def __init__(self, tensor: torch.Tensor):
         self.on_device, self._event = tensor, None
         if tensor.device.type == "cuda":
-            self._host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
-            self._host.copy_(tensor, non_blocking=True)
-            self._event = torch.cuda.Event()
-            self._event.record()
+            with torch.cuda.device(tensor.device):  # the copy and the event on that device's stream
+                self._host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
+                self._host.copy_(tensor, non_blocking=True)
+                self._event = torch.cuda.Event()
+                self._event.record()
         else:
             self._host = tensor
 

@@ -6,8 +6,9 @@ real shape exactly as `costs.measure_costs` does (`costs.build_lm`, the cache fi
 same path factories), warms the step up (compilation and CUDA-graph capture included), times
 it outside the profiler (`costs.time_ms`: device-synchronised; "wall" one step at a time, on an
 idle device; "queued" `QUEUED` steps in a row, the host preparing each while the device runs the
-last, as the fast path's decoding loops run), then records `repeats` steps with `torch.profiler`. `kernel_breakdown` groups the recorded GPU
-kernels by name into five categories and divides by the steps:
+last, as the fast path's decoding loops run), then records `repeats` steps with
+`torch.profiler`. `kernel_breakdown` groups the recorded GPU kernels by name into five
+categories and divides by the steps:
 
     attention      flash / fmha / cudnn / sdpa / flex kernels, inductor templates (FlexAttention's
                    decode kernel), inductor kernels fused into an attention's inputs (named after it),
@@ -51,7 +52,7 @@ import transformers
 from torch.autograd import DeviceType
 
 from . import costs, fast
-from .bench import card_name, save
+from .bench import QUEUED, card_name, save  # QUEUED: steps per queued sample, as bench times them
 from .cost_model import load
 from .trees import MC_SIM_7B_63, Tree
 
@@ -76,7 +77,6 @@ FAST_PATHS = {path for path in costs.PATHS if path.split("-")[0] == "fast"}
 CATEGORY_NAMES = tuple(name for name, _ in CATEGORIES) + (OTHER,)
 _PATTERNS = [(name, re.compile(pattern, re.IGNORECASE)) for name, pattern in CATEGORIES]
 TOP = 10
-QUEUED = 8  # steps per queued sample
 
 
 def category(name: str) -> str:
@@ -322,7 +322,8 @@ def table(result: dict) -> str:
             queued = b.get("queued_us_per_step")
             cells = [shape, row["context"], row["query_len"], label, f"{b['wall_us_per_step']:.0f}",
                      f"{b['floor_us']:.0f}", f"{b['wall_x_floor']:.2f}",
-                     "-" if queued is None else f"{queued:.0f}", "-" if queued is None else f"{b['queued_x_floor']:.2f}",
+                     "-" if queued is None else f"{queued:.0f}",
+                     "-" if queued is None else f"{b['queued_x_floor']:.2f}",
                      f"{b['kernels_per_step']:.0f}",
                      f"{b['gpu_busy_us_per_step']:.0f}", idle,
                      *(f"{b['categories'][c]['us_per_step']:.0f}" for c in CATEGORY_NAMES)]
@@ -333,8 +334,9 @@ def table(result: dict) -> str:
 def plot_profile(json_path, out=None):
     """Stacked horizontal bars, one per profiled (shape, context, query): us per step in each
     kernel category, the floor (black bar) and the wall time (black diamond, "x floor" beside
-    it; a white dot for the queued time per step, where measured). A row whose graph kernels were invisible (marked *) shows its without-graphs breakdown,
-    and that profile's wall time as a hollow diamond. Saved to `out` when given; returns the Figure."""
+    it; a white dot for the queued time per step, where measured). A row whose graph kernels
+    were invisible (marked *) shows its without-graphs breakdown, and that profile's wall time
+    as a hollow diamond. Saved to `out` when given; returns the Figure."""
     import matplotlib.pyplot as plt
 
     result = load(json_path)

@@ -228,18 +228,23 @@ def test_bench_runs_only_the_named_rows_and_always_ar(embedded):
 
 
 def test_median_ms_queues_calls_and_divides_by_their_number(monkeypatch):
+    log = []
+
     class EightMs:  # every sample takes 8 ms, however many calls it queues
         def __init__(self, device):
             self.laps = {}
+            log.append("start")
 
         def lap(self, name):
             self.laps[name] = 0.008
+            log.append("lap")
 
     monkeypatch.setattr("specvlm.bench.Stopwatch", EightMs)
-    calls, resets = [], []
-    ms = median_ms(torch.device("cpu"), lambda: calls.append(1), lambda: resets.append(1), repeats=2, warmup=1,
-                   queued=4)
-    assert ms == pytest.approx(2.0)
-    assert len(calls) == 3 * 4 and len(resets) == 3 * 4 + 1
+    call, reset = lambda: log.append("call"), lambda: log.append("reset")
+    assert median_ms(torch.device("cpu"), call, reset, repeats=2, warmup=1, queued=4) == pytest.approx(2.0)
+    assert log == ["start", *["reset", "call"] * 4, "lap"] * 3 + ["reset"]  # queued: resets timed with the calls
+    log.clear()
+    assert median_ms(torch.device("cpu"), call, reset, repeats=2, warmup=1) == pytest.approx(8.0)
+    assert log == ["reset", "start", "call", "lap"] * 3 + ["reset"]  # one at a time: the reset is untimed
     with pytest.raises(ValueError, match="one call"):
         median_ms(torch.device("cpu"), lambda: None, lambda: None, repeats=1, queued=0)

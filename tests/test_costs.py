@@ -294,7 +294,7 @@ def test_flex_serves_only_short_steps_and_wider_ones_take_the_grouped_attention(
 
 def test_time_ms_queues_calls_between_synchronisations():
     calls = []
-    assert costs.time_ms(lambda: calls.append(1), "cpu", repeats=2, warmup=1, queued=3) >= 0
+    costs.time_ms(lambda: calls.append(1), "cpu", repeats=2, warmup=1, queued=3)
     assert len(calls) == 1 + 2 * 3
     with pytest.raises(ValueError, match="queued"):
         costs.time_ms(lambda: None, "cpu", queued=0)

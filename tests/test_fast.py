@@ -400,3 +400,27 @@ def test_host_copy_returns_the_tensors_values():
     token = torch.tensor([7])
     copy = fast.HostCopy(token)
     assert copy.on_device is token and copy.wait().tolist() == [7]
+
+
+@pytest.mark.parametrize("max_new_tokens", [7, 8, 9])
+def test_a_chain_round_after_a_tree_round_reads_the_moved_cache(embedded, embedded_prompt, max_new_tokens):
+    """Near the limit a tree too deep for the tokens left gives way to a chain, whose verification
+    must come after the last tree round's (deferred) KV move."""
+    assert_same(embedded, embedded_prompt, method="specvlm", ratio=0.5, tree=MC_SIM_7B_63,
+                max_new_tokens=max_new_tokens)
+
+
+@pytest.mark.parametrize("max_new_tokens", range(6, 15))
+def test_the_targets_cache_holds_the_committed_text_after_generation(embedded, embedded_prompt, max_new_tokens):
+    """After generate_fast the target's static cache is prompt + out[:-1], as one forward over
+    those tokens writes it: the last tree round's KV move is not left pending."""
+    target = embedded.target
+    result = fast.generate_fast(embedded, embedded_prompt, method="specvlm", ratio=0.5, tree=MC_SIM_7B_63,
+                                max_new_tokens=max_new_tokens, compile=False)
+    engine = fast.static_lm(target, "target", None)
+    _, cache = decoding.prefill_pruned(target, embedded_prompt, None)
+    start = cache.get_seq_length()
+    target.step(result.tokens[:-1], decoding.positions(embedded_prompt, 0, len(result.tokens) - 1), cache)
+    assert engine.length == cache.get_seq_length()
+    for layer, keys in zip(cache.layers, engine.cache.keys):
+        torch.testing.assert_close(keys[:, :, start:engine.length], layer.keys[:, :, start:], atol=1e-4, rtol=1e-4)
