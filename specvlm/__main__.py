@@ -94,6 +94,21 @@ def bench(args) -> int:
     return 0 if all(r["equal_to_ar"] for r in result["rows"]) else 1
 
 
+def portable_out(argv: list[str]) -> list[str]:
+    """argv with an absolute `--out` path outside the working directory written as its file
+    name: where another machine put a result says nothing here (and is not this machine's path).
+    ["bench", "--out", "/scratch/x.json"] -> ["bench", "--out", "x.json"]"""
+    from pathlib import Path
+
+    argv = list(argv)
+    for i, arg in enumerate(argv[:-1]):
+        if arg == "--out":
+            path = Path(argv[i + 1])
+            if path.is_absolute() and not path.is_relative_to(Path.cwd()):
+                argv[i + 1] = path.name
+    return argv
+
+
 def git_commit() -> str | None:
     """The commit of the checkout the package runs from, with " + uncommitted changes" when its
     tracked files differ from it (e.g. a copy of a working tree next to a stale .git); None
@@ -190,7 +205,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     attention = os.environ.get("SPECVLM_FAST_ATTENTION")
     args.command_line = (f"SPECVLM_FAST_ATTENTION={attention} " if attention else "") + "python -m specvlm " + \
-        shlex.join(sys.argv[1:] if argv is None else argv)
+        shlex.join(portable_out(sys.argv[1:] if argv is None else argv))
     return {"demo": demo, "bench": bench, "costs": costs}[args.command](args)
 
 

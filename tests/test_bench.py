@@ -248,3 +248,13 @@ def test_median_ms_queues_calls_and_divides_by_their_number(monkeypatch):
     assert log == ["reset", "start", "call", "lap"] * 3 + ["reset"]  # one at a time: the reset is untimed
     with pytest.raises(ValueError, match="one call"):
         median_ms(torch.device("cpu"), lambda: None, lambda: None, repeats=1, queued=0)
+
+
+def test_the_recorded_command_keeps_no_foreign_absolute_out_path(tmp_path, monkeypatch):
+    from specvlm.__main__ import portable_out
+
+    monkeypatch.chdir(tmp_path)
+    assert portable_out(["bench", "--out", "/elsewhere/run.json"]) == ["bench", "--out", "run.json"]
+    inside = str(tmp_path / "figures" / "run.json")
+    assert portable_out(["bench", "--out", inside, "--frames", "8"]) == ["bench", "--out", inside, "--frames", "8"]
+    assert portable_out(["bench", "--out", "figures/run.json"]) == ["bench", "--out", "figures/run.json"]
