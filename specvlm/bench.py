@@ -196,7 +196,7 @@ def fast_steps(pair: Pair, prompt, draft_prompt, res, shape, k: int, repeats: in
 
     device, token = pair.target.device, res.tokens[0]
     options = compile_options(None, device)  # what `generate_fast` used in `run_once`
-    time = functools.partial(median_ms, device, repeats=repeats, queued=QUEUED)
+    queued_ms = functools.partial(median_ms, device, repeats=repeats, queued=QUEUED)
     target = static_lm(pair.target, "target", options)
     start = prompt.input_ids.shape[1]
     reset = lambda: setattr(target, "length", start)
@@ -204,7 +204,7 @@ def fast_steps(pair: Pair, prompt, draft_prompt, res, shape, k: int, repeats: in
     allocated = {"target": per_token["target"] * target.cache.capacity}
     if shape is None:
         ar_step = lambda: target.extend([token], prompt.next_position, 1)
-        steps = {"target_step": time(ar_step, reset),
+        steps = {"target_step": queued_ms(ar_step, reset),
                  "target_step_synced": median_ms(device, ar_step, reset, repeats)}
         return {"step_ms": steps, "per_token": per_token, "allocated": allocated}
     if shape == "tree":
@@ -214,20 +214,21 @@ def fast_steps(pair: Pair, prompt, draft_prompt, res, shape, k: int, repeats: in
         verify = lambda: target.step([token] * tree.num_nodes, where, pattern)
     else:
         verify = lambda: target.extend([token] * (k + 1), prompt.next_position, k + 1)
-    steps = {"verify": time(verify, reset)}
+    steps = {"verify": queued_ms(verify, reset)}
     draft = static_lm(pair.draft, "draft", options)
     draft_start = len(draft_prompt.rows(res.kept))
     draft_reset = lambda: setattr(draft, "length", draft_start)
     draft_step = lambda: draft.extend([token], draft_prompt.next_position, 1)
-    steps["draft_step"] = time(draft_step, draft_reset)
+    steps["draft_step"] = queued_ms(draft_step, draft_reset)
     steps["draft_step_synced"] = median_ms(device, draft_step, draft_reset, repeats)
     if shape == "tree":  # the tree round's wider draft passes, with the shapes and masks `fast.draft_tree` uses
         levels, feed = DraftLevels.of(tree), tree.depth + 1
-        steps["draft_feed"] = time(lambda: draft.extend([token] * feed, draft_prompt.next_position, feed), draft_reset)
+        steps["draft_feed"] = queued_ms(lambda: draft.extend([token] * feed, draft_prompt.next_position, feed),
+                                        draft_reset)
         pattern = draft.constant((tree, 1), lambda: levels.patterns[0])
         nodes = len(levels.nodes[0])
-        steps["draft_level"] = time(lambda: draft.step([token] * nodes, [draft_prompt.next_position + 1] * nodes,
-                                                       pattern, start=draft_start), draft_reset)
+        steps["draft_level"] = queued_ms(lambda: draft.step([token] * nodes, [draft_prompt.next_position + 1] * nodes,
+                                                            pattern, start=draft_start), draft_reset)
     per_token["draft"] = kv_bytes_per_token(draft.cache.keys, draft.cache.values)
     allocated["draft"] = per_token["draft"] * draft.cache.capacity
     return {"step_ms": steps, "per_token": per_token, "allocated": allocated}
