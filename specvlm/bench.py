@@ -17,6 +17,10 @@ draft cache holding its own video pruned by SpecVLM's selection ("drafter": "sel
 a static cache, which transformers compiles on CUDA) and assisted generation (the draft as
 `assistant_model`, seeing the whole video), timed end to end since `generate` has
 no separate prefill: `speedup_vs_ar_total` compares every row's prefill + decode with AR's.
+Rows "hf-generate", "hf-assisted", then, only for pairs whose output layers differ in size (where
+"hf-assisted" is transformers' *universal* assisted decoding, `assisted_mode`), "hf-assisted-padded":
+token-level assisted generation with the draft's output layer padded to the target's rows
+(`padded_output_layer`), then "hf-generate-static".
 
 Besides times, each project row records what the cost model (`cost_model.predicted_vs_measured`)
 needs to predict its speedup from this run alone:
@@ -42,6 +46,7 @@ needs to predict its speedup from this run alone:
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import platform
@@ -73,8 +78,10 @@ SELF_RUNS = (
     ("specvlm", "tree", 0.5),
     ("specvlm", "tree", 0.9),
 )
-# transformers' baselines: (method, assisted, static cache)
-HF_RUNS = (("hf-generate", False, False), ("hf-assisted", True, False), ("hf-generate-static", False, True))
+# transformers' baselines: (method, assisted, static cache, draft's output layer padded to the target's rows);
+# a padded row runs only where assisted generation would otherwise be universal (`assisted_mode`)
+HF_RUNS = (("hf-generate", False, False, False), ("hf-assisted", True, False, False),
+           ("hf-assisted-padded", True, False, True), ("hf-generate-static", False, True, False))
 STEP_WARMUP = 3  # compile, record the CUDA graph, replay: timed calls replay
 QUEUED = 8  # fast-path passes timed back to back per sample (see `median_ms`)
 
@@ -86,12 +93,14 @@ def run_label(method: str, shape: str | None, ratio: float, drafter: str | None 
     return ("self-" if drafter == "self" else "") + f"{method}-{shape}-{ratio:g}"
 
 
-def run_labels(self_speculation: bool = True, transformers_baselines: bool = True, drafter: str = "draft") -> list[str]:
+def run_labels(self_speculation: bool = True, transformers_baselines: bool = True, drafter: str = "draft",
+               universal: bool = True) -> list[str]:
     """The row names a `bench` call with these options runs, in its order (the transformers
     baselines by their method). `drafter` "self": the pair's draft is its target, so every
-    speculative row is self-speculation."""
+    speculative row is self-speculation. `universal`: the pair's assisted generation is
+    universal (`assisted_mode`), which adds "hf-assisted-padded"."""
     return ([run_label(*run, drafter) for run in RUNS] + [run_label(*run, "self") for run in SELF_RUNS] * self_speculation
-            + [method for method, _, _ in HF_RUNS] * transformers_baselines)
+            + [method for method, _, _, padded in HF_RUNS if universal or not padded] * transformers_baselines)
 
 
 def timed(fn, repeats: int):
@@ -104,6 +113,11 @@ def timed(fn, repeats: int):
 def run_once(path: str, pair: Pair, prompt, draft_prompt, method: str, shape, ratio: float, k: int, max_new_tokens: int):
     """One generation on the "plain" or "fast" path."""
     tree = MC_SIM_7B_63 if shape == "tree" else None
+    if path == "timeline":  # the fast path's generation under the profiler: `timeline.profile_decode`
+        from .timeline import profile_decode
+
+        return profile_decode(pair, prompt, method, warmup=0, ratio=ratio, k=k, tree=tree,
+                              max_new_tokens=max_new_tokens, draft_prompt=draft_prompt)
     if path == "fast":
         from .fast import generate_fast
 
@@ -235,8 +249,9 @@ def fast_steps(pair: Pair, prompt, draft_prompt, res, shape, k: int, repeats: in
 
 
 def measure(path: str, pair: Pair, prompt, draft_prompt, method: str, shape, ratio: float, k: int,
-            max_new_tokens: int, repeats: int, step_repeats: int) -> dict:
-    """One method on one path: timed generations, then its isolated passes and memory."""
+            max_new_tokens: int, repeats: int, step_repeats: int, timeline: bool = False) -> dict:
+    """One method on one path: timed generations, then its isolated passes and memory; with
+    `timeline` (fast path only) one more generation under the profiler (`timeline.profile_decode`)."""
     device = pair.target.device
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -249,8 +264,12 @@ def measure(path: str, pair: Pair, prompt, draft_prompt, method: str, shape, rat
           "draft": per_token["draft"] * res.draft_cache_len if res.draft_cache_len is not None else None}
     if steps["allocated"] is not None:
         kv["allocated"] = steps["allocated"]
+    profiled = run_once("timeline", pair, prompt, draft_prompt, method, shape, ratio, k, max_new_tokens) \
+        if timeline and path == "fast" else None
+    if profiled is not None and profiled.pop("tokens") != res.tokens:
+        raise RuntimeError(f"{method}: the profiled generation's tokens differ from the timed one's.")
     return {"res": res, "decode_s": decode_s, "prefill_s": prefill_s, "peak": peak, "step_ms": steps["step_ms"],
-            "kv_bytes": kv}
+            "kv_bytes": kv, "timeline": profiled}
 
 
 # ----------------------------------------------------------------------------------------
@@ -286,6 +305,59 @@ def assisted_mode(pair: Pair) -> str:
     return "token" if len(sizes) == 1 else "universal"
 
 
+@contextlib.contextmanager
+def padded_output_layer(model, rows: int, source: int | None = None):
+    """Within the block, `model` (a transformers model with an output layer `lm_head`, weight
+    [V, D], optional bias [V]) computes logits over `rows` >= V entries: a new layer whose weight
+    is the old one's V rows followed by rows - V copies of row `source` (default: the config's
+    image token, as `widen.py` fills extra lm_head rows), and `config.get_text_config().vocab_size`
+    (the field transformers' assisted generation compares between target and assistant) reads
+    `rows`. Yields the new layer.
+
+    Invariants: logits [..., :V] are the old ones; every padding logit equals logit `source`, so
+    the maximum is always reached at an index < V and greedy argmax (the first maximal index)
+    returns the token the old layer picks. Zero rows would not do this (logit 0 wins whenever
+    every real logit is negative), nor would random rows. The image token is a safe source: it
+    is never generated in a video prompt and no logits processor singles it out (a copy of the
+    end token, say, would escape `min_new_tokens` masking it). Input embeddings are untouched,
+    so token ids fed to the model must stay below V. A tied output layer (its weight the input
+    embeddings') is untied within the block, since the new weight is a new tensor.
+    On leaving the block, also by an exception, the model has its old output module (the same
+    object, hence the same tie) and its old `vocab_size`."""
+    layer = model.get_output_embeddings()
+    weight = getattr(layer, "weight", None)
+    if weight is None or weight.dim() != 2:
+        raise TypeError(f"{type(model).__name__} has no output layer with a 2-D weight to pad "
+                        f"(get_output_embeddings() gave {type(layer).__name__}).")
+    vocab, hidden = weight.shape
+    if rows < vocab:
+        raise ValueError(f"padding only adds rows: the output layer has {vocab}, asked for {rows}.")
+    text = model.config.get_text_config()
+    if source is None:
+        source = getattr(model.config, "image_token_id", None)
+        if source is None:
+            raise ValueError(f"{type(model).__name__}'s config has no image_token_id: pass `source`, the row to "
+                             "copy into the padding (a token the model never generates in your prompts).")
+    if not 0 <= source < vocab:
+        raise ValueError(f"source row {source} is outside the output layer's {vocab} rows.")
+    extra = rows - vocab
+    padded = torch.nn.Linear(hidden, rows, bias=layer.bias is not None, device="meta")
+    with torch.no_grad():
+        padded.weight = torch.nn.Parameter(torch.cat([weight, weight[source].expand(extra, hidden)]),
+                                           requires_grad=False)
+        if layer.bias is not None:
+            padded.bias = torch.nn.Parameter(torch.cat([layer.bias, layer.bias[source].expand(extra)]),
+                                             requires_grad=False)
+    old_vocab = text.vocab_size
+    model.set_output_embeddings(padded)
+    text.vocab_size = rows
+    try:
+        yield padded
+    finally:
+        model.set_output_embeddings(layer)
+        text.vocab_size = old_vocab
+
+
 def hf_prefill_s(pair: Pair, prompt, repeats: int) -> float | None:
     """Median seconds of plain `generate(max_new_tokens=1)`: vision tower, prefill and the first
     token; None when transformers refuses even that."""
@@ -302,20 +374,31 @@ def hf_rows(pair: Pair, prompt, reference: list[int], ar: dict, frames: int, max
     `generate` has no separate prefill, so its decode is estimated as the end-to-end time less
     that of `generate(max_new_tokens=1)` (vision tower, prefill and the first token; the same
     for every baseline): `prefill_s`, `decode_s` and `speedup_vs_ar` (the project's AR decode
-    over this row's). Assisted generation's decode also holds its draft's prefill."""
+    over this row's). Assisted generation's decode also holds its draft's prefill. For a pair in
+    universal mode (`assisted_mode`) "hf-assisted-padded" runs token-level assisted generation with
+    the draft's output layer padded to the target's rows ("draft_output_rows": [draft's, padded])."""
     rows, prefill_s, measured_prefill = [], None, False
-    for method, assisted, static in HF_RUNS:
-        if only is not None and method not in only:
+    mode = assisted_mode(pair)
+    target_rows = pair.target.model.get_output_embeddings().weight.shape[0]
+    draft_rows = pair.draft.model.get_output_embeddings().weight.shape[0]
+    for method, assisted, static, padded in HF_RUNS:
+        if (only is not None and method not in only) or (padded and mode != "universal"):
             continue
         if progress and rows:
             progress(rows)
         row = {"path": "transformers", "frames": frames, "video_tokens": prompt.num_video_tokens, "method": method,
                "draft": "assistant" if assisted else None, "ratio": 0.0,
-               "assisted_mode": assisted_mode(pair) if assisted else None, "cache": "static" if static else "dynamic",
+               "assisted_mode": ("token" if padded else mode) if assisted else None,
+               "cache": "static" if static else "dynamic",
                "draft_video_tokens": prompt.num_video_tokens if assisted else None}
+        if padded:
+            row["draft_output_rows"] = [draft_rows, target_rows]
+        # padded once per row, outside the timed calls; the draft is restored even if generate raises
+        padding = padded_output_layer(pair.draft.model, target_rows) if padded else contextlib.nullcontext()
         try:
-            hf_generate(pair, prompt, max_new_tokens, assisted, static)  # warm-up (and compile)
-            runs = [hf_generate(pair, prompt, max_new_tokens, assisted, static) for _ in range(repeats)]
+            with padding:
+                hf_generate(pair, prompt, max_new_tokens, assisted, static)  # warm-up (and compile)
+                runs = [hf_generate(pair, prompt, max_new_tokens, assisted, static) for _ in range(repeats)]
         except Exception as error:  # a baseline transformers refuses is reported, not fatal to the run
             rows.append({**row, "new_tokens": 0, "equal_to_ar": False, "total_s": None, "speedup_vs_ar_total": None,
                          "error": f"{type(error).__name__}: {error}"})
@@ -351,22 +434,29 @@ def make_row(path: str, frames: int, prompt, draft_prompt, drafter, method, shap
         "prompt_tokens": prompt.input_ids.shape[1],
         "draft_prompt_tokens": len(draft_prompt.rows(res.kept)) if drafter else None,
         "step_ms": m["step_ms"], "kv_bytes": m["kv_bytes"], "peak_memory_bytes": m["peak"],
+        **({"timeline": m["timeline"]} if m.get("timeline") else {}),
     }
 
 
 def bench(pair: Pair, video_for, frames_list, max_new_tokens=64, k=5, repeats=3, question="Describe the video.",
           paths=("plain",), transformers_baselines: bool = False, self_speculation: bool = False,
-          step_repeats: int = 5, stand_in: bool | None = None, progress=None, only=None) -> dict:
+          step_repeats: int = 5, stand_in: bool | None = None, progress=None, only=None,
+          timeline: bool = False) -> dict:
     """`video_for(frames)` returns a `Video`; returns a JSON-ready dict of rows (module docstring).
     `stand_in`: whether the pair stands in for real checkpoints (default: "stand-in" in its name).
     `progress(rows)` is called after every row (e.g. to save partial results of a long run).
-    `only`: names of the rows to run (`run_labels()`); AR always runs, as every row's reference."""
+    `only`: names of the rows to run (`run_labels()`); AR always runs, as every row's reference.
+    `timeline`: each fast-path row also profiles one generation (`timeline.profile_decode`: busy
+    and idle device time per phase of a round), under "timeline"."""
     if only is not None:
-        known = run_labels(self_speculation, transformers_baselines, "self" if pair.draft is pair.target else "draft")
+        universal = transformers_baselines and assisted_mode(pair) == "universal"
+        known = run_labels(self_speculation, transformers_baselines, "self" if pair.draft is pair.target else "draft",
+                           universal)
         unknown = set(only) - set(known)
         if unknown:
             raise ValueError(f"bench rows {sorted(unknown)} are not among this call's rows (see --self and "
-                             f"--transformers): choose from {known}.")
+                             f"--transformers; hf-assisted-padded only for a pair whose output layers differ in "
+                             f"size): choose from {known}.")
     self_pair = Pair(pair.target, pair.target, name=f"{pair.name}: target drafting for itself") \
         if self_speculation else None
     rows = []
@@ -387,7 +477,7 @@ def bench(pair: Pair, video_for, frames_list, max_new_tokens=64, k=5, repeats=3,
             for run_pair, run_draft_prompt, run_drafter, method, shape, ratio in plan:
                 started = time.perf_counter()
                 m = measure(path, run_pair, prompt, run_draft_prompt, method, shape, ratio, k, max_new_tokens,
-                            repeats, step_repeats)
+                            repeats, step_repeats, timeline)
                 row_s = time.perf_counter() - started
                 if method == "ar":
                     ar = m

@@ -59,6 +59,7 @@ from .attention import sdpa_with_scores
 from .decoding import (METHODS, SCORED_METHODS, Result, Stopwatch, prefill_pruned, prefill_target,
                        select_video_tokens, speculative_result)
 from .models import Pair, Prompt, VideoLM
+from .timeline import phase
 from . import pruning
 from .trees import Tree
 
@@ -241,23 +242,33 @@ FLEX_MAX_QUERY = 16
 def flex_block_mask(start: torch.Tensor, pattern: torch.Tensor, capacity: int, block: int = FLEX_BLOCK) -> BlockMask:
     """`visibility_bias`'s rule as a FlexAttention BlockMask over `capacity` slots (same
     start, pattern [q, S]). Made from tensors inside the step: no host sync, fixed shapes,
-    so it is captured in the step's CUDA graph. Every block up to the last one any row sees
-    (slot start + S - 1) is visited as a partial block (mask_mod applied); later blocks are
-    skipped, so a step costs what its visible slots cost, whatever the capacity."""
+    so it is captured in the step's CUDA graph. Blocks wholly before `start` (the committed
+    cache, which every row sees) are *full* blocks: the kernel reads them without evaluating
+    the mask. The blocks from the one holding `start` up to the last one any row sees (slot
+    start + S - 1) are *partial* (mask_mod applied); later blocks are skipped, so a step costs
+    what its visible slots cost, whatever the capacity."""
     if capacity % block:
         raise ValueError(f"a flex block mask needs a capacity that is a multiple of {block}, got {capacity}.")
     q, width = pattern.shape
     blocks, tiles = capacity // block, -(-q // FLEX_ROWS)
+    full = torch.div(start, block, rounding_mode="floor")
     visited = torch.clamp(torch.div(start + width + block - 1, block, rounding_mode="floor"), max=blocks)
-    num_blocks = visited.to(torch.int32).reshape(1, 1, 1).repeat(1, 1, tiles)
-    indices = torch.arange(blocks, dtype=torch.int32, device=pattern.device).repeat(tiles).reshape(1, 1, tiles, blocks)
+    order = torch.arange(blocks, dtype=torch.int32, device=pattern.device)
+
+    def per_tile(count, first):  # [1, 1, tiles] block counts, [1, 1, tiles, blocks] indices from `first` on
+        indices = torch.remainder(order + first, blocks).to(torch.int32)
+        return (count.to(torch.int32).reshape(1, 1, 1).repeat(1, 1, tiles),
+                indices.repeat(tiles).reshape(1, 1, tiles, blocks))
 
     def visible(batch, head, row, slot):
         offset = slot - start
         seen = pattern[row.clamp(max=q - 1), offset.clamp(0, width - 1)]
         return (offset < 0) | ((offset < width) & seen)
 
-    return BlockMask.from_kv_blocks(num_blocks, indices, BLOCK_SIZE=(FLEX_ROWS, block), mask_mod=visible,
+    partial_count, partial_indices = per_tile(visited - full, full)
+    full_count, full_indices = per_tile(full, 0)
+    return BlockMask.from_kv_blocks(partial_count, partial_indices, full_count, full_indices,
+                                    BLOCK_SIZE=(FLEX_ROWS, block), mask_mod=visible,
                                     seq_lengths=(q, capacity), **_NO_Q_BLOCKS)
 
 
@@ -623,30 +634,34 @@ def chain_round(run: Run, k: int) -> int:
     the verification's argmaxes come back with them in one copy."""
     # 1. draft: catch up, then propose k tokens, one step each
     drafted = []
-    if k:
-        logits = run.draft_feed()
-        for i in range(k):
-            drafted.append(logits.argmax(-1, keepdim=True))  # [1], on the device
-            if i < k - 1:
-                logits = run.draft.extend(drafted[-1], run.draft_prompt.next_position + run.draft_seen + i, 1)[-1]
+    with phase("draft"):
+        if k:
+            logits = run.draft_feed()
+            for i in range(k):
+                drafted.append(logits.argmax(-1, keepdim=True))  # [1], on the device
+                if i < k - 1:
+                    logits = run.draft.extend(drafted[-1], run.draft_prompt.next_position + run.draft_seen + i, 1)[-1]
     # 2. target: the last committed token and the proposals in one pass (padded to a fixed width)
     start = len(run.out) - 1
-    run.finish_target_move()
-    device = run.target.lm.device
-    drafted = [to_target(token, device) for token in drafted]
-    logits = run.target.extend(torch.cat([to_device([run.out[-1]], device), *drafted]),
-                               run.prompt.next_position + start, run.verify_width)
-    # 3. accept the agreeing prefix and the target's next token (one copy to the host)
-    host = torch.cat([*drafted, logits.argmax(-1)]).cpu()
-    proposal, predicted = host[:k], host[k:]
-    n, next_token = chain_accept(proposal, predicted)
-    # 4. rewind: both caches keep exactly the committed text (the draft never fed its last proposal)
-    run.target.length -= k - n
-    if k:
-        valid = min(n, k - 1)
-        run.draft_seen = len(run.out) + valid
-        run.draft.length = run.draft_prefix + run.draft_seen
-    run.out += proposal[:n].tolist() + [next_token]
+    with phase("move"):
+        run.finish_target_move()
+    with phase("verify"):
+        device = run.target.lm.device
+        drafted = [to_target(token, device) for token in drafted]
+        logits = run.target.extend(torch.cat([to_device([run.out[-1]], device), *drafted]),
+                                   run.prompt.next_position + start, run.verify_width)
+    with phase("accept"):
+        # 3. accept the agreeing prefix and the target's next token (one copy to the host)
+        host = torch.cat([*drafted, logits.argmax(-1)]).cpu()
+        proposal, predicted = host[:k], host[k:]
+        n, next_token = chain_accept(proposal, predicted)
+        # 4. rewind: both caches keep exactly the committed text (the draft never fed its last proposal)
+        run.target.length -= k - n
+        if k:
+            valid = min(n, k - 1)
+            run.draft_seen = len(run.out) + valid
+            run.draft.length = run.draft_prefix + run.draft_seen
+        run.out += proposal[:n].tolist() + [next_token]
     return n
 
 
@@ -677,22 +692,26 @@ def draft_tree(run: Run, tree: Tree, levels: DraftLevels) -> torch.Tensor:
 def tree_round(run: Run, tree: Tree, levels: DraftLevels) -> int:
     """One greedy round with a static tree; returns the number of accepted drafted tokens."""
     # 1. draft: expand the tree level by level
-    tokens = to_target(draft_tree(run, tree, levels), run.target.lm.device)
-    run.finish_target_move()
+    with phase("draft"):
+        tokens = to_target(draft_tree(run, tree, levels), run.target.lm.device)
+    with phase("move"):
+        run.finish_target_move()
     # 2. target: every node in one pass with the tree mask, at positions root + depth
-    prefix = run.target.length
-    root_position = run.prompt.next_position + len(run.out) - 1
-    pattern = run.target.constant(tree, lambda: tree.mask)
-    logits = run.target.step(tokens, (root_position + tree.depths).tolist(), pattern)
-    # 3. accept the longest agreeing root-to-leaf path and the target's next token (one copy to the host)
-    node_tokens, predicted = torch.stack([tokens, logits.argmax(-1)]).cpu()
-    accepted, next_token = tree_accept(tree, node_tokens, predicted)
-    # 4. the target keeps the root and the accepted path, moved to consecutive slots (queued by
-    # the next round, after its draft passes)
-    if accepted:
-        run.target_move = path_moves(prefix, accepted, tree.depth)
-    run.target.length = prefix + 1 + len(accepted)
-    run.out += node_tokens[accepted].tolist() + [next_token]
+    with phase("verify"):
+        prefix = run.target.length
+        root_position = run.prompt.next_position + len(run.out) - 1
+        pattern = run.target.constant(tree, lambda: tree.mask)
+        logits = run.target.step(tokens, (root_position + tree.depths).tolist(), pattern)
+    with phase("accept"):
+        # 3. accept the longest agreeing root-to-leaf path and the target's next token (one copy to the host)
+        node_tokens, predicted = torch.stack([tokens, logits.argmax(-1)]).cpu()
+        accepted, next_token = tree_accept(tree, node_tokens, predicted)
+        # 4. the target keeps the root and the accepted path, moved to consecutive slots (queued by
+        # the next round, after its draft passes)
+        if accepted:
+            run.target_move = path_moves(prefix, accepted, tree.depth)
+        run.target.length = prefix + 1 + len(accepted)
+        run.out += node_tokens[accepted].tolist() + [next_token]
     return len(accepted)
 
 
@@ -747,13 +766,15 @@ def generate_fast(pair: Pair, prompt: Prompt, method: str = "specvlm", ratio: fl
 
     run = Run(fast_target, fast_draft, prompt, draft_prompt, [first], depth + 1, feed_width, draft_prefix=draft_prefix)
     accepted = []
-    while len(run.out) < max_new_tokens and not target.eos_token_ids.intersection(run.out):
-        room = max_new_tokens - len(run.out) - 1  # drafted tokens that may still be kept
-        if tree is not None and room >= tree.depth:
-            accepted.append(tree_round(run, tree, levels))
-        else:  # a chain, or a tree too deep for the tokens left: never overshoot
-            accepted.append(chain_round(run, min(depth, room)))
-    run.finish_target_move()
+    with phase("decode"):
+        while len(run.out) < max_new_tokens and not target.eos_token_ids.intersection(run.out):
+            room = max_new_tokens - len(run.out) - 1  # drafted tokens that may still be kept
+            if tree is not None and room >= tree.depth:
+                accepted.append(tree_round(run, tree, levels))
+            else:  # a chain, or a tree too deep for the tokens left: never overshoot
+                accepted.append(chain_round(run, min(depth, room)))
+        with phase("move"):
+            run.finish_target_move()
     watch.lap("decode")
 
     return speculative_result(run.out, target, prompt, method, ratio, accepted, keep, scores,
@@ -775,14 +796,16 @@ def _generate_ar(target: VideoLM, prompt: Prompt, max_new_tokens: int, compile, 
     watch.lap("prefill")
     out = [int(logits.argmax())]
     queued = None  # the argmax [1] of the step that feeds out[-1], not read yet
-    while len(out) < max_new_tokens and out[-1] not in target.eos_token_ids:
-        if queued is None:  # the first step: its input comes from the host
-            queued = HostCopy(fast.extend(out[-1:], prompt.next_position + len(out) - 1, 1)[-1:].argmax(-1))
-        ahead = None
-        if len(out) + 1 < max_new_tokens:  # queue the step after it before waiting for it
-            ahead = HostCopy(fast.extend(queued.on_device, prompt.next_position + len(out), 1)[-1:].argmax(-1))
-        out.append(int(queued.wait()))
-        queued = ahead
+    with phase("decode"):
+        while len(out) < max_new_tokens and out[-1] not in target.eos_token_ids:
+            with phase("ar"):
+                if queued is None:  # the first step: its input comes from the host
+                    queued = HostCopy(fast.extend(out[-1:], prompt.next_position + len(out) - 1, 1)[-1:].argmax(-1))
+                ahead = None
+                if len(out) + 1 < max_new_tokens:  # queue the step after it before waiting for it
+                    ahead = HostCopy(fast.extend(queued.on_device, prompt.next_position + len(out), 1)[-1:].argmax(-1))
+                out.append(int(queued.wait()))
+                queued = ahead
     fast.length = prefix + len(out) - 1  # the cache holds prompt + out[:-1]
     watch.lap("decode")
     return Result(out, target.decode(out), "ar", 0.0, video_tokens=prompt.num_video_tokens,

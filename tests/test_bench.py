@@ -28,8 +28,15 @@ def test_bench_rows_compare_every_method_with_ar(tiny_pair, tmp_path):
 
 def test_bench_fast_path_rows_match_plain_ar_and_report_the_capture(tiny_pair):
     result = bench(tiny_pair, lambda frames: sv.sample_video("bikes", frames), [1], max_new_tokens=6, repeats=1,
-                   paths=("plain", "fast"))
+                   paths=("plain", "fast"), timeline=True)
     assert [row["path"] for row in result["rows"]] == ["plain"] * len(RUNS) + ["fast"] * len(RUNS)
+    for row in result["rows"]:  # one profiled generation per fast row, its rounds counted by phase
+        if row["path"] == "plain":
+            assert "timeline" not in row
+        elif row["method"] == "ar":
+            assert row["timeline"]["phase_counts"]["ar"] == row["new_tokens"] - 1
+        else:
+            assert row["timeline"]["phase_counts"]["verify"] == row["timeline"]["rounds"] == row["rounds"]
     assert all(row["equal_to_ar"] and row["speedup_vs_plain_ar"] is not None for row in result["rows"])
     plain = [row["mean_accepted"] for row in result["rows"] if row["path"] == "plain"]
     fast = [row["mean_accepted"] for row in result["rows"] if row["path"] == "fast"]
@@ -41,7 +48,7 @@ def test_bench_times_transformers_generate_and_assisted_generation_against_ar(ti
     result = bench(tiny_pair, lambda frames: sv.sample_video("bikes", frames), [1], max_new_tokens=6, repeats=1,
                    transformers_baselines=True)
     hf = [row for row in result["rows"] if row["path"] == "transformers"]
-    assert [(row["method"], row["cache"]) for row in hf] == [
+    assert [(row["method"], row["cache"]) for row in hf] == [  # one output vocabulary: no padded row
         ("hf-generate", "dynamic"), ("hf-assisted", "dynamic"), ("hf-generate-static", "static")]
     assert all(row["equal_to_ar"] and row["speedup_vs_ar_total"] > 0 for row in hf)
     assert hf[1]["draft_video_tokens"] == hf[1]["video_tokens"]  # the assistant sees the whole video
@@ -179,7 +186,79 @@ def test_assisted_generation_goes_universal_when_the_output_vocabularies_differ(
     reference = sv.generate_ar(wide.target, prompt, NEW_TOKENS).tokens
     rows = bench_module.hf_rows(wide, prompt, reference, {"decode_s": 1.0, "total_s": 1.0}, 2, NEW_TOKENS, 1)
     assert [(r["method"], r["assisted_mode"], r["equal_to_ar"]) for r in rows] == [
-        ("hf-generate", None, True), ("hf-assisted", "universal", True), ("hf-generate-static", None, True)]
+        ("hf-generate", None, True), ("hf-assisted", "universal", True), ("hf-assisted-padded", "token", True),
+        ("hf-generate-static", None, True)]
+    assert rows[2]["draft_output_rows"] == [576, 640] and rows[2]["new_tokens"] == len(reference)
+    assert wide.draft.model.get_output_embeddings().weight.shape[0] == 576  # restored after the row
+    assert wide.draft.model.config.text_config.vocab_size == 576
+    assert "hf-assisted-padded" in bench_module.run_labels()
+    assert "hf-assisted-padded" not in bench_module.run_labels(universal=False)
+    with pytest.raises(ValueError, match="hf-assisted-padded only for a pair whose output layers differ"):
+        bench(embedded, synthetic_video, [1], transformers_baselines=True, only=["hf-assisted-padded"])
+
+
+def greedy_agrees(weight: torch.Tensor, layer, hidden: torch.Tensor) -> bool:
+    """Does `layer` (an output layer, maybe padded) pick the same greedy token as `weight` [V, D] for every hidden row?"""
+    with torch.no_grad():
+        return torch.equal(layer(hidden).argmax(-1), (hidden @ weight.T).argmax(-1))
+
+
+def test_a_padded_output_layer_picks_the_same_greedy_tokens(embedded):
+    import copy
+
+    from specvlm.bench import padded_output_layer
+
+    model = copy.deepcopy(embedded.draft.model)
+    weight = model.get_output_embeddings().weight
+    vocab, hidden_size = weight.shape
+    with torch.no_grad():  # every row gets a positive first coordinate: hidden states with a large negative one
+        weight[:, 0] = 1 + weight[:, 0].abs()  # make every real logit negative
+    generator = torch.Generator().manual_seed(0)
+    hidden = torch.randn(4000, hidden_size, generator=generator)
+    hidden[::2, 0] = -20.0
+    with torch.no_grad():
+        assert (hidden[::2] @ weight.T).max() < 0  # where zero padding rows would win
+    rows = 3 * vocab
+    with padded_output_layer(model, rows) as padded:
+        assert model.get_output_embeddings() is padded and padded.weight.shape == (rows, hidden_size)
+        assert greedy_agrees(weight, padded, hidden)
+        with torch.no_grad():
+            logits = padded(hidden)
+        assert torch.equal(logits[:, :vocab], hidden @ weight.T.detach())
+        assert torch.equal(logits[:, vocab:], logits[:, [model.config.image_token_id]].expand(-1, rows - vocab))
+    # the same check catches paddings that are not copies
+    for filler in (torch.zeros(rows - vocab, hidden_size), torch.randn(rows - vocab, hidden_size, generator=generator)):
+        other = torch.nn.Linear(hidden_size, rows, bias=False)
+        with torch.no_grad():
+            other.weight.copy_(torch.cat([weight, filler]))
+        assert not greedy_agrees(weight, other, hidden)
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_padding_the_output_layer_restores_the_model_even_after_an_error(embedded, tied):
+    import copy
+
+    from specvlm.bench import padded_output_layer
+
+    model = copy.deepcopy(embedded.draft.model)
+    if tied:
+        model.lm_head.weight = model.get_input_embeddings().weight
+    layer, text = model.get_output_embeddings(), model.config.text_config
+    weight, embeddings, vocab = layer.weight, model.get_input_embeddings(), text.vocab_size
+    before = {name: p.clone() for name, p in model.state_dict().items()}
+    with pytest.raises(RuntimeError, match="inside"):
+        with padded_output_layer(model, vocab + 5):
+            assert model.get_output_embeddings() is not layer and text.vocab_size == vocab + 5
+            assert model.get_input_embeddings() is embeddings and embeddings.weight.shape[0] == vocab
+            raise RuntimeError("inside")
+    assert model.get_output_embeddings() is layer and layer.weight is weight and text.vocab_size == vocab
+    assert (model.get_output_embeddings().weight is model.get_input_embeddings().weight) == tied
+    after = model.state_dict()
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+    with pytest.raises(ValueError, match="only adds rows"):
+        with padded_output_layer(model, vocab - 1):
+            pass
+    assert model.get_output_embeddings() is layer
 
 
 def test_a_baseline_transformers_refuses_is_a_row_with_its_error_and_no_speedup(embedded, monkeypatch):

@@ -176,6 +176,20 @@ def _visibility_case(query_len, start, capacity, seed):
     return torch.tensor(start), pattern
 
 
+def _visibility_from_blocks(mask, capacity: int) -> torch.Tensor:
+    """[q, capacity] bool: what the kernel reads, from the BlockMask's structure alone: every slot
+    of a full block, mask_mod's answer in a partial block, nothing elsewhere (one tile of rows)."""
+    q, block = mask.seq_lengths[0], mask.BLOCK_SIZE[1]
+    seen = torch.zeros(q, capacity, dtype=torch.bool)
+    rows = torch.arange(q)
+    for count, indices, full in ((mask.full_kv_num_blocks, mask.full_kv_indices, True),
+                                 (mask.kv_num_blocks, mask.kv_indices, False)):
+        for b in indices[0, 0, 0, :int(count[0, 0, 0])].tolist():
+            slots = torch.arange(b * block, (b + 1) * block)
+            seen[:, slots] = True if full else mask.mask_mod(0, 0, rows[:, None], slots[None, :])
+    return seen
+
+
 @pytest.mark.parametrize("query_len", [1, 6, 26, 40])
 @pytest.mark.parametrize("start", [0, 100, 127, 250, 358])
 def test_flex_attention_equals_sdpa_with_the_additive_mask(query_len, start):
@@ -189,7 +203,11 @@ def test_flex_attention_equals_sdpa_with_the_additive_mask(query_len, start):
     key, value = (torch.randn(1, 2, capacity, 8, generator=generator) for _ in range(2))
     mask = fast.flex_block_mask(start, pattern, capacity)
     visited = -(-(int(start) + query_len) // fast.FLEX_BLOCK)
-    assert mask.kv_num_blocks.flatten().tolist() == [visited]  # blocks past the last visible slot are skipped
+    full = int(start) // fast.FLEX_BLOCK  # blocks wholly before start: every row sees them
+    assert mask.full_kv_num_blocks.flatten().tolist() == [full]
+    assert mask.kv_num_blocks.flatten().tolist() == [visited - full]  # blocks past the last visible slot are skipped
+    assert torch.equal(_visibility_from_blocks(mask, capacity), fast.visibility_bias(start, pattern, capacity,
+                                                                                     torch.float32)[0, 0] == 0)
     got = fast.grouped_flex(query, key, value, mask, scale=0.3)
     bias = fast.visibility_bias(start, pattern, capacity, torch.float32)
     expected = torch.nn.functional.scaled_dot_product_attention(query, key, value, attn_mask=bias, scale=0.3,
