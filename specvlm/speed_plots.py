@@ -10,6 +10,7 @@ Three kinds of result, each a dict (or its JSON file, read with `cost_model.load
     plot_ms_per_token(bench)      decode ms per new token of one run on each path (what the fast path buys)
     plot_cost_curves(costs)       ms per pass vs context and its ratio to the bytes-over-bandwidth floor
     plot_predictions(frames, {label: sweep})   predicted SD and SpecVLM speedups, and the pruning gain
+    plot_round_timeline(bench)    ms per round by phase and idle gap, from `bench --timeline` rows
 
 Every title says where the numbers come from (pair, card, dtype); the caller adds what the
 result cannot know (which clip, which assumption). Rows of a bench result without a "path" field
@@ -227,4 +228,53 @@ def plot_predictions(frames: Sequence[int], sweeps: dict[str, list[dict]], title
     fig.tight_layout()
     fig.legend(*speed_ax.get_legend_handles_labels(), loc="upper center", bbox_to_anchor=(0.5, 0.0),
                ncol=min(2, len(sweeps)), fontsize=8)
+    return fig
+
+
+ROUND_PARTS = (  # (label, colour) of `round_parts`, in the bar's order
+    ("draft kernels", "tab:orange"), ("verification kernels", "tab:blue"), ("other kernels", "tab:gray"),
+    ("idle inside the draft", "gold"), ("idle between rounds", "tab:red"), ("other idle (short gaps between kernels)", "lightgray"))
+
+
+def round_parts(timeline: dict) -> dict:
+    """A decode timeline (`timeline.decode_timeline`, one profiled generation) as ms per round:
+    device busy time of the draft, the verification and the rest (KV moves, copies), and the
+    device's idle time inside draft phases (gaps between draft kernels), between rounds (from
+    the last kernel of a round to the first of the next: the host reading, accepting and
+    launching) and the rest (gaps of a few microseconds between kernels, inside verifications).
+    The parts add up to the timeline's decode time per round."""
+    rounds = max(timeline["rounds"], 1)
+    phases, gaps = timeline["phases"], timeline["idle_by_transition"]
+    between = sum(v["ms"] for k, v in gaps.items() if k.split(">")[0] in ("accept", "start"))
+    inside_draft = gaps.get("draft>draft", {"ms": 0.0})["ms"]
+    busy = {"draft kernels": phases["draft"]["busy_ms"], "verification kernels": phases["verify"]["busy_ms"]}
+    busy["other kernels"] = timeline["busy_ms"] - sum(busy.values())
+    idle = {"idle inside the draft": inside_draft, "idle between rounds": between,
+            "other idle (short gaps between kernels)": timeline["idle_ms"] - inside_draft - between}
+    return {label: ms / rounds for label, ms in {**busy, **idle}.items()}
+
+
+def plot_round_timeline(result, title: str | None = None):
+    """One bar per speculative fast-path row that carries a timeline (`bench --timeline`): ms
+    per round split by `round_parts`, the row's tokens per round written beside it."""
+    result = load(result)
+    rows = [r for r in bench_rows(result, "fast") if r.get("timeline") and r["method"] != "ar"]
+    if not rows:
+        raise ValueError("no fast-path row with a timeline: run the benchmark with --timeline.")
+    fig, ax = plt.subplots(figsize=(9, 0.5 * len(rows) + 1.8))
+    labels = [run_label(r) for r in rows]
+    left = [0.0] * len(rows)
+    for part, colour in ROUND_PARTS:
+        widths = [round_parts(r["timeline"])[part] for r in rows]
+        ax.barh(labels, widths, left=left, color=colour, label=part)
+        left = [a + b for a, b in zip(left, widths)]
+    for y, (row, end) in enumerate(zip(rows, left)):
+        ax.text(end + 0.2, y, f"{row['timeline']['new_tokens'] / max(row['timeline']['rounds'], 1):.1f} tokens/round",
+                va="center", fontsize=8)
+    ax.invert_yaxis()
+    ax.set_xlim(0, max(left) * 1.25)
+    ax.set_xlabel("ms per round (one profiled generation)")
+    ax.legend(fontsize=8, ncol=3, loc="upper center", bbox_to_anchor=(0.5, -0.25))
+    ax.set_title(title or f"Where a round's time goes: {_source(result)}", fontsize=10)
+    fig.tight_layout()
     return fig

@@ -120,3 +120,22 @@ def test_predictions_plot_the_sweep():
         speed_plots.plot_predictions((4, 16, 64), {"eager": rows})
     with pytest.raises(ValueError, match="no scenarios"):
         speed_plots.plot_predictions(frames, {})
+
+
+def test_round_parts_add_up_to_the_decode_per_round_and_the_plot_needs_timelines(bench):
+    timeline = {"rounds": 4, "new_tokens": 13, "decode_ms": 100.0, "busy_ms": 70.0, "idle_ms": 30.0,
+                "phases": {"draft": {"busy_ms": 30.0}, "verify": {"busy_ms": 38.0}},
+                "idle_by_transition": {"draft>draft": {"ms": 12.0, "gaps": 9}, "accept>draft": {"ms": 6.0, "gaps": 3},
+                                       "start>draft": {"ms": 1.0, "gaps": 1}, "verify>verify": {"ms": 2.0, "gaps": 5}}}
+    parts = speed_plots.round_parts(timeline)
+    assert list(parts) == [label for label, _ in speed_plots.ROUND_PARTS]
+    assert sum(parts.values()) == pytest.approx(25.0)  # 100 ms over 4 rounds
+    assert parts["idle inside the draft"] == pytest.approx(3.0) and parts["idle between rounds"] == pytest.approx(1.75)
+    assert parts["other kernels"] == pytest.approx(0.5)
+    with pytest.raises(ValueError, match="--timeline"):
+        speed_plots.plot_round_timeline(bench)
+    bench["rows"][8]["timeline"] = timeline  # fast path, 16 frames, SpecVLM tree 90%
+    fig = speed_plots.plot_round_timeline(bench)
+    assert [t.get_text() for t in fig.axes[0].get_yticklabels()] == ["SpecVLM tree 90%"]
+    assert "test pair (stand-in)" in fig.axes[0].get_title()
+    plt.close(fig)
