@@ -416,6 +416,10 @@ class StaticLM:
         self.steps: dict[tuple[int, int], object] = {}
         self._move = None
         self._constants: dict[object, torch.Tensor] = {}
+        # "manual": CUDA graphs captured by hand (`CapturedGraph`); "trees": torch.compile's own
+        # (mode="reduce-overhead"); None: no CUDA graphs
+        self.graphs = cuda_graphs(options, lm.device)
+        self._pool = None
 
     @property
     def length(self) -> int:
@@ -461,7 +465,7 @@ class StaticLM:
             inputs = to_device(list(tokens) + [tokens[-1]] * pad + tail, self.lm.device)
         if self.attention != "sdpa":
             use_flex(self.lm)  # a prefill in between may have switched the implementation
-        if self.options is not None and self.lm.device.type == "cuda":
+        if self.graphs == "trees":
             torch.compiler.cudagraph_mark_step_begin()  # CUDA graphs may reuse the last step's outputs
         logits = self._step_fn(tuple(pattern.shape))(inputs, pattern)
         if self.attention != "sdpa" and self.options is not None:
@@ -474,9 +478,10 @@ class StaticLM:
         instead of four eager kernels per layer, launched from the host every tree round)."""
         moves = to_device([source, dest], self.lm.device)
         if self._move is None:
-            move = functools.partial(move_slots, self.cache)
-            self._move = move if self.options is None else torch.compile(move, **self.options)
-        if self.options is not None and self.lm.device.type == "cuda":
+            # captured with every slot copied onto itself: a move run twice is not the same move
+            self._move = self._compiled(functools.partial(move_slots, self.cache),
+                                        neutral=lambda moves: moves[[1, 1]])
+        if self.graphs == "trees":
             torch.compiler.cudagraph_mark_step_begin()
         self._move(moves)
 
@@ -487,9 +492,66 @@ class StaticLM:
 
     def _step_fn(self, shape: tuple[int, int]):
         if shape not in self.steps:
-            step = functools.partial(step_logits, self.lm, self.cache, attention=self.attention)
-            self.steps[shape] = step if self.options is None else torch.compile(step, **self.options)
+            self.steps[shape] = self._compiled(functools.partial(step_logits, self.lm, self.cache,
+                                                                 attention=self.attention))
         return self.steps[shape]
+
+    def _compiled(self, fn, neutral=None):
+        """`fn` compiled with the options (none: as it is); with manual graphs, compiled without
+        torch.compile's CUDA graphs and captured by hand at its first call (`neutral`: see
+        `CapturedGraph`)."""
+        if self.options is None:
+            return fn
+        if self.graphs != "manual":
+            return torch.compile(fn, **self.options)
+        if self._pool is None:
+            self._pool = torch.cuda.graph_pool_handle()  # one memory pool for all of this model's graphs
+        return CapturedGraph(torch.compile(fn, **{**self.options, "mode": "default"}), self._pool, neutral)
+
+
+class CapturedGraph:
+    """A function of device tensors replayed from a CUDA graph captured by hand (the issue's
+    "captured by hand"; torch.compile's own graphs, mode="reduce-overhead", are the
+    alternative). The first call runs `fn` a few times on a side stream (compiling it, and
+    initialising the kernels' workspaces), then captures one call with its arguments copied
+    into static buffers. Every call copies its arguments into those buffers and replays: no
+    dynamo guards, no graph-tree bookkeeping on the host, which for a small model cost more
+    than its step on the device.
+
+    Invariants: arguments keep the shapes and dtypes of the first call; the warm-up and the
+    capture run `fn` on the first call's arguments, or on `neutral(arg)` of each where given, and
+    the first replay runs it once more, so `fn` must give the same result when run again with the
+    same arguments (a step writes the same cache slots with the same values) or be given neutral
+    ones (a KV move, whose rerun would move moved slots again, is warmed up moving every slot onto
+    itself); the output is a static buffer, overwritten by the next replay: read it (or queue the
+    kernels that read it) before calling again."""
+
+    WARMUP = 3
+
+    def __init__(self, fn, pool, neutral=None):
+        self.fn, self.pool, self.neutral = fn, pool, neutral
+        self.graph, self.static, self.output = None, None, None
+
+    def __call__(self, *args: torch.Tensor):
+        if self.graph is None:
+            self._capture(args)
+        for buffer, arg in zip(self.static, args):
+            buffer.copy_(arg, non_blocking=True)
+        self.graph.replay()
+        return self.output
+
+    def _capture(self, args) -> None:
+        self.static = [(self.neutral(arg) if self.neutral else arg).clone() for arg in args]
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(self.WARMUP):
+                self.fn(*self.static)
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self.pool):
+            self.output = self.fn(*self.static)
+        self.graph = graph
 
 
 def to_device(values: list, device: torch.device) -> torch.Tensor:
@@ -546,6 +608,21 @@ def fast_attention(attention: str | None, role: str | None = None) -> str:
     return parts[-1] if role == "draft" else parts[0]
 
 
+CUDA_GRAPHS = ("manual", "trees")
+
+
+def cuda_graphs(options: dict | None, device: torch.device) -> str | None:
+    """How compiled steps replay on CUDA: None without compile options, off CUDA, or for a
+    mode other than "reduce-overhead"; else $SPECVLM_CUDA_GRAPHS: "manual" (default:
+    `CapturedGraph`, captured by hand) or "trees" (torch.compile's CUDA-graph trees)."""
+    if options is None or device.type != "cuda" or options.get("mode") != "reduce-overhead":
+        return None
+    graphs = os.environ.get("SPECVLM_CUDA_GRAPHS", "manual")
+    if graphs not in CUDA_GRAPHS:
+        raise ValueError(f"SPECVLM_CUDA_GRAPHS must be one of {CUDA_GRAPHS}, got {graphs!r}.")
+    return graphs
+
+
 def compile_options(compile, device: torch.device) -> dict | None:
     """torch.compile keyword arguments, or None for plain eager steps.
     None -> {"mode": "reduce-overhead"} on CUDA, None elsewhere; True -> the same on any
@@ -578,7 +655,8 @@ def capture_report(pair: Pair | None = None) -> dict:
             roles[role] = {
                 "compile": engine.options,
                 "attention": engine.attention,
-                "cuda_graphs": lm.device.type == "cuda" and (engine.options or {}).get("mode") == "reduce-overhead",
+                "cuda_graphs": engine.graphs is not None,
+                "graphs": engine.graphs,
                 "capacity": engine.cache.capacity if engine.cache is not None else None,
                 "step_shapes": [list(shape) for shape in sorted(engine.steps)],
                 "compiled_move": engine._move is not None and engine.options is not None,

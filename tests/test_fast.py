@@ -424,3 +424,34 @@ def test_the_targets_cache_holds_the_committed_text_after_generation(embedded, e
     assert engine.length == cache.get_seq_length()
     for layer, keys in zip(cache.layers, engine.cache.keys):
         torch.testing.assert_close(keys[:, :, start:engine.length], layer.keys[:, :, start:], atol=1e-4, rtol=1e-4)
+
+
+def test_cuda_graphs_are_captured_by_hand_unless_asked_for_torch_compiles_own(monkeypatch):
+    cuda = torch.device("cuda")  # only the device's type is read: no GPU needed
+    assert fast.cuda_graphs(None, cuda) is None
+    assert fast.cuda_graphs({"mode": "reduce-overhead"}, torch.device("cpu")) is None
+    assert fast.cuda_graphs({"mode": "default"}, cuda) is None
+    monkeypatch.delenv("SPECVLM_CUDA_GRAPHS", raising=False)
+    assert fast.cuda_graphs({"mode": "reduce-overhead"}, cuda) == "manual"
+    monkeypatch.setenv("SPECVLM_CUDA_GRAPHS", "trees")
+    assert fast.cuda_graphs({"mode": "reduce-overhead"}, cuda) == "trees"
+    monkeypatch.setenv("SPECVLM_CUDA_GRAPHS", "none")
+    with pytest.raises(ValueError, match="SPECVLM_CUDA_GRAPHS"):
+        fast.cuda_graphs({"mode": "reduce-overhead"}, cuda)
+
+
+def test_a_kv_move_is_captured_with_neutral_moves_because_running_it_twice_moves_twice():
+    """`CapturedGraph` warms a move up on `moves[[1, 1]]` (every destination onto itself): a no-op,
+    where the real move run again would shift the moved slots once more."""
+    cache = fast.SlotCache([(1, 2, 2)], capacity=8, dtype=torch.float32, device=torch.device("cpu"))
+    cache.keys[0].copy_(torch.arange(8.0).reshape(1, 1, 8, 1).expand(1, 1, 8, 2))
+    cache.values[0].copy_(cache.keys[0])
+    before = cache.keys[0].clone()
+    moves = torch.tensor(fast.path_moves(2, [2, 4], depth=3))  # slots 4, 6 -> 3, 4
+    fast.move_slots(cache, moves[[1, 1]])
+    assert torch.equal(cache.keys[0], before)
+    fast.move_slots(cache, moves)
+    once = cache.keys[0][0, 0, :, 0].tolist()
+    assert once[3:5] == [4.0, 6.0]
+    fast.move_slots(cache, moves)
+    assert cache.keys[0][0, 0, :, 0].tolist() != once  # not idempotent: why the warm-up must not use it
