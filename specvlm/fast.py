@@ -422,6 +422,12 @@ class StaticLM:
         self._pool = None
 
     @property
+    def _graph_trees(self) -> bool:
+        """Whether torch.compile's own CUDA graphs may replay the steps (any compiled mode on CUDA
+        but manual capture: "max-autotune" uses them too)."""
+        return self.options is not None and self.lm.device.type == "cuda" and self.graphs != "manual"
+
+    @property
     def length(self) -> int:
         return self.cache.length
 
@@ -465,7 +471,7 @@ class StaticLM:
             inputs = to_device(list(tokens) + [tokens[-1]] * pad + tail, self.lm.device)
         if self.attention != "sdpa":
             use_flex(self.lm)  # a prefill in between may have switched the implementation
-        if self.graphs == "trees":
+        if self._graph_trees:
             torch.compiler.cudagraph_mark_step_begin()  # CUDA graphs may reuse the last step's outputs
         logits = self._step_fn(tuple(pattern.shape))(inputs, pattern)
         if self.attention != "sdpa" and self.options is not None:
@@ -481,7 +487,7 @@ class StaticLM:
             # captured with every slot copied onto itself: a move run twice is not the same move
             self._move = self._compiled(functools.partial(move_slots, self.cache),
                                         neutral=lambda moves: moves[[1, 1]])
-        if self.graphs == "trees":
+        if self._graph_trees:
             torch.compiler.cudagraph_mark_step_begin()
         self._move(moves)
 
