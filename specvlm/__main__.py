@@ -86,6 +86,7 @@ def bench(args) -> int:
     result = run(pair, video_for, args.frames, args.max_new_tokens, args.k, args.repeats, paths=args.paths,
                  transformers_baselines=args.transformers, self_speculation=args.self_speculation,
                  step_repeats=args.step_repeats, stand_in=stand_in, only=args.only, timeline=args.timeline,
+                 selection=args.selection,
                  progress=(lambda rows: save({**partial, "rows": rows}, args.out)) if args.out else None)
     result.update(facts)
     print(table(result))
@@ -187,6 +188,9 @@ def main(argv=None) -> int:
     b.add_argument("--only", nargs="+", default=None, metavar="ROW",
                    help="run only these rows (AR always runs), e.g. specvlm-tree-0.9 hf-generate; names: "
                         "sv.bench.run_labels()")
+    b.add_argument("--selection", action="store_true",
+                   help="add SpecVLM's tree at 75%% and 95%% pruning and every other selection method at 90%% "
+                        "(bench.SELECTION_RUNS)")
     b.add_argument("--timeline", action="store_true",
                    help="profile one more generation per fast-path row: device busy and idle time per phase "
                         "of a round (specvlm.timeline)")

@@ -11,6 +11,8 @@ reported beside it. `paths=("plain", "fast")` runs every method on the plain pat
 (`decoding.py`: dynamic caches, uncompiled) and on the fast path (`fast.py`: static caches,
 fixed-shape steps, CUDA graphs on a GPU); each row's speedup is against AR on the same path,
 and `speedup_vs_plain_ar` against the plain AR. Outputs of both paths are compared with the plain AR.
+`selection=True` adds SELECTION_RUNS: SpecVLM's tree at 75% and 95% pruning and every other
+selection method at 90%.
 `self_speculation=True` adds the paper's Self-SD setting: the target drafts for itself, its
 draft cache holding its own video pruned by SpecVLM's selection ("drafter": "self").
 `transformers_baselines=True` adds transformers' own greedy `generate` (default dynamic cache, and
@@ -71,6 +73,12 @@ RUNS = (
     ("specvlm", "tree", 0.9),
     ("uniform", "tree", 0.9),
 )
+# with selection=True: SpecVLM's tree at the issue's other ratios, and every other selection method at 90%
+SELECTION_RUNS = (
+    ("specvlm", "tree", 0.75),
+    ("specvlm", "tree", 0.95),
+    *((method, "tree", 0.9) for method in ("random", "window-front", "window-middle", "window-back", "top")),
+)
 # the target drafting for itself with its own pruned video (Self-SD); unpruned it would only repeat the target
 SELF_RUNS = (
     ("specvlm", "chain", 0.5),
@@ -94,12 +102,13 @@ def run_label(method: str, shape: str | None, ratio: float, drafter: str | None 
 
 
 def run_labels(self_speculation: bool = True, transformers_baselines: bool = True, drafter: str = "draft",
-               universal: bool = True) -> list[str]:
+               universal: bool = True, selection: bool = False) -> list[str]:
     """The row names a `bench` call with these options runs, in its order (the transformers
     baselines by their method). `drafter` "self": the pair's draft is its target, so every
     speculative row is self-speculation. `universal`: the pair's assisted generation is
-    universal (`assisted_mode`), which adds "hf-assisted-padded"."""
-    return ([run_label(*run, drafter) for run in RUNS] + [run_label(*run, "self") for run in SELF_RUNS] * self_speculation
+    universal (`assisted_mode`), which adds "hf-assisted-padded". `selection`: SELECTION_RUNS."""
+    return ([run_label(*run, drafter) for run in RUNS + SELECTION_RUNS * selection]
+            + [run_label(*run, "self") for run in SELF_RUNS] * self_speculation
             + [method for method, _, _, padded in HF_RUNS if universal or not padded] * transformers_baselines)
 
 
@@ -441,20 +450,21 @@ def make_row(path: str, frames: int, prompt, draft_prompt, drafter, method, shap
 def bench(pair: Pair, video_for, frames_list, max_new_tokens=64, k=5, repeats=3, question="Describe the video.",
           paths=("plain",), transformers_baselines: bool = False, self_speculation: bool = False,
           step_repeats: int = 5, stand_in: bool | None = None, progress=None, only=None,
-          timeline: bool = False) -> dict:
+          timeline: bool = False, selection: bool = False) -> dict:
     """`video_for(frames)` returns a `Video`; returns a JSON-ready dict of rows (module docstring).
     `stand_in`: whether the pair stands in for real checkpoints (default: "stand-in" in its name).
     `progress(rows)` is called after every row (e.g. to save partial results of a long run).
     `only`: names of the rows to run (`run_labels()`); AR always runs, as every row's reference.
     `timeline`: each fast-path row also profiles one generation (`timeline.profile_decode`: busy
-    and idle device time per phase of a round), under "timeline"."""
+    and idle device time per phase of a round), under "timeline". `selection`: also SELECTION_RUNS (SpecVLM's
+    tree at 75% and 95%, and the other selection methods at 90%)."""
     if only is not None:
         universal = transformers_baselines and assisted_mode(pair) == "universal"
         known = run_labels(self_speculation, transformers_baselines, "self" if pair.draft is pair.target else "draft",
-                           universal)
+                           universal, selection)
         unknown = set(only) - set(known)
         if unknown:
-            raise ValueError(f"bench rows {sorted(unknown)} are not among this call's rows (see --self and "
+            raise ValueError(f"bench rows {sorted(unknown)} are not among this call's rows (see --self, --selection and "
                              f"--transformers; hf-assisted-padded only for a pair whose output layers differ in "
                              f"size): choose from {known}.")
     self_pair = Pair(pair.target, pair.target, name=f"{pair.name}: target drafting for itself") \
@@ -466,7 +476,7 @@ def bench(pair: Pair, video_for, frames_list, max_new_tokens=64, k=5, repeats=3,
         draft_prompt = prompt if pair.draft is pair.target else pair.draft.prepare(video, question)
         drafter = "self" if pair.draft is pair.target else "draft"
         plan = [(pair, draft_prompt, drafter if method != "ar" else None, method, shape, ratio)
-                for method, shape, ratio in RUNS]
+                for method, shape, ratio in RUNS + SELECTION_RUNS * selection]
         if self_pair is not None:
             plan += [(self_pair, prompt, "self", method, shape, ratio) for method, shape, ratio in SELF_RUNS]
         if only is not None:
@@ -503,7 +513,7 @@ def bench(pair: Pair, video_for, frames_list, max_new_tokens=64, k=5, repeats=3,
         "torch": torch.__version__, "transformers": transformers.__version__, "cuda": torch.version.cuda,
         "python": platform.python_version(), "specvlm": __version__,
         "date": str(date.today()), "max_new_tokens": max_new_tokens, "k": k, "repeats": repeats,
-        "step_repeats": step_repeats, "self_speculation": self_speculation,
+        "step_repeats": step_repeats, "self_speculation": self_speculation, "selection": selection,
         "timing": "median decode wall clock after one warm-up; device-synchronised; step_ms: medians of passes at "
                   "the cache lengths when decoding starts, after the timed repetitions (plain path: one pass at a "
                   f"time; fast path: {QUEUED} passes queued back to back, '_synced' ones one at a time)",

@@ -337,3 +337,19 @@ def test_the_recorded_command_keeps_no_foreign_absolute_out_path(tmp_path, monke
     inside = str(tmp_path / "figures" / "run.json")
     assert portable_out(["bench", "--out", inside, "--frames", "8"]) == ["bench", "--out", inside, "--frames", "8"]
     assert portable_out(["bench", "--out", "figures/run.json"]) == ["bench", "--out", "figures/run.json"]
+
+
+def test_selection_rows_cover_the_other_ratios_and_methods_and_equal_ar(embedded):
+    from specvlm.bench import SELECTION_RUNS, run_label, run_labels
+
+    labels = [run_label(*run, "draft") for run in SELECTION_RUNS]
+    assert set(labels) <= set(run_labels(selection=True)) and not set(labels) & set(run_labels())
+    result = bench(embedded, synthetic_video, [2], max_new_tokens=NEW_TOKENS, repeats=1, paths=("fast",),
+                   selection=True, only=labels, step_repeats=1)
+    rows = result["rows"]
+    assert [(r["method"], r["ratio"]) for r in rows] == [("ar", 0.0)] + [(m, ratio) for m, _, ratio in SELECTION_RUNS]
+    assert all(r["equal_to_ar"] for r in rows) and result["selection"] is True
+    kept = {r["method"] + str(r["ratio"]): r["draft_video_tokens"] for r in rows[1:]}
+    assert kept["specvlm0.95"] < kept["specvlm0.75"]  # more pruned, fewer video tokens for the draft
+    with pytest.raises(ValueError, match="--selection"):
+        bench(embedded, synthetic_video, [2], max_new_tokens=NEW_TOKENS, repeats=1, only=labels[:1])
