@@ -306,58 +306,54 @@ def hf_generate(pair: Pair, prompt, max_new_tokens: int, assisted: bool, static:
 
 
 def assisted_mode(pair: Pair) -> str:
-    """How transformers' assisted generation treats the pair: "token" when both output layers
-    have one vocabulary size; otherwise it calls the tokenizers different (as for the llava-hf
-    7B and 0.5B checkpoints: 152128 and 152000 padded rows, one tokenizer) and needs both
-    tokenizers passed, "universal" assisted decoding, which drafts through text."""
-    sizes = {lm.model.get_output_embeddings().weight.shape[0] for lm in (pair.target, pair.draft)}
+    """How transformers' assisted generation treats the pair: "token" when both text configs
+    have one `vocab_size` (what transformers compares); otherwise it calls the tokenizers
+    different (as for the llava-hf 7B and 0.5B checkpoints: 152128 and 152000 padded rows, one
+    tokenizer) and needs both tokenizers passed, "universal" assisted decoding, which drafts
+    through text."""
+    sizes = {lm.model.config.get_text_config().vocab_size for lm in (pair.target, pair.draft)}
     return "token" if len(sizes) == 1 else "universal"
 
 
-@contextlib.contextmanager
-def padded_output_layer(model, rows: int, source: int | None = None):
-    """Within the block, `model` (a transformers model with an output layer `lm_head`, weight
-    [V, D], optional bias [V]) computes logits over `rows` >= V entries: a new layer whose weight
-    is the old one's V rows followed by rows - V copies of row `source` (default: the config's
-    image token, as `widen.py` fills extra lm_head rows), and `config.get_text_config().vocab_size`
-    (the field transformers' assisted generation compares between target and assistant) reads
-    `rows`. Yields the new layer.
+class PaddedOutput(torch.nn.Module):
+    """An output layer whose logits [..., V] are followed by `extra` logits at the lowest value of
+    their dtype: [..., V + extra]. The first V are the layer's own, bit for bit; the padding never
+    wins a greedy argmax and takes no probability (its softmax terms are exactly 0)."""
 
-    Invariants: logits [..., :V] are the old ones; every padding logit equals logit `source`, so
-    the maximum is always reached at an index < V and greedy argmax (the first maximal index)
-    returns the token the old layer picks. Zero rows would not do this (logit 0 wins whenever
-    every real logit is negative), nor would random rows. The image token is a safe source: it
-    is never generated in a video prompt and no logits processor singles it out (a copy of the
-    end token, say, would escape `min_new_tokens` masking it). Input embeddings are untouched,
-    so token ids fed to the model must stay below V. A tied output layer (its weight the input
-    embeddings') is untied within the block, since the new weight is a new tensor.
-    On leaving the block, also by an exception, the model has its old output module (the same
-    object, hence the same tie) and its old `vocab_size`."""
+    def __init__(self, layer: torch.nn.Module, extra: int):
+        super().__init__()
+        self.layer, self.extra = layer, extra
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        logits = self.layer(hidden)
+        return torch.nn.functional.pad(logits, (0, self.extra), value=torch.finfo(logits.dtype).min)
+
+
+@contextlib.contextmanager
+def padded_output_layer(model, rows: int):
+    """Within the block, `model` (a transformers model with an output layer of V rows) computes
+    logits over `rows` >= V entries (`PaddedOutput`), and `config.get_text_config().vocab_size`,
+    the field transformers' assisted generation compares between target and assistant, reads
+    `rows`. Yields the padded layer.
+
+    Invariants: logits [..., :V] are the old ones and the padding logits are the dtype's lowest
+    value, so greedy argmax returns the token the old layer picks and every probability over the
+    real rows is unchanged (transformers stops a draft whose top probability falls below its
+    assistant confidence threshold; copies of a real row would have taken probability from the
+    real ones, zero rows would win whenever every real logit is negative). Input embeddings are
+    untouched, so token ids fed to the model must stay below V. On leaving the block, also by an
+    exception, the model has its old output module (the same object, hence the same tie) and its
+    old `vocab_size`."""
     layer = model.get_output_embeddings()
     weight = getattr(layer, "weight", None)
     if weight is None or weight.dim() != 2:
         raise TypeError(f"{type(model).__name__} has no output layer with a 2-D weight to pad "
                         f"(get_output_embeddings() gave {type(layer).__name__}).")
-    vocab, hidden = weight.shape
+    vocab = weight.shape[0]
     if rows < vocab:
         raise ValueError(f"padding only adds rows: the output layer has {vocab}, asked for {rows}.")
     text = model.config.get_text_config()
-    if source is None:
-        source = getattr(model.config, "image_token_id", None)
-        if source is None:
-            raise ValueError(f"{type(model).__name__}'s config has no image_token_id: pass `source`, the row to "
-                             "copy into the padding (a token the model never generates in your prompts).")
-    if not 0 <= source < vocab:
-        raise ValueError(f"source row {source} is outside the output layer's {vocab} rows.")
-    extra = rows - vocab
-    padded = torch.nn.Linear(hidden, rows, bias=layer.bias is not None, device="meta")
-    with torch.no_grad():
-        padded.weight = torch.nn.Parameter(torch.cat([weight, weight[source].expand(extra, hidden)]),
-                                           requires_grad=False)
-        if layer.bias is not None:
-            padded.bias = torch.nn.Parameter(torch.cat([layer.bias, layer.bias[source].expand(extra)]),
-                                             requires_grad=False)
-    old_vocab = text.vocab_size
+    padded, old_vocab = PaddedOutput(layer, rows - vocab), text.vocab_size
     model.set_output_embeddings(padded)
     text.vocab_size = rows
     try:

@@ -242,7 +242,7 @@ def fast_step(attention: str = "sdpa", compile=None):
         # a step wider than FLEX_MAX_QUERY takes the grouped masked attention even under "flex": it
         # reads its whole capacity, so it gets an engine of its own, sized for this context
         masked = attention != "flex" or query_len > fast.FLEX_MAX_QUERY
-        key = (attention, str(compile), masked)
+        key = (attention, str(compile), masked, fast.cuda_graphs(fast.compile_options(compile, model.device), model.device))
         engines = model.__dict__.setdefault("_specvlm_fast_engines", {})
         engine = engines.get(key)
         fits = engine is not None and (engine.cache.capacity == capacity if masked else engine.cache.capacity >= capacity)

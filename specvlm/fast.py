@@ -29,8 +29,10 @@ memory addresses and shapes. Hence:
    host queues every pass of a round while the device runs the earlier ones and reads the
    device once, after the verification (its argmaxes with the drafted tokens, one copy). AR
    queues its next step before it reads the current token (`HostCopy`).
-With `compile=True` (default on CUDA) each kind is wrapped in
-`torch.compile(mode="reduce-overhead")`: inductor kernels, replayed as CUDA graphs.
+With `compile=True` (default on CUDA) each kind is compiled by `torch.compile` (inductor
+kernels) and replayed from a CUDA graph captured by hand (`CapturedGraph`: no dynamo guards or
+graph-tree bookkeeping per call); `SPECVLM_CUDA_GRAPHS=trees` replays through torch.compile's
+own CUDA graphs (`mode="reduce-overhead"`) instead.
 
 Cache invariants (as in `decoding.py`): the target's holds prompt + out[:-1], the draft's its
 (pruned) prompt + out[:draft_seen]; slots from `length` on hold garbage that masks block.
@@ -516,9 +518,8 @@ class StaticLM:
 
 
 class CapturedGraph:
-    """A function of device tensors replayed from a CUDA graph captured by hand (the issue's
-    "captured by hand"; torch.compile's own graphs, mode="reduce-overhead", are the
-    alternative). The first call runs `fn` a few times on a side stream (compiling it, and
+    """A function of device tensors replayed from a CUDA graph captured by hand (the
+    alternative is torch.compile's own graphs, mode="reduce-overhead"). The first call runs `fn` a few times on a side stream (compiling it, and
     initialising the kernels' workspaces), then captures one call with its arguments copied
     into static buffers. Every call copies its arguments into those buffers and replays: no
     dynamo guards, no graph-tree bookkeeping on the host, which for a small model cost more
@@ -529,8 +530,10 @@ class CapturedGraph:
     the first replay runs it once more, so `fn` must give the same result when run again with the
     same arguments (a step writes the same cache slots with the same values) or be given neutral
     ones (a KV move, whose rerun would move moved slots again, is warmed up moving every slot onto
-    itself); the output is a static buffer, overwritten by the next replay: read it (or queue the
-    kernels that read it) before calling again."""
+    itself); the output is a static buffer in a memory pool that all of a model's graphs share, so
+    the next call of *any* step of that model may overwrite it: read it (or queue the kernels that
+    read it) before the next call. Capture and replay run on the arguments' device, whichever
+    device is current."""
 
     WARMUP = 3
 
@@ -539,23 +542,25 @@ class CapturedGraph:
         self.graph, self.static, self.output = None, None, None
 
     def __call__(self, *args: torch.Tensor):
-        if self.graph is None:
-            self._capture(args)
-        for buffer, arg in zip(self.static, args):
-            buffer.copy_(arg, non_blocking=True)
-        self.graph.replay()
+        with torch.cuda.device(args[0].device):
+            if self.graph is None:
+                self._capture(args)
+            for buffer, arg in zip(self.static, args):
+                buffer.copy_(arg, non_blocking=True)
+            self.graph.replay()
         return self.output
 
     def _capture(self, args) -> None:
+        device = args[0].device
         self.static = [(self.neutral(arg) if self.neutral else arg).clone() for arg in args]
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
+        side = torch.cuda.Stream(device)
+        side.wait_stream(torch.cuda.current_stream(device))
         with torch.cuda.stream(side):
             for _ in range(self.WARMUP):
                 self.fn(*self.static)
-        torch.cuda.current_stream().wait_stream(side)
+        torch.cuda.current_stream(device).wait_stream(side)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self.pool):
+        with torch.cuda.graph(graph, pool=self.pool, stream=side):
             self.output = self.fn(*self.static)
         self.graph = graph
 
@@ -589,11 +594,12 @@ _ENGINES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 def static_lm(lm: VideoLM, role: str, options: dict | None, attention: str | None = None) -> StaticLM:
     """The `StaticLM` kept for `lm` in `role` ("target" or "draft": a model drafting for itself
-    needs two caches). Made anew when the compile options or the role's attention
+    needs two caches). Made anew when the compile options, the CUDA-graph mode or the role's attention
     (`fast_attention`) change."""
     attention = fast_attention(attention, role)
     engines = _ENGINES.setdefault(lm, {})
-    if role not in engines or engines[role].options != options or engines[role].attention != attention:
+    if (role not in engines or engines[role].options != options or engines[role].attention != attention
+            or engines[role].graphs != cuda_graphs(options, lm.device)):
         engines[role] = StaticLM(lm, options, attention)
     return engines[role]
 

@@ -241,7 +241,9 @@ def round_parts(timeline: dict) -> dict:
     device busy time of the draft, the verification and the rest (KV moves, copies), and the
     device's idle time inside draft phases (gaps between draft kernels), between rounds (from
     the last kernel of a round to the first of the next: the host reading, accepting and
-    launching) and the rest (gaps of a few microseconds between kernels, inside verifications).
+    launching) and the rest: gaps shorter than the timeline's threshold between the kernels of
+    every pass, longer ones inside a verification, and the tail from the last kernel to the end
+    of the decode.
     The parts add up to the timeline's decode time per round."""
     rounds = max(timeline["rounds"], 1)
     phases, gaps = timeline["phases"], timeline["idle_by_transition"]

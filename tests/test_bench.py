@@ -197,16 +197,10 @@ def test_assisted_generation_goes_universal_when_the_output_vocabularies_differ(
         bench(embedded, synthetic_video, [1], transformers_baselines=True, only=["hf-assisted-padded"])
 
 
-def greedy_agrees(weight: torch.Tensor, layer, hidden: torch.Tensor) -> bool:
-    """Does `layer` (an output layer, maybe padded) pick the same greedy token as `weight` [V, D] for every hidden row?"""
-    with torch.no_grad():
-        return torch.equal(layer(hidden).argmax(-1), (hidden @ weight.T).argmax(-1))
-
-
-def test_a_padded_output_layer_picks_the_same_greedy_tokens(embedded):
+def test_a_padded_output_layer_keeps_the_greedy_tokens_and_every_probability(embedded):
     import copy
 
-    from specvlm.bench import padded_output_layer
+    from specvlm.bench import PaddedOutput, padded_output_layer
 
     model = copy.deepcopy(embedded.draft.model)
     weight = model.get_output_embeddings().weight
@@ -217,21 +211,26 @@ def test_a_padded_output_layer_picks_the_same_greedy_tokens(embedded):
     hidden = torch.randn(4000, hidden_size, generator=generator)
     hidden[::2, 0] = -20.0
     with torch.no_grad():
-        assert (hidden[::2] @ weight.T).max() < 0  # where zero padding rows would win
+        real = hidden @ weight.T
+    assert real[::2].max() < 0  # where zero padding rows would win
     rows = 3 * vocab
     with padded_output_layer(model, rows) as padded:
-        assert model.get_output_embeddings() is padded and padded.weight.shape == (rows, hidden_size)
-        assert greedy_agrees(weight, padded, hidden)
+        assert model.get_output_embeddings() is padded and isinstance(padded, PaddedOutput)
         with torch.no_grad():
             logits = padded(hidden)
-        assert torch.equal(logits[:, :vocab], hidden @ weight.T.detach())
-        assert torch.equal(logits[:, vocab:], logits[:, [model.config.image_token_id]].expand(-1, rows - vocab))
-    # the same check catches paddings that are not copies
-    for filler in (torch.zeros(rows - vocab, hidden_size), torch.randn(rows - vocab, hidden_size, generator=generator)):
-        other = torch.nn.Linear(hidden_size, rows, bias=False)
+        assert logits.shape == (4000, rows) and torch.equal(logits[:, :vocab], real)
+        assert torch.equal(logits.argmax(-1), real.argmax(-1))
+        assert torch.equal(logits.softmax(-1)[:, :vocab], real.softmax(-1))  # no probability moves to the padding
+    # the same checks catch the paddings one might try instead: zero rows win an argmax, copies take probability
+    image = model.config.image_token_id
+    for filler, check in ((torch.zeros(rows - vocab, hidden_size), "argmax"),
+                          (weight[image].detach().expand(rows - vocab, hidden_size), "softmax")):
         with torch.no_grad():
-            other.weight.copy_(torch.cat([weight, filler]))
-        assert not greedy_agrees(weight, other, hidden)
+            other = hidden @ torch.cat([weight, filler]).T
+        if check == "argmax":
+            assert not torch.equal(other.argmax(-1), real.argmax(-1))
+        else:
+            assert not torch.allclose(other.softmax(-1)[:, :vocab], real.softmax(-1))
 
 
 @pytest.mark.parametrize("tied", [False, True])

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import specvlm as sv
-from specvlm import decoding, fast
+from specvlm import decoding, fast, synthetic
 from specvlm.fast import DraftLevels, SlotCache, path_moves, visibility_bias
 from specvlm.trees import MC_SIM_7B_63, Tree, chain, tree_attention_bias
 
@@ -440,18 +440,110 @@ def test_cuda_graphs_are_captured_by_hand_unless_asked_for_torch_compiles_own(mo
         fast.cuda_graphs({"mode": "reduce-overhead"}, cuda)
 
 
-def test_a_kv_move_is_captured_with_neutral_moves_because_running_it_twice_moves_twice():
-    """`CapturedGraph` warms a move up on `moves[[1, 1]]` (every destination onto itself): a no-op,
-    where the real move run again would shift the moved slots once more."""
-    cache = fast.SlotCache([(1, 2, 2)], capacity=8, dtype=torch.float32, device=torch.device("cpu"))
-    cache.keys[0].copy_(torch.arange(8.0).reshape(1, 1, 8, 1).expand(1, 1, 8, 2))
-    cache.values[0].copy_(cache.keys[0])
-    before = cache.keys[0].clone()
-    moves = torch.tensor(fast.path_moves(2, [2, 4], depth=3))  # slots 4, 6 -> 3, 4
-    fast.move_slots(cache, moves[[1, 1]])
-    assert torch.equal(cache.keys[0], before)
-    fast.move_slots(cache, moves)
-    once = cache.keys[0][0, 0, :, 0].tolist()
-    assert once[3:5] == [4.0, 6.0]
-    fast.move_slots(cache, moves)
-    assert cache.keys[0][0, 0, :, 0].tolist() != once  # not idempotent: why the warm-up must not use it
+# ----------------------------------------------------------------------------------------
+# CUDA graphs captured by hand, on a CPU: a fake graph whose replay reruns the captured
+# function on the static buffers into the same output tensor, and which (the worst case of a
+# shared memory pool) leaves garbage in every later-captured output of its pool when it replays
+
+
+class _FakeGraph:
+    replays = 0
+
+    def __init__(self):
+        self.owner = None
+
+    def replay(self):
+        owner = self.owner
+        pool = _FAKE_POOLS[id(owner.pool)]
+        for other in pool[pool.index(owner) + 1:]:
+            if isinstance(other.output, torch.Tensor):
+                other.output.fill_(float("nan"))
+        out = owner.fn(*owner.static)
+        if isinstance(out, torch.Tensor):
+            owner.output.copy_(out)
+        _FakeGraph.replays += 1
+
+
+_FAKE_POOLS: dict[int, list] = {}
+SMALL_TREE = Tree.from_paths([[0], [1], [0, 0], [0, 1], [1, 0], [0, 0, 0]])
+
+
+@pytest.fixture
+def fake_graphs(monkeypatch):
+    import contextlib
+
+    class Stream:
+        def __init__(self, *args):
+            pass
+
+        def wait_stream(self, other):
+            pass
+
+    pools = iter(range(10**6))
+    monkeypatch.setattr(torch.cuda, "Stream", Stream)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda *a: Stream())
+    monkeypatch.setattr(torch.cuda, "stream", lambda s: contextlib.nullcontext())
+    monkeypatch.setattr(torch.cuda, "device", lambda d: contextlib.nullcontext())
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", _FakeGraph)
+    monkeypatch.setattr(torch.cuda, "graph", lambda g, pool=None, stream=None: contextlib.nullcontext())
+    monkeypatch.setattr(torch.cuda, "graph_pool_handle", lambda: [next(pools)])
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: fn)  # the capture logic, not inductor
+    monkeypatch.setattr(fast, "cuda_graphs", lambda options, device: "manual" if options else None)
+    capture = fast.CapturedGraph._capture
+
+    def fake_capture(self, args):
+        capture(self, args)
+        self.graph.owner = self
+        _FAKE_POOLS.setdefault(id(self.pool), []).append(self)
+        if isinstance(self.output, torch.Tensor):
+            self.output.fill_(float("nan"))  # a captured graph has not run yet
+
+    monkeypatch.setattr(fast.CapturedGraph, "_capture", fake_capture)
+    fast._ENGINES.clear()
+    _FAKE_POOLS.clear()
+    _FakeGraph.replays = 0
+    yield
+    fast._ENGINES.clear()
+
+
+def _committed_keys(pair):
+    engine = fast._ENGINES[pair.target]["target"]
+    return [keys[:, :, :engine.length].clone() for keys in engine.cache.keys]
+
+
+@pytest.mark.parametrize("method,kwargs", [("ar", {}), ("sd", {"k": 3}), ("specvlm", {"tree": SMALL_TREE, "ratio": 0.5}),
+                                           ("specvlm", {"tree": SMALL_TREE, "ratio": 0.5, "attention": "grouped"})])
+def test_captured_graphs_in_the_decoding_loops_give_the_eager_fast_paths_tokens_and_caches(fake_graphs, method, kwargs):
+    pair = sv.load_pair("tiny", device="cpu")
+    prompt = pair.target.prepare(sv.from_array(synthetic.make_clip(3, num_frames=2).frames, fps=8.0),
+                                 "Describe the video.")
+    eager = fast.generate_fast(pair, prompt, method, max_new_tokens=24, compile=False, **kwargs)
+    reference = _committed_keys(pair)
+    fast._ENGINES.clear()
+    for _ in range(2):  # the second generation only replays the graphs the first captured
+        got = fast.generate_fast(pair, prompt, method, max_new_tokens=24, compile={"backend": "eager"}, **kwargs)
+        assert got.tokens == eager.tokens and got.accepted == eager.accepted
+        assert (got.target_cache_len, got.draft_cache_len) == (eager.target_cache_len, eager.draft_cache_len)
+        assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(_committed_keys(pair), reference))
+    engines = fast._ENGINES[pair.target]
+    assert all(isinstance(step, fast.CapturedGraph) for step in engines["target"].steps.values())
+    assert _FakeGraph.replays > 0
+    if "tree" in kwargs:
+        assert isinstance(engines["target"]._move, fast.CapturedGraph)
+
+
+def test_a_kv_move_warmed_up_on_its_real_arguments_would_corrupt_the_cache(fake_graphs, monkeypatch):
+    """Why `StaticLM.move` passes `neutral`: the warm-up runs a graph's function before the capture,
+    and a move whose sources overlap its destinations (this clip's first tree round accepts
+    [2, 5]: slot s+2 -> s+1, s+5 -> s+2) moved again leaves the wrong entry at s+1."""
+    pair = sv.load_pair("tiny", device="cpu")
+    prompt = pair.target.prepare(sv.from_array(synthetic.make_clip(0, num_frames=2).frames, fps=8.0),
+                                 "Describe the video.")
+    kwargs = {"tree": SMALL_TREE, "ratio": 0.5, "max_new_tokens": 24}
+    fast.generate_fast(pair, prompt, "specvlm", compile=False, **kwargs)
+    reference = _committed_keys(pair)
+    fast._ENGINES.clear()
+    init = fast.CapturedGraph.__init__
+    monkeypatch.setattr(fast.CapturedGraph, "__init__", lambda self, fn, pool, neutral=None: init(self, fn, pool))
+    fast.generate_fast(pair, prompt, "specvlm", compile={"backend": "eager"}, **kwargs)
+    assert not all(torch.allclose(a, b, atol=1e-5) for a, b in zip(_committed_keys(pair), reference))

@@ -74,7 +74,7 @@ def test_profiling_a_cpu_decode_finds_one_range_per_round_and_keeps_the_tokens(m
                                  "Describe the video.")
     reference = sv.generate_ar(pair.target, prompt, 12).tokens
     result = timeline.profile_decode(pair, prompt, method, warmup=0, max_new_tokens=12, compile=False, **kwargs)
-    assert result["new_tokens"] == len(reference)
+    assert result["tokens"] == reference and result["new_tokens"] == len(reference)
     assert result["busy_ms"] is None and result["decode_ms"] > 0  # no device timeline on a CPU
     counts = result["phase_counts"]
     if method == "ar":
