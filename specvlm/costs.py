@@ -242,15 +242,17 @@ def fast_step(attention: str = "sdpa", compile=None):
         # a step wider than FLEX_MAX_QUERY takes the grouped masked attention even under "flex": it
         # reads its whole capacity, so it gets an engine of its own, sized for this context
         masked = attention != "flex" or query_len > fast.FLEX_MAX_QUERY
-        key = (attention, str(compile), masked, fast.cuda_graphs(fast.compile_options(compile, model.device), model.device))
+        key = (attention, str(compile), masked)
         engines = model.__dict__.setdefault("_specvlm_fast_engines", {})
         engine = engines.get(key)
-        fits = engine is not None and (engine.cache.capacity == capacity if masked else engine.cache.capacity >= capacity)
+        options = fast.compile_options(compile, model.device)
+        fits = (engine is not None and engine.graphs == fast.cuda_graphs(options, model.device)  # $SPECVLM_CUDA_GRAPHS
+                and (engine.cache.capacity == capacity if masked else engine.cache.capacity >= capacity))
         if not fits:
             engines.pop(key, None)
             engine = None
             _free(model.device)  # the old engine's cache and graphs go before the new cache comes
-            engine = fast.StaticLM(_BareLM(model), fast.compile_options(compile, model.device), attention)
+            engine = fast.StaticLM(_BareLM(model), options, attention)
             config = model.config
             head_dim = config.hidden_size // config.num_attention_heads
             shapes = [(config.num_key_value_heads, head_dim, head_dim)] * config.num_hidden_layers
