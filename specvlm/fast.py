@@ -519,8 +519,9 @@ class StaticLM:
 
 class CapturedGraph:
     """A function of device tensors replayed from a CUDA graph captured by hand (the
-    alternative is torch.compile's own graphs, mode="reduce-overhead"). The first call runs `fn` a few times on a side stream (compiling it, and
-    initialising the kernels' workspaces), then captures one call with its arguments copied
+    alternative is torch.compile's own graphs, mode="reduce-overhead"). The first call runs
+    `fn` a few times on a side stream (compiling it, and initialising the kernels'
+    workspaces), then captures one call with its arguments copied
     into static buffers. Every call copies its arguments into those buffers and replays: no
     dynamo guards, no graph-tree bookkeeping on the host, which for a small model cost more
     than its step on the device.

@@ -219,8 +219,7 @@ def profile_step(shape, context_len: int, query_len: int | None = None, path: st
               "bandwidth_GBps": bandwidth / 1e9, "weight_bytes": weights, "kv_bytes": kv, "setup_s": setup_s,
               **kernel_breakdown(records, repeats, wall_us, floor_us),
               "queued_us_per_step": queued_us, "queued_x_floor": queued_us / floor_us}
-    graphs = (path == "fast" and device.type == "cuda"
-              and (fast.compile_options(compile, device) or {}).get("mode") == "reduce-overhead")
+    graphs = path == "fast" and fast.cuda_graphs(fast.compile_options(compile, device), device) is not None
     result["graph_kernels_visible"] = graph_kernels_visible(result["kernels_per_step"], config.num_hidden_layers, graphs)
     result["without_graphs"] = None
     if result["graph_kernels_visible"] is False:
