@@ -142,10 +142,11 @@ def costs(args) -> int:
 
     dtype = getattr(torch, args.dtype) if args.dtype else None
     result = measure_costs(args.shapes, args.contexts, args.paths, device=args.device, dtype=dtype,
-                           repeats=args.repeats, warmup=args.warmup,
+                           repeats=args.repeats, warmup=args.warmup, devices=args.devices,
                            progress=lambda row: print(f"{row['shape']} {row['path']} {row['kind']} {row['context']}: "
                                                       f"{row['ms'] if row['ms'] is not None else row['skipped']}",
                                                       file=sys.stderr))
+    result.update(command=args.command_line, code=git_commit())
     print(table(result))
     if args.out:
         save(result, args.out.format(card=card_slug(result["device"])))
@@ -207,6 +208,9 @@ def main(argv=None) -> int:
     c.add_argument("--repeats", type=int, default=10)
     c.add_argument("--warmup", type=int, default=2)
     c.add_argument("--device", default=None)
+    c.add_argument("--devices", nargs="+", default=None, metavar="DEVICE",
+                   help="several GPUs, e.g. cuda:0 cuda:1: a shape too large for the first is spread over all "
+                        "(needs accelerate)")
     c.add_argument("--dtype", default=None, help="default: bfloat16 on CUDA, float32 on CPU")
     c.add_argument("--out", default=None, help="JSON path; '{card}' becomes the card's name, e.g. figures/costs_{card}.json")
     args = parser.parse_args(argv)

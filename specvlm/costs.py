@@ -47,6 +47,7 @@ import gc
 import re
 import statistics
 import time
+from collections import Counter
 from datetime import date
 
 import torch
@@ -130,36 +131,78 @@ def build_lm(shape: str | Qwen2Config, device="cpu", dtype: torch.dtype = torch.
     """A Qwen2ForCausalLM of `shape` with random weights, made directly on `device`: built on
     the meta device (no memory), materialised empty on `device`, then filled there: matrices,
     embeddings and biases from normal(0, 0.02), norm weights 1 (so activations keep their
-    scale). Never all zeros: timings must not depend on special values."""
+    scale). Never all zeros: timings must not depend on special values. Each parameter has its
+    own generator, seeded from `seed` and its index, so the weights do not depend on where they lie.
+
+    `device` may be a list of devices: the model is then spread over them as
+    `from_pretrained(device_map="balanced")` spreads a checkpoint (`balanced_map`) and dispatched
+    with accelerate's hooks, which move each layer's inputs to its device."""
     config = lm_config(shape) if isinstance(shape, str) else shape
     with torch.device("meta"):
         model = Qwen2ForCausalLM(config).to(dtype)
-    model = model.to_empty(device=device)
+    devices = [torch.device(d) for d in device] if isinstance(device, (list, tuple)) else [torch.device(device)]
+    device_map = balanced_map(model, devices) if len(devices) > 1 else {"": devices[0]}
+    for name, where in device_map.items():
+        model.get_submodule(name).to_empty(device=where)
     model.tie_weights()  # to_empty replaces parameters, which unties a tied output layer
     # the rotary frequencies are buffers computed at construction: compute them again for real
-    model.model.rotary_emb = type(model.model.rotary_emb)(config).to(device)
-    generator = torch.Generator(device=device).manual_seed(seed)
+    rotary = model.model.rotary_emb
+    model.model.rotary_emb = type(rotary)(config).to(rotary.inv_freq.device)
     with torch.no_grad():
-        for name, p in model.named_parameters():
+        for index, (name, p) in enumerate(model.named_parameters()):
             if name.endswith("norm.weight"):
                 p.fill_(1.0)
             else:
-                p.normal_(0.0, 0.02, generator=generator)
+                p.normal_(0.0, 0.02, generator=torch.Generator(device=p.device).manual_seed(seed * 100_003 + index))
+    if len(devices) > 1:
+        from accelerate import dispatch_model
+
+        dispatch_model(model, device_map=device_map, skip_keys=model._skip_keys_device_placement)
     return model.eval()
 
 
-def random_kv(config: Qwen2Config, context_len: int, device, dtype, generator=None):
-    """Per layer, random (keys, values) of shape [1, kv_heads, context_len, head_dim]."""
-    return list(_random_kv_layers(config, context_len, device, dtype, generator))
+def balanced_map(model, devices, memory: int | None = None) -> dict[str, torch.device]:
+    """A device_map spreading `model` (on the meta device) evenly over the GPUs `devices`, as
+    `from_pretrained(device_map="balanced")` computes one: transformers' `get_balanced_memory`
+    and `infer_auto_device_map`, whole decoder layers per device, in order. `memory`: bytes per
+    device (default: each card's total memory). E.g. the 72B shape over two cards: the input
+    embeddings and the first 39 layers on the first, the other 41 layers, the final norm and the
+    output layer on the second. Needs accelerate."""
+    from transformers.integrations.accelerate import get_balanced_memory, infer_auto_device_map
+
+    devices = [torch.device(d) for d in devices]
+    if any(d.type != "cuda" for d in devices) or len({d.index or 0 for d in devices}) < len(devices):
+        raise ValueError(f"a model is spread over distinct GPUs (cuda:0, cuda:1, ...), got {[str(d) for d in devices]}.")
+    indices = [d.index or 0 for d in devices]
+    budget = {i: memory or torch.cuda.get_device_properties(i).total_memory for i in indices}
+    no_split = model._no_split_modules
+    budget = get_balanced_memory(model, max_memory=budget, no_split_module_classes=no_split)
+    device_map = infer_auto_device_map(model, max_memory=budget, no_split_module_classes=no_split)
+    return {name: torch.device("cuda", index) for name, index in device_map.items()}
 
 
-def _random_kv_layers(config: Qwen2Config, context_len: int, device, dtype, generator=None):
-    """`random_kv` one layer at a time (the same numbers), so a filler holds one layer's worth."""
+def layer_devices(model) -> list[torch.device]:
+    """The device of each decoder layer of a Qwen2ForCausalLM (several when `build_lm` spread it)."""
+    return _BareLM(model).layer_devices
+
+
+def random_kv(config: Qwen2Config, context_len: int, device, dtype, seed: int = 0):
+    """Per layer, random (keys, values) of shape [1, kv_heads, context_len, head_dim], on
+    `device` (one, or one per layer)."""
+    return list(_random_kv_layers(config, context_len, device, dtype, seed))
+
+
+def _random_kv_layers(config: Qwen2Config, context_len: int, device, dtype, seed: int = 0):
+    """`random_kv` one layer at a time (the same numbers), so a filler holds one layer's worth.
+    Layer i draws from its own generator seeded with (seed, i): the numbers do not depend on
+    the devices."""
     head_dim = config.hidden_size // config.num_attention_heads
     shape = (1, config.num_key_value_heads, context_len, head_dim)
-    for _ in range(config.num_hidden_layers):
-        yield (torch.empty(shape, device=device, dtype=dtype).normal_(generator=generator),
-               torch.empty(shape, device=device, dtype=dtype).normal_(generator=generator))
+    devices = list(device) if isinstance(device, (list, tuple)) else [device] * config.num_hidden_layers
+    for layer, where in enumerate(devices):
+        generator = torch.Generator(device=where).manual_seed(seed * 100_003 + layer)
+        yield (torch.empty(shape, device=where, dtype=dtype).normal_(generator=generator),
+               torch.empty(shape, device=where, dtype=dtype).normal_(generator=generator))
 
 
 def step_inputs(model, context_len: int, query_len: int, tree: Tree | None, generator=None):
@@ -183,7 +226,8 @@ def transformers_step(attn_implementation: str):
         model.set_attn_implementation(attn_implementation)
         generator = torch.Generator(device=model.device).manual_seed(context_len)
         cache = DynamicCache(config=model.config)
-        for layer, (keys, values) in enumerate(random_kv(model.config, context_len, model.device, model.dtype, generator)):
+        for layer, (keys, values) in enumerate(_random_kv_layers(model.config, context_len, layer_devices(model),
+                                                                  model.dtype, seed=context_len)):
             cache.update(keys, values, layer)
         ids, positions, mask = step_inputs(model, context_len, query_len, tree, generator)
 
@@ -246,7 +290,7 @@ def fast_step(attention: str = "sdpa", compile=None):
         engines = model.__dict__.setdefault("_specvlm_fast_engines", {})
         engine = engines.get(key)
         options = fast.compile_options(compile, model.device)
-        fits = (engine is not None and engine.graphs == fast.cuda_graphs(options, model.device)  # $SPECVLM_CUDA_GRAPHS
+        fits = (engine is not None and engine.graphs == fast.graphs_for(_BareLM(model), options)  # $SPECVLM_CUDA_GRAPHS
                 and (engine.cache.capacity == capacity if masked else engine.cache.capacity >= capacity))
         if not fits:
             engines.pop(key, None)
@@ -256,12 +300,12 @@ def fast_step(attention: str = "sdpa", compile=None):
             config = model.config
             head_dim = config.hidden_size // config.num_attention_heads
             shapes = [(config.num_key_value_heads, head_dim, head_dim)] * config.num_hidden_layers
-            engine.cache = fast.SlotCache(shapes, capacity, model.dtype, model.device)
+            engine.cache = fast.SlotCache(shapes, capacity, model.dtype, layer_devices(model))
             engines[key] = engine
         generator = torch.Generator(device=model.device).manual_seed(context_len)
         cache = engine.cache
-        for layer, (keys, values) in enumerate(_random_kv_layers(model.config, context_len, model.device,
-                                                                  model.dtype, generator)):
+        for layer, (keys, values) in enumerate(_random_kv_layers(model.config, context_len, layer_devices(model),
+                                                                  model.dtype, seed=context_len)):
             cache.keys[layer][:, :, :context_len].copy_(keys)
             cache.values[layer][:, :, :context_len].copy_(values)
         ids, positions, _ = step_inputs(model, context_len, query_len, tree, generator)
@@ -286,9 +330,11 @@ PATHS = {"eager": transformers_step("eager"), "sdpa": transformers_step("sdpa"),
          "fast": fast_step("sdpa"), "fast-flex": fast_step("flex"), "fast-grouped": fast_step("grouped")}
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+def _sync(device) -> None:
+    """Wait for `device` (or each of a list of devices)."""
+    for where in device if isinstance(device, (list, tuple)) else [device]:
+        if torch.device(where).type == "cuda":
+            torch.cuda.synchronize(where)
 
 
 def time_ms(fn, device, repeats: int = 10, warmup: int = 2, queued: int = 1) -> float:
@@ -298,7 +344,6 @@ def time_ms(fn, device, repeats: int = 10, warmup: int = 2, queued: int = 1) -> 
     host prepares a call while the device runs the last (as the fast path's loops do)."""
     if repeats < 1 or queued < 1:
         raise ValueError(f"time_ms needs repeats >= 1 and queued >= 1, got {repeats} and {queued}.")
-    device = torch.device(device)
     for _ in range(warmup):
         fn()
     times = []
@@ -335,9 +380,24 @@ def _free(device: torch.device) -> None:
         torch.cuda.empty_cache()
 
 
+def placement(config: Qwen2Config, dtype: torch.dtype, devices, max_context: int,
+              memory: int | None = None) -> list[torch.device]:
+    """Where `measure_costs` builds a shape: on the first of `devices` alone when its weights and
+    two caches of `max_context` tokens (one path's and the next's) fit in 90% of that card's
+    memory (`memory` bytes, default its total), else spread over all of them (`build_lm`), as a
+    user would place a checkpoint. Off CUDA, always the first device."""
+    devices = [torch.device(d) for d in devices]
+    first = devices[0]
+    if len(devices) == 1 or first.type != "cuda":
+        return [first]
+    memory = memory or torch.cuda.get_device_properties(first.index or 0).total_memory
+    needed = weight_bytes(config, dtype) + 2 * kv_bytes(config, max_context + SLACK, dtype)
+    return [first] if needed <= 0.9 * memory else devices
+
+
 def measure_costs(shapes, contexts, paths=("eager", "sdpa"), device=None, dtype=None, k: int = 5,
                   tree: Tree = MC_SIM_7B_63, repeats: int = 10, warmup: int = 2, seed: int = 0,
-                  factories: dict | None = None, progress=None) -> dict:
+                  factories: dict | None = None, progress=None, devices=None) -> dict:
     """Time every kind of pass (`KINDS`) for each shape, context length and path; JSON-ready.
 
     One model per shape is built and reused across contexts and paths; contexts are timed
@@ -346,8 +406,12 @@ def measure_costs(shapes, contexts, paths=("eager", "sdpa"), device=None, dtype=
     tokens), setup_s (making the step and its warm-up calls: compilation included), skipped
     (None, or why the point has no time, e.g. out of memory).
     `factories` adds or replaces paths ({name: make_step}); `progress(row)` sees each row.
+    `devices` (several GPUs, e.g. ["cuda:0", "cuda:1"]): a shape too large for the first card
+    is spread over all of them (`placement`); its layers then run one card after the other, so
+    its floor is still all bytes over one card's bandwidth. `device` is then the first.
     """
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = torch.device(devices[0] if devices else device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    devices = [torch.device(d) for d in devices] if devices else [device]
     dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
     available = {**PATHS, **(factories or {})}
     unknown = [p for p in paths if p not in available]
@@ -363,10 +427,13 @@ def measure_costs(shapes, contexts, paths=("eager", "sdpa"), device=None, dtype=
     for shape in shapes:
         config = lm_config(shape)
         weights = weight_bytes(config, dtype)
-        shape_info[shape] = {**SHAPES[shape], "params": num_params(config), "weight_bytes": weights}
+        where = placement(config, dtype, devices, max(int(c) for c in contexts))
+        shape_info[shape] = {**SHAPES[shape], "params": num_params(config), "weight_bytes": weights,
+                             "devices": [str(d) for d in where]}
         try:
-            model = build_lm(shape, device, dtype, seed)
+            model = build_lm(shape, where, dtype, seed)
             build_error = None
+            shape_info[shape]["layers_per_device"] = {str(d): n for d, n in Counter(layer_devices(model)).items()}
         except torch.OutOfMemoryError as error:
             model, build_error = None, f"model does not fit: {str(error).splitlines()[0]}"
             _free(device)
@@ -381,7 +448,7 @@ def measure_costs(shapes, contexts, paths=("eager", "sdpa"), device=None, dtype=
                         try:
                             began = time.perf_counter()
                             step = available[path](model, int(context), query_len, kind_tree)
-                            row["ms"] = time_ms(step, device, repeats, warmup)
+                            row["ms"] = time_ms(step, where, repeats, warmup)
                             row["setup_s"] = time.perf_counter() - began - repeats * row["ms"] / 1000
                         except torch.OutOfMemoryError as error:
                             row["skipped"] = f"out of memory: {str(error).splitlines()[0]}"
@@ -396,12 +463,13 @@ def measure_costs(shapes, contexts, paths=("eager", "sdpa"), device=None, dtype=
     order = {name: i for i, name in enumerate(shapes)}
     rows.sort(key=lambda r: (order[r["shape"]], r["context"]))  # stable: paths and kinds keep their order
     return {
-        "device": card_name(device), "dtype": str(dtype).removeprefix("torch."), "torch": torch.__version__,
+        "device": card_name(device), "devices": len(devices), "dtype": str(dtype).removeprefix("torch."),
+        "torch": torch.__version__,
         "transformers": transformers.__version__, "date": str(date.today()),
         "bandwidth_GBps": bandwidth / 1e9, "k": k, "tree_nodes": tree.num_nodes,
         "repeats": repeats, "warmup": warmup,
         "timing": "median wall clock per pass, device synchronised before and after each",
-        "floor": "(weight bytes + KV bytes read) / copy bandwidth measured in this run",
+        "floor": "(weight bytes + KV bytes read) / copy bandwidth of one card, measured in this run",
         "weights": "random: matrices, embeddings, biases normal(0, 0.02), norms 1; KV cache random",
         "shapes": shape_info, "rows": rows,
     }

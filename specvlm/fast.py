@@ -85,9 +85,15 @@ class SlotCache(Cache):
     def __init__(self, shapes: list[tuple[int, int, int]], capacity: int, dtype: torch.dtype, device):
         super().__init__(layers=[])
         self.capacity, self.length = capacity, 0
-        self.keys = [torch.zeros(1, heads, capacity, dim, dtype=dtype, device=device) for heads, dim, _ in shapes]
-        self.values = [torch.zeros(1, heads, capacity, vdim, dtype=dtype, device=device) for heads, _, vdim in shapes]
-        self.position = torch.zeros((), dtype=torch.long, device=device)
+        # one device for all layers, or one per layer (a model spread over GPUs with a device_map)
+        devices = list(device) if isinstance(device, (list, tuple)) else [device] * len(shapes)
+        if len(devices) != len(shapes):
+            raise ValueError(f"SlotCache needs one device per layer: {len(shapes)} layers, {len(devices)} devices.")
+        self.keys = [torch.zeros(1, heads, capacity, dim, dtype=dtype, device=where)
+                     for (heads, dim, _), where in zip(shapes, devices)]
+        self.values = [torch.zeros(1, heads, capacity, vdim, dtype=dtype, device=where)
+                       for (heads, _, vdim), where in zip(shapes, devices)]
+        self.position = torch.zeros((), dtype=torch.long, device=devices[0])
         for t in (*self.keys, *self.values, self.position):
             torch._dynamo.mark_static_address(t)  # compiled graphs read and write them in place
 
@@ -96,7 +102,7 @@ class SlotCache(Cache):
         """An empty SlotCache with the layer shapes, dtype and device of a filled DynamicCache."""
         layers = cache.layers
         shapes = [(layer.keys.shape[1], layer.keys.shape[-1], layer.values.shape[-1]) for layer in layers]
-        return cls(shapes, capacity, layers[0].keys.dtype, layers[0].keys.device)
+        return cls(shapes, capacity, layers[0].keys.dtype, [layer.keys.device for layer in layers])
 
     def fits(self, cache) -> bool:
         return len(self.keys) == len(cache.layers) and all(
@@ -116,7 +122,8 @@ class SlotCache(Cache):
     def update(self, key_states, value_states, layer_idx: int, *args, **kwargs):
         """Called by every attention layer: write the q new entries at `position`, return the
         whole buffers (the step's mask hides every slot a row must not see)."""
-        slots = self.position + torch.arange(key_states.shape[-2], device=self.position.device)
+        device = self.keys[layer_idx].device
+        slots = self.position.to(device) + torch.arange(key_states.shape[-2], device=device)
         self.keys[layer_idx].index_copy_(2, slots, key_states)
         self.values[layer_idx].index_copy_(2, slots, value_states)
         return self.keys[layer_idx], self.values[layer_idx]
@@ -132,7 +139,7 @@ class SlotCache(Cache):
         All sources are read before any destination is written, so the two may overlap."""
         for buffers in (self.keys, self.values):
             for buffer in buffers:
-                buffer.index_copy_(2, dest, buffer.index_select(2, source))
+                buffer.index_copy_(2, dest.to(buffer.device), buffer.index_select(2, source.to(buffer.device)))
 
 
 def path_moves(start: int, accepted: list[int], depth: int) -> tuple[list[int], list[int]]:
@@ -413,6 +420,10 @@ class StaticLM:
     def __init__(self, lm: VideoLM, options: dict | None, attention: str = "sdpa"):
         if attention not in ATTENTIONS:
             raise ValueError(f"unknown attention {attention!r}; choose one of {ATTENTIONS}.")
+        self.spread = spread_over_devices(lm)
+        if self.spread and attention == "flex":
+            raise ValueError("the fast path's FlexAttention mask lives on one device, and this model is spread over "
+                             f"{sorted(map(str, set(lm.layer_devices)))}; use attention='sdpa' or 'grouped'.")
         self.lm, self.options, self.attention = lm, options, attention
         self.cache: SlotCache | None = None
         self.steps: dict[tuple[int, int], object] = {}
@@ -420,14 +431,15 @@ class StaticLM:
         self._constants: dict[object, torch.Tensor] = {}
         # "manual": CUDA graphs captured by hand (`CapturedGraph`); "trees": torch.compile's own
         # (mode="reduce-overhead"); None: no CUDA graphs
-        self.graphs = cuda_graphs(options, lm.device)
+        self.graphs = graphs_for(lm, options)
         self._pool = None
 
     @property
     def _graph_trees(self) -> bool:
         """Whether torch.compile's own CUDA graphs may replay the steps (any compiled mode on CUDA
         but manual capture: "max-autotune" uses them too)."""
-        return self.options is not None and self.lm.device.type == "cuda" and self.graphs != "manual"
+        return (self.options is not None and not self.spread and self.lm.device.type == "cuda"
+                and self.graphs != "manual")
 
     @property
     def length(self) -> int:
@@ -479,7 +491,7 @@ class StaticLM:
         if self.attention != "sdpa" and self.options is not None:
             _restore_output_capture()
         self.length = write + count
-        return logits[0, :count]
+        return logits[0, :count].to(self.lm.device)  # a spread model's output layer may sit on another GPU
 
     def move(self, source: list[int], dest: list[int]) -> None:
         """`SlotCache.move` in every layer as one compiled function (on CUDA: one CUDA graph
@@ -507,8 +519,10 @@ class StaticLM:
     def _compiled(self, fn, neutral=None):
         """`fn` compiled with the options (none: as it is); with manual graphs, compiled without
         torch.compile's CUDA graphs and captured by hand at its first call (`neutral`: see
-        `CapturedGraph`)."""
-        if self.options is None:
+        `CapturedGraph`). A model spread over several GPUs runs its steps as they are: a CUDA graph
+        holds one device's work, and such a model's layers each read a gigabyte or more, so the
+        host stays ahead of the devices without compilation."""
+        if self.options is None or self.spread:
             return fn
         if self.graphs != "manual":
             return torch.compile(fn, **self.options)
@@ -600,7 +614,7 @@ def static_lm(lm: VideoLM, role: str, options: dict | None, attention: str | Non
     attention = fast_attention(attention, role)
     engines = _ENGINES.setdefault(lm, {})
     if (role not in engines or engines[role].options != options or engines[role].attention != attention
-            or engines[role].graphs != cuda_graphs(options, lm.device)):
+            or engines[role].graphs != graphs_for(lm, options)):
         engines[role] = StaticLM(lm, options, attention)
     return engines[role]
 
@@ -634,6 +648,16 @@ def cuda_graphs(options: dict | None, device: torch.device) -> str | None:
     if graphs not in CUDA_GRAPHS:
         raise ValueError(f"SPECVLM_CUDA_GRAPHS must be one of {CUDA_GRAPHS}, got {graphs!r}.")
     return graphs
+
+
+def spread_over_devices(lm: VideoLM) -> bool:
+    """Whether `lm`'s decoder layers sit on more than one device (a `device_map` spread them)."""
+    return len(set(lm.layer_devices)) > 1
+
+
+def graphs_for(lm: VideoLM, options: dict | None) -> str | None:
+    """`cuda_graphs` for a model: None for one spread over several devices (`StaticLM._compiled`)."""
+    return None if spread_over_devices(lm) else cuda_graphs(options, lm.device)
 
 
 def compile_options(compile, device: torch.device) -> dict | None:

@@ -105,6 +105,12 @@ class VideoLM:
         return self.model.dtype
 
     @property
+    def layer_devices(self) -> list[torch.device]:
+        """The device of each decoder layer: one device, unless the model was loaded with a
+        `device_map` that spreads it over several GPUs."""
+        return [next(layer.parameters()).device for layer in self.language_model.layers]
+
+    @property
     def language_model(self):
         return self.model.model.language_model
 
@@ -270,11 +276,13 @@ def resolve_device(device=None) -> torch.device:
     return device
 
 
-def load_lm(name_or_path, device=None, dtype=None) -> VideoLM:
-    """Load one checkpoint (hub id or folder) and wrap it in its family's adapter."""
+def load_lm(name_or_path, device=None, dtype=None, device_map=None) -> VideoLM:
+    """Load one checkpoint (hub id or folder) and wrap it in its family's adapter.
+    `device_map` (e.g. "auto", which needs accelerate) spreads a model too large for one card
+    over the visible GPUs, as transformers' `from_pretrained` does; `device` is then ignored."""
     from transformers import AutoConfig
 
-    device = resolve_device(device)
+    device = resolve_device(device if device_map is None else None)
     if dtype is None:
         dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     config = AutoConfig.from_pretrained(name_or_path)
@@ -288,12 +296,13 @@ def load_lm(name_or_path, device=None, dtype=None) -> VideoLM:
     bars = logging.is_progress_bar_enabled()
     logging.disable_progress_bar()
     try:
-        model = AutoModelForImageTextToText.from_pretrained(name_or_path, dtype=dtype, attn_implementation="sdpa")
+        model = AutoModelForImageTextToText.from_pretrained(name_or_path, dtype=dtype, attn_implementation="sdpa",
+                                                            device_map=device_map)
     finally:
         if bars:
             logging.enable_progress_bar()
     processor = AutoProcessor.from_pretrained(name_or_path)
-    return ADAPTERS[config.model_type](model.to(device), processor)
+    return ADAPTERS[config.model_type](model if device_map is not None else model.to(device), processor)
 
 
 @dataclass(frozen=True)
@@ -342,10 +351,12 @@ def embedded_paths() -> tuple[Path, Path]:
     return root / "target", root / "draft"
 
 
-def load_pair(target="tiny", draft=None, device=None, dtype=None) -> Pair:
+def load_pair(target="tiny", draft=None, device=None, dtype=None, target_device_map=None) -> Pair:
     """Load a target/draft pair: `load_pair("tiny")` is the embedded pair shipped with the
     package; otherwise two checkpoints, e.g.
-    `load_pair("llava-hf/llava-onevision-qwen2-7b-ov-hf", "llava-hf/llava-onevision-qwen2-0.5b-ov-hf")`."""
+    `load_pair("llava-hf/llava-onevision-qwen2-7b-ov-hf", "llava-hf/llava-onevision-qwen2-0.5b-ov-hf")`.
+    `target_device_map="auto"` spreads the target over the visible GPUs (a 72B target on two
+    cards) while the draft goes to `device`."""
     if target == "tiny" and draft is None:
         target, draft = embedded_paths()
         name = "embedded tiny pair (stand-in)"
@@ -353,4 +364,5 @@ def load_pair(target="tiny", draft=None, device=None, dtype=None) -> Pair:
         if draft is None:
             raise ValueError("load_pair needs a draft checkpoint besides the target (or target='tiny').")
         name = f"{target} / {draft}"
-    return Pair(load_lm(target, device, dtype), load_lm(draft, device, dtype), name=str(name))
+    return Pair(load_lm(target, device, dtype, device_map=target_device_map), load_lm(draft, device, dtype),
+                name=str(name))
