@@ -8,6 +8,7 @@ the same model on one? (This machine's tests cannot: they have no second device.
 2. The embedded pair with its target spread by `load_pair(..., target_device_map="balanced")`:
    tokens of AR, chain SD, SpecVLM (chain and tree) on the plain path and on the fast path,
    against the one-card target's greedy tokens, for a few synthetic clips.
+3. The 72B shape spread over both: wall time of one step beside each GPU's kernel time.
 
     python benchmarks/multi_gpu_check.py --out figures/multi_gpu_check_{card}.json
 """
@@ -81,6 +82,32 @@ def tokens_check(seeds=(1, 2, 3), frames: int = 16, max_new_tokens: int = 33) ->
     return rows
 
 
+def busy_check(shape: str = "llava-ov-72b", context: int = 1024, steps: int = 5) -> list[dict]:
+    """Where a spread model's step time goes: wall ms per step beside each GPU's kernel time
+    per step (torch.profiler), for transformers' sdpa path and the fast path's uncompiled steps."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    model = costs.build_lm(shape, DEVICES)
+    rows = []
+    for path, make_step in {"sdpa": costs.PATHS["sdpa"], "fast": costs.PATHS["fast"]}.items():
+        step = make_step(model, context, 1)
+        wall = costs.time_ms(step, DEVICES, repeats=steps, warmup=2)
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            for _ in range(steps):
+                step()
+            costs._sync(DEVICES)
+        busy = Counter()
+        for event in prof.events():
+            if event.device_type == DeviceType.CUDA:
+                busy[f"cuda:{event.device_index}"] += event.time_range.elapsed_us() / 1000 / steps
+        rows.append({"shape": shape, "path": path, "context": context, "wall_ms": wall,
+                     "kernel_ms_per_device": dict(busy), "kernel_ms_total": sum(busy.values())})
+        print(rows[-1], flush=True)
+        step = None
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=None, help="JSON path; '{card}' becomes the card's name")
@@ -88,7 +115,8 @@ def main() -> None:
     if torch.cuda.device_count() < 2:
         raise SystemExit(f"this check needs two GPUs; this machine has {torch.cuda.device_count()}.")
     result = {"device": card_name(torch.device(DEVICES[0])), "devices": torch.cuda.device_count(),
-              "torch": torch.__version__, "code": git_commit(), "logits": logits_check(), "tokens": tokens_check()}
+              "torch": torch.__version__, "code": git_commit(), "logits": logits_check(), "tokens": tokens_check(),
+              "busy": busy_check()}
     if args.out:
         save(result, args.out.format(card=costs.card_slug(result["device"])))
 

@@ -50,7 +50,8 @@ class ScoreRecorder:
             logits = logits + attention_mask[:, :, rows, : key.shape[2]].float()
         probs = logits.softmax(-1)[..., keys]  # [B, H, r, n]
         layer = probs.mean(dim=(1, 2))
-        self.total = layer if self.total is None else self.total + layer
+        # a model spread over GPUs gives each layer's scores on that layer's device
+        self.total = layer if self.total is None else self.total + layer.to(self.total.device)
         self.layers += 1
 
     @property
