@@ -35,10 +35,15 @@ paths come with `factories=`.
 
     python -m specvlm costs --shapes llava-ov-7b llava-ov-0.5b --contexts 1024 4096 16384 65536 \\
         --paths eager sdpa fast fast-flex --out "figures/costs_{card}.json"
+    python -m specvlm costs --shapes llava-ov-72b llava-ov-7b --devices cuda:0 cuda:1 ...
+
+A shape too large for one card (the 72B in bf16) is spread over several GPUs (`devices=`,
+`placement`, `balanced_map`): whole layers per card, run one card after the other, so its
+floor is still all its bytes over one card's bandwidth.
 
 Not handled: the vision tower (its cost is in the prefill, not in decoding steps); Qwen2.5-VL's
 3-D rotary positions (its language model is built as Qwen2 with 1-D positions, which changes
-only the few rotary multiplications, not the bytes or the kernels); several GPUs.
+only the few rotary multiplications, not the bytes or the kernels).
 """
 
 from __future__ import annotations
