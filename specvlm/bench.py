@@ -215,12 +215,12 @@ def fast_steps(pair: Pair, prompt, draft_prompt, res, shape, k: int, repeats: in
     Passes are timed queued back to back (`QUEUED` per sample), as the decoding loops run them;
     "draft_step_synced" (or "target_step_synced" on AR rows) times one pass started on an idle
     device, as a round's first pass starts after the host has read the last verification."""
-    from .fast import DraftLevels, compile_options, freezing, static_lm
+    from .fast import DraftLevels, compile_options, static_lm
 
     device, token = pair.target.device, res.tokens[0]
     options = compile_options(None, device)  # what `generate_fast` used in `run_once`
     queued_ms = functools.partial(median_ms, device, repeats=repeats, queued=QUEUED)
-    target = static_lm(pair.target, "target", options, freeze=freezing("target", pair))
+    target = static_lm(pair.target, "target", options)
     start = prompt.input_ids.shape[1]
     reset = lambda: setattr(target, "length", start)
     per_token = {"target": kv_bytes_per_token(target.cache.keys, target.cache.values)}
@@ -238,7 +238,7 @@ def fast_steps(pair: Pair, prompt, draft_prompt, res, shape, k: int, repeats: in
     else:
         verify = lambda: target.extend([token] * (k + 1), prompt.next_position, k + 1)
     steps = {"verify": queued_ms(verify, reset)}
-    draft = static_lm(pair.draft, "draft", options, freeze=freezing("draft", pair))
+    draft = static_lm(pair.draft, "draft", options)
     draft_start = len(draft_prompt.rows(res.kept))
     draft_reset = lambda: setattr(draft, "length", draft_start)
     draft_step = lambda: draft.extend([token], draft_prompt.next_position, 1)

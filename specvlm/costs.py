@@ -295,15 +295,13 @@ def fast_step(attention: str = "sdpa", compile=None):
         engines = model.__dict__.setdefault("_specvlm_fast_engines", {})
         engine = engines.get(key)
         options = fast.compile_options(compile, model.device)
-        freeze = fast.freezing(None)  # $SPECVLM_FREEZE=all freezes a lone model's steps
         fits = (engine is not None and engine.graphs == fast.graphs_for(_BareLM(model), options)  # $SPECVLM_CUDA_GRAPHS
-                and engine.freeze == fast.StaticLM(_BareLM(model), options, attention, freeze).freeze
                 and (engine.cache.capacity == capacity if masked else engine.cache.capacity >= capacity))
         if not fits:
             engines.pop(key, None)
             engine = None
             _free(model.device)  # the old engine's cache and graphs go before the new cache comes
-            engine = fast.StaticLM(_BareLM(model), options, attention, freeze)
+            engine = fast.StaticLM(_BareLM(model), options, attention)
             config = model.config
             head_dim = config.hidden_size // config.num_attention_heads
             shapes = [(config.num_key_value_heads, head_dim, head_dim)] * config.num_hidden_layers

@@ -417,7 +417,7 @@ class StaticLM:
     "sdpa" (an additive mask), "flex" (a BlockMask and FlexAttention for short steps) or
     "grouped" (`grouped_attention` for every step); the same logits up to rounding."""
 
-    def __init__(self, lm: VideoLM, options: dict | None, attention: str = "sdpa", freeze: bool = False):
+    def __init__(self, lm: VideoLM, options: dict | None, attention: str = "sdpa"):
         if attention not in ATTENTIONS:
             raise ValueError(f"unknown attention {attention!r}; choose one of {ATTENTIONS}.")
         self.spread = spread_over_devices(lm)
@@ -432,8 +432,6 @@ class StaticLM:
         # "manual": CUDA graphs captured by hand (`CapturedGraph`); "trees": torch.compile's own
         # (mode="reduce-overhead"); None: no CUDA graphs
         self.graphs = graphs_for(lm, options)
-        # inductor's freezing: weights become constants, so q/k/v and gate/up fold into one matmul each
-        self.freeze = freeze and options is not None and not self.spread and options.get("backend", "inductor") == "inductor"
         self._pool = None
 
     @property
@@ -527,21 +525,10 @@ class StaticLM:
         if self.options is None or self.spread:
             return fn
         if self.graphs != "manual":
-            return self._compile(fn, self.options.get("mode"))
+            return torch.compile(fn, **self.options)
         if self._pool is None:
             self._pool = torch.cuda.graph_pool_handle()  # one memory pool for all of this model's graphs
-        return CapturedGraph(self._compile(fn, "default"), self._pool, neutral)
-
-    def _compile(self, fn, mode: str | None):
-        """torch.compile(fn) in `mode`, with the other options; frozen (`freeze`): inductor's
-        freezing, which treats the weights as constants and folds the q/k/v and gate/up matmuls
-        into one each (a copy of those weights per compiled shape), only where gradients are off."""
-        kwargs = {key: value for key, value in self.options.items() if key != "mode"}
-        if not self.freeze:
-            return torch.compile(fn, mode=mode, **kwargs)
-        options = {**torch._inductor.list_mode_options(mode or "default"), "freezing": True}
-        compiled = torch.compile(fn, options=options, **kwargs)
-        return torch.no_grad()(compiled)
+        return CapturedGraph(torch.compile(fn, **{**self.options, "mode": "default"}), self._pool, neutral)
 
 
 class CapturedGraph:
@@ -620,33 +607,16 @@ def round_up(n: int, multiple: int) -> int:
 _ENGINES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
-def static_lm(lm: VideoLM, role: str, options: dict | None, attention: str | None = None,
-              freeze: bool = False) -> StaticLM:
+def static_lm(lm: VideoLM, role: str, options: dict | None, attention: str | None = None) -> StaticLM:
     """The `StaticLM` kept for `lm` in `role` ("target" or "draft": a model drafting for itself
-    needs two caches). Made anew when the compile options, the CUDA-graph mode, the role's attention
-    (`fast_attention`) or freezing (`freezing`) change."""
+    needs two caches). Made anew when the compile options, the CUDA-graph mode or the role's attention
+    (`fast_attention`) change."""
+    attention = fast_attention(attention, role)
     engines = _ENGINES.setdefault(lm, {})
-    wanted = StaticLM(lm, options, fast_attention(attention, role), freeze)  # cheap: no cache, nothing compiled
-    current = engines.get(role)
-    settings = lambda engine: (engine.options, engine.attention, engine.graphs, engine.freeze)  # noqa: E731
-    if current is None or settings(current) != settings(wanted):
-        engines[role] = wanted
+    if (role not in engines or engines[role].options != options or engines[role].attention != attention
+            or engines[role].graphs != graphs_for(lm, options)):
+        engines[role] = StaticLM(lm, options, attention)
     return engines[role]
-
-
-FREEZING = ("draft", "all", "none")
-
-
-def freezing(role: str | None, pair: Pair | None = None) -> bool:
-    """Whether a model's compiled steps are frozen (`StaticLM._compile`), from $SPECVLM_FREEZE:
-    "draft" (default): a draft that is not its target (a small model, whose step is many small
-    kernels); "all"; "none". role None (a lone model, as `costs` times one): only under "all"."""
-    mode = os.environ.get("SPECVLM_FREEZE", "draft")
-    if mode not in FREEZING:
-        raise ValueError(f"SPECVLM_FREEZE must be one of {FREEZING}, got {mode!r}.")
-    if mode != "draft":
-        return mode == "all"
-    return role == "draft" and pair is not None and pair.draft is not pair.target
 
 
 def fast_attention(attention: str | None, role: str | None = None) -> str:
@@ -891,7 +861,7 @@ def generate_fast(pair: Pair, prompt: Prompt, method: str = "specvlm", ratio: fl
     watch = Stopwatch(target.device)
 
     logits, target_cache, scores = prefill_target(target, prompt, with_scores=method in SCORED_METHODS)
-    fast_target = static_lm(target, "target", options, attention, freezing("target", pair))
+    fast_target = static_lm(target, "target", options, attention)
     widest = max(depth + 1, tree.num_nodes if tree is not None else 0)
     fast_target.load(target_cache, target_cache.get_seq_length() + max_new_tokens + widest)
     del target_cache
@@ -901,7 +871,7 @@ def generate_fast(pair: Pair, prompt: Prompt, method: str = "specvlm", ratio: fl
     watch.lap("select")
     draft_prompt = draft_prompt or prompt
     _, draft_cache = prefill_pruned(draft, draft_prompt, keep)
-    fast_draft = static_lm(draft, "draft", options, attention, freezing("draft", pair))
+    fast_draft = static_lm(draft, "draft", options, attention)
     draft_prefix = draft_cache.get_seq_length()
     feed_width = 2 if tree is None else depth + 1
     tree_slots = levels.patterns.shape[-1] if levels is not None else 0
@@ -934,7 +904,7 @@ def _generate_ar(target: VideoLM, prompt: Prompt, max_new_tokens: int, compile, 
     dropped (its slot lies past the cache's length)."""
     watch = Stopwatch(target.device)
     logits, cache = prefill_pruned(target, prompt, None)
-    fast = static_lm(target, "target", compile_options(compile, target.device), attention, freezing("target"))
+    fast = static_lm(target, "target", compile_options(compile, target.device), attention)
     fast.load(cache, cache.get_seq_length() + max_new_tokens)
     prefix = fast.length
     del cache
