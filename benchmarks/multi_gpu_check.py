@@ -1,14 +1,16 @@
 """Run on a machine with two GPUs: does a model spread over them give the logits and tokens of
 the same model on one? (This machine's tests cannot: they have no second device.)
 
-1. Random LLaVA-OneVision-0.5B language models (`costs.build_lm`, the same weights whatever the
-   placement) on cuda:0 and spread over cuda:0 and cuda:1: one forward pass of each kind
+1. Random LLaVA-OneVision-7B language models (`costs.build_lm`, the same weights whatever the
+   placement; untied, so the output layer sits on the second card) on cuda:0 and spread over
+   cuda:0 and cuda:1: one forward pass of each kind
    (1 token, chain 6, tree 26) after 4096 cached tokens, on transformers' eager and sdpa paths
    and on the fast path's uncompiled steps (what a spread model runs): max |difference|.
-2. The embedded pair with its target spread by `load_pair(..., target_device_map="balanced")`:
-   tokens of AR, chain SD, SpecVLM (chain and tree) on the plain path and on the fast path,
-   against the one-card target's greedy tokens, for a few synthetic clips.
-3. The 72B shape spread over both: wall time of one step beside each GPU's kernel time.
+2. The embedded pair with its target spread by `load_pair(..., target_device_map="balanced")`
+   and its draft on either card: greedy tokens of AR, chain SD, SpecVLM (chain and tree) on the
+   plain path and on the fast path, against the one-card target's, for a few synthetic clips.
+3. The 72B shape spread over both: wall time of a few profiled steps beside each GPU's kernel
+   time in them.
 
     python benchmarks/multi_gpu_check.py --out figures/multi_gpu_check_{card}.json
 """
@@ -17,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import time
 import traceback
 from collections import Counter
 
@@ -34,11 +37,12 @@ DEVICES = ["cuda:0", "cuda:1"]
 KINDS = {"step": (1, None), "chain": (6, None), "tree": (MC_SIM_7B_63.num_nodes, MC_SIM_7B_63)}
 
 
-def logits_check(shape: str = "llava-ov-0.5b", context: int = 4096) -> list[dict]:
+def logits_check(shape: str = "llava-ov-7b", context: int = 4096) -> list[dict]:
     one = costs.build_lm(shape, DEVICES[0])
     two = costs.build_lm(shape, DEVICES)
     same_weights = all(torch.equal(p, q.to(p.device)) for p, q in zip(one.parameters(), two.parameters()))
     layers = {str(d): n for d, n in Counter(costs.layer_devices(two)).items()}
+    layers["lm_head"] = str(two.lm_head.weight.device)
     paths = {"eager": costs.PATHS["eager"], "sdpa": costs.PATHS["sdpa"],
              "fast (uncompiled)": costs.fast_step("sdpa", compile=False)}
     rows = []
@@ -55,8 +59,15 @@ def logits_check(shape: str = "llava-ov-0.5b", context: int = 4096) -> list[dict
 
 def tokens_check(seeds=(1, 2, 3), frames: int = 16, max_new_tokens: int = 33) -> list[dict]:
     one = sv.load_pair("tiny", device=DEVICES[0])
-    two = sv.load_pair("tiny", device=DEVICES[0], target_device_map="balanced")
-    placed = {str(d): n for d, n in Counter(two.target.layer_devices).items()}
+    rows = []
+    for draft_device in DEVICES:
+        two = sv.load_pair("tiny", device=draft_device, target_device_map="balanced")
+        rows += _tokens_rows(one, two, seeds, frames, max_new_tokens)
+    return rows
+
+
+def _tokens_rows(one, two, seeds, frames, max_new_tokens) -> list[dict]:
+    placed = {name: str(where) for name, where in getattr(two.target.model, "hf_device_map", {"": two.target.device}).items()}
     runs = [("ar", None), ("sd", None), ("specvlm", None), ("specvlm", MC_SIM_7B_63)]
     rows = []
     for seed in seeds:
@@ -67,7 +78,8 @@ def tokens_check(seeds=(1, 2, 3), frames: int = 16, max_new_tokens: int = 33) ->
         for method, tree in runs:
             for path in ("plain", "fast"):
                 row = {"seed": seed, "method": method, "tree": tree is not None, "path": path,
-                       "target_layers_per_device": placed}
+                       "target_device_map": placed, "draft_device": str(two.draft.device),
+                       "target_layers_per_device": {str(d): n for d, n in Counter(two.target.layer_devices).items()}}
                 try:
                     if path == "plain":
                         result = sv.generate(two, video, method=method, tree=tree, max_new_tokens=max_new_tokens)
@@ -92,16 +104,19 @@ def busy_check(shape: str = "llava-ov-72b", context: int = 1024, steps: int = 5)
     rows = []
     for path, make_step in {"sdpa": costs.PATHS["sdpa"], "fast": costs.PATHS["fast"]}.items():
         step = make_step(model, context, 1)
-        wall = costs.time_ms(step, DEVICES, repeats=steps, warmup=2)
+        unprofiled = costs.time_ms(step, DEVICES, repeats=steps, warmup=2)
         with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            costs._sync(DEVICES)
+            began = time.perf_counter()
             for _ in range(steps):
                 step()
             costs._sync(DEVICES)
+            wall = 1000 * (time.perf_counter() - began) / steps
         busy = Counter()
         for event in prof.events():
             if event.device_type == DeviceType.CUDA:
                 busy[f"cuda:{event.device_index}"] += event.time_range.elapsed_us() / 1000 / steps
-        rows.append({"shape": shape, "path": path, "context": context, "wall_ms": wall,
+        rows.append({"shape": shape, "path": path, "context": context, "wall_ms": wall, "wall_ms_unprofiled": unprofiled,
                      "kernel_ms_per_device": dict(busy), "kernel_ms_total": sum(busy.values())})
         print(rows[-1], flush=True)
         step = None

@@ -170,8 +170,8 @@ def balanced_map(model, devices, memory: int | None = None) -> dict[str, torch.d
     """A device_map spreading `model` (on the meta device) evenly over the GPUs `devices`, as
     `from_pretrained(device_map="balanced")` computes one: transformers' `get_balanced_memory`
     and `infer_auto_device_map`, whole decoder layers per device, in order. `memory`: bytes per
-    device (default: each card's total memory). E.g. the 72B shape over two cards: the input
-    embeddings and the first 39 layers on the first, the other 41 layers, the final norm and the
+    device (default: each card's total memory). E.g. the 72B shape over two 80 GB cards: the input
+    embeddings and the first 40 layers on the first, the other 40 layers, the final norm and the
     output layer on the second. Needs accelerate."""
     from transformers.integrations.accelerate import get_balanced_memory, infer_auto_device_map
 
@@ -203,8 +203,7 @@ def _random_kv_layers(config: Qwen2Config, context_len: int, device, dtype, seed
     the devices."""
     head_dim = config.hidden_size // config.num_attention_heads
     shape = (1, config.num_key_value_heads, context_len, head_dim)
-    devices = list(device) if isinstance(device, (list, tuple)) else [device] * config.num_hidden_layers
-    for layer, where in enumerate(devices):
+    for layer, where in enumerate(fast.per_layer(device, config.num_hidden_layers)):
         generator = torch.Generator(device=where).manual_seed(seed * 100_003 + layer)
         yield (torch.empty(shape, device=where, dtype=dtype).normal_(generator=generator),
                torch.empty(shape, device=where, dtype=dtype).normal_(generator=generator))

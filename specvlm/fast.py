@@ -72,10 +72,11 @@ from .trees import Tree
 class SlotCache(Cache):
     """A KV cache of fixed capacity, written at explicit slots.
 
-    keys[i], values[i]: [1, H, capacity, d] for layer i, allocated once; they never change
-    address (`StaticLM` makes a new SlotCache, and new graphs, when a prompt outgrows one).
+    keys[i], values[i]: [1, H, capacity, d] for layer i, allocated once on layer i's device (one
+    device, or one per layer for a model spread over several); they never change address
+    (`StaticLM` makes a new SlotCache, and new graphs, when a prompt outgrows one).
     `length` (a Python int): slots 0..length-1 hold the committed text; the rest is garbage.
-    `position` (a 0-d long tensor on the device): where the running forward writes; a forward
+    `position` (a 0-d long tensor on the first layer's device): where the running forward writes; a forward
     of q tokens writes slots position..position+q-1 in every layer and nothing else. Only the
     step function sets it (from its inputs); the layers never move it.
     E.g. length 10, a chain verification of 4 tokens writes slots 10..13; 1 accepted ->
@@ -85,10 +86,7 @@ class SlotCache(Cache):
     def __init__(self, shapes: list[tuple[int, int, int]], capacity: int, dtype: torch.dtype, device):
         super().__init__(layers=[])
         self.capacity, self.length = capacity, 0
-        # one device for all layers, or one per layer (a model spread over GPUs with a device_map)
-        devices = list(device) if isinstance(device, (list, tuple)) else [device] * len(shapes)
-        if len(devices) != len(shapes):
-            raise ValueError(f"SlotCache needs one device per layer: {len(shapes)} layers, {len(devices)} devices.")
+        devices = per_layer(device, len(shapes))
         self.keys = [torch.zeros(1, heads, capacity, dim, dtype=dtype, device=where)
                      for (heads, dim, _), where in zip(shapes, devices)]
         self.values = [torch.zeros(1, heads, capacity, vdim, dtype=dtype, device=where)
@@ -99,7 +97,7 @@ class SlotCache(Cache):
 
     @classmethod
     def like(cls, cache, capacity: int) -> SlotCache:
-        """An empty SlotCache with the layer shapes, dtype and device of a filled DynamicCache."""
+        """An empty SlotCache with the layer shapes, dtype and per-layer devices of a filled DynamicCache."""
         layers = cache.layers
         shapes = [(layer.keys.shape[1], layer.keys.shape[-1], layer.values.shape[-1]) for layer in layers]
         return cls(shapes, capacity, layers[0].keys.dtype, [layer.keys.device for layer in layers])
@@ -140,6 +138,15 @@ class SlotCache(Cache):
         for buffers in (self.keys, self.values):
             for buffer in buffers:
                 buffer.index_copy_(2, dest.to(buffer.device), buffer.index_select(2, source.to(buffer.device)))
+
+
+def per_layer(device, layers: int) -> list:
+    """One device per layer: `device` repeated, or `device` itself when it is already a list of
+    `layers` devices (a model spread over several). per_layer("cpu", 2) -> ["cpu", "cpu"]."""
+    devices = list(device) if isinstance(device, (list, tuple)) else [device] * layers
+    if len(devices) != layers:
+        raise ValueError(f"one device per layer is needed: {layers} layers, {len(devices)} devices.")
+    return devices
 
 
 def path_moves(start: int, accepted: list[int], depth: int) -> tuple[list[int], list[int]]:
@@ -466,7 +473,8 @@ class StaticLM:
     def step(self, tokens, positions: list[int], pattern: torch.Tensor, start: int | None = None):
         """Run `tokens` (padded to `pattern`'s rows) at `positions`, written from slot `length`;
         slots before `start` (default: `length`) are seen by every row. Advances `length` by
-        len(tokens) and returns their logits [len(tokens), V].
+        len(tokens) and returns their logits [len(tokens), V] on `lm.device` (the device of the
+        input embeddings, also for a model spread over several).
 
         `tokens`: a list of ints, or a 1-D long tensor on the device (e.g. the argmax of the
         last step's logits): then nothing waits for the device, and the host can queue the next
@@ -491,7 +499,7 @@ class StaticLM:
         if self.attention != "sdpa" and self.options is not None:
             _restore_output_capture()
         self.length = write + count
-        return logits[0, :count].to(self.lm.device)  # a spread model's output layer may sit on another GPU
+        return logits[0, :count].to(self.lm.device)  # a spread model's output layer may sit on another card
 
     def move(self, source: list[int], dest: list[int]) -> None:
         """`SlotCache.move` in every layer as one compiled function (on CUDA: one CUDA graph
@@ -520,8 +528,9 @@ class StaticLM:
         """`fn` compiled with the options (none: as it is); with manual graphs, compiled without
         torch.compile's CUDA graphs and captured by hand at its first call (`neutral`: see
         `CapturedGraph`). A model spread over several GPUs runs its steps as they are: a CUDA graph
-        holds one device's work, and such a model's layers each read a gigabyte or more, so the
-        host stays ahead of the devices without compilation."""
+        holds one device's work. Such a model's layers each read a gigabyte or more, so launching
+        them one by one costs less than it does for a small model, but not nothing (notebook 05,
+        section 8, profiles it)."""
         if self.options is None or self.spread:
             return fn
         if self.graphs != "manual":
@@ -651,8 +660,9 @@ def cuda_graphs(options: dict | None, device: torch.device) -> str | None:
 
 
 def spread_over_devices(lm: VideoLM) -> bool:
-    """Whether `lm`'s decoder layers sit on more than one device (a `device_map` spread them)."""
-    return len(set(lm.layer_devices)) > 1
+    """Whether `lm`'s weights sit on more than one device (a `device_map` spread them): its decoder
+    layers, or its embeddings or output layer apart from them."""
+    return len({p.device for p in lm.model.parameters()}) > 1
 
 
 def graphs_for(lm: VideoLM, options: dict | None) -> str | None:
@@ -696,7 +706,8 @@ def capture_report(pair: Pair | None = None) -> dict:
                 "graphs": engine.graphs,
                 "capacity": engine.cache.capacity if engine.cache is not None else None,
                 "step_shapes": [list(shape) for shape in sorted(engine.steps)],
-                "compiled_move": engine._move is not None and engine.options is not None,
+                "compiled_move": engine._move is not None and engine.options is not None and not engine.spread,
+                "spread": engine.spread,  # over several devices: steps ran uncompiled, whatever "compile" says
             }
     report["models"] = roles
     report["graph_breaks"] = sum(counters["graph_break"].values())

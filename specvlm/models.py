@@ -364,5 +364,7 @@ def load_pair(target="tiny", draft=None, device=None, dtype=None, target_device_
         if draft is None:
             raise ValueError("load_pair needs a draft checkpoint besides the target (or target='tiny').")
         name = f"{target} / {draft}"
-    return Pair(load_lm(target, device, dtype, device_map=target_device_map), load_lm(draft, device, dtype),
-                name=str(name))
+    # the draft first: a device_map such as "auto" budgets each card's free memory, so the target's
+    # layers then leave room for the draft on its card
+    draft_lm = load_lm(draft, device, dtype)
+    return Pair(load_lm(target, device, dtype, device_map=target_device_map), draft_lm, name=str(name))

@@ -5,12 +5,13 @@ device) and the per-layer plumbing that a spread model needs (caches with one de
 the fast path's refusals); `python -m specvlm costs --devices cuda:0 cuda:1` runs the real thing
 on two GPUs."""
 
+import functools
 import types
 from collections import Counter
 
 import pytest
 import torch
-from transformers import Qwen2ForCausalLM
+from transformers import DynamicCache, Qwen2ForCausalLM
 
 import specvlm as sv
 from specvlm import costs, fast
@@ -77,24 +78,70 @@ def test_random_weights_and_caches_do_not_depend_on_the_device_list():
 
 
 def test_a_slot_cache_keeps_each_layer_on_its_own_device():
-    shapes = [(2, 4, 4)] * 3
-    cache = fast.SlotCache(shapes, 16, torch.float32, [torch.device("cpu")] * 3)
-    keys = torch.randn(1, 2, 2, 4)
+    # "meta" stands in for a second card: tensors there have shapes and devices but no values
+    cpu, meta = torch.device("cpu"), torch.device("meta")
+    prefilled = DynamicCache()
+    for layer, where in enumerate((cpu, meta, cpu)):
+        prefilled.update(torch.ones(1, 2, 4, 8, device=where), torch.ones(1, 2, 4, 8, device=where), layer)
+    cache = fast.SlotCache.like(prefilled, 16)
+    assert [k.device for k in cache.keys] == [v.device for v in cache.values] == [cpu, meta, cpu]
+    assert cache.position.device == cpu
     cache.position.fill_(5)
-    written, _ = cache.update(keys, keys + 1, layer_idx=2)
-    assert torch.equal(written[:, :, 5:7], keys)
+    new = torch.randn(1, 2, 2, 8)
+    written, _ = cache.update(new, new + 1, layer_idx=2)
+    assert torch.equal(written[:, :, 5:7], new)
+    written, _ = cache.update(new.to(meta), new.to(meta), layer_idx=1)
+    assert written.device == meta and written.shape == (1, 2, 16, 8)
+    cache.move(torch.tensor([5, 6]), torch.tensor([0, 1]))  # index tensors on the first device, every layer moved
+    assert torch.equal(cache.keys[2][:, :, :2], new)
     with pytest.raises(ValueError, match="one device per layer"):
-        fast.SlotCache(shapes, 16, torch.float32, ["cpu", "cpu"])
+        fast.SlotCache([(2, 4, 4)] * 3, 16, torch.float32, ["cpu", "cpu"])
 
 
 def spread_lm():
     """A stand-in for a VideoLM whose layers sit on two devices (no second device here)."""
-    return types.SimpleNamespace(layer_devices=[torch.device("cpu"), torch.device("meta")], device=torch.device("cpu"))
+    with torch.device("meta"):
+        second = torch.nn.Linear(2, 2)
+    model = torch.nn.Sequential(torch.nn.Linear(2, 2), second)
+    return types.SimpleNamespace(model=model, layer_devices=[torch.device("cpu"), torch.device("meta")],
+                                 device=torch.device("cpu"))
+
+
+def test_a_spread_target_decodes_with_uncompiled_steps_and_the_same_tokens(monkeypatch):
+    pair = sv.load_pair("tiny")
+    video = sv.video.from_array(sv.synthetic.make_clip(2, num_frames=8).frames, fps=8.0)
+    prompt = pair.target.prepare(video, sv.models.DEFAULT_QUESTION)
+    reference = fast.generate_fast(pair, prompt, "specvlm", tree=sv.trees.MC_SIM_7B_63, max_new_tokens=12,
+                                   compile=False).tokens
+    monkeypatch.setattr(fast, "spread_over_devices", lambda lm: lm is pair.target)
+    # compile=True would compile every step with inductor; a spread target's steps must not be compiled
+    result = fast.generate_fast(pair, prompt, "specvlm", tree=sv.trees.MC_SIM_7B_63, max_new_tokens=12,
+                                compile={"backend": "eager"})
+    assert result.tokens == reference
+    report = fast.capture_report(pair)["models"]
+    assert report["target"]["spread"] and not report["target"]["compiled_move"]
+    assert not report["draft"]["spread"]
+    target_steps = fast._ENGINES[pair.target]["target"].steps.values()
+    draft_steps = fast._ENGINES[pair.draft]["draft"].steps.values()
+    assert target_steps and all(isinstance(step, functools.partial) for step in target_steps)  # as they are
+    assert draft_steps and not any(isinstance(step, functools.partial) for step in draft_steps)  # compiled
+    with pytest.raises(ValueError, match="spread over"):
+        fast.generate_fast(pair, prompt, "specvlm", max_new_tokens=4, attention="flex")
+
+
+def test_load_pair_loads_the_draft_before_a_spread_target(monkeypatch):
+    calls = []
+    monkeypatch.setattr(sv.models, "load_lm", lambda name, device=None, dtype=None, device_map=None:
+                        calls.append((name, device_map)) or object())
+    monkeypatch.setattr(sv.models, "check_compatible", lambda target, draft: None)
+    sv.models.load_pair("big-target", "small-draft", target_device_map="auto")
+    assert calls == [("small-draft", None), ("big-target", "auto")]
 
 
 def test_the_fast_path_runs_a_spread_model_uncompiled_and_without_flex():
     lm = spread_lm()
     assert fast.spread_over_devices(lm)
+    assert not fast.spread_over_devices(types.SimpleNamespace(model=torch.nn.Linear(2, 2)))
     assert fast.graphs_for(lm, {"mode": "reduce-overhead"}) is None
     with pytest.raises(ValueError, match="spread over"):
         fast.StaticLM(lm, {"mode": "reduce-overhead"}, attention="flex")
