@@ -57,6 +57,7 @@ from transformers import AttentionInterface, Cache
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from .acceptance import chain_accept, tree_accept
+from .fusion import fuse_projections, is_fused
 from .attention import sdpa_with_scores
 from .decoding import (METHODS, SCORED_METHODS, Result, Stopwatch, prefill_pruned, prefill_target,
                        select_video_tokens, speculative_result)
@@ -621,9 +622,12 @@ _ENGINES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 def static_lm(lm: VideoLM, role: str, options: dict | None, attention: str | None = None) -> StaticLM:
     """The `StaticLM` kept for `lm` in `role` ("target" or "draft": a model drafting for itself
     needs two caches). Made anew when the compile options, the CUDA-graph mode or the role's attention
-    (`fast_attention`) change."""
+    (`fast_attention`) change. A draft's projections are fused first where `fuse_draft` says so
+    (`fusion.py`), unless the same model also serves as a target."""
     attention = fast_attention(attention, role)
     engines = _ENGINES.setdefault(lm, {})
+    if role == "draft" and "target" not in engines and fuse_draft(options, lm) and fuse_projections(lm):
+        engines.clear()  # fusing moved the weights: graphs captured before would read the old ones
     if (role not in engines or engines[role].options != options or engines[role].attention != attention
             or engines[role].graphs != graphs_for(lm, options)):
         engines[role] = StaticLM(lm, options, attention)
@@ -644,6 +648,18 @@ def fast_attention(attention: str | None, role: str | None = None) -> str:
     if role is None:
         return attention
     return parts[-1] if role == "draft" else parts[0]
+
+
+def fuse_draft(options: dict | None, lm: VideoLM) -> bool:
+    """Whether the fast path fuses a draft's projections (`fusion.fuse_projections`):
+    $SPECVLM_FUSE_DRAFT "1" or "0" if set, else where its steps replay as CUDA graphs (there a step
+    costs what its kernels cost, and fusing removes three per layer; on a CPU it changes little)."""
+    choice = os.environ.get("SPECVLM_FUSE_DRAFT")
+    if choice not in (None, "", "0", "1"):
+        raise ValueError(f"SPECVLM_FUSE_DRAFT must be '0' or '1', got {choice!r}.")
+    if choice:
+        return choice == "1"
+    return graphs_for(lm, options) is not None
 
 
 CUDA_GRAPHS = ("manual", "trees")
@@ -710,6 +726,7 @@ def capture_report(pair: Pair | None = None) -> dict:
                 "step_shapes": [list(shape) for shape in sorted(engine.steps)],
                 "compiled_move": engine._move is not None and engine.options is not None and not engine.spread,
                 "spread": engine.spread,  # over several devices: steps ran uncompiled, whatever "compile" says
+                "fused_projections": is_fused(lm),  # q/k/v and gate/up as one matmul each (`fusion.py`)
             }
     report["models"] = roles
     report["graph_breaks"] = sum(counters["graph_break"].values())

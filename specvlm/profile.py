@@ -54,6 +54,7 @@ from torch.autograd import DeviceType
 from . import costs, fast
 from .bench import QUEUED, card_name, save  # QUEUED: steps per queued sample, as bench times them
 from .cost_model import load
+from .fusion import fuse_projections
 from .trees import MC_SIM_7B_63, Tree
 
 # first match wins: attention before matmul (fmha_cutlass... is attention; a language model's
@@ -247,9 +248,12 @@ def kinds_for(shapes, kinds=None) -> dict:
 
 
 def profile_shapes(shapes, contexts, kinds=None, attention: str = "sdpa", device=None, dtype=None, k: int = 5,
-                   tree: Tree = MC_SIM_7B_63, repeats: int = 20, fallback=False, progress=None) -> dict:
+                   tree: Tree = MC_SIM_7B_63, repeats: int = 20, fallback=False, progress=None,
+                   fuse: bool = False) -> dict:
     """`profile_step` for each shape, context (largest first) and kind; one model per shape,
-    one bandwidth measurement. JSON-ready: card, versions, date, dtype, bandwidth, rows."""
+    one bandwidth measurement. `fuse`: each model's q/k/v and gate/up projections stacked into one
+    matmul each first (`fusion.fuse_projections`, as the fast path does for a draft on CUDA).
+    JSON-ready: card, versions, date, dtype, bandwidth, fused, rows."""
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
     plan = kinds_for(shapes, kinds)
@@ -261,10 +265,12 @@ def profile_shapes(shapes, contexts, kinds=None, attention: str = "sdpa", device
     rows = []
     for shape in shapes:
         model = costs.build_lm(shape, device, dtype)
+        if fuse:
+            fuse_projections(costs._BareLM(model))
         for context in sorted(contexts, reverse=True):  # largest first: flex reuses one engine
             for kind in plan[shape]:
                 query_len, kind_tree = queries[kind]
-                row = {"kind": kind, **profile_step(shape, context, query_len, "fast", attention, kind_tree, device,
+                row = {"kind": kind, "fused": fuse, **profile_step(shape, context, query_len, "fast", attention, kind_tree, device,
                                                     dtype, repeats, model=model, bandwidth=bandwidth,
                                                     fallback=fallback)}
                 rows.append(row)
@@ -274,7 +280,7 @@ def profile_shapes(shapes, contexts, kinds=None, attention: str = "sdpa", device
         costs._free(device)
     return {"card": card_name(device), "dtype": str(dtype).removeprefix("torch."), "torch": torch.__version__,
             "transformers": transformers.__version__, "date": str(date.today()), "bandwidth_GBps": bandwidth / 1e9,
-            "attention": attention, "repeats": repeats, "k": k, "tree_nodes": tree.num_nodes,
+            "attention": attention, "fused": fuse, "repeats": repeats, "k": k, "tree_nodes": tree.num_nodes,
             "weights": "random: matrices, embeddings, biases normal(0, 0.02), norms 1; KV cache random",
             "timing": "wall: median device-synchronised step outside the profiler, one at a time; queued: "
                       f"{QUEUED} steps in a row, per step; kernels: profiler, per step",
@@ -394,6 +400,8 @@ def main(argv=None) -> int:
                         help="default: step, chain and tree for the largest shape, step for the others")
     parser.add_argument("--attention", default="sdpa", choices=fast.ATTENTIONS)
     parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--fuse", action="store_true",
+                        help="stack each model's q/k/v and gate/up projections into one matmul each (fusion.py)")
     parser.add_argument("--fallback", default="eager", choices=("eager", "inductor"),
                         help="the profile without CUDA graphs when their kernels are invisible: eager steps, "
                              "or inductor's kernels launched one by one")
@@ -407,7 +415,7 @@ def main(argv=None) -> int:
     dtype = getattr(torch, args.dtype) if args.dtype else None
     fallback = False if args.fallback == "eager" else "default"
     result = profile_shapes(args.shapes, args.contexts, args.kinds, args.attention, args.device, dtype,
-                            repeats=args.repeats, fallback=fallback,
+                            repeats=args.repeats, fallback=fallback, fuse=args.fuse,
                             progress=lambda r: print(f"{r['shape']} {r['kind']} {r['context']}: "
                                                      f"{r['wall_us_per_step']:.0f} us, {r['kernels_per_step']:.0f} "
                                                      f"kernels/step", file=sys.stderr, flush=True))

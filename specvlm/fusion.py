@@ -1,0 +1,104 @@
+"""Fused projections: one matmul where a decoder layer runs several on the same input.
+
+A small draft's decode step is bound by its kernel count, not by the bytes it reads (notebook
+05, section 7: the 0.5B step runs about 540 kernels, most of them matrix-vector products far too
+small to reach the card's bandwidth). Each attention multiplies its input by three matrices
+(q, k, v) and each MLP by two (gate, up). Stacking each group's rows into one matrix gives the
+same numbers with one kernel instead of three, and one instead of two:
+
+    [q | k | v] = x @ [Wq; Wk; Wv]^T + [bq; bk; bv]        (one matmul, then three slices)
+
+`fuse_projections(lm)` does this in place for the decoder layers of a `VideoLM`'s language
+model, keeping transformers' own forward code:
+
+- the stacked weight (and bias) becomes a buffer of the attention (or MLP) module, and each
+  projection's weight becomes a view of its rows in it (no second copy; `state_dict` keeps its
+  names and values);
+- a forward pre-hook on the module multiplies the module's input by the stacked weight once;
+- each projection then receives that product and returns its own columns.
+
+Only the values' rounding can change (a different matmul shape may sum in another order), so the
+fast path fuses the *draft* only: its proposals are checked by the target, so the output stays the
+target's own (lossless). It leaves alone a model that also serves as the target (self-speculation).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+# module attribute -> the projections that read its input, in the stacked order
+GROUPS = {"self_attn": ("q_proj", "k_proj", "v_proj"), "mlp": ("gate_proj", "up_proj")}
+
+
+class FusedColumns(nn.Linear):
+    """A projection whose rows live in its module's stacked weight: its module's pre-hook has
+    already multiplied the input by that weight, so its forward takes the product [..., total]
+    and returns its own columns [..., out_features]. Its `weight` and `bias` stay what they
+    were (views of the stacked tensors), so `state_dict` and `save_pretrained` see no change."""
+
+    columns: slice
+
+    def forward(self, stacked_output: torch.Tensor) -> torch.Tensor:
+        return stacked_output[..., self.columns]
+
+
+def stacked_projection(module: nn.Module, args: tuple, kwargs: dict):
+    """Forward pre-hook: replace the module's input (first positional argument, or
+    `hidden_states=`) by its product with the stacked weight."""
+    if args:
+        return (F.linear(args[0], module.fused_weight, module.fused_bias), *args[1:]), kwargs
+    if "hidden_states" not in kwargs:
+        raise TypeError(f"{type(module).__name__} was called without its input; fused projections need it "
+                        "as the first argument or as hidden_states=.")
+    return args, {**kwargs, "hidden_states": F.linear(kwargs["hidden_states"], module.fused_weight,
+                                                      module.fused_bias)}
+
+
+def fuse_module(module: nn.Module, names: tuple[str, ...]) -> bool:
+    """Stack `module`'s projections `names` (plain `nn.Linear`s of one input size, all with
+    biases or none) into one matmul; False, and nothing changed, if they are not such (already
+    fused, missing, quantised, ...)."""
+    linears = [getattr(module, name, None) for name in names]
+    if not all(type(linear) is nn.Linear for linear in linears):
+        return False
+    if len({linear.in_features for linear in linears}) != 1 or len({linear.bias is None for linear in linears}) != 1:
+        return False
+    if len({(linear.weight.device, linear.weight.dtype) for linear in linears}) != 1:
+        return False
+    with torch.no_grad():
+        weight = torch.cat([linear.weight for linear in linears])
+        bias = None if linears[0].bias is None else torch.cat([linear.bias for linear in linears])
+    start = 0
+    for linear in linears:
+        stop = start + linear.out_features
+        linear.weight.data = weight[start:stop]  # a view: the stacked tensor holds the only copy
+        if bias is not None:
+            linear.bias.data = bias[start:stop]
+        linear.__class__ = FusedColumns
+        linear.columns = slice(start, stop)
+        start = stop
+    module.register_buffer("fused_weight", weight, persistent=False)
+    module.register_buffer("fused_bias", bias, persistent=False)
+    module.register_forward_pre_hook(stacked_projection, with_kwargs=True)
+    return True
+
+
+def fuse_projections(lm) -> int:
+    """Fuse q/k/v and gate/up in every decoder layer of `lm`'s language model (a `VideoLM`, or any
+    object with `.language_model.layers`), in place. Returns how many modules were fused (0 when
+    already fused: calling it twice is harmless). The vision tower is left alone: its attention
+    reads its input's width, which the stacked product changes."""
+    fused = 0
+    for layer in lm.language_model.layers:
+        for attribute, names in GROUPS.items():
+            module = getattr(layer, attribute, None)
+            if module is not None and fuse_module(module, names):
+                fused += 1
+    return fused
+
+
+def is_fused(lm) -> bool:
+    """Whether any decoder layer of `lm`'s language model computes its projections stacked."""
+    return any(isinstance(module, FusedColumns) for module in lm.language_model.modules())
