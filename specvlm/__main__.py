@@ -214,10 +214,19 @@ def main(argv=None) -> int:
     c.add_argument("--dtype", default=None, help="default: bfloat16 on CUDA, float32 on CPU")
     c.add_argument("--out", default=None, help="JSON path; '{card}' becomes the card's name, e.g. figures/costs_{card}.json")
     args = parser.parse_args(argv)
-    attention = os.environ.get("SPECVLM_FAST_ATTENTION")
-    args.command_line = (f"SPECVLM_FAST_ATTENTION={attention} " if attention else "") + "python -m specvlm " + \
+    args.command_line = recorded_environment() + "python -m specvlm " + \
         shlex.join(portable_out(sys.argv[1:] if argv is None else argv))
     return {"demo": demo, "bench": bench, "costs": costs}[args.command](args)
+
+
+# the environment variables that change how the fast path runs, written before a result's command
+FAST_PATH_ENVIRONMENT = ("SPECVLM_FAST_ATTENTION", "SPECVLM_CUDA_GRAPHS", "SPECVLM_FUSE_DRAFT")
+
+
+def recorded_environment() -> str:
+    """The set FAST_PATH_ENVIRONMENT variables as a command's prefix: "SPECVLM_FUSE_DRAFT=0 " or ""."""
+    return "".join(f"{name}={shlex.quote(os.environ[name])} " for name in FAST_PATH_ENVIRONMENT
+                   if os.environ.get(name))
 
 
 if __name__ == "__main__":

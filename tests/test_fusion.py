@@ -163,3 +163,14 @@ def test_a_fused_profile_runs_fewer_matmuls():
     assert rows[True]["fused"] and not rows[False]["fused"]
     # q, k, v -> 1 and gate, up -> 1 (on a CPU the profiler also counts aten::linear around some of them)
     assert matmuls[False] - matmuls[True] >= 3 * layers
+
+
+def test_a_results_command_records_the_fast_path_environment(monkeypatch):
+    from specvlm.__main__ import FAST_PATH_ENVIRONMENT, recorded_environment
+
+    for name in FAST_PATH_ENVIRONMENT:
+        monkeypatch.delenv(name, raising=False)
+    assert recorded_environment() == ""
+    monkeypatch.setenv("SPECVLM_FUSE_DRAFT", "0")
+    monkeypatch.setenv("SPECVLM_FAST_ATTENTION", "flex/grouped")
+    assert recorded_environment() == "SPECVLM_FAST_ATTENTION=flex/grouped SPECVLM_FUSE_DRAFT=0 "
