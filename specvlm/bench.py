@@ -43,7 +43,9 @@ needs to predict its speedup from this run alone:
   "row_s"          the row's whole wall time: compiling its steps, warm-up, repetitions, step timings
                    (what a long run's time limit must allow per row);
   "kv_bytes"       target and draft KV bytes holding the text at the end (fast path: also the
-                   "allocated" static buffers); "peak_memory_bytes" on CUDA (reset per row).
+                   "allocated" static buffers); "peak_memory_bytes" on CUDA (reset per row);
+  "draft_fused"    whether the draft ran with its projections fused (`fusion.py`: the fast path
+                   on CUDA); the plain path and assisted generation get it unfused.
 """
 
 from __future__ import annotations
@@ -61,6 +63,7 @@ import transformers
 
 from .cost_model import histogram
 from .decoding import Stopwatch, generate_ar, generate_sd, positions, prefill_pruned
+from .fusion import is_fused, unfuse_projections
 from .models import Pair
 from .trees import MC_SIM_7B_63, tree_attention_bias
 
@@ -278,7 +281,7 @@ def measure(path: str, pair: Pair, prompt, draft_prompt, method: str, shape, rat
     if profiled is not None and profiled.pop("tokens") != res.tokens:
         raise RuntimeError(f"{method}: the profiled generation's tokens differ from the timed one's.")
     return {"res": res, "decode_s": decode_s, "prefill_s": prefill_s, "peak": peak, "step_ms": steps["step_ms"],
-            "kv_bytes": kv, "timeline": profiled}
+            "kv_bytes": kv, "timeline": profiled, "draft_fused": is_fused(pair.draft) if method != "ar" else None}
 
 
 # ----------------------------------------------------------------------------------------
@@ -395,7 +398,8 @@ def hf_rows(pair: Pair, prompt, reference: list[int], ar: dict, frames: int, max
                "draft": "assistant" if assisted else None, "ratio": 0.0,
                "assisted_mode": ("token" if padded else mode) if assisted else None,
                "cache": "static" if static else "dynamic",
-               "draft_video_tokens": prompt.num_video_tokens if assisted else None}
+               "draft_video_tokens": prompt.num_video_tokens if assisted else None,
+               "draft_fused": is_fused(pair.draft) if assisted else None}
         if padded:
             row["draft_output_rows"] = [draft_rows, target_rows]
         # padded once per row, outside the timed calls; the draft is restored even if generate raises
@@ -439,6 +443,7 @@ def make_row(path: str, frames: int, prompt, draft_prompt, drafter, method, shap
         "prompt_tokens": prompt.input_ids.shape[1],
         "draft_prompt_tokens": len(draft_prompt.rows(res.kept)) if drafter else None,
         "step_ms": m["step_ms"], "kv_bytes": m["kv_bytes"], "peak_memory_bytes": m["peak"],
+        "draft_fused": m.get("draft_fused"),  # the draft's projections stacked (`fusion.py`)
         **({"timeline": m["timeline"]} if m.get("timeline") else {}),
     }
 
@@ -480,6 +485,8 @@ def bench(pair: Pair, video_for, frames_list, max_new_tokens=64, k=5, repeats=3,
         plain_ar_s, reference = None, None
         for path in paths:
             ar = None
+            if path != "fast":  # the plain path runs transformers' modules as they are (the fast path fuses its draft)
+                unfuse_projections(pair.draft)
             for run_pair, run_draft_prompt, run_drafter, method, shape, ratio in plan:
                 started = time.perf_counter()
                 m = measure(path, run_pair, prompt, run_draft_prompt, method, shape, ratio, k, max_new_tokens,
@@ -495,6 +502,7 @@ def bench(pair: Pair, video_for, frames_list, max_new_tokens=64, k=5, repeats=3,
                     progress(rows)
         if transformers_baselines:
             plain_ar = next(r for r in rows if r["frames"] == frames and r["method"] == "ar")
+            unfuse_projections(pair.draft)  # assisted generation gets the draft as users load it
             rows += hf_rows(pair, prompt, reference, plain_ar, frames, max_new_tokens, repeats, only,
                             (lambda done: progress(rows + done)) if progress else None)
             if progress:

@@ -57,7 +57,7 @@ from transformers import AttentionInterface, Cache
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from .acceptance import chain_accept, tree_accept
-from .fusion import fuse_projections, is_fused
+from .fusion import fuse_projections, is_fused, unfuse_projections
 from .attention import sdpa_with_scores
 from .decoding import (METHODS, SCORED_METHODS, Result, Stopwatch, prefill_pruned, prefill_target,
                        select_video_tokens, speculative_result)
@@ -443,6 +443,7 @@ class StaticLM:
         # (mode="reduce-overhead"); None: no CUDA graphs
         self.graphs = graphs_for(lm, options)
         self._pool = None
+        self.weights: tuple[int, ...] | None = None  # `weight_storage` when `static_lm` made it
 
     @property
     def _graph_trees(self) -> bool:
@@ -617,21 +618,37 @@ def round_up(n: int, multiple: int) -> int:
 
 
 _ENGINES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_TARGETS: weakref.WeakSet = weakref.WeakSet()  # the nn.Modules the fast path has served as targets
 
 
 def static_lm(lm: VideoLM, role: str, options: dict | None, attention: str | None = None) -> StaticLM:
     """The `StaticLM` kept for `lm` in `role` ("target" or "draft": a model drafting for itself
-    needs two caches). Made anew when the compile options, the CUDA-graph mode or the role's attention
-    (`fast_attention`) change. A draft's projections are fused first where `fuse_draft` says so
-    (`fusion.py`), unless the same model also serves as a target."""
+    needs two caches). Made anew when the compile options, the CUDA-graph mode, the role's attention
+    (`fast_attention`) or the weights' storage (fusion, `.to()`) change.
+
+    Fusion (`fusion.py`): a draft's projections are fused where `fuse_draft` says so, unless the
+    model has served as a target; a model fused as a draft is unfused before it serves as a target,
+    so a target always computes what its checkpoint's own modules compute."""
     attention = fast_attention(attention, role)
+    if role == "target":
+        _TARGETS.add(lm.model)
+        unfuse_projections(lm)
+    elif fuse_draft(options, lm) and lm.model not in _TARGETS:
+        fuse_projections(lm)
     engines = _ENGINES.setdefault(lm, {})
-    if role == "draft" and "target" not in engines and fuse_draft(options, lm) and fuse_projections(lm):
-        engines.clear()  # fusing moved the weights: graphs captured before would read the old ones
-    if (role not in engines or engines[role].options != options or engines[role].attention != attention
-            or engines[role].graphs != graphs_for(lm, options)):
+    weights = weight_storage(lm)
+    engine = engines.get(role)
+    if (engine is None or engine.options != options or engine.attention != attention
+            or engine.graphs != graphs_for(lm, options) or engine.weights != weights):
         engines[role] = StaticLM(lm, options, attention)
+        engines[role].weights = weights
     return engines[role]
+
+
+def weight_storage(lm: VideoLM) -> tuple[int, ...]:
+    """Where the first decoder layer's weights lie (data pointers): graphs captured on weights that
+    have moved since (fused, unfused, `.to()`) would read stale memory."""
+    return tuple(p.data_ptr() for p in lm.language_model.layers[0].parameters())
 
 
 def fast_attention(attention: str | None, role: str | None = None) -> str:
@@ -900,8 +917,8 @@ def generate_fast(pair: Pair, prompt: Prompt, method: str = "specvlm", ratio: fl
     keep = select_video_tokens(method, prompt, ratio, scores, mass, seed)
     watch.lap("select")
     draft_prompt = draft_prompt or prompt
+    fast_draft = static_lm(draft, "draft", options, attention)  # first: it may fuse the draft (`fusion.py`)
     _, draft_cache = prefill_pruned(draft, draft_prompt, keep)
-    fast_draft = static_lm(draft, "draft", options, attention)
     draft_prefix = draft_cache.get_seq_length()
     feed_width = 2 if tree is None else depth + 1
     tree_slots = levels.patterns.shape[-1] if levels is not None else 0

@@ -18,8 +18,13 @@ model, keeping transformers' own forward code:
 - each projection then receives that product and returns its own columns.
 
 Only the values' rounding can change (a different matmul shape may sum in another order), so the
-fast path fuses the *draft* only: its proposals are checked by the target, so the output stays the
-target's own (lossless). It leaves alone a model that also serves as the target (self-speculation).
+fast path fuses the *draft* only (`fast.static_lm`): its proposals are checked by the target, so the
+output stays the target's own (lossless). A model the fast path has served as a target is never
+fused, and one fused as a draft is unfused (`unfuse_projections`) before it serves as a target.
+
+A fused model is for inference: the pre-hook refuses to run in training mode with gradients on.
+`.to()` or `copy.deepcopy` give each projection its own copy again; `fuse_projections` then
+re-stacks from the projections' weights (they are the source of truth) and ties them again.
 """
 
 from __future__ import annotations
@@ -39,14 +44,22 @@ class FusedColumns(nn.Linear):
     were (views of the stacked tensors), so `state_dict` and `save_pretrained` see no change."""
 
     columns: slice
+    stacked_width: int
 
     def forward(self, stacked_output: torch.Tensor) -> torch.Tensor:
+        if stacked_output.shape[-1] != self.stacked_width:
+            raise ValueError(f"this projection is fused (fusion.py): it takes its module's stacked product, "
+                             f"[..., {self.stacked_width}], not an input of width {stacked_output.shape[-1]}; "
+                             "call the attention or MLP module, or unfuse_projections first.")
         return stacked_output[..., self.columns]
 
 
 def stacked_projection(module: nn.Module, args: tuple, kwargs: dict):
     """Forward pre-hook: replace the module's input (first positional argument, or
     `hidden_states=`) by its product with the stacked weight."""
+    if module.training and torch.is_grad_enabled():
+        raise RuntimeError("fused projections are for inference: their gradients would not reach the projections' "
+                           "weights. Call fusion.unfuse_projections(lm) before training, or model.eval().")
     if args:
         return (F.linear(args[0], module.fused_weight, module.fused_bias), *args[1:]), kwargs
     if "hidden_states" not in kwargs:
@@ -58,14 +71,19 @@ def stacked_projection(module: nn.Module, args: tuple, kwargs: dict):
 
 def fuse_module(module: nn.Module, names: tuple[str, ...]) -> bool:
     """Stack `module`'s projections `names` (plain `nn.Linear`s of one input size, all with
-    biases or none) into one matmul; False, and nothing changed, if they are not such (already
-    fused, missing, quantised, ...)."""
+    biases or none, on one device) into one matmul. Returns whether anything changed: False for
+    projections that cannot be stacked (missing, quantised, offloaded to "meta", ...) and for a
+    module already fused whose weights are still views of its stacked ones; a module fused before
+    a `.to()` or a deepcopy is stacked again from its projections' weights."""
     linears = [getattr(module, name, None) for name in names]
-    if not all(type(linear) is nn.Linear for linear in linears):
+    if all(isinstance(linear, FusedColumns) for linear in linears):
+        if all(_is_view_of(linear, module) for linear in linears):
+            return False
+    elif not all(type(linear) is nn.Linear for linear in linears):
         return False
     if len({linear.in_features for linear in linears}) != 1 or len({linear.bias is None for linear in linears}) != 1:
         return False
-    if len({(linear.weight.device, linear.weight.dtype) for linear in linears}) != 1:
+    if len({(linear.weight.device, linear.weight.dtype) for linear in linears}) != 1 or linears[0].weight.is_meta:
         return False
     with torch.no_grad():
         weight = torch.cat([linear.weight for linear in linears])
@@ -77,28 +95,65 @@ def fuse_module(module: nn.Module, names: tuple[str, ...]) -> bool:
         if bias is not None:
             linear.bias.data = bias[start:stop]
         linear.__class__ = FusedColumns
-        linear.columns = slice(start, stop)
+        linear.columns, linear.stacked_width = slice(start, stop), weight.shape[0]
         start = stop
     module.register_buffer("fused_weight", weight, persistent=False)
     module.register_buffer("fused_bias", bias, persistent=False)
-    module.register_forward_pre_hook(stacked_projection, with_kwargs=True)
+    if stacked_projection not in module._forward_pre_hooks.values():
+        module.register_forward_pre_hook(stacked_projection, with_kwargs=True)
+    return True
+
+
+def _is_view_of(linear: nn.Module, module: nn.Module) -> bool:
+    """Whether a fused projection's weight still lies in its module's stacked weight (a `.to()` or
+    a deepcopy gives every tensor its own storage)."""
+    stacked = getattr(module, "fused_weight", None)
+    return stacked is not None and linear.weight.untyped_storage().data_ptr() == stacked.untyped_storage().data_ptr()
+
+
+def unfuse_module(module: nn.Module, names: tuple[str, ...]) -> bool:
+    """Undo `fuse_module`: each projection gets its own copy of its weights back and is a plain
+    `nn.Linear` again; the pre-hook and the stacked buffers go. False if `module` was not fused."""
+    linears = [getattr(module, name, None) for name in names]
+    if not all(isinstance(linear, FusedColumns) for linear in linears):
+        return False
+    with torch.no_grad():
+        for linear in linears:
+            linear.weight.data = linear.weight.data.clone()
+            if linear.bias is not None:
+                linear.bias.data = linear.bias.data.clone()
+            linear.__class__ = nn.Linear
+            del linear.columns, linear.stacked_width
+    for key in [key for key, hook in module._forward_pre_hooks.items() if hook is stacked_projection]:
+        del module._forward_pre_hooks[key]
+        module._forward_pre_hooks_with_kwargs.pop(key, None)
+    del module.fused_weight, module.fused_bias
     return True
 
 
 def fuse_projections(lm) -> int:
     """Fuse q/k/v and gate/up in every decoder layer of `lm`'s language model (a `VideoLM`, or any
-    object with `.language_model.layers`), in place. Returns how many modules were fused (0 when
-    already fused: calling it twice is harmless). The vision tower is left alone: its attention
-    reads its input's width, which the stacked product changes."""
-    fused = 0
-    for layer in lm.language_model.layers:
-        for attribute, names in GROUPS.items():
-            module = getattr(layer, attribute, None)
-            if module is not None and fuse_module(module, names):
-                fused += 1
-    return fused
+    object with `.language_model.layers`), in place. Returns how many modules changed (0 when all
+    were fused already: calling it again is harmless, and ties the weights again after a `.to()`).
+    The vision tower is left alone: its attention reads its input's width, which the stacked
+    product changes."""
+    return sum(fuse_module(module, names) for module, names in _groups(lm))
+
+
+def unfuse_projections(lm) -> int:
+    """Undo `fuse_projections`: the model is transformers' own again (same weights, own storage).
+    Returns how many modules changed."""
+    return sum(unfuse_module(module, names) for module, names in _groups(lm))
 
 
 def is_fused(lm) -> bool:
     """Whether any decoder layer of `lm`'s language model computes its projections stacked."""
     return any(isinstance(module, FusedColumns) for module in lm.language_model.modules())
+
+
+def _groups(lm):
+    for layer in lm.language_model.layers:
+        for attribute, names in GROUPS.items():
+            module = getattr(layer, attribute, None)
+            if module is not None:
+                yield module, names

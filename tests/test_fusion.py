@@ -108,6 +108,7 @@ def test_the_fast_path_fuses_a_draft_only_when_asked_and_never_a_target(embedded
     pair = sv.models.Pair(embedded.target, draft, name="embedded copy")
     prompt = embedded.target.prepare(sv.sample_video("bikes", 2))
     reference = decoding.generate_ar(embedded.target, prompt, 16).tokens
+    monkeypatch.delenv("SPECVLM_FUSE_DRAFT", raising=False)
     assert not fast.fuse_draft(None, draft)  # default: only where the steps replay as CUDA graphs
     fast.generate_fast(pair, prompt, max_new_tokens=16, compile=False)
     assert not fusion.is_fused(draft)
@@ -174,3 +175,83 @@ def test_a_results_command_records_the_fast_path_environment(monkeypatch):
     monkeypatch.setenv("SPECVLM_FUSE_DRAFT", "0")
     monkeypatch.setenv("SPECVLM_FAST_ATTENTION", "flex/grouped")
     assert recorded_environment() == "SPECVLM_FAST_ATTENTION=flex/grouped SPECVLM_FUSE_DRAFT=0 "
+
+
+def test_a_draft_that_becomes_a_target_is_unfused_first(embedded, monkeypatch):
+    """Fused while drafting, then the target of AR and of self-speculation: it computes exactly
+    what an untouched copy computes, and stays unfused when it drafts again."""
+    monkeypatch.setenv("SPECVLM_FUSE_DRAFT", "1")
+    draft, untouched = copy.deepcopy(embedded.draft), copy.deepcopy(embedded.draft)
+    prompt = embedded.target.prepare(sv.sample_video("bikes", 2))
+    fast.generate_fast(sv.models.Pair(embedded.target, draft), prompt, max_new_tokens=8, compile=False)
+    assert fusion.is_fused(draft)
+    itself = sv.models.Pair(draft, draft, name="the draft as a target")
+    reference = decoding.generate_ar(untouched, prompt, 12).tokens
+    assert fast.generate_fast(itself, prompt, method="ar", max_new_tokens=12, compile=False).tokens == reference
+    assert not fusion.is_fused(draft)
+    assert torch.equal(prompt_logits(draft, prompt), prompt_logits(untouched, prompt))
+    assert fast.generate_fast(itself, prompt, max_new_tokens=12, compile=False).tokens == reference
+    fast.generate_fast(sv.models.Pair(embedded.target, draft), prompt, max_new_tokens=8, compile=False)
+    assert not fusion.is_fused(draft)  # it has served as a target: never fused again
+
+
+def test_the_draft_is_fused_before_its_prefill(embedded, monkeypatch):
+    monkeypatch.setenv("SPECVLM_FUSE_DRAFT", "1")
+    pair = sv.models.Pair(embedded.target, copy.deepcopy(embedded.draft), name="embedded copy")
+    seen = []
+    prefill = fast.prefill_pruned
+    monkeypatch.setattr(fast, "prefill_pruned", lambda lm, *args: seen.append(fusion.is_fused(lm)) or prefill(lm, *args))
+    fast.generate_fast(pair, embedded.target.prepare(sv.sample_video("bikes", 2)), max_new_tokens=8, compile=False)
+    assert seen == [True]
+
+
+def test_unfusing_restores_transformers_modules_exactly(embedded):
+    draft = copy.deepcopy(embedded.draft)
+    prompt = embedded.target.prepare(sv.sample_video("bigbuckbunny", 4))
+    fusion.fuse_projections(draft)
+    assert fusion.unfuse_projections(draft) == 2 * len(draft.language_model.layers)
+    assert fusion.unfuse_projections(draft) == 0 and not fusion.is_fused(draft)
+    attention = draft.language_model.layers[0].self_attn
+    assert type(attention.q_proj) is torch.nn.Linear and not hasattr(attention, "fused_weight")
+    assert len(attention._forward_pre_hooks) == 0
+    assert torch.equal(prompt_logits(draft, prompt), prompt_logits(embedded.draft, prompt))
+
+
+def test_a_copied_or_moved_fused_model_is_tied_again(fused_embedded):
+    copied = copy.deepcopy(fused_embedded.draft)
+    attention = copied.language_model.layers[0].self_attn
+    assert not fusion._is_view_of(attention.q_proj, attention)  # deepcopy gave each tensor its own storage
+    assert fusion.fuse_projections(copied) == 2 * len(copied.language_model.layers)
+    assert fusion._is_view_of(attention.q_proj, attention) and len(attention._forward_pre_hooks) == 1
+    with torch.no_grad():  # a change through the projection's weight is the stacked weight's change
+        attention.k_proj.weight[0, 0] += 1.0
+    assert attention.fused_weight[attention.k_proj.columns.start, 0] == attention.k_proj.weight[0, 0]
+
+
+def test_a_fused_model_refuses_training_and_direct_projection_calls(fused_embedded):
+    draft = copy.deepcopy(fused_embedded.draft)
+    fusion.fuse_projections(draft)
+    attention = draft.language_model.layers[0].self_attn
+    hidden = torch.randn(1, 3, attention.q_proj.in_features)
+    with pytest.raises(ValueError, match="this projection is fused"):
+        attention.q_proj(hidden)
+    mlp = draft.language_model.layers[0].mlp
+    assert mlp(hidden).shape == hidden.shape  # in eval mode: fine
+    mlp.train()
+    with pytest.raises(RuntimeError, match="fused projections are for inference"):
+        mlp(hidden)
+    with torch.no_grad():
+        assert mlp(hidden).shape == hidden.shape  # training mode without gradients: fine
+
+
+def test_bench_records_which_rows_ran_a_fused_draft(embedded, monkeypatch):
+    from specvlm.bench import bench
+
+    monkeypatch.setenv("SPECVLM_FUSE_DRAFT", "1")
+    pair = sv.models.Pair(embedded.target, copy.deepcopy(embedded.draft), name="embedded copy (stand-in)")
+    result = bench(pair, lambda frames: sv.sample_video("bikes", frames), [2], max_new_tokens=8, repeats=1,
+                   paths=("fast", "plain"), step_repeats=1, only=["sd-chain-0", "specvlm-tree-0.9"])
+    fused = {(r["path"], r["method"], r["draft"]): r["draft_fused"] for r in result["rows"]}
+    assert fused == {("fast", "ar", None): None, ("fast", "sd", "chain"): True, ("fast", "specvlm", "tree"): True,
+                     ("plain", "ar", None): None, ("plain", "sd", "chain"): False, ("plain", "specvlm", "tree"): False}
+    assert all(r["equal_to_ar"] for r in result["rows"])
