@@ -57,6 +57,7 @@ from transformers import AttentionInterface, Cache
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from .acceptance import chain_accept, tree_accept
+from .fusion import changes as fusion_changes
 from .fusion import fuse_projections, is_fused, unfuse_projections
 from .attention import sdpa_with_scores
 from .decoding import (METHODS, SCORED_METHODS, Result, Stopwatch, prefill_pruned, prefill_target,
@@ -646,9 +647,10 @@ def static_lm(lm: VideoLM, role: str, options: dict | None, attention: str | Non
 
 
 def weight_storage(lm: VideoLM) -> tuple[int, ...]:
-    """Where the first decoder layer's weights lie (data pointers): graphs captured on weights that
-    have moved since (fused, unfused, `.to()`) would read stale memory."""
-    return tuple(p.data_ptr() for p in lm.language_model.layers[0].parameters())
+    """How many times fusion changed `lm` (`fusion.changes`) and where its first decoder layer's
+    weights lie (data pointers, for a `.to()`): graphs captured on weights that have moved since
+    would read stale memory. The count does not rely on the allocator never reusing an address."""
+    return (fusion_changes(lm), *(p.data_ptr() for p in lm.language_model.layers[0].parameters()))
 
 
 def fast_attention(attention: str | None, role: str | None = None) -> str:
@@ -907,8 +909,8 @@ def generate_fast(pair: Pair, prompt: Prompt, method: str = "specvlm", ratio: fl
     levels = DraftLevels.of(tree) if tree is not None else None
     watch = Stopwatch(target.device)
 
+    fast_target = static_lm(target, "target", options, attention)  # first: it may unfuse the target (`fusion.py`)
     logits, target_cache, scores = prefill_target(target, prompt, with_scores=method in SCORED_METHODS)
-    fast_target = static_lm(target, "target", options, attention)
     widest = max(depth + 1, tree.num_nodes if tree is not None else 0)
     fast_target.load(target_cache, target_cache.get_seq_length() + max_new_tokens + widest)
     del target_cache
@@ -950,8 +952,8 @@ def _generate_ar(target: VideoLM, prompt: Prompt, max_new_tokens: int, compile, 
     so the device never waits for the host between steps; a step queued past an end token is
     dropped (its slot lies past the cache's length)."""
     watch = Stopwatch(target.device)
+    fast = static_lm(target, "target", compile_options(compile, target.device), attention)  # before the prefill
     logits, cache = prefill_pruned(target, prompt, None)
-    fast = static_lm(target, "target", compile_options(compile, target.device), attention)
     fast.load(cache, cache.get_seq_length() + max_new_tokens)
     prefix = fast.length
     del cache

@@ -22,9 +22,11 @@ fast path fuses the *draft* only (`fast.static_lm`): its proposals are checked b
 output stays the target's own (lossless). A model the fast path has served as a target is never
 fused, and one fused as a draft is unfused (`unfuse_projections`) before it serves as a target.
 
-A fused model is for inference: the pre-hook refuses to run in training mode with gradients on.
-`.to()` or `copy.deepcopy` give each projection its own copy again; `fuse_projections` then
-re-stacks from the projections' weights (they are the source of truth) and ties them again.
+A fused model is for inference: the pre-hook refuses to run in training mode with gradients on, and
+no gradient reaches the projections' weights in any mode. `.to()` or `copy.deepcopy` give each
+projection its own copy again, and the forward then reads the stacked buffer, not the projections'
+weights (a `load_state_dict` after them would not be seen) until `fuse_projections` re-stacks from the
+projections' weights (the source of truth) and ties them again; the fast path does so at every call.
 """
 
 from __future__ import annotations
@@ -131,19 +133,31 @@ def unfuse_module(module: nn.Module, names: tuple[str, ...]) -> bool:
     return True
 
 
+def changes(lm) -> int:
+    """How many times `fuse_projections` or `unfuse_projections` changed `lm`'s language model (its
+    weights then lie elsewhere: the fast path recaptures graphs made before)."""
+    return getattr(lm.language_model, "_specvlm_fusion_changes", 0)
+
+
+def _count_change(lm, changed: int) -> int:
+    if changed:
+        lm.language_model._specvlm_fusion_changes = changes(lm) + 1
+    return changed
+
+
 def fuse_projections(lm) -> int:
     """Fuse q/k/v and gate/up in every decoder layer of `lm`'s language model (a `VideoLM`, or any
     object with `.language_model.layers`), in place. Returns how many modules changed (0 when all
     were fused already: calling it again is harmless, and ties the weights again after a `.to()`).
     The vision tower is left alone: its attention reads its input's width, which the stacked
     product changes."""
-    return sum(fuse_module(module, names) for module, names in _groups(lm))
+    return _count_change(lm, sum(fuse_module(module, names) for module, names in _groups(lm)))
 
 
 def unfuse_projections(lm) -> int:
     """Undo `fuse_projections`: the model is transformers' own again (same weights, own storage).
     Returns how many modules changed."""
-    return sum(unfuse_module(module, names) for module, names in _groups(lm))
+    return _count_change(lm, sum(unfuse_module(module, names) for module, names in _groups(lm)))
 
 
 def is_fused(lm) -> bool:

@@ -195,14 +195,38 @@ def test_a_draft_that_becomes_a_target_is_unfused_first(embedded, monkeypatch):
     assert not fusion.is_fused(draft)  # it has served as a target: never fused again
 
 
-def test_the_draft_is_fused_before_its_prefill(embedded, monkeypatch):
+def test_every_prefill_sees_its_models_final_form(embedded, monkeypatch):
+    """The draft is fused before its prefill; a fused draft turned target is unfused before its
+    prefill (AR and speculative paths), so prefill and steps compute the same model."""
     monkeypatch.setenv("SPECVLM_FUSE_DRAFT", "1")
-    pair = sv.models.Pair(embedded.target, copy.deepcopy(embedded.draft), name="embedded copy")
+    draft = copy.deepcopy(embedded.draft)
     seen = []
-    prefill = fast.prefill_pruned
-    monkeypatch.setattr(fast, "prefill_pruned", lambda lm, *args: seen.append(fusion.is_fused(lm)) or prefill(lm, *args))
-    fast.generate_fast(pair, embedded.target.prepare(sv.sample_video("bikes", 2)), max_new_tokens=8, compile=False)
-    assert seen == [True]
+    for name in ("prefill_pruned", "prefill_target"):
+        original = getattr(fast, name)
+        monkeypatch.setattr(fast, name, lambda lm, *args, _original=original, _name=name, **kwargs:
+                            seen.append((_name, lm is draft, fusion.is_fused(lm))) or _original(lm, *args, **kwargs))
+    prompt = embedded.target.prepare(sv.sample_video("bikes", 2))
+    fast.generate_fast(sv.models.Pair(embedded.target, draft), prompt, max_new_tokens=8, compile=False)
+    assert seen == [("prefill_target", False, False), ("prefill_pruned", True, True)]
+    seen.clear()
+    fast.generate_fast(sv.models.Pair(draft, draft), prompt, method="ar", max_new_tokens=8, compile=False)
+    assert seen == [("prefill_pruned", True, False)]
+    fusion.fuse_projections(draft)  # fused again by hand: the speculative path unfuses it before its prefill too
+    seen.clear()
+    fast.generate_fast(sv.models.Pair(draft, draft), prompt, max_new_tokens=8, compile=False)
+    assert seen == [("prefill_target", True, False), ("prefill_pruned", True, False)]
+
+
+def test_engines_are_kept_while_the_weights_stay_and_rebuilt_when_they_move(embedded, monkeypatch):
+    monkeypatch.setenv("SPECVLM_FUSE_DRAFT", "1")
+    draft = copy.deepcopy(embedded.draft)
+    engine = fast.static_lm(draft, "draft", None)
+    assert fusion.is_fused(draft) and fast.static_lm(draft, "draft", None) is engine
+    count = fusion.changes(draft)
+    fusion.unfuse_projections(draft)
+    assert fusion.changes(draft) == count + 1
+    rebuilt = fast.static_lm(draft, "draft", None)  # fuses again: new storage, new engine
+    assert rebuilt is not engine and fusion.changes(draft) == count + 2 and fast.static_lm(draft, "draft", None) is rebuilt
 
 
 def test_unfusing_restores_transformers_modules_exactly(embedded):
@@ -250,8 +274,11 @@ def test_bench_records_which_rows_ran_a_fused_draft(embedded, monkeypatch):
     monkeypatch.setenv("SPECVLM_FUSE_DRAFT", "1")
     pair = sv.models.Pair(embedded.target, copy.deepcopy(embedded.draft), name="embedded copy (stand-in)")
     result = bench(pair, lambda frames: sv.sample_video("bikes", frames), [2], max_new_tokens=8, repeats=1,
-                   paths=("fast", "plain"), step_repeats=1, only=["sd-chain-0", "specvlm-tree-0.9"])
-    fused = {(r["path"], r["method"], r["draft"]): r["draft_fused"] for r in result["rows"]}
-    assert fused == {("fast", "ar", None): None, ("fast", "sd", "chain"): True, ("fast", "specvlm", "tree"): True,
-                     ("plain", "ar", None): None, ("plain", "sd", "chain"): False, ("plain", "specvlm", "tree"): False}
+                   paths=("fast", "plain", "fast"), step_repeats=1, transformers_baselines=True,
+                   only=["sd-chain-0", "specvlm-tree-0.9", "hf-assisted"])
+    fused = [(r["path"], r["method"], r["draft"], r["draft_fused"]) for r in result["rows"]]
+    assert fused == [("fast", "ar", None, None), ("fast", "sd", "chain", True), ("fast", "specvlm", "tree", True),
+                     ("plain", "ar", None, None), ("plain", "sd", "chain", False), ("plain", "specvlm", "tree", False),
+                     ("fast", "ar", None, None), ("fast", "sd", "chain", True), ("fast", "specvlm", "tree", True),
+                     ("transformers", "hf-assisted", "assistant", False)]
     assert all(r["equal_to_ar"] for r in result["rows"])
