@@ -22,8 +22,9 @@ memory addresses and shapes. Hence:
    widest level, padded), chain verification (k+1, padded when fewer are drafted near the
    end), tree verification (`tree.num_nodes`). Padding rows come after the real ones and no
    real row attends to them; whatever they write lies past `length` and is overwritten.
-3. The attention mask spans the whole capacity, [1, 1, q, capacity], additive, built on the
-   device inside the step from the step's inputs, so its shape never changes either.
+3. The attention mask spans the whole capacity, [1, 1, q, capacity], additive (or a FlexAttention
+   BlockMask over it), built on the device inside the step from the step's inputs, so its shape
+   never changes either (`step_attention.py`: the masks and the attention kernels).
 4. No waiting for the device inside a round: drafted tokens are picked on the device (argmax,
    or top-k and index tensors for a tree level) and fed to the next pass as tensors, so the
    host queues every pass of a round while the device runs the earlier ones and reads the
@@ -45,26 +46,24 @@ are then copied into the static caches.
 from __future__ import annotations
 
 import functools
-import inspect
 import os
 import weakref
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
-from torch.nn.attention.flex_attention import BlockMask, flex_attention
-from transformers import AttentionInterface, Cache
-from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+from transformers import Cache
 
 from .acceptance import chain_accept, tree_accept
-from .fusion import changes as fusion_changes
-from .fusion import fuse_projections, is_fused, unfuse_projections
-from .attention import sdpa_with_scores
 from .decoding import (METHODS, SCORED_METHODS, Result, Stopwatch, prefill_pruned, prefill_target,
                        select_video_tokens, speculative_result)
+from .fusion import changes as fusion_changes
+from .fusion import fuse_projections, is_fused, unfuse_projections
 from .models import Pair, Prompt, VideoLM
 from .timeline import phase
 from . import pruning
+from .step_attention import (  # noqa: F401 (re-exported: fast.grouped_attention, fast.FLEX_MAX_QUERY, ...)
+    ATTENTIONS, FLEX_ATTENTION, FLEX_BLOCK, FLEX_MAX_QUERY, FLEX_ROWS, causal_pattern, flex_block_mask,
+    flex_or_sdpa, float32_scores, grouped_attention, grouped_flex, restore_output_capture, use_flex, visibility_bias)
 from .trees import Tree
 
 # ----------------------------------------------------------------------------------------
@@ -159,30 +158,6 @@ def path_moves(start: int, accepted: list[int], depth: int) -> tuple[list[int], 
     return [start + node for node in accepted] + dest[len(accepted):], dest
 
 
-# ----------------------------------------------------------------------------------------
-# masks: which cached slots each row of a step sees
-
-
-def visibility_bias(start: torch.Tensor, pattern: torch.Tensor, capacity: int, dtype) -> torch.Tensor:
-    """Additive mask [1, 1, q, capacity]: row r sees slot c if c < start, or if
-    0 <= c - start < S and pattern[r, c - start] (pattern: [q, S] bool); nothing else.
-    E.g. start=2, pattern=[[1, 0], [1, 1]], capacity=5 (0 = seen, - = dtype min):
-        0 0 0 - -
-        0 0 0 0 -
-    """
-    width = pattern.shape[1]
-    offset = torch.arange(capacity, device=pattern.device) - start  # [capacity]
-    inside = (offset >= 0) & (offset < width)
-    allowed = (offset < 0) | (pattern[:, offset.clamp(0, width - 1)] & inside)  # [q, capacity]
-    bias = torch.zeros(allowed.shape, dtype=dtype, device=pattern.device)
-    return bias.masked_fill(~allowed, torch.finfo(dtype).min)[None, None]
-
-
-def causal_pattern(width: int) -> torch.Tensor:
-    """[width, width] bool, lower triangular: each new token sees the ones before it and itself."""
-    return torch.ones(width, width, dtype=torch.bool).tril()
-
-
 @dataclass(frozen=True, eq=False)
 class DraftLevels:
     """Where each draft tree level's nodes go in the draft's cache, and what they see.
@@ -236,162 +211,6 @@ class DraftLevels:
         pick_index = tuple(torch.tensor(level, dtype=torch.long).T.contiguous() for level in picks)
         expand_index = tuple(torch.tensor(level, dtype=torch.long) for level in nodes)
         return cls(nodes, offsets, width, patterns, picks, top, pick_index, expand_index)
-
-
-# ----------------------------------------------------------------------------------------
-# the same rule for FlexAttention (attention="flex"): a split-KV decode kernel on the GPU;
-# and `grouped_attention`, for the steps too wide for that kernel
-#
-# Masked sdpa over the whole capacity is slow at long contexts: under torch.compile
-# transformers repeats the grouped KV heads in memory whenever a mask is given, and the masked
-# kernels do not split a long cache over the card's SMs. FlexAttention's decode kernel (chosen
-# by inductor for short queries when the query heads per KV head are a power of two) reads each
-# KV head once, splits the visited blocks evenly over the SMs, and skips blocks no row sees.
-
-FLEX_ATTENTION = "specvlm_flex"
-FLEX_BLOCK = 128  # slots per block of the block mask (capacities are multiples of it)
-FLEX_ROWS = 128  # most query rows (rows x heads per KV head) one decode-kernel call takes
-# widest step given to FlexAttention: measured on an H200 (figures/costs_llava_fastflex_*.json),
-# a 26-node tree verification through flex took 76 ms at 16k context where masked sdpa took
-# 18 ms (the decode kernel serves short queries only), so wider steps take `grouped_attention`.
-# Measured again on an H100 through `grouped_flex` (heads split into decode-kernel calls), at 16k
-# the 7B's tree verification took 76 ms through flex and 10.3 ms through `grouped_attention`.
-FLEX_MAX_QUERY = 16
-
-
-def flex_block_mask(start: torch.Tensor, pattern: torch.Tensor, capacity: int, block: int = FLEX_BLOCK) -> BlockMask:
-    """`visibility_bias`'s rule as a FlexAttention BlockMask over `capacity` slots (same
-    start, pattern [q, S]). Made from tensors inside the step: no host sync, fixed shapes,
-    so it is captured in the step's CUDA graph. Blocks wholly before `start` (the committed
-    cache, which every row sees) are *full* blocks: the kernel reads them without evaluating
-    the mask. The blocks from the one holding `start` up to the last one any row sees (slot
-    start + S - 1) are *partial* (mask_mod applied); later blocks are skipped, so a step costs
-    what its visible slots cost, whatever the capacity."""
-    if capacity % block:
-        raise ValueError(f"a flex block mask needs a capacity that is a multiple of {block}, got {capacity}.")
-    q, width = pattern.shape
-    blocks, tiles = capacity // block, -(-q // FLEX_ROWS)
-    full = torch.div(start, block, rounding_mode="floor")
-    visited = torch.clamp(torch.div(start + width + block - 1, block, rounding_mode="floor"), max=blocks)
-    order = torch.arange(blocks, dtype=torch.int32, device=pattern.device)
-
-    def per_tile(count, first):  # [1, 1, tiles] block counts, [1, 1, tiles, blocks] indices from `first` on
-        indices = torch.remainder(order + first, blocks).to(torch.int32)
-        return (count.to(torch.int32).reshape(1, 1, 1).repeat(1, 1, tiles),
-                indices.repeat(tiles).reshape(1, 1, tiles, blocks))
-
-    def visible(batch, head, row, slot):
-        offset = slot - start
-        seen = pattern[row.clamp(max=q - 1), offset.clamp(0, width - 1)]
-        return (offset < 0) | ((offset < width) & seen)
-
-    partial_count, partial_indices = per_tile(visited - full, full)
-    full_count, full_indices = per_tile(full, 0)
-    return BlockMask.from_kv_blocks(partial_count, partial_indices, full_count, full_indices,
-                                    BLOCK_SIZE=(FLEX_ROWS, block), mask_mod=visible,
-                                    seq_lengths=(q, capacity), **_NO_Q_BLOCKS)
-
-
-# the transposed (backward-pass) block lists are not needed; older torch cannot skip them
-_NO_Q_BLOCKS = ({"compute_q_blocks": False}
-                if "compute_q_blocks" in inspect.signature(BlockMask.from_kv_blocks).parameters else {})
-
-
-def grouped_flex(query, key, value, block_mask: BlockMask, scale: float | None = None) -> torch.Tensor:
-    """flex_attention with grouped KV heads read in place (never repeated in memory).
-
-    query [B, Hq, q, d], key/value [B, Hkv, K, d] -> [B, Hq, q, d]. The decode kernel wants a
-    power-of-two number of query heads per KV head and at most FLEX_ROWS rows (q x heads) per
-    KV head: the group is padded with zero queries (their outputs are dropped) and split into
-    calls of `per_call` heads (e.g. 7 heads per KV head, a 26-node tree: 8 heads, 2 calls of 4)."""
-    batch, heads, q, dim = query.shape
-    groups = heads // key.shape[1]
-    padded = 1 << (groups - 1).bit_length()
-    per_call = max(1, min(padded, FLEX_ROWS // (1 << (q - 1).bit_length())))
-    grouped = query.reshape(batch, key.shape[1], groups, q, dim)
-    if padded > groups:
-        grouped = F.pad(grouped, (0, 0, 0, 0, 0, padded - groups))
-    outputs = [flex_attention(grouped[:, :, first:first + per_call].reshape(batch, -1, q, dim), key, value,
-                              block_mask=block_mask, scale=scale, enable_gqa=True)
-               for first in range(0, padded, per_call)]
-    out = torch.cat([o.reshape(batch, key.shape[1], per_call, q, dim) for o in outputs], dim=2)
-    return out[:, :, :groups].reshape(batch, heads, q, dim)
-
-
-def grouped_attention(query, key, value, bias, scale: float) -> torch.Tensor:
-    """Attention with an additive mask, grouped KV heads read in place: for wide steps.
-
-    query [B, Hq, q, d], key/value [B, Hkv, K, d], bias [B or 1, 1, q, K] -> [B, Hq, q, d].
-    The G = Hq / Hkv query heads that share a KV head are stacked as G*q rows of one batched
-    matmul against it (a 26-node tree, 28 heads over 4 KV heads: 182 rows per KV head), so the
-    KV heads are never repeated in memory and the long key axis is the matmul's wide side, which
-    spreads over every SM. Scores and softmax in float32 (as sdpa's kernels keep them), the
-    probabilities rounded to the value dtype before the second matmul (as flash does). Masked
-    sdpa instead repeats each KV head G times under torch.compile and runs one tile of rows per
-    head over the whole key axis: 63% of a 7B tree verification on the H100 (profile, 16k)."""
-    batch, heads, q, dim = query.shape
-    kv_heads, slots = key.shape[1], key.shape[2]
-    groups = heads // kv_heads
-    rows = query.reshape(batch, kv_heads, groups * q, dim)
-    scores = float32_scores(rows, key) * scale  # [B, Hkv, G*q, K]
-    scores = scores.view(batch, kv_heads, groups, q, slots) + bias[:, :, None].float()
-    probs = scores.softmax(-1).to(value.dtype).view(batch, kv_heads, groups * q, slots)
-    return (probs @ value).view(batch, heads, q, dim)
-
-
-def float32_scores(rows: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
-    """rows [B, H, M, d] @ key [B, H, K, d]^T -> [B, H, M, K] in float32. Half-precision inputs
-    on CUDA go through the tensor cores with float32 output (`torch.bmm(out_dtype=)`, a CUDA
-    kernel: no float32 copy of the keys, no float32 matmul); elsewhere both sides are cast."""
-    if rows.device.type in ("cuda", "meta") and rows.dtype in (torch.float16, torch.bfloat16):
-        batch, heads, m, dim = rows.shape
-        scores = torch.bmm(rows.reshape(batch * heads, m, dim), key.reshape(batch * heads, -1, dim).transpose(1, 2),
-                           out_dtype=torch.float32)
-        return scores.view(batch, heads, m, -1)
-    return rows.float() @ key.float().transpose(-1, -2)
-
-
-def flex_or_sdpa(module, query, key, value, attention_mask, scaling=None, grouped=False, **kwargs):
-    """The attention function registered as FLEX_ATTENTION: FlexAttention when the mask is a
-    BlockMask (the fast path's short steps), `grouped_attention` when the step asks for it
-    (`grouped=True`: the fast path's wide steps), otherwise exactly the project's sdpa
-    (verifier scores included), so prefills and the plain path are unchanged."""
-    scale = scaling if scaling is not None else query.shape[-1] ** -0.5
-    if isinstance(attention_mask, BlockMask):
-        out = grouped_flex(query, key, value, attention_mask, scale)
-    elif grouped:
-        out = grouped_attention(query, key, value, attention_mask, scale)
-    else:
-        return sdpa_with_scores(module, query, key, value, attention_mask, scaling=scaling, **kwargs)
-    return out.transpose(1, 2).contiguous(), None
-
-
-AttentionInterface.register(FLEX_ATTENTION, flex_or_sdpa)
-AttentionMaskInterface.register(FLEX_ATTENTION, sdpa_mask)
-# "sdpa": masked sdpa for every step; "flex": FlexAttention for short steps, `grouped_attention`
-# for wide ones; "grouped": `grouped_attention` for every step (no split-KV kernel, fewer kernels)
-ATTENTIONS = ("sdpa", "flex", "grouped")
-
-
-def _restore_output_capture() -> None:
-    """Work around a torch.compile side-effect bug (torch 2.14): after a compiled call that
-    holds a flex_attention, transformers' output collector stays in its "compiling" state with
-    an empty collection, and every later eager forward silently records no hidden states (the
-    next prefill's vision tower then fails). Put it back to its idle state."""
-    from transformers.utils import output_capturing
-
-    collector = output_capturing._active_collector
-    if collector.compiling:
-        collector.reset(None)
-
-
-def use_flex(lm: VideoLM) -> None:
-    """Switch `lm`'s language model to FLEX_ATTENTION (a superset of sdpa: see `flex_or_sdpa`)."""
-    if lm.language_model.config._attn_implementation != FLEX_ATTENTION:
-        # through the top-level model, as `attention.enable_scores` does: switching a submodel
-        # alone left LLaVA-OneVision's vision tower without its hidden states after a compile
-        composite = hasattr(lm.model.config, "text_config")
-        lm.model.set_attn_implementation({"text_config": FLEX_ATTENTION} if composite else FLEX_ATTENTION)
 
 
 # ----------------------------------------------------------------------------------------
@@ -502,7 +321,7 @@ class StaticLM:
             torch.compiler.cudagraph_mark_step_begin()  # CUDA graphs may reuse the last step's outputs
         logits = self._step_fn(tuple(pattern.shape))(inputs, pattern)
         if self.attention != "sdpa" and self.options is not None:
-            _restore_output_capture()
+            restore_output_capture()
         self.length = write + count
         return logits[0, :count].to(self.lm.device)  # a spread model's output layer may sit on another card
 

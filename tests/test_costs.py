@@ -7,7 +7,7 @@ import torch
 from transformers import Qwen2Config
 
 import specvlm as sv
-from specvlm import costs, decoding, fast
+from specvlm import costs, decoding, fast, step_attention
 from specvlm.__main__ import main
 from specvlm.trees import MC_SIM_7B_63
 
@@ -298,7 +298,7 @@ def test_flex_serves_only_short_steps_and_wider_ones_take_the_grouped_attention(
     real_mask, real_grouped = fast.flex_block_mask, fast.grouped_attention
     monkeypatch.setattr(fast, "flex_block_mask", lambda start, pattern, capacity: widths.append(pattern.shape[0])
                         or real_mask(start, pattern, capacity))
-    monkeypatch.setattr(fast, "grouped_attention", lambda query, *args: grouped.append(query.shape[2])
+    monkeypatch.setattr(step_attention, "grouped_attention", lambda query, *args: grouped.append(query.shape[2])
                         or real_grouped(query, *args))
     prompt = embedded.target.prepare(sv.sample_video("bikes", 2))
     result = fast.generate_fast(embedded, prompt, method="specvlm", ratio=0.9, max_new_tokens=8, tree=MC_SIM_7B_63,
