@@ -62,7 +62,7 @@ from .models import Pair, Prompt, VideoLM
 from .timeline import phase
 from . import pruning
 from .step_attention import (  # noqa: F401 (re-exported: fast.grouped_attention, fast.FLEX_MAX_QUERY, ...)
-    ATTENTIONS, FLEX_ATTENTION, FLEX_BLOCK, FLEX_MAX_QUERY, FLEX_ROWS, causal_pattern, flex_block_mask,
+    ATTENTIONS, FLEX_ATTENTION, FLEX_BLOCK, FLEX_MAX_QUERY, FLEX_MIN_SLOTS, FLEX_ROWS, causal_pattern, flex_block_mask,
     flex_or_sdpa, float32_scores, grouped_attention, grouped_flex, restore_output_capture, use_flex, visibility_bias)
 from .trees import Tree
 
@@ -247,7 +247,7 @@ class StaticLM:
     "sdpa" (an additive mask), "flex" (a BlockMask and FlexAttention for short steps) or
     "grouped" (`grouped_attention` for every step); the same logits up to rounding."""
 
-    def __init__(self, lm: VideoLM, options: dict | None, attention: str = "sdpa"):
+    def __init__(self, lm: VideoLM, options: dict | None, attention: str = "sdpa", grouped_up_to: int = 0):
         if attention not in ATTENTIONS:
             raise ValueError(f"unknown attention {attention!r}; choose one of {ATTENTIONS}.")
         self.spread = spread_over_devices(lm)
@@ -255,6 +255,7 @@ class StaticLM:
             raise ValueError("the fast path's FlexAttention mask lives on one device, and this model is spread over "
                              f"{sorted(map(str, set(lm.layer_devices)))}; use attention='sdpa' or 'grouped'.")
         self.lm, self.options, self.attention = lm, options, attention
+        self.grouped_up_to = grouped_up_to  # under "flex": a cache of at most this many slots takes "grouped"
         self.cache: SlotCache | None = None
         self.steps: dict[tuple[int, int], object] = {}
         self._move = None
@@ -342,10 +343,18 @@ class StaticLM:
         pattern = self.constant(("causal", width), lambda: causal_pattern(width))
         return self.step(tokens, list(range(first_position, first_position + len(tokens))), pattern)
 
+    @property
+    def step_attention(self) -> str:
+        """The attention the steps use: `attention`, but "grouped" for "flex" on a cache of at most
+        `grouped_up_to` slots (`FLEX_MIN_SLOTS`); fixed while the cache is (a new one, new steps)."""
+        if self.attention == "flex" and self.cache is not None and self.cache.capacity <= self.grouped_up_to:
+            return "grouped"
+        return self.attention
+
     def _step_fn(self, shape: tuple[int, int]):
         if shape not in self.steps:
             self.steps[shape] = self._compiled(functools.partial(step_logits, self.lm, self.cache,
-                                                                 attention=self.attention))
+                                                                 attention=self.step_attention))
         return self.steps[shape]
 
     def _compiled(self, fn, neutral=None):
@@ -458,11 +467,23 @@ def static_lm(lm: VideoLM, role: str, options: dict | None, attention: str | Non
     engines = _ENGINES.setdefault(lm, {})
     weights = weight_storage(lm)
     engine = engines.get(role)
+    grouped_up_to = flex_min_slots() if role == "draft" else 0
     if (engine is None or engine.options != options or engine.attention != attention
-            or engine.graphs != graphs_for(lm, options) or engine.weights != weights):
-        engines[role] = StaticLM(lm, options, attention)
+            or engine.graphs != graphs_for(lm, options) or engine.weights != weights
+            or engine.grouped_up_to != grouped_up_to):
+        engines[role] = StaticLM(lm, options, attention, grouped_up_to)
         engines[role].weights = weights
     return engines[role]
+
+
+def flex_min_slots() -> int:
+    """Under "flex", a draft cache of at most this many slots takes `grouped_attention`:
+    $SPECVLM_FLEX_MIN_SLOTS if set (0: never), else FLEX_MIN_SLOTS (`step_attention.py` has the
+    measurement). Drafts only (`static_lm`): a target keeps one kernel whatever its capacity."""
+    value = os.environ.get("SPECVLM_FLEX_MIN_SLOTS") or str(FLEX_MIN_SLOTS)
+    if not value.isdigit():
+        raise ValueError(f"SPECVLM_FLEX_MIN_SLOTS must be a whole number of slots (0 turns it off), got {value!r}.")
+    return int(value)
 
 
 def weight_storage(lm: VideoLM) -> tuple[int, ...]:
@@ -558,6 +579,7 @@ def capture_report(pair: Pair | None = None) -> dict:
             roles[role] = {
                 "compile": engine.options,
                 "attention": engine.attention,
+                "step_attention": engine.step_attention,  # "grouped" for a short draft cache under "flex"
                 "cuda_graphs": engine.graphs is not None,
                 "graphs": engine.graphs,
                 "capacity": engine.cache.capacity if engine.cache is not None else None,

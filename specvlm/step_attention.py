@@ -70,6 +70,15 @@ FLEX_ROWS = 128  # most query rows (rows x heads per KV head) one decode-kernel 
 # Measured again on an H100 through `grouped_flex` (heads split into decode-kernel calls), at 16k
 # the 7B's tree verification took 76 ms through flex and 10.3 ms through `grouped_attention`.
 FLEX_MAX_QUERY = 16
+# FlexAttention's split-KV decode pays on long caches only: a short one is read faster by
+# `grouped_attention`'s two matmuls, which launch fewer kernels. Under "flex" the fast path gives a
+# *draft* whose cache has at most this many slots to `grouped_attention` (`fast.flex_min_slots`;
+# $SPECVLM_FLEX_MIN_SLOTS overrides, 0 turns it off). Measured on the H100, one-token steps of the
+# 0.5B shape, attention alone per layer (benchmarks/attention_kernels.py): grouped 10 us at 1.6k
+# slots against FlexAttention's 15 us in the model's profile, 15 us at 3.6k, 20 us at 6k. Only the
+# draft: its rounding never reaches the output, where a target's kernel chosen by its capacity
+# could differ between AR and speculative runs (their capacities differ) and with it a token.
+FLEX_MIN_SLOTS = 3072
 
 
 def flex_block_mask(start: torch.Tensor, pattern: torch.Tensor, capacity: int, block: int = FLEX_BLOCK) -> BlockMask:

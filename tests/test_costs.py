@@ -272,11 +272,14 @@ def embedded():
 
 
 @pytest.mark.parametrize("kwargs", [{"k": 3}, {"tree": MC_SIM_7B_63}], ids=["chain", "tree"])
-def test_the_decoding_fast_path_with_flex_gives_the_plain_tokens(embedded, kwargs):
+@pytest.mark.parametrize("min_slots", ["0", ""], ids=["draft-flex", "draft-grouped"])
+def test_the_decoding_fast_path_with_flex_gives_the_plain_tokens(embedded, kwargs, min_slots, monkeypatch):
     """The embedded pair has 7 query heads per KV head, like the real checkpoints. Traced by
-    dynamo (backend "eager": no code generation) in one graph per step shape."""
+    dynamo (backend "eager": no code generation) in one graph per step shape; the draft's short
+    cache through FlexAttention too ($SPECVLM_FLEX_MIN_SLOTS=0) or, by default, `grouped_attention`."""
     from torch._dynamo.utils import counters
 
+    monkeypatch.setenv("SPECVLM_FLEX_MIN_SLOTS", min_slots)
     prompt = embedded.target.prepare(sv.sample_video("bikes", 2))
     reference = decoding.generate_sd(embedded, prompt, method="specvlm", ratio=0.9, max_new_tokens=16, **kwargs)
     torch._dynamo.reset()
@@ -286,6 +289,8 @@ def test_the_decoding_fast_path_with_flex_gives_the_plain_tokens(embedded, kwarg
     assert result.tokens == reference.tokens and result.accepted == reference.accepted
     report = fast.capture_report(embedded)
     assert report["models"]["target"]["attention"] == report["models"]["draft"]["attention"] == "flex"
+    assert report["models"]["target"]["step_attention"] == "flex"
+    assert report["models"]["draft"]["step_attention"] == ("flex" if min_slots == "0" else "grouped")
     assert report["graph_breaks"] == 0
     ar = fast.generate_fast(embedded, prompt, method="ar", max_new_tokens=16, compile=False, attention="flex")
     assert ar.tokens == decoding.generate_ar(embedded.target, prompt, 16).tokens
@@ -293,7 +298,9 @@ def test_the_decoding_fast_path_with_flex_gives_the_plain_tokens(embedded, kwarg
 
 def test_flex_serves_only_short_steps_and_wider_ones_take_the_grouped_attention(embedded, monkeypatch):
     """A tree verification (26 nodes) is wider than FLEX_MAX_QUERY: it gets the additive bias and
-    `grouped_attention`, in every layer; the shorter steps get a BlockMask."""
+    `grouped_attention`, in every layer; the shorter steps get a BlockMask (the draft's too: its
+    short cache would otherwise take `grouped_attention`, `fast.flex_min_slots`)."""
+    monkeypatch.setenv("SPECVLM_FLEX_MIN_SLOTS", "0")
     widths, grouped = [], []
     real_mask, real_grouped = fast.flex_block_mask, fast.grouped_attention
     monkeypatch.setattr(fast, "flex_block_mask", lambda start, pattern, capacity: widths.append(pattern.shape[0])

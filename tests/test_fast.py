@@ -4,6 +4,7 @@ counts, exactly; and the cache logic on its own."""
 import copy
 import functools
 import os
+import weakref
 
 import pytest
 import torch
@@ -220,16 +221,54 @@ def test_tree_on_the_embedded_pair(embedded, embedded_prompt, tree, method, rati
     assert_same(embedded, embedded_prompt, method=method, ratio=ratio, tree=tree, max_new_tokens=24)
 
 
-@pytest.mark.parametrize("clip,frames,method,ratio,tree", [
-    ("bikes", 2, "sd", 0.0, MC_SIM_7B_63), ("bikes", 2, "specvlm", 0.9, MC_SIM_7B_63),
-    ("bigbuckbunny", 4, "uniform", 0.5, MC_SIM_7B_63), ("bigbuckbunny", 4, "specvlm", 0.75, SMALL_TREE),
-    ("bikes", 6, "top", 0.9, chain(4)),
+@pytest.mark.parametrize("clip,frames,method,ratio,tree,min_slots", [
+    ("bikes", 2, "sd", 0.0, MC_SIM_7B_63, "0"), ("bikes", 2, "specvlm", 0.9, MC_SIM_7B_63, ""),
+    ("bigbuckbunny", 4, "uniform", 0.5, MC_SIM_7B_63, "0"), ("bigbuckbunny", 4, "specvlm", 0.75, SMALL_TREE, ""),
+    ("bikes", 6, "top", 0.9, chain(4), "0"),
 ])
-def test_flex_attention_on_the_embedded_pair(embedded, clip, frames, method, ratio, tree):
+def test_flex_attention_on_the_embedded_pair(embedded, clip, frames, method, ratio, tree, min_slots, monkeypatch):
     """attention="flex": short steps through FlexAttention, the 26-node verifications through
-    `grouped_attention`; the same tokens, accepted counts and cache lengths as the plain path."""
+    `grouped_attention`, the draft's short cache through either ($SPECVLM_FLEX_MIN_SLOTS=0: flex);
+    the same tokens, accepted counts and cache lengths as the plain path."""
+    monkeypatch.setenv("SPECVLM_FLEX_MIN_SLOTS", min_slots)
     prompt = embedded.target.prepare(sv.sample_video(clip, frames))
     assert_same(embedded, prompt, method=method, ratio=ratio, tree=tree, max_new_tokens=20, attention="flex")
+
+
+def test_under_flex_a_short_draft_cache_takes_the_grouped_attention(embedded, monkeypatch):
+    """Under "flex" a draft whose cache holds at most `fast.flex_min_slots()` slots runs every step
+    through `grouped_attention` (its rounding never reaches the output); a target keeps FlexAttention
+    whatever its capacity; $SPECVLM_FLEX_MIN_SLOTS moves the bound, and the engine follows it."""
+    steps = []  # (is the draft, the attention its step function was made with)
+    real = fast.step_logits
+    monkeypatch.setattr(fast, "_ENGINES", weakref.WeakKeyDictionary())  # no step function made before this test
+    monkeypatch.setattr(fast, "step_logits", lambda lm, cache, inputs, pattern, attention="sdpa":
+                        steps.append((lm is embedded.draft, attention)) or real(lm, cache, inputs, pattern, attention))
+    prompt = embedded.target.prepare(sv.sample_video("bikes", 2))
+    reference = decoding.generate_sd(embedded, prompt, method="specvlm", ratio=0.9, k=3, max_new_tokens=12)
+
+    def run(min_slots: str) -> dict[bool, set[str]]:
+        monkeypatch.setenv("SPECVLM_FLEX_MIN_SLOTS", min_slots)
+        steps.clear()
+        result = fast.generate_fast(embedded, prompt, method="specvlm", ratio=0.9, k=3, max_new_tokens=12,
+                                    compile=False, attention="flex")
+        assert result.tokens == reference.tokens and result.accepted == reference.accepted
+        return {role: {attention for draft, attention in steps if draft == role} for role in (True, False)}
+
+    assert run("") == {True: {"grouped"}, False: {"flex"}}  # the default bound, far above this small cache
+    capacity = fast.capture_report(embedded)["models"]["draft"]["capacity"]
+    assert capacity <= fast.FLEX_MIN_SLOTS
+    assert run(str(capacity)) == {True: {"grouped"}, False: {"flex"}}
+    assert run(str(capacity - 1)) == {True: {"flex"}, False: {"flex"}}
+    assert run("0") == {True: {"flex"}, False: {"flex"}}
+    assert run("100000") == {True: {"grouped"}, False: {"flex"}}  # never the target
+
+
+@pytest.mark.parametrize("value", ["-1", "many", "1.5"])
+def test_flex_min_slots_must_be_a_whole_number(value, monkeypatch):
+    monkeypatch.setenv("SPECVLM_FLEX_MIN_SLOTS", value)
+    with pytest.raises(ValueError, match="SPECVLM_FLEX_MIN_SLOTS"):
+        fast.flex_min_slots()
 
 
 @pytest.mark.parametrize("tree", [None, MC_SIM_7B_63], ids=["chain", "tree"])
