@@ -283,10 +283,15 @@ class StaticLM:
 
     def load(self, prefilled, capacity: int) -> None:
         """Copy a prefilled DynamicCache in, (re)allocating the static cache if it is missing,
-        too small or of another model shape (new buffers mean new graphs)."""
-        if self.cache is None or self.cache.capacity < capacity or not self.cache.fits(prefilled):
+        too small or of another model shape (new buffers mean new graphs), or if a cache of the
+        needed size would take "grouped" (`step_attention`) where this larger one does not: a
+        draft pruned harder than the last one must not keep that one's long FlexAttention cache."""
+        needed = round_up(capacity, 128)
+        shrink = (self.attention == "flex" and self.cache is not None
+                  and needed <= self.grouped_up_to < self.cache.capacity)
+        if self.cache is None or self.cache.capacity < capacity or not self.cache.fits(prefilled) or shrink:
             self.cache, self.steps, self._move = None, {}, None
-            self.cache = SlotCache.like(prefilled, round_up(capacity, 128))
+            self.cache = SlotCache.like(prefilled, needed)
         self.cache.load(prefilled)
 
     def constant(self, key, make) -> torch.Tensor:

@@ -263,6 +263,15 @@ def test_under_flex_a_short_draft_cache_takes_the_grouped_attention(embedded, mo
     assert run("0") == {True: {"flex"}, False: {"flex"}}
     assert run("100000") == {True: {"grouped"}, False: {"flex"}}  # never the target
 
+    # a draft pruned harder than the last run's gets a cache of its own size, and with it "grouped"
+    full = embedded.target.prepare(sv.sample_video("bikes", 2))
+    monkeypatch.setenv("SPECVLM_FLEX_MIN_SLOTS", str(capacity + 64))
+    fast.generate_fast(embedded, full, method="sd", k=3, max_new_tokens=12, compile=False, attention="flex")
+    assert fast.capture_report(embedded)["models"]["draft"]["step_attention"] == "flex"
+    assert fast.capture_report(embedded)["models"]["draft"]["capacity"] > capacity + 64
+    assert run(str(capacity + 64)) == {True: {"grouped"}, False: {"flex"}}
+    assert fast.capture_report(embedded)["models"]["draft"]["capacity"] == capacity
+
 
 @pytest.mark.parametrize("value", ["-1", "many", "1.5"])
 def test_flex_min_slots_must_be_a_whole_number(value, monkeypatch):
