@@ -220,7 +220,8 @@ def main(argv=None) -> int:
 
 
 # the environment variables that change how the fast path runs, written before a result's command
-FAST_PATH_ENVIRONMENT = ("SPECVLM_FAST_ATTENTION", "SPECVLM_CUDA_GRAPHS", "SPECVLM_FUSE_DRAFT", "SPECVLM_FLEX_MIN_SLOTS")
+FAST_PATH_ENVIRONMENT = ("SPECVLM_FAST_ATTENTION", "SPECVLM_CUDA_GRAPHS", "SPECVLM_FUSE_DRAFT", "SPECVLM_FLEX_MIN_SLOTS",
+                         "SPECVLM_SPLIT_MIN_SLOTS")
 
 
 def recorded_environment() -> str:

@@ -62,8 +62,9 @@ from .models import Pair, Prompt, VideoLM
 from .timeline import phase
 from . import pruning
 from .step_attention import (  # noqa: F401 (re-exported: fast.grouped_attention, fast.FLEX_MAX_QUERY, ...)
-    ATTENTIONS, FLEX_ATTENTION, FLEX_BLOCK, FLEX_MAX_QUERY, FLEX_MIN_SLOTS, FLEX_ROWS, causal_pattern, flex_block_mask,
-    flex_or_sdpa, float32_scores, grouped_attention, grouped_flex, restore_output_capture, use_flex, visibility_bias)
+    ATTENTIONS, FLEX_ATTENTION, FLEX_BLOCK, FLEX_MAX_QUERY, FLEX_MIN_SLOTS, FLEX_ROWS, SPLIT_MIN_SLOTS, causal_pattern,
+    flex_block_mask, flex_or_sdpa, float32_scores, grouped_attention, grouped_flex, restore_output_capture,
+    split_attention, use_flex, visibility_bias)
 from .trees import Tree
 
 # ----------------------------------------------------------------------------------------
@@ -219,15 +220,15 @@ class DraftLevels:
 
 @torch.no_grad()
 def step_logits(lm: VideoLM, cache: SlotCache, inputs: torch.Tensor, pattern: torch.Tensor,
-                attention: str = "sdpa") -> torch.Tensor:
+                attention: str = "sdpa", split: bool = False) -> torch.Tensor:
     """One forward of fixed shape: the function that gets compiled (one graph per shape).
 
     inputs: [2q + 2] long on the device = token ids [q], positions [q], write slot, mask start;
     pattern: [q, S] bool (see `visibility_bias`). Returns logits [1, q, V] (float32).
     attention "flex" passes the same visibility as a BlockMask (`flex_block_mask`) to steps of at
     most FLEX_MAX_QUERY tokens (a draft step, a chain verification) and as the bias, for
-    `grouped_attention`, to wider ones (a tree verification); "grouped" gives every step to
-    `grouped_attention`."""
+    `grouped_attention` (or, with `split`, `split_attention`), to wider ones (a tree verification);
+    "grouped" gives every step to `grouped_attention`."""
     q = pattern.shape[0]
     cache.position.copy_(inputs[2 * q])
     embeds = lm.model.get_input_embeddings()(inputs[:q].reshape(1, q))
@@ -237,6 +238,8 @@ def step_logits(lm: VideoLM, cache: SlotCache, inputs: torch.Tensor, pattern: to
     else:
         mask = visibility_bias(inputs[2 * q + 1], pattern, cache.capacity, lm.dtype)
         attention_kwargs = {} if attention == "sdpa" else {"grouped": True}
+        if attention == "flex" and split:
+            attention_kwargs["split"] = (inputs[2 * q + 1], pattern.shape[1])
     return lm.forward(embeds, lm.position_ids_for(inputs[q:2 * q]), cache, mask, **attention_kwargs)
 
 
@@ -247,7 +250,8 @@ class StaticLM:
     "sdpa" (an additive mask), "flex" (a BlockMask and FlexAttention for short steps) or
     "grouped" (`grouped_attention` for every step); the same logits up to rounding."""
 
-    def __init__(self, lm: VideoLM, options: dict | None, attention: str = "sdpa", grouped_up_to: int = 0):
+    def __init__(self, lm: VideoLM, options: dict | None, attention: str = "sdpa", grouped_up_to: int = 0,
+                 split_from: int | None = None):
         if attention not in ATTENTIONS:
             raise ValueError(f"unknown attention {attention!r}; choose one of {ATTENTIONS}.")
         self.spread = spread_over_devices(lm)
@@ -256,6 +260,8 @@ class StaticLM:
                              f"{sorted(map(str, set(lm.layer_devices)))}; use attention='sdpa' or 'grouped'.")
         self.lm, self.options, self.attention = lm, options, attention
         self.grouped_up_to = grouped_up_to  # under "flex": a cache of at most this many slots takes "grouped"
+        # under "flex": wide steps on a cache of at least this many slots take `split_attention` (0: never)
+        self.split_from = split_min_slots() if split_from is None else split_from
         self.cache: SlotCache | None = None
         self.steps: dict[tuple[int, int], object] = {}
         self._move = None
@@ -358,8 +364,9 @@ class StaticLM:
 
     def _step_fn(self, shape: tuple[int, int]):
         if shape not in self.steps:
+            split = 0 < self.split_from <= self.cache.capacity
             self.steps[shape] = self._compiled(functools.partial(step_logits, self.lm, self.cache,
-                                                                 attention=self.step_attention))
+                                                                 attention=self.step_attention, split=split))
         return self.steps[shape]
 
     def _compiled(self, fn, neutral=None):
@@ -475,7 +482,7 @@ def static_lm(lm: VideoLM, role: str, options: dict | None, attention: str | Non
     grouped_up_to = flex_min_slots() if role == "draft" else 0
     if (engine is None or engine.options != options or engine.attention != attention
             or engine.graphs != graphs_for(lm, options) or engine.weights != weights
-            or engine.grouped_up_to != grouped_up_to):
+            or engine.grouped_up_to != grouped_up_to or engine.split_from != split_min_slots()):
         engines[role] = StaticLM(lm, options, attention, grouped_up_to)
         engines[role].weights = weights
     return engines[role]
@@ -485,9 +492,20 @@ def flex_min_slots() -> int:
     """Under "flex", a draft cache of at most this many slots takes `grouped_attention`:
     $SPECVLM_FLEX_MIN_SLOTS if set (0: never), else FLEX_MIN_SLOTS (`step_attention.py` has the
     measurement). Drafts only (`static_lm`): a target keeps one kernel whatever its capacity."""
-    value = os.environ.get("SPECVLM_FLEX_MIN_SLOTS") or str(FLEX_MIN_SLOTS)
+    return _slots_setting("SPECVLM_FLEX_MIN_SLOTS", FLEX_MIN_SLOTS)
+
+
+def split_min_slots() -> int:
+    """Under "flex", steps wider than FLEX_MAX_QUERY on a cache of at least this many slots take
+    `split_attention`: $SPECVLM_SPLIT_MIN_SLOTS if set (0: never), else SPLIT_MIN_SLOTS. Only
+    speculative runs have such steps, so AR's kernels never depend on it."""
+    return _slots_setting("SPECVLM_SPLIT_MIN_SLOTS", SPLIT_MIN_SLOTS)
+
+
+def _slots_setting(name: str, default: int) -> int:
+    value = os.environ.get(name) or str(default)
     if not value.isdigit():
-        raise ValueError(f"SPECVLM_FLEX_MIN_SLOTS must be a whole number of slots (0 turns it off), got {value!r}.")
+        raise ValueError(f"{name} must be a whole number of slots (0 turns it off), got {value!r}.")
     return int(value)
 
 
@@ -585,6 +603,9 @@ def capture_report(pair: Pair | None = None) -> dict:
                 "compile": engine.options,
                 "attention": engine.attention,
                 "step_attention": engine.step_attention,  # "grouped" for a short draft cache under "flex"
+                # wide steps (tree verifications) through `split_attention` (under "flex", on a long cache)
+                "split_wide_steps": (engine.step_attention == "flex" and engine.cache is not None
+                                     and 0 < engine.split_from <= engine.cache.capacity),
                 "cuda_graphs": engine.graphs is not None,
                 "graphs": engine.graphs,
                 "capacity": engine.cache.capacity if engine.cache is not None else None,

@@ -161,6 +161,97 @@ def grouped_attention(query, key, value, bias, scale: float) -> torch.Tensor:
     return (probs @ value).view(batch, heads, q, dim)
 
 
+SPLIT_CHUNK = 512  # slots per chunk of `split_attention`'s flash part
+# Under "flex", a step wider than FLEX_MAX_QUERY (a tree verification) on a cache of at least this
+# many slots takes `split_attention` instead of `grouped_attention` (`fast.split_min_slots`;
+# $SPECVLM_SPLIT_MIN_SLOTS overrides, 0 turns it off). Measured on the H100, the 7B's 26-node
+# verification, attention alone over its 28 layers (figures/attention_kernels_*.json): 2.3 ms
+# through grouped_attention and 1.7 ms through split_attention at 12k slots, 3.1 and 1.7 ms at 16k,
+# 6.1 and 2.8 ms at 32k; at 1.6k slots the flash part's fixed cost made it 3x slower.
+SPLIT_MIN_SLOTS = 8192
+
+
+def split_attention(query, key, value, bias, start: torch.Tensor, span: int, scale: float,
+                    chunk: int = SPLIT_CHUNK) -> torch.Tensor:
+    """`grouped_attention`'s result, with the committed cache read by a flash kernel in chunks.
+
+    query [1, Hq, q, d], key/value [1, Hkv, K, d], bias [1, 1, q, K] (`visibility_bias` of `start`
+    and a [q, span] pattern), start: 0-d long tensor -> [1, Hq, q, d]. Every row sees every slot
+    before `start`; from `start` on, what the bias allows within `span` slots. The two parts are
+    computed apart, each with the log-sum-exp of its scores, and merged exactly:
+
+    1. the committed slots [0, start): the cache is cut into chunks of `chunk` slots (the last one
+       takes the rest of the capacity), each chunk a sequence of a variable-length flash kernel
+       whose used length is the part of the chunk before `start` (none for later chunks). No mask
+       is needed, the shapes are fixed whatever `start` is, and the chunks spread over the SMs as
+       a split-KV decode kernel spreads a long cache. The G = Hq / Hkv query heads of each KV head
+       are stacked as G*q rows, so each key is read once per chunk, not once per query head.
+    2. the step's own slots [start, start + span), through the bias's columns (float32 scores).
+
+    E.g. K = 2048, chunk 512, start 1300: chunks of 512, 512, 276 and 0 keys in part 1.
+    On CUDA in half precision part 1 is the flash kernel; elsewhere the same arithmetic in float32."""
+    batch, heads, q, dim = query.shape
+    kv_heads, slots = key.shape[1], key.shape[2]
+    if batch != 1:
+        raise ValueError(f"split_attention serves one sequence (the fast path's), got a batch of {batch}.")
+    groups, chunks = heads // kv_heads, max(1, slots // chunk)
+    rows = query.reshape(kv_heads, groups * q, dim)
+    steps = torch.arange(chunks + 1, device=query.device)
+    bounds = torch.where(steps == chunks, slots, steps * chunk)  # the last chunk takes the rest
+    used = torch.minimum((start - bounds[:-1]).clamp(min=0), bounds[1:] - bounds[:-1])  # [chunks]
+
+    # 1. the committed slots: [chunks, Hkv, G*q, d] and [chunks, Hkv, G*q]
+    longest = slots - (chunks - 1) * chunk  # the last chunk's slots
+    prefix_out, prefix_lse = chunked_prefix_attention(rows, key[0], value[0], bounds, used, longest, scale)
+    prefix_lse = prefix_lse.masked_fill((used == 0)[:, None, None], float("-inf"))
+
+    # 2. the step's own slots
+    raw = start + torch.arange(span, device=query.device)
+    index = raw.clamp(max=slots - 1)
+    own_bias = bias[0, 0].index_select(-1, index).float().masked_fill(raw >= slots, float("-inf"))
+    scores = float32_scores(rows[None], key.index_select(2, index))[0] * scale  # [Hkv, G*q, span]
+    scores = (scores.view(kv_heads, groups, q, span) + own_bias).view(kv_heads, groups * q, span)
+    own_lse = scores.logsumexp(-1)  # [Hkv, G*q]
+    own_out = (scores - own_lse[..., None]).exp().to(value.dtype) @ value[0].index_select(1, index)
+
+    # merge: each part weighted by its share of the whole softmax's denominator
+    top = torch.maximum(prefix_lse.amax(0), own_lse)
+    prefix_weight = (prefix_lse - top).exp()[..., None]  # [chunks, Hkv, G*q, 1]; 0 for unused chunks
+    own_weight = (own_lse - top).exp()[..., None]
+    total = (prefix_weight * prefix_out.float()).sum(0) + own_weight * own_out.float()
+    out = total / (prefix_weight.sum(0) + own_weight)
+    return out.to(value.dtype).view(1, heads, q, dim)
+
+
+def chunked_prefix_attention(rows, key, value, bounds, used, longest: int, scale: float):
+    """Unmasked attention of the same rows to the first `used[j]` keys of each chunk j.
+
+    rows [H, M, d]; key/value [H, K, d]; bounds [chunks + 1] long (chunk j = slots bounds[j] ..
+    bounds[j+1] - 1; `longest`: the most slots of one); used [chunks] long -> out [chunks, H, M, d] (value's dtype; zeros where
+    used is 0) and the log-sum-exp of each row's scaled scores [chunks, H, M] float32 (undefined
+    where used is 0). On CUDA in half precision: one call of the variable-length flash kernel,
+    chunk j a sequence of its own (`seqused_k`: only its first used[j] keys are read)."""
+    heads, m, dim = rows.shape
+    chunks = used.shape[0]
+    if rows.device.type == "cuda" and rows.dtype in (torch.float16, torch.bfloat16):
+        queries = rows.transpose(0, 1).expand(chunks, m, heads, dim).reshape(chunks * m, heads, dim)
+        query_bounds = torch.arange(chunks + 1, device=rows.device, dtype=torch.int32) * m
+        out, lse = torch.ops.aten._flash_attention_forward(
+            queries, key.transpose(0, 1), value.transpose(0, 1), query_bounds, bounds.to(torch.int32), m,
+            longest, 0.0, False, False, scale=scale, seqused_k=used.to(torch.int32))[:2]
+        return (out.view(chunks, m, heads, dim).transpose(1, 2),
+                lse[:, :chunks * m].reshape(heads, chunks, m).transpose(0, 1))
+    slots = key.shape[1]
+    slot = torch.arange(slots, device=rows.device)
+    chunk_of = (torch.searchsorted(bounds, slot, right=True) - 1).clamp(max=chunks - 1)  # [K]
+    member = (chunk_of == torch.arange(chunks, device=rows.device)[:, None]) & (slot - bounds[chunk_of] < used[chunk_of])
+    scores = (rows.float() @ key.float().transpose(-1, -2) * scale)[None]  # [1, H, M, K]
+    scores = scores.masked_fill(~member[:, None, None], float("-inf"))  # [chunks, H, M, K]
+    lse = scores.logsumexp(-1)
+    probs = torch.nan_to_num((scores - lse[..., None]).exp())  # rows of an unused chunk: zeros
+    return (probs @ value.float()).to(value.dtype), lse
+
+
 def float32_scores(rows: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
     """rows [B, H, M, d] @ key [B, H, K, d]^T -> [B, H, M, K] in float32. Half-precision inputs
     on CUDA go through the tensor cores with float32 output (`torch.bmm(out_dtype=)`, a CUDA
@@ -173,14 +264,17 @@ def float32_scores(rows: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
     return rows.float() @ key.float().transpose(-1, -2)
 
 
-def flex_or_sdpa(module, query, key, value, attention_mask, scaling=None, grouped=False, **kwargs):
+def flex_or_sdpa(module, query, key, value, attention_mask, scaling=None, grouped=False, split=None, **kwargs):
     """The attention function registered as FLEX_ATTENTION: FlexAttention when the mask is a
-    BlockMask (the fast path's short steps), `grouped_attention` when the step asks for it
-    (`grouped=True`: the fast path's wide steps), otherwise exactly the project's sdpa
+    BlockMask (the fast path's short steps), `split_attention` when the step passes
+    `split=(start, span)` (wide steps on long caches), `grouped_attention` when it asks for it
+    (`grouped=True`: the fast path's other wide steps), otherwise exactly the project's sdpa
     (verifier scores included), so prefills and the plain path are unchanged."""
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
     if isinstance(attention_mask, BlockMask):
         out = grouped_flex(query, key, value, attention_mask, scale)
+    elif split is not None:
+        out = split_attention(query, key, value, attention_mask, *split, scale)
     elif grouped:
         out = grouped_attention(query, key, value, attention_mask, scale)
     else:

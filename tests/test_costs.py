@@ -237,6 +237,29 @@ def test_grouped_attention_equals_sdpa_with_the_kv_heads_repeated(heads, kv_head
     torch.testing.assert_close(fast.grouped_attention(query, garbage, value, bias, scale=0.3), got)
 
 
+@pytest.mark.parametrize("chunk", [64, 100, 128, 4096])
+@pytest.mark.parametrize("start", [0, 1, 63, 64, 200, 300, 358])
+def test_split_attention_equals_the_grouped_attention(start, chunk):
+    """The committed slots in chunks (the last taking the rest; chunks past `start` unused), the
+    step's own slots apart, merged through the log-sum-exp: the whole softmax's result."""
+    heads, kv_heads, query_len, capacity = 28, 4, 26, 384
+    generator = torch.Generator().manual_seed(start + chunk)
+    pattern = (torch.rand(query_len, query_len, generator=generator) < 0.4) | torch.eye(query_len, dtype=torch.bool)
+    query = torch.randn(1, heads, query_len, 8, generator=generator)
+    key, value = (torch.randn(1, kv_heads, capacity, 8, generator=generator) for _ in range(2))
+    start = torch.tensor(start)
+    bias = fast.visibility_bias(start, pattern, capacity, torch.float32)
+    expected = fast.grouped_attention(query, key, value, bias, scale=0.3)
+    got = fast.split_attention(query, key, value, bias, start, query_len, scale=0.3, chunk=chunk)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    # a row must not depend on the slots it does not see
+    garbage = key.clone()
+    garbage[:, :, int(start) + query_len:] = 1e4
+    torch.testing.assert_close(fast.split_attention(query, garbage, value, bias, start, query_len, 0.3, chunk), got)
+    with pytest.raises(ValueError, match="one sequence"):
+        fast.split_attention(query.expand(2, -1, -1, -1), key, value, bias, start, query_len, 0.3, chunk)
+
+
 def test_float32_scores_of_half_precision_inputs_keep_their_shape_and_dtype():
     """bf16 on CUDA takes torch.bmm(out_dtype=float32) (its shapes checked here on the meta device,
     which has that kernel; on the GPU every benchmark run checks the tokens it leads to)."""

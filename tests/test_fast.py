@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import specvlm as sv
-from specvlm import decoding, fast, synthetic
+from specvlm import decoding, fast, step_attention, synthetic
 from specvlm.fast import DraftLevels, SlotCache, path_moves, visibility_bias
 from specvlm.trees import MC_SIM_7B_63, Tree, chain, tree_attention_bias
 
@@ -242,8 +242,9 @@ def test_under_flex_a_short_draft_cache_takes_the_grouped_attention(embedded, mo
     steps = []  # (is the draft, the attention its step function was made with)
     real = fast.step_logits
     monkeypatch.setattr(fast, "_ENGINES", weakref.WeakKeyDictionary())  # no step function made before this test
-    monkeypatch.setattr(fast, "step_logits", lambda lm, cache, inputs, pattern, attention="sdpa":
-                        steps.append((lm is embedded.draft, attention)) or real(lm, cache, inputs, pattern, attention))
+    monkeypatch.setattr(fast, "step_logits", lambda lm, cache, inputs, pattern, attention="sdpa", **kwargs:
+                        steps.append((lm is embedded.draft, attention)) or real(lm, cache, inputs, pattern, attention,
+                                                                                **kwargs))
     prompt = embedded.target.prepare(sv.sample_video("bikes", 2))
     reference = decoding.generate_sd(embedded, prompt, method="specvlm", ratio=0.9, k=3, max_new_tokens=12)
 
@@ -274,10 +275,42 @@ def test_under_flex_a_short_draft_cache_takes_the_grouped_attention(embedded, mo
 
 
 @pytest.mark.parametrize("value", ["-1", "many", "1.5"])
-def test_flex_min_slots_must_be_a_whole_number(value, monkeypatch):
-    monkeypatch.setenv("SPECVLM_FLEX_MIN_SLOTS", value)
-    with pytest.raises(ValueError, match="SPECVLM_FLEX_MIN_SLOTS"):
-        fast.flex_min_slots()
+@pytest.mark.parametrize("name", ["SPECVLM_FLEX_MIN_SLOTS", "SPECVLM_SPLIT_MIN_SLOTS"])
+def test_slot_bounds_must_be_whole_numbers(name, value, monkeypatch):
+    monkeypatch.setenv(name, value)
+    with pytest.raises(ValueError, match=name):
+        fast.flex_min_slots() if name == "SPECVLM_FLEX_MIN_SLOTS" else fast.split_min_slots()
+
+
+@pytest.mark.parametrize("bound", ["1", "0", ""], ids=["always", "never", "default"])
+def test_tree_verifications_on_a_long_cache_take_the_split_attention(embedded, bound, monkeypatch):
+    """Under "flex" a step wider than FLEX_MAX_QUERY (here the 26-node verification) on a cache of
+    at least `fast.split_min_slots()` slots goes to `split_attention`, in every layer; the tokens
+    and accepted counts stay the plain path's, with no graph break under dynamo. The embedded
+    pair's caches are far below the default bound."""
+    from torch._dynamo.utils import counters
+
+    monkeypatch.setenv("SPECVLM_SPLIT_MIN_SLOTS", bound)
+    widths = []
+    real = step_attention.split_attention
+    monkeypatch.setattr(step_attention, "split_attention", lambda query, *args: widths.append(query.shape[2])
+                        or real(query, *args))
+    prompt = embedded.target.prepare(sv.sample_video("bikes", 2))
+    reference = decoding.generate_sd(embedded, prompt, method="specvlm", ratio=0.5, tree=MC_SIM_7B_63,
+                                     max_new_tokens=16)
+    torch._dynamo.reset()
+    counters.clear()
+    result = fast.generate_fast(embedded, prompt, method="specvlm", ratio=0.5, tree=MC_SIM_7B_63, max_new_tokens=16,
+                                compile={"backend": "eager"}, attention="flex")
+    assert result.tokens == reference.tokens and result.accepted == reference.accepted
+    report = fast.capture_report(embedded)
+    assert report["graph_breaks"] == 0
+    assert report["models"]["target"]["split_wide_steps"] == (bound == "1")
+    layers = embedded.target.language_model.config.num_hidden_layers
+    if bound == "1":
+        assert set(widths) == {MC_SIM_7B_63.num_nodes} and len(widths) % layers == 0
+    else:
+        assert widths == []
 
 
 @pytest.mark.parametrize("tree", [None, MC_SIM_7B_63], ids=["chain", "tree"])
