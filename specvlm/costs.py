@@ -276,8 +276,10 @@ def fast_step(attention: str = "sdpa", compile=None):
     only the blocks up to the last visible slot, so one engine as large as the largest context
     (measure_costs times the largest first) serves them all, with no recompilation; steps wider
     than `fast.FLEX_MAX_QUERY` (the tree verification) take `fast.grouped_attention` under
-    "flex", which reads the whole capacity too, so they get their own engine, sized per context
-    like "sdpa"'s."""
+    "flex" (`fast.split_attention` from `fast.split_min_slots()` slots on), which reads the whole
+    capacity too, so they get their own engine, sized per context like "sdpa"'s. The engines here
+    serve no role, so a short cache under "flex" keeps FlexAttention (`fast.flex_min_slots` is a
+    draft's)."""
     if attention not in fast.ATTENTIONS:
         raise ValueError(f"unknown attention {attention!r}; choose one of {fast.ATTENTIONS}.")
 

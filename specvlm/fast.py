@@ -465,7 +465,8 @@ _TARGETS: weakref.WeakSet = weakref.WeakSet()  # the nn.Modules the fast path ha
 def static_lm(lm: VideoLM, role: str, options: dict | None, attention: str | None = None) -> StaticLM:
     """The `StaticLM` kept for `lm` in `role` ("target" or "draft": a model drafting for itself
     needs two caches). Made anew when the compile options, the CUDA-graph mode, the role's attention
-    (`fast_attention`) or the weights' storage (fusion, `.to()`) change.
+    (`fast_attention`), the slot bounds that pick a kernel by the cache's length (`flex_min_slots`, drafts
+    only; `split_min_slots`) or the weights' storage (fusion, `.to()`) change.
 
     Fusion (`fusion.py`): a draft's projections are fused where `fuse_draft` says so, unless the
     model has served as a target; a model fused as a draft is unfused before it serves as a target,
@@ -755,8 +756,10 @@ def generate_fast(pair: Pair, prompt: Prompt, method: str = "specvlm", ratio: fl
     fixed-shape steps: the same tokens and accepted counts, greedy only. `compile`: None ->
     compiled on CUDA only; True / False; or a torch.compile mode string. `attention`: "sdpa",
     "flex" (FlexAttention's split-KV decode kernel for short steps, `grouped_attention` for wide
-    ones) or "grouped" (`grouped_attention` for every step), or "target/draft" (e.g.
-    "flex/grouped"); None -> $SPECVLM_FAST_ATTENTION or "sdpa"."""
+    ones; by the cache's length, `grouped_attention` for a short draft cache and `split_attention`
+    for wide steps on a long one: `StaticLM.step_attention`, `split_min_slots`) or "grouped"
+    (`grouped_attention` for every step), or "target/draft" (e.g. "flex/grouped"); None ->
+    $SPECVLM_FAST_ATTENTION or "sdpa"."""
     if temperature:
         raise ValueError(f"generate_fast is greedy only (temperature 0), got temperature={temperature}; "
                          "use decoding.generate for sampling.")

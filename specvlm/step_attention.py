@@ -3,13 +3,15 @@ kernels that read them.
 
 A step of q tokens is written at slots [write, write + q) of a static cache of `capacity` slots;
 every row sees the committed slots before `start` and, among the step's own, what a [q, S] bool
-`pattern` allows (causal for a chain, ancestors for a tree). Three ways to compute it:
+`pattern` allows (causal for a chain, ancestors for a tree). Four ways to compute it:
 
 - `visibility_bias`: an additive mask [1, 1, q, capacity] for sdpa or `grouped_attention`;
 - `flex_block_mask`: the same rule as a FlexAttention BlockMask, whose decode kernel splits the
   visited blocks over the SMs and skips blocks no row sees (short steps);
 - `grouped_attention`: two batched matmuls around a float32 softmax, with the query heads of
-  each KV head stacked as rows, so grouped KV heads are read in place (wide steps).
+  each KV head stacked as rows, so grouped KV heads are read in place (wide steps; a short draft cache);
+- `split_attention`: the committed slots in chunks through the variable-length flash kernel, the
+  step's own slots apart, merged through the log-sum-exp (wide steps on a long cache).
 
 `flex_or_sdpa` is registered with transformers as FLEX_ATTENTION and picks among them per call;
 `use_flex(lm)` switches a model to it. `fast.py` builds the masks inside its compiled steps.
