@@ -362,11 +362,20 @@ class StaticLM:
             return "grouped"
         return self.attention
 
+    @property
+    def split_wide_steps(self) -> bool:
+        """Whether steps wider than FLEX_MAX_QUERY take `split_attention`: under "flex", on a cache of
+        at least `split_from` slots; on CUDA in half precision only (the flash kernel's), elsewhere
+        in float32 arithmetic (a CPU, for tests); float32 on CUDA keeps `grouped_attention`."""
+        flash = self.lm.device.type != "cuda" or self.lm.dtype in (torch.float16, torch.bfloat16)
+        return (self.step_attention == "flex" and self.cache is not None
+                and 0 < self.split_from <= self.cache.capacity and flash)
+
     def _step_fn(self, shape: tuple[int, int]):
         if shape not in self.steps:
-            split = 0 < self.split_from <= self.cache.capacity
             self.steps[shape] = self._compiled(functools.partial(step_logits, self.lm, self.cache,
-                                                                 attention=self.step_attention, split=split))
+                                                                 attention=self.step_attention,
+                                                                 split=self.split_wide_steps))
         return self.steps[shape]
 
     def _compiled(self, fn, neutral=None):
@@ -605,8 +614,7 @@ def capture_report(pair: Pair | None = None) -> dict:
                 "attention": engine.attention,
                 "step_attention": engine.step_attention,  # "grouped" for a short draft cache under "flex"
                 # wide steps (tree verifications) through `split_attention` (under "flex", on a long cache)
-                "split_wide_steps": (engine.step_attention == "flex" and engine.cache is not None
-                                     and 0 < engine.split_from <= engine.cache.capacity),
+                "split_wide_steps": engine.split_wide_steps,
                 "cuda_graphs": engine.graphs is not None,
                 "graphs": engine.graphs,
                 "capacity": engine.cache.capacity if engine.cache is not None else None,
