@@ -20,6 +20,7 @@ device-synchronised), and the first layer's output compared with `grouped_attent
 from __future__ import annotations
 
 import argparse
+import sys
 import statistics
 
 import torch
@@ -89,8 +90,8 @@ def measure(shape: str, context: int, pattern: torch.Tensor, repeats: int) -> li
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--step-contexts", type=int, nargs="+", default=[1024, 1638, 2560, 3584, 6144, 12288, 16384])
-    parser.add_argument("--tree-contexts", type=int, nargs="+", default=[1638, 6144, 12313, 16384, 32768])
+    parser.add_argument("--step-contexts", type=int, nargs="*", default=[1024, 1638, 2560, 3584, 6144, 12288, 16384])
+    parser.add_argument("--tree-contexts", type=int, nargs="*", default=[1638, 6144, 12313, 16384, 32768])
     parser.add_argument("--repeats", type=int, default=30)
     parser.add_argument("--out", default="figures/attention_kernels_{card}.json")
     args = parser.parse_args()
@@ -103,7 +104,7 @@ def main() -> None:
     for context in args.tree_contexts:
         rows += measure("llava-ov-7b", context, MC_SIM_7B_63.mask.cuda(), args.repeats)
     card = card_name(torch.device("cuda"))
-    result = {"card": card, "torch": torch.__version__, "date": __import__("datetime").date.today().isoformat(),
+    result = {"card": card, "torch": torch.__version__, "command": " ".join(["python", *sys.argv]), "date": __import__("datetime").date.today().isoformat(),
               "note": "attention alone, one step over every decoder layer, compiled and replayed from one CUDA "
                       "graph; random bf16 caches, one per layer; kv_floor_us: their bytes at 3.0 TB/s",
               "rows": rows}

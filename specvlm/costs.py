@@ -292,7 +292,7 @@ def fast_step(attention: str = "sdpa", compile=None):
         # a step wider than FLEX_MAX_QUERY takes the grouped masked attention even under "flex": it
         # reads its whole capacity, so it gets an engine of its own, sized for this context
         masked = attention != "flex" or query_len > fast.FLEX_MAX_QUERY
-        key = (attention, str(compile), masked)
+        key = (attention, str(compile), masked, fast.split_min_slots())
         engines = model.__dict__.setdefault("_specvlm_fast_engines", {})
         engine = engines.get(key)
         options = fast.compile_options(compile, model.device)

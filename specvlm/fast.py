@@ -290,12 +290,17 @@ class StaticLM:
     def load(self, prefilled, capacity: int) -> None:
         """Copy a prefilled DynamicCache in, (re)allocating the static cache if it is missing,
         too small or of another model shape (new buffers mean new graphs), or if a cache of the
-        needed size would take "grouped" (`step_attention`) where this larger one does not: a
-        draft pruned harder than the last one must not keep that one's long FlexAttention cache."""
+        needed size would take another kernel than this larger one ("grouped" for a short draft
+        cache, `step_attention`; `split_attention` for wide steps, `split_wide_steps`): a run's
+        kernels follow its own needs, not those of an earlier run with a longer video."""
         needed = round_up(capacity, 128)
         shrink = (self.attention == "flex" and self.cache is not None
                   and needed <= self.grouped_up_to < self.cache.capacity)
-        if self.cache is None or self.cache.capacity < capacity or not self.cache.fits(prefilled) or shrink:
+        # the wide steps' kernel follows this run's needs, not an earlier run's larger cache
+        split_flips = (self.split_from > 0 and self.cache is not None
+                       and (needed >= self.split_from) != (self.cache.capacity >= self.split_from))
+        if (self.cache is None or self.cache.capacity < capacity or not self.cache.fits(prefilled) or shrink
+                or split_flips):
             self.cache, self.steps, self._move = None, {}, None
             self.cache = SlotCache.like(prefilled, needed)
         self.cache.load(prefilled)
@@ -365,9 +370,12 @@ class StaticLM:
     @property
     def split_wide_steps(self) -> bool:
         """Whether steps wider than FLEX_MAX_QUERY take `split_attention`: under "flex", on a cache of
-        at least `split_from` slots; on CUDA in half precision only (the flash kernel's), elsewhere
-        in float32 arithmetic (a CPU, for tests); float32 on CUDA keeps `grouped_attention`."""
-        flash = self.lm.device.type != "cuda" or self.lm.dtype in (torch.float16, torch.bfloat16)
+        at least `split_from` slots; on CUDA in half precision on a card the flash kernel serves
+        (compute capability 8.0 or newer) only, elsewhere in float32 arithmetic (a CPU, for tests);
+        otherwise `grouped_attention`."""
+        device = self.lm.device
+        flash = device.type != "cuda" or (self.lm.dtype in (torch.float16, torch.bfloat16)
+                                          and torch.cuda.get_device_capability(device) >= (8, 0))
         return (self.step_attention == "flex" and self.cache is not None
                 and 0 < self.split_from <= self.cache.capacity and flash)
 

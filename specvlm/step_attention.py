@@ -75,11 +75,12 @@ FLEX_MAX_QUERY = 16
 # FlexAttention's split-KV decode pays on long caches only: a short one is read faster by
 # `grouped_attention`'s two matmuls, which launch fewer kernels. Under "flex" the fast path gives a
 # *draft* whose cache has at most this many slots to `grouped_attention` (`fast.flex_min_slots`;
-# $SPECVLM_FLEX_MIN_SLOTS overrides, 0 turns it off). Measured on the H100, one-token steps of the
-# 0.5B shape, attention alone per layer (benchmarks/attention_kernels.py): grouped 10 us at 1.6k
-# slots against FlexAttention's 15 us in the model's profile, 15 us at 3.6k, 20 us at 6k. Only the
-# draft: its rounding never reaches the output, where a target's kernel chosen by its capacity
-# could differ between AR and speculative runs (their capacities differ) and with it a token.
+# $SPECVLM_FLEX_MIN_SLOTS overrides, 0 turns it off). Measured on the H100, one-token steps,
+# attention alone over all layers (figures/attention_kernels_*.json), grouped / FlexAttention:
+# 0.5B shape 294 / 342 us at 1,638 slots, 332 / 399 at 3,584, 461 / 415 at 6,144; 7B shape (a
+# model drafting for itself) 336 / 339 at 1,638, 387 / 357 at 2,560. Only the draft: its rounding
+# never reaches the output, where a target's one-token kernel chosen by its capacity could differ
+# between AR and speculative runs (their capacities differ) and with it a token.
 FLEX_MIN_SLOTS = 3072
 
 
@@ -169,7 +170,8 @@ SPLIT_CHUNK = 512  # slots per chunk of `split_attention`'s flash part
 # $SPECVLM_SPLIT_MIN_SLOTS overrides, 0 turns it off). Measured on the H100, the 7B's 26-node
 # verification, attention alone over its 28 layers (figures/attention_kernels_*.json): 2.3 ms
 # through grouped_attention and 1.7 ms through split_attention at 12k slots, 3.1 and 1.7 ms at 16k,
-# 6.1 and 2.8 ms at 32k; at 1.6k slots the flash part's fixed cost made it 3x slower.
+# 6.1 and 2.8 ms at 32k. At 1.6k slots the flash part's fixed cost made it about three times slower
+# (an exploratory run of the same comparison, not in that file).
 SPLIT_MIN_SLOTS = 8192
 
 
@@ -205,7 +207,9 @@ def split_attention(query, key, value, bias, start: torch.Tensor, span: int, sca
     # 1. the committed slots: [chunks, Hkv, G*q, d] and [chunks, Hkv, G*q]
     longest = slots - (chunks - 1) * chunk  # the last chunk's slots
     prefix_out, prefix_lse = chunked_prefix_attention(rows, key[0], value[0], bounds, used, longest, scale)
-    prefix_lse = prefix_lse.masked_fill((used == 0)[:, None, None], float("-inf"))
+    unused = (used == 0)[:, None, None]
+    prefix_lse = prefix_lse.masked_fill(unused, float("-inf"))  # the flash kernel writes +inf there
+    prefix_out = prefix_out.masked_fill(unused[..., None], 0)
 
     # 2. the step's own slots
     raw = start + torch.arange(span, device=query.device)
@@ -230,8 +234,8 @@ def chunked_prefix_attention(rows, key, value, bounds, used, longest: int, scale
 
     rows [H, M, d]; key/value [H, K, d]; bounds [chunks + 1] long (chunk j = slots bounds[j] ..
     bounds[j+1] - 1; `longest`: the most slots of one); used [chunks] long -> out [chunks, H, M, d] (value's dtype; zeros where
-    used is 0) and the log-sum-exp of each row's scaled scores [chunks, H, M] float32 (undefined
-    where used is 0). On CUDA in half precision: one call of the variable-length flash kernel,
+    used is 0) and the log-sum-exp of each row's scaled scores [chunks, H, M] float32 (+inf where
+    used is 0, as the flash kernel writes it for an empty sequence). On CUDA in half precision: one call of the variable-length flash kernel,
     chunk j a sequence of its own (`seqused_k`: only its first used[j] keys are read)."""
     heads, m, dim = rows.shape
     chunks = used.shape[0]
@@ -251,7 +255,8 @@ def chunked_prefix_attention(rows, key, value, bounds, used, longest: int, scale
     scores = scores.masked_fill(~member[:, None, None], float("-inf"))  # [chunks, H, M, K]
     lse = scores.logsumexp(-1)
     probs = torch.nan_to_num((scores - lse[..., None]).exp())  # rows of an unused chunk: zeros
-    return (probs @ value.float()).to(value.dtype), lse
+    # an unused chunk's log-sum-exp as the flash kernel writes it (+inf): the caller must mask it
+    return (probs @ value.float()).to(value.dtype), lse.masked_fill((used == 0)[:, None, None], float("inf"))
 
 
 def float32_scores(rows: torch.Tensor, key: torch.Tensor) -> torch.Tensor:

@@ -274,6 +274,29 @@ def test_under_flex_a_short_draft_cache_takes_the_grouped_attention(embedded, mo
     assert fast.capture_report(embedded)["models"]["draft"]["capacity"] == capacity
 
 
+def test_the_wide_steps_kernel_follows_each_runs_own_cache(embedded, monkeypatch):
+    """A target keeps its static cache across runs while it is large enough, but the kernel of its
+    wide steps follows the run's own needs: after a long video, a short one whose cache would fall
+    below the split bound gets a cache of its own size and `grouped_attention` again."""
+    long, short = (embedded.target.prepare(sv.sample_video("bikes", frames)) for frames in (6, 2))
+    sizes = {}
+    for name, prompt in (("long", long), ("short", short)):
+        monkeypatch.setenv("SPECVLM_SPLIT_MIN_SLOTS", "0")
+        monkeypatch.setattr(fast, "_ENGINES", weakref.WeakKeyDictionary())  # each run's own size
+        fast.generate_fast(embedded, prompt, method="sd", tree=MC_SIM_7B_63, max_new_tokens=8, compile=False,
+                           attention="flex")
+        sizes[name] = fast.capture_report(embedded)["models"]["target"]["capacity"]
+    assert sizes["short"] < sizes["long"]
+    monkeypatch.setenv("SPECVLM_SPLIT_MIN_SLOTS", str(sizes["long"]))
+    for prompt, capacity, split in ((long, sizes["long"], True), (short, sizes["short"], False), (long, sizes["long"], True)):
+        reference = decoding.generate_sd(embedded, prompt, method="sd", tree=MC_SIM_7B_63, max_new_tokens=8)
+        result = fast.generate_fast(embedded, prompt, method="sd", tree=MC_SIM_7B_63, max_new_tokens=8, compile=False,
+                                    attention="flex")
+        assert result.tokens == reference.tokens and result.accepted == reference.accepted
+        target = fast.capture_report(embedded)["models"]["target"]
+        assert (target["capacity"], target["split_wide_steps"]) == (capacity, split)
+
+
 @pytest.mark.parametrize("value", ["-1", "many", "1.5"])
 @pytest.mark.parametrize("name", ["SPECVLM_FLEX_MIN_SLOTS", "SPECVLM_SPLIT_MIN_SLOTS"])
 def test_slot_bounds_must_be_whole_numbers(name, value, monkeypatch):
