@@ -171,7 +171,8 @@ SPLIT_CHUNK = 512  # slots per chunk of `split_attention`'s flash part
 # verification, attention alone over its 28 layers (figures/attention_kernels_*.json): 2.3 ms
 # through grouped_attention and 1.7 ms through split_attention at 12k slots, 3.1 and 1.7 ms at 16k,
 # 6.1 and 2.8 ms at 32k. At 1.6k slots the flash part's fixed cost made it about three times slower
-# (an exploratory run of the same comparison, not in that file).
+# (an exploratory run of the same comparison, not in that file); between 1.6k and 12k slots it is not
+# measured, so the bound is a guess.
 SPLIT_MIN_SLOTS = 8192
 
 
