@@ -290,17 +290,11 @@ class StaticLM:
     def load(self, prefilled, capacity: int) -> None:
         """Copy a prefilled DynamicCache in, (re)allocating the static cache if it is missing,
         too small or of another model shape (new buffers mean new graphs), or if a cache of the
-        needed size would take another kernel than this larger one ("grouped" for a short draft
-        cache, `step_attention`; `split_attention` for wide steps, `split_wide_steps`): a run's
-        kernels follow its own needs, not those of an earlier run with a longer video."""
+        needed size would take other kernels than this larger one (`kernels`): a run's kernels
+        follow its own needs, not those of an earlier run with a longer video."""
         needed = round_up(capacity, 128)
-        shrink = (self.attention == "flex" and self.cache is not None
-                  and needed <= self.grouped_up_to < self.cache.capacity)
-        # the wide steps' kernel follows this run's needs, not an earlier run's larger cache
-        split_flips = (self.split_from > 0 and self.cache is not None
-                       and (needed >= self.split_from) != (self.cache.capacity >= self.split_from))
-        if (self.cache is None or self.cache.capacity < capacity or not self.cache.fits(prefilled) or shrink
-                or split_flips):
+        if (self.cache is None or self.cache.capacity < capacity or not self.cache.fits(prefilled)
+                or self.kernels(needed) != self.kernels(self.cache.capacity)):
             self.cache, self.steps, self._move = None, {}, None
             self.cache = SlotCache.like(prefilled, needed)
         self.cache.load(prefilled)
@@ -359,31 +353,33 @@ class StaticLM:
         pattern = self.constant(("causal", width), lambda: causal_pattern(width))
         return self.step(tokens, list(range(first_position, first_position + len(tokens))), pattern)
 
-    @property
-    def step_attention(self) -> str:
-        """The attention the steps use: `attention`, but "grouped" for "flex" on a cache of at most
-        `grouped_up_to` slots (`FLEX_MIN_SLOTS`); fixed while the cache is (a new one, new steps)."""
-        if self.attention == "flex" and self.cache is not None and self.cache.capacity <= self.grouped_up_to:
-            return "grouped"
-        return self.attention
-
-    @property
-    def split_wide_steps(self) -> bool:
-        """Whether steps wider than FLEX_MAX_QUERY take `split_attention`: under "flex", on a cache of
-        at least `split_from` slots; on CUDA in half precision on a card the flash kernel serves
-        (compute capability 8.0 or newer) only, elsewhere in float32 arithmetic (a CPU, for tests);
-        otherwise `grouped_attention`."""
+    def kernels(self, capacity: int) -> tuple[str, bool]:
+        """(attention, split) for the steps on a cache of `capacity` slots: `attention`, but
+        "grouped" for "flex" at most `grouped_up_to` slots (a short draft cache, FLEX_MIN_SLOTS);
+        split: whether steps wider than FLEX_MAX_QUERY take `split_attention` (under "flex", from
+        `split_from` slots on; on CUDA only in half precision on a card its flash kernel serves,
+        compute capability 8.0 or newer; on a CPU in float32 arithmetic, for tests)."""
+        attention = "grouped" if self.attention == "flex" and capacity <= self.grouped_up_to else self.attention
         device = self.lm.device
         flash = device.type != "cuda" or (self.lm.dtype in (torch.float16, torch.bfloat16)
                                           and torch.cuda.get_device_capability(device) >= (8, 0))
-        return (self.step_attention == "flex" and self.cache is not None
-                and 0 < self.split_from <= self.cache.capacity and flash)
+        return attention, attention == "flex" and 0 < self.split_from <= capacity and flash
+
+    @property
+    def step_attention(self) -> str:
+        """The attention the steps on the current cache use (`kernels`)."""
+        return self.attention if self.cache is None else self.kernels(self.cache.capacity)[0]
+
+    @property
+    def split_wide_steps(self) -> bool:
+        """Whether the wide steps on the current cache take `split_attention` (`kernels`)."""
+        return self.cache is not None and self.kernels(self.cache.capacity)[1]
 
     def _step_fn(self, shape: tuple[int, int]):
         if shape not in self.steps:
+            attention, split = self.kernels(self.cache.capacity)
             self.steps[shape] = self._compiled(functools.partial(step_logits, self.lm, self.cache,
-                                                                 attention=self.step_attention,
-                                                                 split=self.split_wide_steps))
+                                                                 attention=attention, split=split))
         return self.steps[shape]
 
     def _compiled(self, fn, neutral=None):
@@ -509,7 +505,8 @@ def static_lm(lm: VideoLM, role: str, options: dict | None, attention: str | Non
 def flex_min_slots() -> int:
     """Under "flex", a draft cache of at most this many slots takes `grouped_attention`:
     $SPECVLM_FLEX_MIN_SLOTS if set (0: never), else FLEX_MIN_SLOTS (`step_attention.py` has the
-    measurement). Drafts only (`static_lm`): a target keeps one kernel whatever its capacity."""
+    measurement). Drafts only (`static_lm`): a target's one-token and chain steps keep one kernel
+    whatever its capacity."""
     return _slots_setting("SPECVLM_FLEX_MIN_SLOTS", FLEX_MIN_SLOTS)
 
 
