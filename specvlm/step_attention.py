@@ -218,8 +218,7 @@ def split_attention(query, key, value, bias, start: torch.Tensor, span: int, sca
     own_bias = bias[0, 0].index_select(-1, index).float().masked_fill(raw >= slots, float("-inf"))
     scores = float32_scores(rows[None], key.index_select(2, index))[0] * scale  # [Hkv, G*q, span]
     scores = (scores.view(kv_heads, groups, q, span) + own_bias).view(kv_heads, groups * q, span)
-    own_lse = scores.logsumexp(-1)  # [Hkv, G*q]
-    own_out = (scores - own_lse[..., None]).exp().to(value.dtype) @ value[0].index_select(1, index)
+    own_out, own_lse = softmax_with_lse(scores, value[0].index_select(1, index))  # [Hkv, G*q, d], [Hkv, G*q]
 
     # merge: each part weighted by its share of the whole softmax's denominator
     top = torch.maximum(prefix_lse.amax(0), own_lse)
@@ -234,10 +233,11 @@ def chunked_prefix_attention(rows, key, value, bounds, used, longest: int, scale
     """Unmasked attention of the same rows to the first `used[j]` keys of each chunk j.
 
     rows [H, M, d]; key/value [H, K, d]; bounds [chunks + 1] long (chunk j = slots bounds[j] ..
-    bounds[j+1] - 1; `longest`: the most slots of one); used [chunks] long -> out [chunks, H, M, d] (value's dtype; zeros where
-    used is 0) and the log-sum-exp of each row's scaled scores [chunks, H, M] float32 (+inf where
-    used is 0, as the flash kernel writes it for an empty sequence). On CUDA in half precision: one call of the variable-length flash kernel,
-    chunk j a sequence of its own (`seqused_k`: only its first used[j] keys are read)."""
+    bounds[j+1] - 1; `longest`: the most slots of one); used [chunks] long -> out [chunks, H, M, d]
+    (value's dtype; zeros where used is 0) and the log-sum-exp of each row's scaled scores
+    [chunks, H, M] float32 (+inf where used is 0, as the flash kernel writes it for an empty
+    sequence). On CUDA in half precision: one call of the variable-length flash kernel, chunk j a
+    sequence of its own (`seqused_k`: only its first used[j] keys are read)."""
     heads, m, dim = rows.shape
     chunks = used.shape[0]
     if rows.device.type == "cuda" and rows.dtype in (torch.float16, torch.bfloat16):
@@ -254,10 +254,20 @@ def chunked_prefix_attention(rows, key, value, bounds, used, longest: int, scale
     member = (chunk_of == torch.arange(chunks, device=rows.device)[:, None]) & (slot - bounds[chunk_of] < used[chunk_of])
     scores = (rows.float() @ key.float().transpose(-1, -2) * scale)[None]  # [1, H, M, K]
     scores = scores.masked_fill(~member[:, None, None], float("-inf"))  # [chunks, H, M, K]
-    lse = scores.logsumexp(-1)
-    probs = torch.nan_to_num((scores - lse[..., None]).exp())  # rows of an unused chunk: zeros
+    out, lse = softmax_with_lse(scores, value)
     # an unused chunk's log-sum-exp as the flash kernel writes it (+inf): the caller must mask it
-    return (probs @ value.float()).to(value.dtype), lse.masked_fill((used == 0)[:, None, None], float("inf"))
+    return out, lse.masked_fill((used == 0)[:, None, None], float("inf"))
+
+
+def softmax_with_lse(scores: torch.Tensor, value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """softmax(scores) @ value and the log-sum-exp of each row of scores.
+
+    scores [..., M, K] float32 (-inf where unseen), value [..., K, d] -> out [..., M, d] (value's
+    dtype; the probabilities rounded to it first, as flash does), lse [..., M]. A row that sees
+    nothing gets zeros (its lse is -inf)."""
+    lse = scores.logsumexp(-1)
+    probs = torch.nan_to_num((scores - lse[..., None]).exp())
+    return probs.to(value.dtype) @ value, lse
 
 
 def float32_scores(rows: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
