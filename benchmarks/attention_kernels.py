@@ -1,10 +1,10 @@
 """Run on a GPU: the fast path's attention kernels alone, at the language-model shapes of
 LLaVA-OneVision 7B and 0.5B, against the length of the cache.
 
-- One-token steps (a draft step, an AR step): FlexAttention's split-KV decode kernel
-  (`grouped_flex`, its block mask built once per step as in the model) against
-  `grouped_attention` (two batched matmuls around a float32 softmax). This sets
-  `step_attention.FLEX_MIN_SLOTS`.
+- One-token steps (a draft step, an AR step) and a draft's widest tree level: FlexAttention's
+  split-KV decode kernel (`grouped_flex`, its block mask built once per step as in the model),
+  `grouped_attention` (two batched matmuls around a float32 softmax) and `flash_decode` (the
+  project's Triton split-KV kernel, attention "flash"). This sets `step_attention.FLEX_MIN_SLOTS`.
 - The 26-node tree verification: `grouped_attention` against `split_attention` (the committed
   cache read in chunks by the variable-length flash kernel, the step's own slots apart, merged
   through the log-sum-exp). This sets `step_attention.SPLIT_MIN_SLOTS`.
@@ -25,17 +25,22 @@ import statistics
 
 import torch
 
+from specvlm import flash_decode as fd
 from specvlm import step_attention as sa
 from specvlm.bench import card_name, save
 from specvlm.costs import lm_config
-from specvlm.fast import round_up
+from specvlm.fast import DraftLevels, round_up
 from specvlm.trees import MC_SIM_7B_63
 
-def kernels(q: int) -> dict:
-    """name -> fn(query, key, value, bias, block_mask, start, span, scale) for a step of q rows."""
+def kernels(pattern: torch.Tensor) -> dict:
+    """name -> fn(query, key, value, bias, block_mask, start, span, scale) for a step of pattern's rows."""
+    q = pattern.shape[0]
     out = {"grouped": lambda Q, K, V, bias, mask, start, span, scale: sa.grouped_attention(Q, K, V, bias, scale)}
     if q <= sa.FLEX_MAX_QUERY:
         out["flex"] = lambda Q, K, V, bias, mask, start, span, scale: sa.grouped_flex(Q, K, V, mask, scale)
+        # the [1, q, Hq, d] layout the output projection reads, as the model's flex_or_sdpa returns it
+        out["flash"] = lambda Q, K, V, bias, mask, start, span, scale: fd.flash_decode(Q, K, V, start, pattern,
+                                                                                        scale).transpose(1, 2)
     else:
         for chunk in (512, 1024):
             out[f"split-{chunk}"] = (lambda Q, K, V, bias, mask, start, span, scale, chunk=chunk:
@@ -58,7 +63,7 @@ def measure(shape: str, context: int, pattern: torch.Tensor, repeats: int) -> li
     bias = sa.visibility_bias(start, pattern, capacity, torch.float32)
     exact = sa.grouped_attention(query.float(), caches[0][0].float(), caches[0][1].float(), bias, scale)
     rows = []
-    for name, fn in kernels(q).items():
+    for name, fn in kernels(pattern).items():
         def step(query, start, fn=fn, flex=name == "flex"):  # the masks once per step, as in the model
             bias = sa.visibility_bias(start, pattern, capacity, torch.bfloat16)
             mask = sa.flex_block_mask(start, pattern, capacity) if flex else None
@@ -91,6 +96,8 @@ def measure(shape: str, context: int, pattern: torch.Tensor, repeats: int) -> li
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--step-contexts", type=int, nargs="*", default=[1024, 1638, 2560, 3584, 6144, 12288, 16384])
+    parser.add_argument("--level-contexts", type=int, nargs="*", default=[1638, 6144],
+                        help="the 0.5B draft's widest level of the 26-node tree")
     parser.add_argument("--tree-contexts", type=int, nargs="*", default=[1638, 6144, 12313, 16384, 32768])
     parser.add_argument("--repeats", type=int, default=30)
     parser.add_argument("--out", default="figures/attention_kernels_{card}.json")
@@ -98,9 +105,13 @@ def main() -> None:
     torch._dynamo.config.recompile_limit = 64
     one = torch.ones(1, 1, dtype=torch.bool, device="cuda")
     rows = []
+    level = DraftLevels.of(MC_SIM_7B_63)
+    widest = max(range(len(level.patterns)), key=lambda i: level.patterns[i].shape[0])
     for context in args.step_contexts:
         rows += measure("llava-ov-0.5b", context, one, args.repeats)
         rows += measure("llava-ov-7b", context, one, args.repeats)
+    for context in args.level_contexts:
+        rows += measure("llava-ov-0.5b", context, level.patterns[widest].cuda(), args.repeats)
     for context in args.tree_contexts:
         rows += measure("llava-ov-7b", context, MC_SIM_7B_63.mask.cuda(), args.repeats)
     card = card_name(torch.device("cuda"))

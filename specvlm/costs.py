@@ -333,7 +333,8 @@ def fast_step(attention: str = "sdpa", compile=None):
 
 
 PATHS = {"eager": transformers_step("eager"), "sdpa": transformers_step("sdpa"),
-         "fast": fast_step("sdpa"), "fast-flex": fast_step("flex"), "fast-grouped": fast_step("grouped")}
+         "fast": fast_step("sdpa"), "fast-flex": fast_step("flex"), "fast-flash": fast_step("flash"),
+         "fast-grouped": fast_step("grouped")}
 
 
 def _sync(device) -> None:

@@ -60,7 +60,7 @@ from .fusion import changes as fusion_changes
 from .fusion import fuse_projections, is_fused, unfuse_projections
 from .models import Pair, Prompt, VideoLM
 from .timeline import phase
-from . import pruning
+from . import flash_decode, pruning
 from .step_attention import (  # noqa: F401 (re-exported: fast.grouped_attention, fast.FLEX_MAX_QUERY, ...)
     ATTENTIONS, FLEX_ATTENTION, FLEX_BLOCK, FLEX_MAX_QUERY, FLEX_MIN_SLOTS, FLEX_ROWS, SPLIT_MIN_SLOTS, causal_pattern,
     flex_block_mask, flex_or_sdpa, float32_scores, grouped_attention, grouped_flex, restore_output_capture,
@@ -228,7 +228,8 @@ def step_logits(lm: VideoLM, cache: SlotCache, inputs: torch.Tensor, pattern: to
     attention "flex" passes the same visibility as a BlockMask (`flex_block_mask`) to steps of at
     most FLEX_MAX_QUERY tokens (a draft step, a chain verification) and as the bias, for
     `grouped_attention` (or, with `split`, `split_attention`), to wider ones (a tree verification);
-    "grouped" gives every step to `grouped_attention`."""
+    "flash" gives the short steps to `flash_decode` (start and pattern themselves) and the wide
+    ones to the same kernels as "flex"; "grouped" gives every step to `grouped_attention`."""
     q = pattern.shape[0]
     cache.position.copy_(inputs[2 * q])
     embeds = lm.model.get_input_embeddings()(inputs[:q].reshape(1, q))
@@ -237,9 +238,12 @@ def step_logits(lm: VideoLM, cache: SlotCache, inputs: torch.Tensor, pattern: to
         mask = flex_block_mask(inputs[2 * q + 1], pattern, cache.capacity)
     else:
         mask = visibility_bias(inputs[2 * q + 1], pattern, cache.capacity, lm.dtype)
-        attention_kwargs = {} if attention == "sdpa" else {"grouped": True}
-        if attention == "flex" and split:
-            attention_kwargs["split"] = (inputs[2 * q + 1], pattern.shape[1])
+        if attention == "flash" and q <= FLEX_MAX_QUERY:  # the kernel reads start and pattern; the bias goes unused
+            attention_kwargs = {"decode": (inputs[2 * q + 1], pattern)}
+        elif attention != "sdpa":
+            attention_kwargs = {"grouped": True}
+            if attention in ("flex", "flash") and split:
+                attention_kwargs["split"] = (inputs[2 * q + 1], pattern.shape[1])
     return lm.forward(embeds, lm.position_ids_for(inputs[q:2 * q]), cache, mask, **attention_kwargs)
 
 
@@ -258,6 +262,9 @@ class StaticLM:
         if self.spread and attention == "flex":
             raise ValueError("the fast path's FlexAttention mask lives on one device, and this model is spread over "
                              f"{sorted(map(str, set(lm.layer_devices)))}; use attention='sdpa' or 'grouped'.")
+        if attention == "flash" and not flash_decode.available(lm.device):
+            raise ValueError(f"attention 'flash' runs a Triton kernel on a CUDA card of compute capability 8.0 or "
+                             f"newer, and {lm.device} is not one (or Triton is missing); use 'flex' or 'grouped'.")
         self.lm, self.options, self.attention = lm, options, attention
         self.grouped_up_to = grouped_up_to  # under "flex": a cache of at most this many slots takes "grouped"
         # under "flex": wide steps on a cache of at least this many slots take `split_attention` (0: never)
@@ -356,14 +363,14 @@ class StaticLM:
     def kernels(self, capacity: int) -> tuple[str, bool]:
         """(attention, split) for the steps on a cache of `capacity` slots: `attention`, but
         "grouped" for "flex" at most `grouped_up_to` slots (a short draft cache, FLEX_MIN_SLOTS);
-        split: whether steps wider than FLEX_MAX_QUERY take `split_attention` (under "flex", from
+        split: whether steps wider than FLEX_MAX_QUERY take `split_attention` (under "flex" or "flash", from
         `split_from` slots on; on CUDA only in half precision on a card its flash kernel serves,
         compute capability 8.0 or newer; on a CPU in float32 arithmetic, for tests)."""
         attention = "grouped" if self.attention == "flex" and capacity <= self.grouped_up_to else self.attention
         device = self.lm.device
         flash = device.type != "cuda" or (self.lm.dtype in (torch.float16, torch.bfloat16)
                                           and torch.cuda.get_device_capability(device) >= (8, 0))
-        return attention, attention == "flex" and 0 < self.split_from <= capacity and flash
+        return attention, attention in ("flex", "flash") and 0 < self.split_from <= capacity and flash
 
     @property
     def step_attention(self) -> str:

@@ -28,6 +28,7 @@ from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from .attention import sdpa_with_scores
+from .flash_decode import flash_decode
 
 # ----------------------------------------------------------------------------------------
 # masks: which cached slots each row of a step sees
@@ -282,13 +283,18 @@ def float32_scores(rows: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
     return rows.float() @ key.float().transpose(-1, -2)
 
 
-def flex_or_sdpa(module, query, key, value, attention_mask, scaling=None, grouped=False, split=None, **kwargs):
+def flex_or_sdpa(module, query, key, value, attention_mask, scaling=None, grouped=False, split=None, decode=None,
+                 **kwargs):
     """The attention function registered as FLEX_ATTENTION: FlexAttention when the mask is a
-    BlockMask (the fast path's short steps), `split_attention` when the step passes
-    `split=(start, span)` (wide steps on long caches), `grouped_attention` when it asks for it
-    (`grouped=True`: the fast path's other wide steps), otherwise exactly the project's sdpa
+    BlockMask (the fast path's short steps), `flash_decode` when the step passes
+    `decode=(start, pattern)` (short steps under attention "flash"), `split_attention` when it
+    passes `split=(start, span)` (wide steps on long caches), `grouped_attention` when it asks for
+    it (`grouped=True`: the fast path's other wide steps), otherwise exactly the project's sdpa
     (verifier scores included), so prefills and the plain path are unchanged."""
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+    if decode is not None:
+        start, pattern = (t.to(key.device) for t in decode)  # a model spread over cards: this layer's
+        return flash_decode(query, key, value, start, pattern, scale), None
     if isinstance(attention_mask, BlockMask):
         out = grouped_flex(query, key, value, attention_mask, scale)
     elif split is not None:
@@ -303,8 +309,9 @@ def flex_or_sdpa(module, query, key, value, attention_mask, scaling=None, groupe
 AttentionInterface.register(FLEX_ATTENTION, flex_or_sdpa)
 AttentionMaskInterface.register(FLEX_ATTENTION, sdpa_mask)
 # "sdpa": masked sdpa for every step; "flex": FlexAttention for short steps, `grouped_attention`
-# for wide ones; "grouped": `grouped_attention` for every step (no split-KV kernel, fewer kernels)
-ATTENTIONS = ("sdpa", "flex", "grouped")
+# for wide ones; "flash": `flash_decode` (Triton) for short steps, wide ones as under "flex";
+# "grouped": `grouped_attention` for every step (no split-KV kernel, fewer kernels)
+ATTENTIONS = ("sdpa", "flex", "flash", "grouped")
 
 
 def restore_output_capture() -> None:

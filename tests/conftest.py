@@ -2,6 +2,11 @@
 through `from_pretrained` (built once per test session)."""
 
 import copy
+import os
+
+# `flash_decode`'s Triton kernels run on a CPU only in Triton's interpreter, which Triton picks
+# when a kernel is defined (at import): on before specvlm is imported. Nothing else here uses Triton.
+os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import numpy as np
 import pytest

@@ -1,0 +1,171 @@
+"""Flash-decoding in Triton: attention for a short step on a static cache, split over the key axis.
+
+A draft step of q tokens (q = 1 for a chain, a tree level's width, the catch-up feed) reads a
+cache of a few thousand slots. Its attention is a small amount of work spread thin: the
+`grouped_attention` of `step_attention.py` launches three kernels per layer (scores, softmax,
+values) and FlexAttention's decode kernel about eight (padding, its reductions, layout copies);
+on a 0.5B draft either costs ten to fourteen microseconds a layer for a cache whose bytes take
+half a microsecond. Here it is two kernels:
+
+1. `_flash_decode_partials`, one program per (KV head, split of the cache): the G query heads that share
+   the KV head are stacked as G*q rows (each key is read once), and the program runs the online
+   softmax over its split's visible slots, writing a float32 partial output and the log-sum-exp
+   of its scores per row;
+2. `_flash_decode_merge`, one program per KV head: the partial outputs weighted by their share of the
+   whole softmax's denominator (through the log-sum-exps), written straight into the layout the
+   output projection reads, [1, q, Hq, d].
+
+Visibility is `step_attention.visibility_bias`'s rule, evaluated inside the kernel from `start`
+(a 0-d tensor: the committed slots every row sees) and the [q, S] bool `pattern` of the step's own
+slots, so nothing is built over the whole capacity and the shapes never depend on `start`: one
+CUDA graph serves every step of the same shape. Programs whose split lies past the visible slots
+end at once.
+
+Needs Triton (it comes with CUDA builds of torch). On a CPU the kernels run in Triton's
+interpreter when $TRITON_INTERPRET=1 is set before this module is imported (the tests do); the
+fast path gives them CUDA steps only (`available`).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # a build of torch without Triton: `available` says no
+    triton = None
+
+BLOCK_N = 64  # slots per tile of the inner loop (a multiple of 16, as tl.dot needs)
+TARGET_PROGRAMS = 128  # programs (KV heads x splits) to aim for: about one per SM of an H100
+
+
+# Triton decides when a kernel is defined, so this is read once, at import
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def available(device: torch.device) -> bool:
+    """Whether the fast path may use `flash_decode` on `device`: Triton is importable and the
+    device is a CUDA card of compute capability 8.0+ (where Triton's bfloat16 dot runs), or a CPU
+    while Triton's interpreter is on (for tests: slow, exact in float32)."""
+    device = torch.device(device)
+    if triton is None:
+        return False
+    if device.type == "cuda":
+        return torch.cuda.get_device_capability(device) >= (8, 0)
+    return device.type == "cpu" and INTERPRETED
+
+
+def split_size(capacity: int, kv_heads: int, block: int = BLOCK_N) -> int:
+    """Slots per split: about TARGET_PROGRAMS programs over the KV heads, a whole number of tiles.
+    split_size(1792, 2) -> 64 (28 splits); split_size(12416, 4) -> 448 (28 splits)."""
+    wanted = -(-capacity // max(1, TARGET_PROGRAMS // kv_heads))
+    return -(-wanted // block) * block
+
+
+if triton is not None:
+
+    @triton.jit
+    def _flash_decode_partials(q_ptr, k_ptr, v_ptr, pattern_ptr, start_ptr, out_ptr, lse_ptr,
+                               stride_qh, stride_qs, stride_kh, stride_ks, stride_vh, stride_vs, scale, capacity,
+                               ROWS: tl.constexpr, STEP: tl.constexpr, GROUPS: tl.constexpr, WIDTH: tl.constexpr,
+                               SPLIT: tl.constexpr, SPLITS: tl.constexpr, BLOCK_R: tl.constexpr,
+                               BLOCK_N: tl.constexpr, DIM: tl.constexpr):
+        head = tl.program_id(0)
+        split = tl.program_id(1)
+        start = tl.load(start_ptr)
+        rows = tl.arange(0, BLOCK_R)  # row r: query head head*GROUPS + r // STEP, step row r % STEP
+        dims = tl.arange(0, DIM)
+        real = rows < ROWS
+        where_q = (head * GROUPS + rows // STEP)[:, None] * stride_qh + (rows % STEP)[:, None] * stride_qs
+        query = tl.load(q_ptr + where_q + dims[None, :], mask=real[:, None], other=0.0)
+        top = tl.full([BLOCK_R], float("-inf"), tl.float32)  # running max of the scores
+        total = tl.zeros([BLOCK_R], tl.float32)  # running sum of exp(score - top)
+        acc = tl.zeros([BLOCK_R, DIM], tl.float32)
+        first = split * SPLIT
+        end = tl.minimum(tl.minimum(first + SPLIT, start + WIDTH), capacity)
+        for lo in range(first, end, BLOCK_N):
+            cols = lo + tl.arange(0, BLOCK_N)
+            inside = cols < end
+            keys = tl.load(k_ptr + head * stride_kh + cols[:, None] * stride_ks + dims[None, :],
+                           mask=inside[:, None], other=0.0)
+            scores = tl.dot(query, tl.trans(keys)) * scale  # [BLOCK_R, BLOCK_N] float32
+            own = cols - start  # the step's own slots: 0 <= own < WIDTH
+            mine = inside & (own >= 0)
+            seen = tl.load(pattern_ptr + (rows % STEP)[:, None] * WIDTH + own[None, :],
+                           mask=real[:, None] & mine[None, :], other=0)
+            visible = (inside & (cols < start))[None, :] | (seen != 0)
+            scores = tl.where(visible, scores, float("-inf"))
+            new_top = tl.maximum(top, tl.max(scores, 1))
+            base = tl.where(new_top == float("-inf"), 0.0, new_top)  # a row that has seen nothing yet
+            probs = tl.exp(scores - base[:, None])
+            rescale = tl.exp(top - base)
+            total = total * rescale + tl.sum(probs, 1)
+            values = tl.load(v_ptr + head * stride_vh + cols[:, None] * stride_vs + dims[None, :],
+                             mask=inside[:, None], other=0.0)
+            acc = acc * rescale[:, None] + tl.dot(probs.to(values.dtype), values)
+            top = new_top
+        seen_any = total > 0
+        lse = tl.where(seen_any, top + tl.log(tl.where(seen_any, total, 1.0)), float("-inf"))
+        where = (head * SPLITS + split) * BLOCK_R + rows
+        tl.store(lse_ptr + where, lse)
+        tl.store(out_ptr + where[:, None] * DIM + dims[None, :], acc / tl.where(seen_any, total, 1.0)[:, None])
+
+    @triton.jit
+    def _flash_decode_merge(part_ptr, lse_ptr, out_ptr, stride_os, stride_oh,
+                      ROWS: tl.constexpr, STEP: tl.constexpr, GROUPS: tl.constexpr, SPLITS: tl.constexpr,
+                      BLOCK_R: tl.constexpr, DIM: tl.constexpr):
+        head = tl.program_id(0)
+        rows = tl.arange(0, BLOCK_R)
+        dims = tl.arange(0, DIM)
+        top = tl.full([BLOCK_R], float("-inf"), tl.float32)
+        total = tl.zeros([BLOCK_R], tl.float32)
+        acc = tl.zeros([BLOCK_R, DIM], tl.float32)
+        for split in range(SPLITS):
+            where = (head * SPLITS + split) * BLOCK_R + rows
+            lse = tl.load(lse_ptr + where)
+            new_top = tl.maximum(top, lse)
+            base = tl.where(new_top == float("-inf"), 0.0, new_top)
+            rescale = tl.exp(top - base)
+            weight = tl.exp(lse - base)
+            total = total * rescale + weight
+            acc = acc * rescale[:, None] + weight[:, None] * tl.load(part_ptr + where[:, None] * DIM + dims[None, :])
+            top = new_top
+        out = acc / tl.where(total > 0, total, 1.0)[:, None]
+        # row r of KV head h: query head h*GROUPS + r // STEP, step row r % STEP
+        target = (rows % STEP)[:, None] * stride_os + (head * GROUPS + rows // STEP)[:, None] * stride_oh + dims[None, :]
+        tl.store(out_ptr + target, out.to(out_ptr.dtype.element_ty), mask=(rows < ROWS)[:, None])
+
+
+def flash_decode(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, start: torch.Tensor,
+                 pattern: torch.Tensor, scale: float) -> torch.Tensor:
+    """Attention of a q-token step to a static cache, as `visibility_bias(start, pattern)` masks it.
+
+    query [1, Hq, q, d], key/value [1, Hkv, K, d] (any strides with a contiguous last axis);
+    start: 0-d long tensor (slots before it are committed: every row sees them); pattern [q, S]
+    bool (row r sees slot start + j if pattern[r, j]) -> [1, q, Hq, d] in value's dtype (the layout
+    the output projection reads). Every row must see at least one slot. d must be a power of two
+    of at least 16; Hq a multiple of Hkv."""
+    batch, heads, q, dim = query.shape
+    kv_heads, capacity = key.shape[1], key.shape[2]
+    if batch != 1:
+        raise ValueError(f"flash_decode serves one sequence (the fast path's), got a batch of {batch}.")
+    if triton is None:
+        raise RuntimeError("flash_decode needs Triton (it comes with CUDA builds of torch).")
+    groups, rows = heads // kv_heads, heads // kv_heads * q
+    block_rows = max(16, triton.next_power_of_2(rows))
+    split = split_size(capacity, kv_heads)
+    splits = -(-capacity // split)
+    partial = torch.empty(kv_heads, splits, block_rows, dim, dtype=torch.float32, device=query.device)
+    lse = torch.empty(kv_heads, splits, block_rows, dtype=torch.float32, device=query.device)
+    out = torch.empty(1, q, heads, dim, dtype=value.dtype, device=query.device)
+    _flash_decode_partials[(kv_heads, splits)](
+        query, key, value, pattern.contiguous(), start, partial, lse, query.stride(1), query.stride(2),
+        key.stride(1), key.stride(2), value.stride(1), value.stride(2), scale, capacity,
+        ROWS=rows, STEP=q, GROUPS=groups, WIDTH=pattern.shape[1], SPLIT=split, SPLITS=splits,
+        BLOCK_R=block_rows, BLOCK_N=BLOCK_N, DIM=dim)
+    _flash_decode_merge[(kv_heads,)](partial, lse, out, out.stride(1), out.stride(2),
+                               ROWS=rows, STEP=q, GROUPS=groups, SPLITS=splits, BLOCK_R=block_rows, DIM=dim)
+    return out

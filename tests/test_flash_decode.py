@@ -1,0 +1,85 @@
+"""`flash_decode`: the Triton split-KV kernel for short steps (attention "flash"), run on the CPU
+in Triton's interpreter (conftest turns it on), against `grouped_attention` with the same
+visibility, and inside the fast path against the plain path's tokens."""
+
+import pytest
+import torch
+
+import specvlm as sv
+from specvlm import fast, flash_decode as fd, step_attention as sa
+from specvlm.trees import MC_SIM_7B_63, chain
+
+from .test_fast import SMALL_TREE, assert_same, embedded  # noqa: F401 (a fixture)
+
+pytestmark = pytest.mark.skipif(not fd.available(torch.device("cpu")), reason="needs Triton's interpreter")
+
+
+def reference(query, key, value, start, pattern, scale):
+    bias = sa.visibility_bias(start, pattern, key.shape[2], torch.float32)
+    return sa.grouped_attention(query, key, value, bias, scale).transpose(1, 2)
+
+
+@pytest.mark.parametrize("heads,kv_heads,dim,q,capacity,start,width", [
+    (14, 2, 64, 1, 320, 200, 1),  # a draft step: 7 query heads per KV head, one row each
+    (14, 2, 64, 6, 384, 150, 6),  # a catch-up feed, causal
+    (8, 4, 32, 5, 256, 17, 9),  # a tree level: its pattern spans more slots than it has rows
+    (4, 1, 16, 3, 130, 0, 3),  # nothing committed yet; a capacity that is no whole number of tiles
+    (6, 2, 16, 2, 192, 126, 2),  # the step's own slots straddle two tiles
+    (4, 2, 16, 16, 4096, 3000, 16),  # many splits, most of them past the visible slots
+])
+def test_flash_decode_equals_grouped_attention(heads, kv_heads, dim, q, capacity, start, width):
+    generator = torch.Generator().manual_seed(capacity + start)
+    query = torch.randn(1, q, heads, dim, generator=generator).transpose(1, 2)  # as the layers hand it over
+    key, value = (torch.randn(1, kv_heads, capacity, dim, generator=generator) for _ in range(2))
+    pattern = torch.rand(q, width, generator=generator) < 0.5
+    pattern[torch.arange(q), torch.arange(q)] = True  # every row sees itself
+    start = torch.tensor(start)
+    out = fd.flash_decode(query, key, value, start, pattern, dim ** -0.5)
+    assert out.shape == (1, q, heads, dim)
+    torch.testing.assert_close(out, reference(query, key, value, start, pattern, dim ** -0.5), atol=1e-5, rtol=1e-5)
+
+
+def test_flash_decode_reads_nothing_past_the_visible_slots():
+    """Garbage (here: NaN) in slots no row sees never reaches the output: later splits end at once,
+    and masked tiles are never loaded."""
+    generator = torch.Generator().manual_seed(0)
+    query = torch.randn(1, 4, 2, 16, generator=generator)
+    key, value = (torch.randn(1, 2, 512, 16, generator=generator) for _ in range(2))
+    start, pattern = torch.tensor(100), torch.tensor([[True, False], [True, True]])
+    expected = reference(query, key, value, start, pattern, 0.25)
+    key[:, :, 102:], value[:, :, 102:] = float("nan"), float("nan")
+    torch.testing.assert_close(fd.flash_decode(query, key, value, start, pattern, 0.25), expected)
+
+
+def test_flash_decode_takes_one_sequence():
+    query, key = torch.zeros(2, 4, 1, 16), torch.zeros(2, 2, 64, 16)
+    with pytest.raises(ValueError, match="one sequence"):
+        fd.flash_decode(query, key, key, torch.tensor(3), torch.ones(1, 1, dtype=torch.bool), 0.25)
+
+
+@pytest.mark.parametrize("split_at,capacity,kv_heads", [(64, 1792, 2), (448, 12416, 4), (64, 64, 1), (64, 100, 8)])
+def test_split_size_spreads_the_cache_over_about_one_program_per_sm(split_at, capacity, kv_heads):
+    assert fd.split_size(capacity, kv_heads) == split_at
+    assert split_at % fd.BLOCK_N == 0
+
+
+@pytest.mark.parametrize("clip,frames,method,ratio,tree,attention", [
+    ("bikes", 2, "specvlm", 0.9, MC_SIM_7B_63, "flash"), ("bigbuckbunny", 4, "sd", 0.0, SMALL_TREE, "flex/flash"),
+    ("bikes", 6, "top", 0.75, chain(4), "flash"), ("bikes", 2, "ar", 0.0, None, "flash"),
+])
+def test_flash_attention_on_the_embedded_pair(embedded, clip, frames, method, ratio, tree, attention):
+    """attention="flash": short steps (AR, draft steps, feeds, tree levels, chain verifications)
+    through `flash_decode`, wide ones as under "flex"; the plain path's tokens and accepted counts."""
+    prompt = embedded.target.prepare(sv.sample_video(clip, frames))
+    options = {"method": method, "attention": attention}
+    if method != "ar":
+        options.update(ratio=ratio, tree=tree)
+    assert_same(embedded, prompt, max_new_tokens=20, **options)
+    draft = fast.capture_report(embedded)["models"]["draft" if method != "ar" else "target"]
+    assert draft["step_attention"] == "flash"
+
+
+def test_flash_needs_a_card_that_runs_it(embedded, monkeypatch):
+    monkeypatch.setattr(fd, "INTERPRETED", False)
+    with pytest.raises(ValueError, match="compute capability 8.0"):
+        fast.StaticLM(embedded.draft, None, "flash")
