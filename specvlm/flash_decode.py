@@ -69,8 +69,9 @@ if triton is not None:
 
     @triton.jit
     def _flash_decode_partials(q_ptr, k_ptr, v_ptr, pattern_ptr, start_ptr, out_ptr, lse_ptr,
-                               stride_qh, stride_qs, stride_kh, stride_ks, stride_vh, stride_vs, scale, capacity,
-                               ROWS: tl.constexpr, STEP: tl.constexpr, GROUPS: tl.constexpr, WIDTH: tl.constexpr,
+                               stride_qh, stride_qs, stride_kh, stride_ks, stride_vh, stride_vs, capacity,
+                               SCALE: tl.constexpr, ROWS: tl.constexpr, STEP: tl.constexpr, GROUPS: tl.constexpr,
+                               WIDTH: tl.constexpr,
                                SPLIT: tl.constexpr, SPLITS: tl.constexpr, BLOCK_R: tl.constexpr,
                                BLOCK_N: tl.constexpr, DIM: tl.constexpr):
         head = tl.program_id(0)
@@ -91,7 +92,7 @@ if triton is not None:
             inside = cols < end
             keys = tl.load(k_ptr + head * stride_kh + cols[:, None] * stride_ks + dims[None, :],
                            mask=inside[:, None], other=0.0)
-            scores = tl.dot(query, tl.trans(keys)) * scale  # [BLOCK_R, BLOCK_N] float32
+            scores = tl.dot(query, tl.trans(keys)) * SCALE  # [BLOCK_R, BLOCK_N] float32
             own = cols - start  # the step's own slots: 0 <= own < WIDTH
             mine = inside & (own >= 0)
             seen = tl.load(pattern_ptr + (rows % STEP)[:, None] * WIDTH + own[None, :],
@@ -163,8 +164,8 @@ def flash_decode(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, st
     out = torch.empty(1, q, heads, dim, dtype=value.dtype, device=query.device)
     _flash_decode_partials[(kv_heads, splits)](
         query, key, value, pattern.contiguous(), start, partial, lse, query.stride(1), query.stride(2),
-        key.stride(1), key.stride(2), value.stride(1), value.stride(2), scale, capacity,
-        ROWS=rows, STEP=q, GROUPS=groups, WIDTH=pattern.shape[1], SPLIT=split, SPLITS=splits,
+        key.stride(1), key.stride(2), value.stride(1), value.stride(2), capacity,
+        SCALE=scale, ROWS=rows, STEP=q, GROUPS=groups, WIDTH=pattern.shape[1], SPLIT=split, SPLITS=splits,
         BLOCK_R=block_rows, BLOCK_N=BLOCK_N, DIM=dim)
     _flash_decode_merge[(kv_heads,)](partial, lse, out, out.stride(1), out.stride(2),
                                ROWS=rows, STEP=q, GROUPS=groups, SPLITS=splits, BLOCK_R=block_rows, DIM=dim)
