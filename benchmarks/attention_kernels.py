@@ -48,7 +48,7 @@ def kernels(pattern: torch.Tensor) -> dict:
     return out
 
 
-def measure(shape: str, context: int, pattern: torch.Tensor, repeats: int) -> list[dict]:
+def measure(shape: str, context: int, pattern: torch.Tensor, repeats: int, only=()) -> list[dict]:
     config = lm_config(shape)
     heads, kv_heads, layers = config.num_attention_heads, config.num_key_value_heads, config.num_hidden_layers
     dim = config.hidden_size // heads
@@ -64,6 +64,8 @@ def measure(shape: str, context: int, pattern: torch.Tensor, repeats: int) -> li
     exact = sa.grouped_attention(query.float(), caches[0][0].float(), caches[0][1].float(), bias, scale)
     rows = []
     for name, fn in kernels(pattern).items():
+        if only and name not in only:
+            continue
         def step(query, start, fn=fn, flex=name == "flex"):  # the masks once per step, as in the model
             bias = sa.visibility_bias(start, pattern, capacity, torch.bfloat16)
             mask = sa.flex_block_mask(start, pattern, capacity) if flex else None
@@ -96,6 +98,8 @@ def measure(shape: str, context: int, pattern: torch.Tensor, repeats: int) -> li
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--step-contexts", type=int, nargs="*", default=[1024, 1638, 2560, 3584, 6144, 12288, 16384])
+    parser.add_argument("--step-shapes", nargs="*", default=["llava-ov-0.5b", "llava-ov-7b"])
+    parser.add_argument("--kernels", nargs="*", default=[], help="only these (default: every one that applies)")
     parser.add_argument("--level-contexts", type=int, nargs="*", default=[1638, 6144],
                         help="the 0.5B draft's widest level of the 26-node tree")
     parser.add_argument("--tree-contexts", type=int, nargs="*", default=[1638, 6144, 12313, 16384, 32768])
@@ -108,12 +112,12 @@ def main() -> None:
     level = DraftLevels.of(MC_SIM_7B_63)
     widest = max(range(len(level.patterns)), key=lambda i: level.patterns[i].shape[0])
     for context in args.step_contexts:
-        rows += measure("llava-ov-0.5b", context, one, args.repeats)
-        rows += measure("llava-ov-7b", context, one, args.repeats)
+        for shape in args.step_shapes:
+            rows += measure(shape, context, one, args.repeats, args.kernels)
     for context in args.level_contexts:
-        rows += measure("llava-ov-0.5b", context, level.patterns[widest].cuda(), args.repeats)
+        rows += measure("llava-ov-0.5b", context, level.patterns[widest].cuda(), args.repeats, args.kernels)
     for context in args.tree_contexts:
-        rows += measure("llava-ov-7b", context, MC_SIM_7B_63.mask.cuda(), args.repeats)
+        rows += measure("llava-ov-7b", context, MC_SIM_7B_63.mask.cuda(), args.repeats, args.kernels)
     card = card_name(torch.device("cuda"))
     result = {"card": card, "torch": torch.__version__, "command": " ".join(["python", *sys.argv]), "date": __import__("datetime").date.today().isoformat(),
               "note": "attention alone, one step over every decoder layer, compiled and replayed from one CUDA "

@@ -11,9 +11,9 @@ half a microsecond. Here it is two kernels:
    the KV head are stacked as G*q rows (each key is read once), and the program runs the online
    softmax over its split's visible slots, writing a float32 partial output and the log-sum-exp
    of its scores per row;
-2. `_flash_decode_merge`, one program per KV head: the partial outputs weighted by their share of the
-   whole softmax's denominator (through the log-sum-exps), written straight into the layout the
-   output projection reads, [1, q, Hq, d].
+2. `_flash_decode_merge`, one program per row: its partial outputs, all splits at once, weighted by
+   their share of the whole softmax's denominator (through the log-sum-exps), written straight
+   into the layout the output projection reads, [1, q, Hq, d].
 
 Visibility is `step_attention.visibility_bias`'s rule, evaluated inside the kernel from `start`
 (a 0-d tensor: the committed slots every row sees) and the [q, S] bool `pattern` of the step's own
@@ -39,7 +39,8 @@ except ImportError:  # a build of torch without Triton: `available` says no
     triton = None
 
 BLOCK_N = 64  # slots per tile of the inner loop (a multiple of 16, as tl.dot needs)
-TARGET_PROGRAMS = 128  # programs (KV heads x splits) to aim for: about one per SM of an H100
+TARGET_PROGRAMS = 256  # programs (KV heads x splits) to aim for: two per SM of an H100, one wave
+MAX_SPLITS = 64  # the merge reads every split of a row at once
 
 
 # Triton decides when a kernel is defined, so this is read once, at import
@@ -59,9 +60,11 @@ def available(device: torch.device) -> bool:
 
 
 def split_size(capacity: int, kv_heads: int, block: int = BLOCK_N) -> int:
-    """Slots per split: about TARGET_PROGRAMS programs over the KV heads, a whole number of tiles.
-    split_size(1792, 2) -> 64 (28 splits); split_size(12416, 4) -> 448 (28 splits)."""
-    wanted = -(-capacity // max(1, TARGET_PROGRAMS // kv_heads))
+    """Slots per split: about TARGET_PROGRAMS programs over the KV heads, at most MAX_SPLITS splits,
+    a whole number of tiles. split_size(1792, 2) -> 64 (28 splits of one tile);
+    split_size(12416, 4) -> 256 (49 splits of four tiles)."""
+    splits = min(MAX_SPLITS, max(1, TARGET_PROGRAMS // kv_heads))
+    wanted = -(-capacity // splits)
     return -(-wanted // block) * block
 
 
@@ -116,28 +119,20 @@ if triton is not None:
 
     @triton.jit
     def _flash_decode_merge(part_ptr, lse_ptr, out_ptr, stride_os, stride_oh,
-                      ROWS: tl.constexpr, STEP: tl.constexpr, GROUPS: tl.constexpr, SPLITS: tl.constexpr,
-                      BLOCK_R: tl.constexpr, DIM: tl.constexpr):
+                            STEP: tl.constexpr, GROUPS: tl.constexpr, SPLITS: tl.constexpr,
+                            BLOCK_S: tl.constexpr, BLOCK_R: tl.constexpr, DIM: tl.constexpr):
         head = tl.program_id(0)
-        rows = tl.arange(0, BLOCK_R)
+        row = tl.program_id(1)  # query head head*GROUPS + row // STEP, step row row % STEP
+        splits = tl.arange(0, BLOCK_S)
         dims = tl.arange(0, DIM)
-        top = tl.full([BLOCK_R], float("-inf"), tl.float32)
-        total = tl.zeros([BLOCK_R], tl.float32)
-        acc = tl.zeros([BLOCK_R, DIM], tl.float32)
-        for split in range(SPLITS):
-            where = (head * SPLITS + split) * BLOCK_R + rows
-            lse = tl.load(lse_ptr + where)
-            new_top = tl.maximum(top, lse)
-            base = tl.where(new_top == float("-inf"), 0.0, new_top)
-            rescale = tl.exp(top - base)
-            weight = tl.exp(lse - base)
-            total = total * rescale + weight
-            acc = acc * rescale[:, None] + weight[:, None] * tl.load(part_ptr + where[:, None] * DIM + dims[None, :])
-            top = new_top
-        out = acc / tl.where(total > 0, total, 1.0)[:, None]
-        # row r of KV head h: query head h*GROUPS + r // STEP, step row r % STEP
-        target = (rows % STEP)[:, None] * stride_os + (head * GROUPS + rows // STEP)[:, None] * stride_oh + dims[None, :]
-        tl.store(out_ptr + target, out.to(out_ptr.dtype.element_ty), mask=(rows < ROWS)[:, None])
+        where = (head * SPLITS + splits) * BLOCK_R + row  # [BLOCK_S]: this row in every split
+        lse = tl.load(lse_ptr + where, mask=splits < SPLITS, other=float("-inf"))
+        top = tl.max(lse, 0)
+        weight = tl.exp(lse - tl.where(top == float("-inf"), 0.0, top))  # 0 for splits the row saw nothing of
+        partial = tl.load(part_ptr + where[:, None] * DIM + dims[None, :], mask=(splits < SPLITS)[:, None], other=0.0)
+        out = tl.sum(weight[:, None] * partial, 0) / tl.maximum(tl.sum(weight, 0), 1e-30)
+        target = (row % STEP) * stride_os + (head * GROUPS + row // STEP) * stride_oh + dims
+        tl.store(out_ptr + target, out.to(out_ptr.dtype.element_ty))
 
 
 def flash_decode(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, start: torch.Tensor,
@@ -167,6 +162,7 @@ def flash_decode(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, st
         key.stride(1), key.stride(2), value.stride(1), value.stride(2), capacity,
         SCALE=scale, ROWS=rows, STEP=q, GROUPS=groups, WIDTH=pattern.shape[1], SPLIT=split, SPLITS=splits,
         BLOCK_R=block_rows, BLOCK_N=BLOCK_N, DIM=dim)
-    _flash_decode_merge[(kv_heads,)](partial, lse, out, out.stride(1), out.stride(2),
-                               ROWS=rows, STEP=q, GROUPS=groups, SPLITS=splits, BLOCK_R=block_rows, DIM=dim)
+    _flash_decode_merge[(kv_heads, rows)](partial, lse, out, out.stride(1), out.stride(2), STEP=q, GROUPS=groups,
+                                          SPLITS=splits, BLOCK_S=triton.next_power_of_2(splits),
+                                          BLOCK_R=block_rows, DIM=dim)
     return out

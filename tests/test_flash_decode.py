@@ -57,7 +57,7 @@ def test_flash_decode_takes_one_sequence():
         fd.flash_decode(query, key, key, torch.tensor(3), torch.ones(1, 1, dtype=torch.bool), 0.25)
 
 
-@pytest.mark.parametrize("split_at,capacity,kv_heads", [(64, 1792, 2), (448, 12416, 4), (64, 64, 1), (64, 100, 8)])
+@pytest.mark.parametrize("split_at,capacity,kv_heads", [(64, 1792, 2), (256, 12416, 4), (64, 64, 1), (64, 100, 8), (640, 40960, 1)])
 def test_split_size_spreads_the_cache_over_about_one_program_per_sm(split_at, capacity, kv_heads):
     assert fd.split_size(capacity, kv_heads) == split_at
     assert split_at % fd.BLOCK_N == 0
