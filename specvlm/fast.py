@@ -251,8 +251,9 @@ class StaticLM:
     """A `VideoLM` with one `SlotCache` and one step function per input shape (q, S), compiled
     with `torch.compile(**options)` unless `options` is None. Reused across generations while the
     cache is large enough, so compiled graphs survive from one call to the next. `attention`:
-    "sdpa" (an additive mask), "flex" (a BlockMask and FlexAttention for short steps) or
-    "grouped" (`grouped_attention` for every step); the same logits up to rounding."""
+    "sdpa" (an additive mask), "flex" (a BlockMask and FlexAttention for short steps), "flash"
+    (`flash_decode` for short steps) or "grouped" (`grouped_attention` for every step); the same
+    logits up to rounding."""
 
     def __init__(self, lm: VideoLM, options: dict | None, attention: str = "sdpa", grouped_up_to: int = 0,
                  split_from: int | None = None):
@@ -777,8 +778,9 @@ def generate_fast(pair: Pair, prompt: Prompt, method: str = "specvlm", ratio: fl
     compiled on CUDA only; True / False; or a torch.compile mode string. `attention`: "sdpa",
     "flex" (FlexAttention's split-KV decode kernel for short steps, `grouped_attention` for wide
     ones; by the cache's length, `grouped_attention` for a short draft cache and `split_attention`
-    for wide steps on a long one: `StaticLM.step_attention`, `split_min_slots`) or "grouped"
-    (`grouped_attention` for every step), or "target/draft" (e.g. "flex/grouped"); None ->
+    for wide steps on a long one: `StaticLM.step_attention`, `split_min_slots`), "flash"
+    (`flash_decode` for short steps, wide ones as under "flex"; a CUDA card with Triton) or
+    "grouped" (`grouped_attention` for every step), or "target/draft" (e.g. "flex/flash"); None ->
     $SPECVLM_FAST_ATTENTION or "sdpa"."""
     if temperature:
         raise ValueError(f"generate_fast is greedy only (temperature 0), got temperature={temperature}; "

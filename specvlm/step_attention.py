@@ -3,7 +3,7 @@ kernels that read them.
 
 A step of q tokens is written at slots [write, write + q) of a static cache of `capacity` slots;
 every row sees the committed slots before `start` and, among the step's own, what a [q, S] bool
-`pattern` allows (causal for a chain, ancestors for a tree). Four ways to compute it:
+`pattern` allows (causal for a chain, ancestors for a tree). Five ways to compute it:
 
 - `visibility_bias`: an additive mask [1, 1, q, capacity] for sdpa or `grouped_attention`;
 - `flex_block_mask`: the same rule as a FlexAttention BlockMask, whose decode kernel splits the
@@ -11,7 +11,9 @@ every row sees the committed slots before `start` and, among the step's own, wha
 - `grouped_attention`: two batched matmuls around a float32 softmax, with the query heads of
   each KV head stacked as rows, so grouped KV heads are read in place (wide steps; a short draft cache);
 - `split_attention`: the committed slots in chunks through the variable-length flash kernel, the
-  step's own slots apart, merged through the log-sum-exp (wide steps on a long cache).
+  step's own slots apart, merged through the log-sum-exp (wide steps on a long cache);
+- `flash_decode.flash_decode`: a split-KV decode kernel in Triton, two kernels per layer, the rule
+  evaluated inside it from `start` and `pattern` (short steps under attention "flash").
 
 `flex_or_sdpa` is registered with transformers as FLEX_ATTENTION and picks among them per call;
 `use_flex(lm)` switches a model to it. `fast.py` builds the masks inside its compiled steps.
@@ -83,6 +85,9 @@ FLEX_MAX_QUERY = 16
 # never reaches the output, where a target's one-token kernel chosen by its capacity could differ
 # between AR and speculative runs (their capacities differ) and with it a token.
 FLEX_MIN_SLOTS = 3072
+# Under "flash" every short step takes `flash_decode`, whatever the cache's length: on the H100 it beat both
+# kernels above for the 0.5B draft at 1,638 and 6,144 slots and was level with FlexAttention for the 7B at
+# 12k (figures/attention_kernels_flash_*.json). A target that uses it does so in AR and speculative runs alike.
 
 
 def flex_block_mask(start: torch.Tensor, pattern: torch.Tensor, capacity: int, block: int = FLEX_BLOCK) -> BlockMask:
@@ -173,7 +178,8 @@ SPLIT_CHUNK = 512  # slots per chunk of `split_attention`'s flash part
 # through grouped_attention and 1.7 ms through split_attention at 12k slots, 3.1 and 1.7 ms at 16k,
 # 6.1 and 2.8 ms at 32k. At 1.6k slots the flash part's fixed cost made it about three times slower
 # (an exploratory run of the same comparison, not in that file); between 1.6k and 12k slots it is not
-# measured, so the bound is a guess.
+# measured, so the bound is a guess. (At 4,096 slots an exploratory run timed 0.96 ms through
+# grouped_attention and 1.20 ms through split_attention before its time limit cut it short; not in a file.)
 SPLIT_MIN_SLOTS = 8192
 
 

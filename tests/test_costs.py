@@ -285,8 +285,10 @@ def test_flex_needs_whole_blocks_and_a_known_attention(monkeypatch):
         fast.fast_attention("flex/grouped/sdpa")
     with pytest.raises(ValueError, match="role must be"):
         fast.fast_attention("flex", "verifier")
-    monkeypatch.setenv("SPECVLM_FAST_ATTENTION", "flash")
-    with pytest.raises(ValueError, match="unknown fast-path attention 'flash'"):
+    monkeypatch.setenv("SPECVLM_FAST_ATTENTION", "flex/flash")
+    assert [fast.fast_attention(None, role) for role in ("target", "draft")] == ["flex", "flash"]
+    monkeypatch.setenv("SPECVLM_FAST_ATTENTION", "xformers")
+    with pytest.raises(ValueError, match="unknown fast-path attention 'xformers'"):
         fast.fast_attention(None)
 
 
