@@ -263,12 +263,14 @@ class StaticLM:
         if self.spread and attention == "flex":
             raise ValueError("the fast path's FlexAttention mask lives on one device, and this model is spread over "
                              f"{sorted(map(str, set(lm.layer_devices)))}; use attention='sdpa' or 'grouped'.")
-        if attention == "flash" and not flash_decode.available(lm.device):
-            raise ValueError(f"attention 'flash' runs a Triton kernel on a CUDA card of compute capability 8.0 or "
-                             f"newer, and {lm.device} is not one (or Triton is missing); use 'flex' or 'grouped'.")
+        if attention == "flash" and not all(flash_decode.available(d, lm.dtype) for d in set(lm.layer_devices)):
+            raise ValueError(f"attention 'flash' runs a Triton kernel in half precision on a CUDA card of compute "
+                             f"capability 8.0 or newer, and this model ({lm.dtype} on "
+                             f"{sorted(map(str, set(lm.layer_devices)))}) is not there (or Triton is missing); "
+                             "use 'flex' or 'grouped'.")
         self.lm, self.options, self.attention = lm, options, attention
         self.grouped_up_to = grouped_up_to  # under "flex": a cache of at most this many slots takes "grouped"
-        # under "flex": wide steps on a cache of at least this many slots take `split_attention` (0: never)
+        # under "flex" or "flash": wide steps on a cache of at least this many slots take `split_attention` (0: never)
         self.split_from = split_min_slots() if split_from is None else split_from
         self.cache: SlotCache | None = None
         self.steps: dict[tuple[int, int], object] = {}

@@ -11,7 +11,7 @@ half a microsecond. Here it is two kernels:
    the KV head are stacked as G*q rows (each key is read once), and the program runs the online
    softmax over its split's visible slots, writing a float32 partial output and the log-sum-exp
    of its scores per row;
-2. `_flash_decode_merge`, one program per row: its partial outputs, all splits at once, weighted by
+2. `_flash_decode_merge`, one program per (KV head, row): its partial outputs, all splits at once, weighted by
    their share of the whole softmax's denominator (through the log-sum-exps), written straight
    into the layout the output projection reads, [1, q, Hq, d].
 
@@ -47,16 +47,18 @@ MAX_SPLITS = 64  # the merge reads every split of a row at once
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 
 
-def available(device: torch.device) -> bool:
-    """Whether the fast path may use `flash_decode` on `device`: Triton is importable and the
-    device is a CUDA card of compute capability 8.0+ (where Triton's bfloat16 dot runs), or a CPU
-    while Triton's interpreter is on (for tests: slow, exact in float32)."""
+def available(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether the fast path may use `flash_decode` for a model of `dtype` on `device`: Triton is
+    importable, and either the device is a CUDA card of compute capability 8.0+ (where Triton's
+    bfloat16 dot runs) and the dtype half precision (a float32 dot would run in TF32 there, less
+    exact than the other kernels), or the device is a CPU, Triton's interpreter is on and the
+    dtype float32 (for tests: slow, exact; the interpreter multiplies bfloat16 as raw integers)."""
     device = torch.device(device)
     if triton is None:
         return False
     if device.type == "cuda":
-        return torch.cuda.get_device_capability(device) >= (8, 0)
-    return device.type == "cpu" and INTERPRETED
+        return torch.cuda.get_device_capability(device) >= (8, 0) and dtype in (torch.float16, torch.bfloat16)
+    return device.type == "cpu" and INTERPRETED and dtype == torch.float32
 
 
 def split_size(capacity: int, kv_heads: int, block: int = BLOCK_N) -> int:
@@ -150,6 +152,10 @@ def flash_decode(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, st
         raise ValueError(f"flash_decode serves one sequence (the fast path's), got a batch of {batch}.")
     if triton is None:
         raise RuntimeError("flash_decode needs Triton (it comes with CUDA builds of torch).")
+    if heads % kv_heads or dim < 16 or dim & (dim - 1) or value.shape[-1] != dim:
+        raise ValueError(f"flash_decode needs query heads in whole groups per KV head and one head size, a power of "
+                         f"two of at least 16, for keys and values; got {heads} query and {kv_heads} KV heads, key "
+                         f"size {dim}, value size {value.shape[-1]}. Use attention 'flex' or 'grouped'.")
     groups, rows = heads // kv_heads, heads // kv_heads * q
     block_rows = max(16, triton.next_power_of_2(rows))
     split = split_size(capacity, kv_heads)
@@ -161,7 +167,7 @@ def flash_decode(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, st
         query, key, value, pattern.contiguous(), start, partial, lse, query.stride(1), query.stride(2),
         key.stride(1), key.stride(2), value.stride(1), value.stride(2), capacity,
         SCALE=scale, ROWS=rows, STEP=q, GROUPS=groups, WIDTH=pattern.shape[1], SPLIT=split, SPLITS=splits,
-        BLOCK_R=block_rows, BLOCK_N=BLOCK_N, DIM=dim)
+        BLOCK_R=block_rows, BLOCK_N=BLOCK_N, DIM=dim, num_warps=8 if block_rows * dim > 64 * 64 else 4)
     _flash_decode_merge[(kv_heads, rows)](partial, lse, out, out.stride(1), out.stride(2), STEP=q, GROUPS=groups,
                                           SPLITS=splits, BLOCK_S=triton.next_power_of_2(splits),
                                           BLOCK_R=block_rows, DIM=dim)

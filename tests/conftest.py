@@ -5,7 +5,9 @@ import copy
 import os
 
 # `flash_decode`'s Triton kernels run on a CPU only in Triton's interpreter, which Triton picks
-# when a kernel is defined (at import): on before specvlm is imported. Nothing else here uses Triton.
+# when a kernel is defined (at import): on before specvlm is imported. The tests run on the CPU and
+# nothing else in them uses Triton (flash_decode given CUDA tensors would run interpreted too; no
+# test does that).
 os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import numpy as np

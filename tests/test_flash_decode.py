@@ -2,6 +2,8 @@
 in Triton's interpreter (conftest turns it on), against `grouped_attention` with the same
 visibility, and inside the fast path against the plain path's tokens."""
 
+import weakref
+
 import pytest
 import torch
 
@@ -11,7 +13,7 @@ from specvlm.trees import MC_SIM_7B_63, chain
 
 from .test_fast import SMALL_TREE, assert_same, embedded  # noqa: F401 (a fixture)
 
-pytestmark = pytest.mark.skipif(not fd.available(torch.device("cpu")), reason="needs Triton's interpreter")
+pytestmark = pytest.mark.skipif(not fd.available(torch.device("cpu"), torch.float32), reason="needs Triton's interpreter")
 
 
 def reference(query, key, value, start, pattern, scale):
@@ -26,6 +28,7 @@ def reference(query, key, value, start, pattern, scale):
     (4, 1, 16, 3, 130, 0, 3),  # nothing committed yet; a capacity that is no whole number of tiles
     (6, 2, 16, 2, 192, 126, 2),  # the step's own slots straddle two tiles
     (4, 2, 16, 16, 4096, 3000, 16),  # many splits, most of them past the visible slots
+    (8, 8, 16, 2, 2200, 2000, 2),  # splits of two tiles: the online softmax rescales across tiles
 ])
 def test_flash_decode_equals_grouped_attention(heads, kv_heads, dim, q, capacity, start, width):
     generator = torch.Generator().manual_seed(capacity + start)
@@ -51,10 +54,23 @@ def test_flash_decode_reads_nothing_past_the_visible_slots():
     torch.testing.assert_close(fd.flash_decode(query, key, value, start, pattern, 0.25), expected)
 
 
-def test_flash_decode_takes_one_sequence():
+def test_flash_decode_refuses_what_it_cannot_serve():
+    one = torch.ones(1, 1, dtype=torch.bool)
     query, key = torch.zeros(2, 4, 1, 16), torch.zeros(2, 2, 64, 16)
     with pytest.raises(ValueError, match="one sequence"):
-        fd.flash_decode(query, key, key, torch.tensor(3), torch.ones(1, 1, dtype=torch.bool), 0.25)
+        fd.flash_decode(query, key, key, torch.tensor(3), one, 0.25)
+    for heads, dim, value_dim in ((3, 16, 16), (4, 24, 24), (4, 8, 8), (4, 16, 32)):
+        query, key = torch.zeros(1, heads, 1, dim), torch.zeros(1, 2, 64, dim)
+        with pytest.raises(ValueError, match="power of two"):
+            fd.flash_decode(query, key, torch.zeros(1, 2, 64, value_dim), torch.tensor(3), one, 0.25)
+
+
+def test_flash_decode_is_offered_only_where_it_is_exact():
+    """On a CPU only float32 in the interpreter (which multiplies bfloat16 as raw integers); on
+    CUDA only half precision (a float32 dot would run in TF32)."""
+    cpu = torch.device("cpu")
+    assert fd.available(cpu, torch.float32)
+    assert not fd.available(cpu, torch.bfloat16) and not fd.available(cpu, torch.float16)
 
 
 @pytest.mark.parametrize("split_at,capacity,kv_heads", [(64, 1792, 2), (256, 12416, 4), (64, 64, 1), (64, 100, 8), (640, 40960, 1)])
@@ -81,5 +97,9 @@ def test_flash_attention_on_the_embedded_pair(embedded, clip, frames, method, ra
 
 def test_flash_needs_a_card_that_runs_it(embedded, monkeypatch):
     monkeypatch.setattr(fd, "INTERPRETED", False)
+    monkeypatch.setattr(fast, "_ENGINES", weakref.WeakKeyDictionary())  # none kept from the tests above
     with pytest.raises(ValueError, match="compute capability 8.0"):
         fast.StaticLM(embedded.draft, None, "flash")
+    with pytest.raises(ValueError, match="compute capability 8.0"):
+        fast.generate_fast(embedded, embedded.target.prepare(sv.sample_video("bikes", 2)), method="sd", k=2,
+                           max_new_tokens=4, compile=False, attention="flex/flash")
