@@ -304,7 +304,8 @@ def flex_or_sdpa(module, query, key, value, attention_mask, scaling=None, groupe
     if isinstance(attention_mask, BlockMask):
         out = grouped_flex(query, key, value, attention_mask, scale)
     elif split is not None:
-        out = split_attention(query, key, value, attention_mask, *split, scale)
+        start, span = split
+        out = split_attention(query, key, value, attention_mask, start.to(key.device), span, scale)
     elif grouped:
         out = grouped_attention(query, key, value, attention_mask, scale)
     else:
