@@ -70,24 +70,16 @@ def bench(args) -> int:
         video_for = lambda frames: from_array(synthetic.make_clip(args.clip_seed, num_frames=frames).frames, fps=8.0)
     else:
         video_for = lambda frames: sample_video(args.clip, frames)
-    import torch
-    import transformers
-    from datetime import date
-
-    from .bench import card_name
-
     facts = {"clip": f"synthetic seed {args.clip_seed}" if args.clip == "synthetic" else args.clip,
              "command": args.command_line, "code": git_commit()}
     if args.widen:
         facts["widened_to"] = {"target": args.widen[0], "draft": args.widen[1]}
     # saved after every row, so a run cut short by a time limit still says where and how it ran
-    partial = {"pair": pair.name, "partial": True, "card": card_name(pair.target.device), "torch": torch.__version__,
-               "transformers": transformers.__version__, "date": date.today().isoformat(), **facts}
     result = run(pair, video_for, args.frames, args.max_new_tokens, args.k, args.repeats, paths=args.paths,
                  transformers_baselines=args.transformers, self_speculation=args.self_speculation,
                  step_repeats=args.step_repeats, stand_in=stand_in, only=args.only, timeline=args.timeline,
                  selection=args.selection,
-                 progress=(lambda rows: save({**partial, "rows": rows}, args.out)) if args.out else None)
+                 progress=(lambda partial: save({**partial, **facts}, args.out)) if args.out else None)
     result.update(facts)
     print(table(result))
     if args.out:

@@ -454,7 +454,8 @@ def bench(pair: Pair, video_for, frames_list, max_new_tokens=64, k=5, repeats=3,
           timeline: bool = False, selection: bool = False) -> dict:
     """`video_for(frames)` returns a `Video`; returns a JSON-ready dict of rows (module docstring).
     `stand_in`: whether the pair stands in for real checkpoints (default: "stand-in" in its name).
-    `progress(rows)` is called after every row (e.g. to save partial results of a long run).
+    `progress(result)` is called after every row with the result so far, marked `"partial": True`
+    (e.g. to save it: a long run cut short still records where and how it ran).
     `only`: names of the rows to run (`run_labels()`); AR always runs, as every row's reference.
     `timeline`: each fast-path row also profiles one generation (`timeline.profile_decode`: busy
     and idle device time per phase of a round), under "timeline". `selection`: also SELECTION_RUNS (SpecVLM's
@@ -471,6 +472,16 @@ def bench(pair: Pair, video_for, frames_list, max_new_tokens=64, k=5, repeats=3,
     self_pair = Pair(pair.target, pair.target, name=f"{pair.name}: target drafting for itself") \
         if self_speculation else None
     rows = []
+    header = run_facts(pair, stand_in, max_new_tokens, k, repeats, step_repeats, self_speculation, selection)
+
+    def report(done=(), partial=True) -> dict:  # the result so far: every fact of the run, its rows
+        fast = {}
+        if "fast" in paths:
+            from .fast import capture_report, fast_attention
+
+            fast = {"fast_attention": fast_attention(None), "fast_path": capture_report(pair)}
+        return {**header, "rows": rows + list(done), **fast, **({"partial": True} if partial else {})}
+
     for frames in frames_list:
         video = video_for(frames)
         prompt = pair.target.prepare(video, question)
@@ -499,19 +510,24 @@ def bench(pair: Pair, video_for, frames_list, max_new_tokens=64, k=5, repeats=3,
                 rows.append({**make_row(path, frames, prompt, run_draft_prompt, run_drafter, method, shape, ratio, m,
                                         ar, reference, plain_ar_s), "row_s": row_s})
                 if progress:
-                    progress(rows)
+                    progress(report())
         if transformers_baselines:
             plain_ar = next(r for r in rows if r["frames"] == frames and r["method"] == "ar")
             unfuse_projections(pair.draft)  # assisted generation gets the draft as users load it
             rows += hf_rows(pair, prompt, reference, plain_ar, frames, max_new_tokens, repeats, only,
-                            (lambda done: progress(rows + done)) if progress else None)
+                            (lambda done: progress(report(done))) if progress else None)
             if progress:
-                progress(rows)
+                progress(report())
+    return report(partial=False)
+
+
+def run_facts(pair: Pair, stand_in, max_new_tokens, k, repeats, step_repeats, self_speculation,
+              selection) -> dict:
+    """What a `bench` result records beside its rows: the pair, card, dtype, versions, date and settings."""
     from . import __version__  # here: the package may import this module while it initialises
 
-    device = pair.target.device
-    card = card_name(device)
-    result = {
+    card = card_name(pair.target.device)
+    return {
         "pair": pair.name, "stand_in": ("stand-in" in pair.name.lower()) if stand_in is None else bool(stand_in),
         "device": card, "card": card, "dtype": str(pair.target.dtype),
         "torch": torch.__version__, "transformers": transformers.__version__, "cuda": torch.version.cuda,
@@ -521,14 +537,7 @@ def bench(pair: Pair, video_for, frames_list, max_new_tokens=64, k=5, repeats=3,
         "timing": "median decode wall clock after one warm-up; device-synchronised; step_ms: medians of passes at "
                   "the cache lengths when decoding starts, after the timed repetitions (plain path: one pass at a "
                   f"time; fast path: {QUEUED} passes queued back to back, '_synced' ones one at a time)",
-        "rows": rows,
     }
-    if "fast" in paths:
-        from .fast import capture_report, fast_attention
-
-        result["fast_attention"] = fast_attention(None)
-        result["fast_path"] = capture_report(pair)
-    return result
 
 
 def table(result: dict) -> str:

@@ -282,10 +282,15 @@ def test_a_baseline_transformers_refuses_is_a_row_with_its_error_and_no_speedup(
 
 
 def test_bench_reports_progress_after_every_row(embedded):
+    """After every row, the result so far: marked partial, with every fact the whole result records,
+    so a run cut short by a time limit still says where and how it ran."""
     seen = []
-    bench(embedded, synthetic_video, [1], max_new_tokens=4, repeats=1, step_repeats=1,
-          progress=lambda rows: seen.append(len(rows)))
-    assert seen == list(range(1, len(RUNS) + 1))
+    result = bench(embedded, synthetic_video, [1], max_new_tokens=4, repeats=1, step_repeats=1,
+                   progress=lambda partial: seen.append(partial))
+    assert [len(partial["rows"]) for partial in seen] == list(range(1, len(RUNS) + 1))
+    assert all(partial["partial"] for partial in seen) and "partial" not in result
+    assert all(partial.keys() == result.keys() | {"partial"} for partial in seen)
+    assert seen[-1]["rows"] == result["rows"] and seen[-1]["dtype"] == result["dtype"] == "torch.float32"
 
 
 def test_bench_runs_only_the_named_rows_and_always_ar(embedded):
