@@ -242,7 +242,7 @@ def step_logits(lm: VideoLM, cache: SlotCache, inputs: torch.Tensor, pattern: to
             attention_kwargs = {"decode": (inputs[2 * q + 1], pattern)}
         elif attention != "sdpa":
             attention_kwargs = {"grouped": True}
-            if attention in ("flex", "flash") and split:
+            if split:  # `StaticLM.kernels` says so only under "flex" or "flash"
                 attention_kwargs["split"] = (inputs[2 * q + 1], pattern.shape[1])
     return lm.forward(embeds, lm.position_ids_for(inputs[q:2 * q]), cache, mask, **attention_kwargs)
 
@@ -521,7 +521,7 @@ def flex_min_slots() -> int:
 
 
 def split_min_slots() -> int:
-    """Under "flex", steps wider than FLEX_MAX_QUERY on a cache of at least this many slots take
+    """Under "flex" or "flash", steps wider than FLEX_MAX_QUERY on a cache of at least this many slots take
     `split_attention`: $SPECVLM_SPLIT_MIN_SLOTS if set (0: never), else SPLIT_MIN_SLOTS. Only
     speculative runs have such steps, so AR's kernels never depend on it."""
     return _slots_setting("SPECVLM_SPLIT_MIN_SLOTS", SPLIT_MIN_SLOTS)
