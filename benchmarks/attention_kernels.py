@@ -5,9 +5,10 @@ LLaVA-OneVision 7B and 0.5B, against the length of the cache.
   split-KV decode kernel (`grouped_flex`, its block mask built once per step as in the model),
   `grouped_attention` (two batched matmuls around a float32 softmax) and `flash_decode` (the
   project's Triton split-KV kernel, attention "flash"). This sets `step_attention.FLEX_MIN_SLOTS`.
-- The 26-node tree verification: `grouped_attention` against `split_attention` (the committed
-  cache read in chunks by the variable-length flash kernel, the step's own slots apart, merged
-  through the log-sum-exp). This sets `step_attention.SPLIT_MIN_SLOTS`.
+- The 7B's verifications, a chain's (6 tokens) and the 26-node tree's: `grouped_attention`,
+  `flash_decode` and (for the tree) `split_attention` (the committed cache read in chunks by the
+  variable-length flash kernel, the step's own slots apart, merged through the log-sum-exp).
+  This sets `step_attention.SPLIT_MIN_SLOTS` (under "flex") and whether a target takes "flash".
 
 For each shape, kernel and context, one step's attention over every decoder layer (a KV cache per
 layer, so the L2 cache does not hold them all) is compiled (`torch.compile`, no CUDA graphs of its
@@ -35,12 +36,12 @@ from specvlm.trees import MC_SIM_7B_63
 def kernels(pattern: torch.Tensor) -> dict:
     """name -> fn(query, key, value, bias, block_mask, start, span, scale) for a step of pattern's rows."""
     q = pattern.shape[0]
-    out = {"grouped": lambda Q, K, V, bias, mask, start, span, scale: sa.grouped_attention(Q, K, V, bias, scale)}
+    out = {"grouped": lambda Q, K, V, bias, mask, start, span, scale: sa.grouped_attention(Q, K, V, bias, scale),
+           # the [1, q, Hq, d] layout the output projection reads, as the model's flex_or_sdpa returns it
+           "flash": lambda Q, K, V, bias, mask, start, span, scale: fd.flash_decode(Q, K, V, start, pattern,
+                                                                                     scale).transpose(1, 2)}
     if q <= sa.FLEX_MAX_QUERY:
         out["flex"] = lambda Q, K, V, bias, mask, start, span, scale: sa.grouped_flex(Q, K, V, mask, scale)
-        # the [1, q, Hq, d] layout the output projection reads, as the model's flex_or_sdpa returns it
-        out["flash"] = lambda Q, K, V, bias, mask, start, span, scale: fd.flash_decode(Q, K, V, start, pattern,
-                                                                                        scale).transpose(1, 2)
     else:
         for chunk in (512, 1024):
             out[f"split-{chunk}"] = (lambda Q, K, V, bias, mask, start, span, scale, chunk=chunk:
@@ -102,6 +103,8 @@ def main() -> None:
     parser.add_argument("--kernels", nargs="*", default=[], help="only these (default: every one that applies)")
     parser.add_argument("--level-contexts", type=int, nargs="*", default=[1638, 6144],
                         help="the 0.5B draft's widest level of the 26-node tree")
+    parser.add_argument("--chain-contexts", type=int, nargs="*", default=[],
+                        help="the 7B's chain verification (k+1 = 6 tokens, causal)")
     parser.add_argument("--tree-contexts", type=int, nargs="*", default=[1638, 6144, 12313, 16384, 32768])
     parser.add_argument("--repeats", type=int, default=30)
     parser.add_argument("--out", default="figures/attention_kernels_{card}.json")
@@ -116,6 +119,8 @@ def main() -> None:
             rows += measure(shape, context, one, args.repeats, args.kernels)
     for context in args.level_contexts:
         rows += measure("llava-ov-0.5b", context, level.patterns[widest].cuda(), args.repeats, args.kernels)
+    for context in args.chain_contexts:
+        rows += measure("llava-ov-7b", context, sa.causal_pattern(6).cuda(), args.repeats, args.kernels)
     for context in args.tree_contexts:
         rows += measure("llava-ov-7b", context, MC_SIM_7B_63.mask.cuda(), args.repeats, args.kernels)
     card = card_name(torch.device("cuda"))

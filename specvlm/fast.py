@@ -228,8 +228,8 @@ def step_logits(lm: VideoLM, cache: SlotCache, inputs: torch.Tensor, pattern: to
     attention "flex" passes the same visibility as a BlockMask (`flex_block_mask`) to steps of at
     most FLEX_MAX_QUERY tokens (a draft step, a chain verification) and as the bias, for
     `grouped_attention` (or, with `split`, `split_attention`), to wider ones (a tree verification);
-    "flash" gives the short steps to `flash_decode` (start and pattern themselves) and the wide
-    ones to the same kernels as "flex"; "grouped" gives every step to `grouped_attention`."""
+    "flash" gives every step to `flash_decode` (start and pattern themselves, any width);
+    "grouped" gives every step to `grouped_attention`."""
     q = pattern.shape[0]
     cache.position.copy_(inputs[2 * q])
     embeds = lm.model.get_input_embeddings()(inputs[:q].reshape(1, q))
@@ -238,11 +238,11 @@ def step_logits(lm: VideoLM, cache: SlotCache, inputs: torch.Tensor, pattern: to
         mask = flex_block_mask(inputs[2 * q + 1], pattern, cache.capacity)
     else:
         mask = visibility_bias(inputs[2 * q + 1], pattern, cache.capacity, lm.dtype)
-        if attention == "flash" and q <= FLEX_MAX_QUERY:  # the kernel reads start and pattern; the bias goes unused
+        if attention == "flash":  # the kernel reads start and pattern; the bias goes unused
             attention_kwargs = {"decode": (inputs[2 * q + 1], pattern)}
         elif attention != "sdpa":
             attention_kwargs = {"grouped": True}
-            if split:  # `StaticLM.kernels` says so only under "flex" or "flash"
+            if split:  # `StaticLM.kernels` says so only under "flex"
                 attention_kwargs["split"] = (inputs[2 * q + 1], pattern.shape[1])
     return lm.forward(embeds, lm.position_ids_for(inputs[q:2 * q]), cache, mask, **attention_kwargs)
 
@@ -252,7 +252,7 @@ class StaticLM:
     with `torch.compile(**options)` unless `options` is None. Reused across generations while the
     cache is large enough, so compiled graphs survive from one call to the next. `attention`:
     "sdpa" (an additive mask), "flex" (a BlockMask and FlexAttention for short steps), "flash"
-    (`flash_decode` for short steps) or "grouped" (`grouped_attention` for every step); the same
+    (`flash_decode` for every step) or "grouped" (`grouped_attention` for every step); the same
     logits up to rounding."""
 
     def __init__(self, lm: VideoLM, options: dict | None, attention: str = "sdpa", grouped_up_to: int = 0,
@@ -270,7 +270,7 @@ class StaticLM:
                              "use 'flex' or 'grouped'.")
         self.lm, self.options, self.attention = lm, options, attention
         self.grouped_up_to = grouped_up_to  # under "flex": a cache of at most this many slots takes "grouped"
-        # under "flex" or "flash": wide steps on a cache of at least this many slots take `split_attention` (0: never)
+        # under "flex": wide steps on a cache of at least this many slots take `split_attention` (0: never)
         self.split_from = split_min_slots() if split_from is None else split_from
         self.cache: SlotCache | None = None
         self.steps: dict[tuple[int, int], object] = {}
@@ -280,6 +280,7 @@ class StaticLM:
         # (mode="reduce-overhead"); None: no CUDA graphs
         self.graphs = graphs_for(lm, options)
         self._pool = None
+        self._tree_passes: dict[tuple, object] = {}  # (tree, feed width) -> a whole draft phase (`tree_pass`)
         self.weights: tuple[int, ...] | None = None  # `weight_storage` when `static_lm` made it
 
     @property
@@ -305,7 +306,7 @@ class StaticLM:
         needed = round_up(capacity, 128)
         if (self.cache is None or self.cache.capacity < capacity or not self.cache.fits(prefilled)
                 or self.kernels(needed) != self.kernels(self.cache.capacity)):
-            self.cache, self.steps, self._move = None, {}, None
+            self.cache, self.steps, self._move, self._tree_passes = None, {}, None, {}
             self.cache = SlotCache.like(prefilled, needed)
         self.cache.load(prefilled)
 
@@ -363,17 +364,51 @@ class StaticLM:
         pattern = self.constant(("causal", width), lambda: causal_pattern(width))
         return self.step(tokens, list(range(first_position, first_position + len(tokens))), pattern)
 
+    @property
+    def whole_tree_passes(self) -> bool:
+        """Whether a tree round's draft phase runs as one function (`tree_pass`): with CUDA graphs
+        captured by hand (one graph for the catch-up feed, every level and the token picks in
+        between), or uncompiled (the same function, run as it is: what the CPU tests check).
+        torch.compile's own CUDA graphs and models spread over several cards take one pass at a time."""
+        return not self.spread and (self.options is None or self.graphs == "manual")
+
+    def tree_pass(self, tree: Tree, levels: DraftLevels, feed_width: int):
+        """The draft phase of a tree round as one function of one tensor, `draft_tree_pass` (see
+        there), made once per (tree, feed width); with manual CUDA graphs captured at its first call."""
+        key = (tree, feed_width)
+        if key not in self._tree_passes:
+            # the constants first: a captured graph cannot copy them to the device
+            self.constant(("causal", feed_width), lambda: causal_pattern(feed_width))
+            for depth in range(1, tree.depth + 1):
+                self.constant(("picks", tree, depth), lambda: levels.pick_index[depth - 1])
+                if depth <= len(levels.nodes):
+                    self.constant(("expand", tree, depth), lambda: padded_index(levels.expand_index[depth - 1],
+                                                                                levels.width))
+                    self.constant((tree, depth), lambda: levels.patterns[depth - 1])
+            fn = functools.partial(draft_tree_pass, self, tree, levels, feed_width)
+            if self.options is not None and self.graphs == "manual":
+                self._pool = self._pool or torch.cuda.graph_pool_handle()
+                fn = CapturedGraph(fn, self._pool)
+            self._tree_passes[key] = fn
+        return self._tree_passes[key]
+
+    def uncaptured_step(self, shape: tuple[int, int]):
+        """The step function of `shape` (`step_logits`, compiled with the options) without its own
+        CUDA graph: to be run inside a larger one."""
+        fn = self._step_fn(shape)
+        return fn.fn if isinstance(fn, CapturedGraph) else fn
+
     def kernels(self, capacity: int) -> tuple[str, bool]:
         """(attention, split) for the steps on a cache of `capacity` slots: `attention`, but
         "grouped" for "flex" at most `grouped_up_to` slots (a short draft cache, FLEX_MIN_SLOTS);
-        split: whether steps wider than FLEX_MAX_QUERY take `split_attention` (under "flex" or "flash", from
+        split: whether steps wider than FLEX_MAX_QUERY take `split_attention` (under "flex", from
         `split_from` slots on; on CUDA only in half precision on a card its flash kernel serves,
         compute capability 8.0 or newer; on a CPU in float32 arithmetic, for tests)."""
         attention = "grouped" if self.attention == "flex" and capacity <= self.grouped_up_to else self.attention
         device = self.lm.device
         flash = device.type != "cuda" or (self.lm.dtype in (torch.float16, torch.bfloat16)
                                           and torch.cuda.get_device_capability(device) >= (8, 0))
-        return attention, attention in ("flex", "flash") and 0 < self.split_from <= capacity and flash
+        return attention, attention == "flex" and 0 < self.split_from <= capacity and flash
 
     @property
     def step_attention(self) -> str:
@@ -521,7 +556,7 @@ def flex_min_slots() -> int:
 
 
 def split_min_slots() -> int:
-    """Under "flex" or "flash", steps wider than FLEX_MAX_QUERY on a cache of at least this many slots take
+    """Under "flex", steps wider than FLEX_MAX_QUERY on a cache of at least this many slots take
     `split_attention`: $SPECVLM_SPLIT_MIN_SLOTS if set (0: never), else SPLIT_MIN_SLOTS. Only
     speculative runs have such steps, so AR's kernels never depend on it."""
     return _slots_setting("SPECVLM_SPLIT_MIN_SLOTS", SPLIT_MIN_SLOTS)
@@ -720,11 +755,77 @@ def chain_round(run: Run, k: int) -> int:
     return n
 
 
+def padded_index(index: torch.Tensor, width: int) -> torch.Tensor:
+    """`index` [m] (m >= 1) padded to `width` by repeating its last entry, as `StaticLM.step` pads
+    a step's tokens: padded_index(tensor([1, 3]), 4) -> tensor([1, 3, 3, 3])."""
+    return torch.cat([index, index[-1:].expand(width - len(index))])
+
+
+def draft_tree_pass(draft: StaticLM, tree: Tree, levels: DraftLevels, feed_width: int,
+                    meta: torch.Tensor) -> torch.Tensor:
+    """A tree round's whole draft phase on the device, the same passes and picks as
+    `draft_tree_by_level` with no host in between: the catch-up feed (`feed_width` rows, causal),
+    then one step per level, each level's tokens the top-ranked picks of the last one's logits.
+
+    meta: [2 * feed_width + 2] long = the feed's tokens and positions (padded as `StaticLM.step`
+    pads them), its write slot, the row of its last real token (the root: the last committed
+    token). Returns the node tokens [N+1], root first. Writes the feed at write slot onwards and
+    the levels past it; reads the cache's contents only through the step functions, so one CUDA
+    graph replays it for every round (a rerun with the same meta writes the same slots alike)."""
+    w = feed_width
+    write, last = meta[2 * w:2 * w + 1], meta[2 * w + 1:]
+    causal = draft.constant(("causal", w), lambda: causal_pattern(w))
+    logits = draft.uncaptured_step((w, w))(torch.cat([meta[:2 * w], write, write]), causal)[0]
+    logits = logits.index_select(0, last)  # [1, V]: the root's
+    tokens = torch.zeros(tree.num_nodes, dtype=torch.long, device=meta.device)
+    tokens[:1] = meta[:w].index_select(0, last)
+    base = write + last + 1  # the first slot after the root
+    root_position = meta[w:2 * w].index_select(0, last)
+    for depth in range(1, tree.depth + 1):
+        top = logits.topk(levels.top[depth - 1]).indices  # [rows, top]
+        rows, nodes, ranks = draft.constant(("picks", tree, depth), lambda: levels.pick_index[depth - 1])
+        tokens[nodes] = top[rows, ranks]
+        if depth > len(levels.nodes):
+            break
+        expand = draft.constant(("expand", tree, depth), lambda: padded_index(levels.expand_index[depth - 1],
+                                                                              levels.width))
+        pattern = draft.constant((tree, depth), lambda: levels.patterns[depth - 1])
+        inputs = torch.cat([tokens[expand], (root_position + depth).expand(levels.width),
+                            base + levels.offsets[depth - 1], base])
+        logits = draft.uncaptured_step(tuple(pattern.shape))(inputs, pattern)[0]
+    return tokens
+
+
 def draft_tree(run: Run, tree: Tree, levels: DraftLevels) -> torch.Tensor:
-    """Expand `tree` with the draft, one fixed-width step per level; returns node tokens [N+1]
-    (root first) on the device: each level's tokens are picked from the last level's logits
-    there, so the host queues every level without waiting. Afterwards the draft's cache is
-    back at the committed text."""
+    """Expand `tree` with the draft; returns node tokens [N+1] (root first) on the device.
+    Afterwards the draft's cache is back at the committed text (plus the root). Where the draft
+    runs its tree phase whole (`StaticLM.whole_tree_passes`) it is one call of `draft_tree_pass`
+    (one CUDA graph replay on a card), else `draft_tree_by_level`."""
+    draft = run.draft
+    if not draft.whole_tree_passes:
+        return draft_tree_by_level(run, tree, levels)
+    feed = run.out[run.draft_seen:]
+    width, count, write = 1 if len(feed) == 1 else run.feed_width, len(feed), draft.length
+    if write + width + levels.patterns.shape[-1] > draft.cache.capacity:
+        raise RuntimeError(f"static cache overflow: a draft tree phase writing {width} + {levels.patterns.shape[-1]} "
+                           f"slots at {write} of {draft.cache.capacity}")
+    first = run.draft_prompt.next_position + run.draft_seen
+    positions = list(range(first, first + count))
+    pad = width - count
+    meta = to_device(feed + feed[-1:] * pad + positions + positions[-1:] * pad + [write, count - 1], draft.lm.device)
+    if draft.attention != "sdpa":
+        use_flex(draft.lm)  # a prefill in between may have switched the implementation
+    tokens = draft.tree_pass(tree, levels, width)(meta)
+    if draft.attention != "sdpa" and draft.options is not None:
+        restore_output_capture()
+    draft.length = write + count
+    run.draft_seen = len(run.out)
+    return tokens
+
+
+def draft_tree_by_level(run: Run, tree: Tree, levels: DraftLevels) -> torch.Tensor:
+    """`draft_tree` one pass at a time: one fixed-width step per level, each level's tokens picked
+    from the last level's logits on the device, so the host queues every level without waiting."""
     draft = run.draft
     tokens = to_device([run.out[-1]] + [0] * (tree.num_nodes - 1), draft.lm.device)
     root_position = run.draft_prompt.next_position + len(run.out) - 1
@@ -781,7 +882,7 @@ def generate_fast(pair: Pair, prompt: Prompt, method: str = "specvlm", ratio: fl
     "flex" (FlexAttention's split-KV decode kernel for short steps, `grouped_attention` for wide
     ones; by the cache's length, `grouped_attention` for a short draft cache and `split_attention`
     for wide steps on a long one: `StaticLM.step_attention`, `split_min_slots`), "flash"
-    (`flash_decode` for short steps, wide ones as under "flex"; a CUDA card with Triton) or
+    (`flash_decode` for every step; a CUDA card with Triton) or
     "grouped" (`grouped_attention` for every step), or "target/draft" (e.g. "flex/flash"); None ->
     $SPECVLM_FAST_ATTENTION or "sdpa"."""
     if temperature:

@@ -1,16 +1,19 @@
 """Flash-decoding in Triton: attention for a short step on a static cache, split over the key axis.
 
 A draft step of q tokens (q = 1 for a chain, a tree level's width, the catch-up feed) reads a
-cache of a few thousand slots. Its attention is a small amount of work spread thin: the
+cache of a few thousand slots; a target's verification (q = k+1 or a tree's nodes) reads the
+whole video's. Its attention is a small amount of work spread thin: the
 `grouped_attention` of `step_attention.py` launches three kernels per layer (scores, softmax,
 values) and FlexAttention's decode kernel about eight (padding, its reductions, layout copies);
 on a 0.5B draft either costs ten to fourteen microseconds a layer for a cache whose bytes take
 half a microsecond. Here it is two kernels:
 
-1. `_flash_decode_partials`, one program per (KV head, split of the cache): the G query heads that share
-   the KV head are stacked as G*q rows (each key is read once), and the program runs the online
-   softmax over its split's visible slots, writing a float32 partial output and the log-sum-exp
-   of its scores per row;
+1. `_flash_decode_partials`, one program per (row block, KV head, split of the cache): the G query
+   heads that share the KV head are stacked as G*q rows (each key is read once per block of at
+   most MAX_BLOCK_R rows), and the program runs the online softmax over its split's visible
+   slots, writing a float32 partial output and the log-sum-exp of its scores per row. A one-token
+   step has one row block; a 26-node tree verification of a 7B (7 query heads per KV head) has
+   three, whose programs run side by side and share the split's keys through the L2 cache;
 2. `_flash_decode_merge`, one program per (KV head, row): its partial outputs, all splits at once, weighted by
    their share of the whole softmax's denominator (through the log-sum-exps), written straight
    into the layout the output projection reads, [1, q, Hq, d].
@@ -39,6 +42,7 @@ except ImportError:  # a build of torch without Triton: `available` says no
     triton = None
 
 BLOCK_N = 64  # slots per tile of the inner loop (a multiple of 16, as tl.dot needs)
+MAX_BLOCK_R = 64  # most stacked rows per program: a wider step (a verification) takes several row blocks
 TARGET_PROGRAMS = 256  # programs (KV heads x splits) to aim for: two per SM of an H100, one wave
 MAX_SPLITS = 64  # the merge reads every split of a row at once
 
@@ -77,12 +81,13 @@ if triton is not None:
                                stride_qh, stride_qs, stride_kh, stride_ks, stride_vh, stride_vs, capacity,
                                SCALE: tl.constexpr, ROWS: tl.constexpr, STEP: tl.constexpr, GROUPS: tl.constexpr,
                                WIDTH: tl.constexpr,
-                               SPLIT: tl.constexpr, SPLITS: tl.constexpr, BLOCK_R: tl.constexpr,
+                               SPLIT: tl.constexpr, SPLITS: tl.constexpr, BLOCK_R: tl.constexpr, PADDED: tl.constexpr,
                                BLOCK_N: tl.constexpr, DIM: tl.constexpr):
-        head = tl.program_id(0)
-        split = tl.program_id(1)
+        block = tl.program_id(0)  # the row blocks of one split run side by side: they share its keys in L2
+        head = tl.program_id(1)
+        split = tl.program_id(2)
         start = tl.load(start_ptr)
-        rows = tl.arange(0, BLOCK_R)  # row r: query head head*GROUPS + r // STEP, step row r % STEP
+        rows = block * BLOCK_R + tl.arange(0, BLOCK_R)  # row r: query head head*GROUPS + r // STEP, step row r % STEP
         dims = tl.arange(0, DIM)
         real = rows < ROWS
         where_q = (head * GROUPS + rows // STEP)[:, None] * stride_qh + (rows % STEP)[:, None] * stride_qs
@@ -115,19 +120,19 @@ if triton is not None:
             top = new_top
         seen_any = total > 0
         lse = tl.where(seen_any, top + tl.log(tl.where(seen_any, total, 1.0)), float("-inf"))
-        where = (head * SPLITS + split) * BLOCK_R + rows
+        where = (head * SPLITS + split) * PADDED + rows
         tl.store(lse_ptr + where, lse)
         tl.store(out_ptr + where[:, None] * DIM + dims[None, :], acc / tl.where(seen_any, total, 1.0)[:, None])
 
     @triton.jit
     def _flash_decode_merge(part_ptr, lse_ptr, out_ptr, stride_os, stride_oh,
                             STEP: tl.constexpr, GROUPS: tl.constexpr, SPLITS: tl.constexpr,
-                            BLOCK_S: tl.constexpr, BLOCK_R: tl.constexpr, DIM: tl.constexpr):
+                            BLOCK_S: tl.constexpr, PADDED: tl.constexpr, DIM: tl.constexpr):
         head = tl.program_id(0)
         row = tl.program_id(1)  # query head head*GROUPS + row // STEP, step row row % STEP
         splits = tl.arange(0, BLOCK_S)
         dims = tl.arange(0, DIM)
-        where = (head * SPLITS + splits) * BLOCK_R + row  # [BLOCK_S]: this row in every split
+        where = (head * SPLITS + splits) * PADDED + row  # [BLOCK_S]: this row in every split
         lse = tl.load(lse_ptr + where, mask=splits < SPLITS, other=float("-inf"))
         top = tl.max(lse, 0)
         weight = tl.exp(lse - tl.where(top == float("-inf"), 0.0, top))  # 0 for splits the row saw nothing of
@@ -157,18 +162,20 @@ def flash_decode(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, st
                          f"two of at least 16, for keys and values; got {heads} query and {kv_heads} KV heads, key "
                          f"size {dim}, value size {value.shape[-1]}. Use attention 'flex' or 'grouped'.")
     groups, rows = heads // kv_heads, heads // kv_heads * q
-    block_rows = max(16, triton.next_power_of_2(rows))
+    block_rows = min(MAX_BLOCK_R, max(16, triton.next_power_of_2(rows)))
+    blocks = -(-rows // block_rows)
     split = split_size(capacity, kv_heads)
     splits = -(-capacity // split)
-    partial = torch.empty(kv_heads, splits, block_rows, dim, dtype=torch.float32, device=query.device)
-    lse = torch.empty(kv_heads, splits, block_rows, dtype=torch.float32, device=query.device)
+    partial = torch.empty(kv_heads, splits, blocks * block_rows, dim, dtype=torch.float32, device=query.device)
+    lse = torch.empty(kv_heads, splits, blocks * block_rows, dtype=torch.float32, device=query.device)
     out = torch.empty(1, q, heads, dim, dtype=value.dtype, device=query.device)
-    _flash_decode_partials[(kv_heads, splits)](
+    _flash_decode_partials[(blocks, kv_heads, splits)](
         query, key, value, pattern.contiguous(), start, partial, lse, query.stride(1), query.stride(2),
         key.stride(1), key.stride(2), value.stride(1), value.stride(2), capacity,
         SCALE=scale, ROWS=rows, STEP=q, GROUPS=groups, WIDTH=pattern.shape[1], SPLIT=split, SPLITS=splits,
-        BLOCK_R=block_rows, BLOCK_N=BLOCK_N, DIM=dim, num_warps=8 if block_rows * dim > 64 * 64 else 4)
+        BLOCK_R=block_rows, PADDED=blocks * block_rows, BLOCK_N=BLOCK_N, DIM=dim,
+        num_warps=8 if block_rows * dim > 64 * 64 else 4)
     _flash_decode_merge[(kv_heads, rows)](partial, lse, out, out.stride(1), out.stride(2), STEP=q, GROUPS=groups,
                                           SPLITS=splits, BLOCK_S=triton.next_power_of_2(splits),
-                                          BLOCK_R=block_rows, DIM=dim)
+                                          PADDED=blocks * block_rows, DIM=dim)
     return out

@@ -221,6 +221,24 @@ def test_tree_on_the_embedded_pair(embedded, embedded_prompt, tree, method, rati
     assert_same(embedded, embedded_prompt, method=method, ratio=ratio, tree=tree, max_new_tokens=24)
 
 
+@pytest.mark.parametrize("tree,method,ratio", [(MC_SIM_7B_63, "specvlm", 0.9), (SMALL_TREE, "sd", 0.0)])
+def test_a_tree_drafted_one_pass_at_a_time(embedded, embedded_prompt, tree, method, ratio, monkeypatch):
+    """The draft phase as separate passes (torch.compile's own CUDA graphs, a model spread over
+    cards) gives the same as the whole phase in one function (`draft_tree_pass`, the default)."""
+    whole = []
+    monkeypatch.setattr(fast, "_ENGINES", weakref.WeakKeyDictionary())  # no tree phase made before this test
+    monkeypatch.setattr(fast, "draft_tree_pass", lambda *args: whole.append(1) or real_pass(*args))
+    assert_same(embedded, embedded_prompt, method=method, ratio=ratio, tree=tree, max_new_tokens=24)
+    assert whole  # the default ran the whole phase at once
+    monkeypatch.setattr(fast.StaticLM, "whole_tree_passes", property(lambda self: False))
+    whole.clear()
+    assert_same(embedded, embedded_prompt, method=method, ratio=ratio, tree=tree, max_new_tokens=24)
+    assert not whole
+
+
+real_pass = fast.draft_tree_pass
+
+
 @pytest.mark.parametrize("clip,frames,method,ratio,tree,min_slots", [
     ("bikes", 2, "sd", 0.0, MC_SIM_7B_63, "0"), ("bikes", 2, "specvlm", 0.9, MC_SIM_7B_63, ""),
     ("bigbuckbunny", 4, "uniform", 0.5, MC_SIM_7B_63, "0"), ("bigbuckbunny", 4, "specvlm", 0.75, SMALL_TREE, ""),
@@ -561,7 +579,7 @@ class _FakeGraph:
         pool = _FAKE_POOLS[id(owner.pool)]
         for other in pool[pool.index(owner) + 1:]:
             if isinstance(other.output, torch.Tensor):
-                other.output.fill_(float("nan"))
+                other.output.fill_(garbage(other.output))
         out = owner.fn(*owner.static)
         if isinstance(out, torch.Tensor):
             owner.output.copy_(out)
@@ -569,6 +587,11 @@ class _FakeGraph:
 
 
 _FAKE_POOLS: dict[int, list] = {}
+
+
+def garbage(tensor: torch.Tensor) -> float:
+    """What an overwritten buffer holds: NaN, or -1 in a tensor of token ids."""
+    return float("nan") if tensor.is_floating_point() else -1
 SMALL_TREE = Tree.from_paths([[0], [1], [0, 0], [0, 1], [1, 0], [0, 0, 0]])
 
 
@@ -600,7 +623,7 @@ def fake_graphs(monkeypatch):
         self.graph.owner = self
         _FAKE_POOLS.setdefault(id(self.pool), []).append(self)
         if isinstance(self.output, torch.Tensor):
-            self.output.fill_(float("nan"))  # a captured graph has not run yet
+            self.output.fill_(garbage(self.output))  # a captured graph has not run yet
 
     monkeypatch.setattr(fast.CapturedGraph, "_capture", fake_capture)
     fast._ENGINES.clear()
@@ -634,6 +657,10 @@ def test_captured_graphs_in_the_decoding_loops_give_the_eager_fast_paths_tokens_
     assert _FakeGraph.replays > 0
     if "tree" in kwargs:
         assert isinstance(engines["target"]._move, fast.CapturedGraph)
+        # a tree round's whole draft phase is one graph (per feed width: 1 after a round that kept no proposal)
+        draft = fast._ENGINES[pair.draft]["draft"]
+        assert draft._tree_passes
+        assert all(isinstance(phase, fast.CapturedGraph) for phase in draft._tree_passes.values())
 
 
 def test_a_kv_move_warmed_up_on_its_real_arguments_would_corrupt_the_cache(fake_graphs, monkeypatch):

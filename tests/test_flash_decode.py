@@ -1,4 +1,4 @@
-"""`flash_decode`: the Triton split-KV kernel for short steps (attention "flash"), run on the CPU
+"""`flash_decode`: the Triton split-KV kernel for every step (attention "flash"), run on the CPU
 in Triton's interpreter (conftest turns it on), against `grouped_attention` with the same
 visibility, and inside the fast path against the plain path's tokens."""
 
@@ -29,6 +29,8 @@ def reference(query, key, value, start, pattern, scale):
     (6, 2, 16, 2, 192, 126, 2),  # the step's own slots straddle two tiles
     (4, 2, 16, 16, 4096, 3000, 16),  # many splits, most of them past the visible slots
     (8, 8, 16, 2, 2200, 2000, 2),  # splits of two tiles: the online softmax rescales across tiles
+    (28, 4, 32, 26, 512, 300, 26),  # a 7B-like tree verification: 182 stacked rows in three row blocks
+    (14, 2, 16, 10, 640, 90, 12),  # two row blocks, the second mostly padding; a pattern wider than the step
 ])
 def test_flash_decode_equals_grouped_attention(heads, kv_heads, dim, q, capacity, start, width):
     generator = torch.Generator().manual_seed(capacity + start)
@@ -83,16 +85,27 @@ def test_split_size_spreads_the_cache_over_about_one_program_per_sm(split_at, ca
     ("bikes", 2, "specvlm", 0.9, MC_SIM_7B_63, "flash"), ("bigbuckbunny", 4, "sd", 0.0, SMALL_TREE, "flex/flash"),
     ("bikes", 6, "top", 0.75, chain(4), "flash"), ("bikes", 2, "ar", 0.0, None, "flash"),
 ])
-def test_flash_attention_on_the_embedded_pair(embedded, clip, frames, method, ratio, tree, attention):
-    """attention="flash": short steps (AR, draft steps, feeds, tree levels, chain verifications)
-    through `flash_decode`, wide ones as under "flex"; the plain path's tokens and accepted counts."""
+def test_flash_attention_on_the_embedded_pair(embedded, clip, frames, method, ratio, tree, attention, monkeypatch):
+    """attention="flash": every step (AR, draft steps, feeds, tree levels, chain and tree
+    verifications) through `flash_decode`, also where "flex" would split a wide step; the plain
+    path's tokens and accepted counts."""
+    monkeypatch.setenv("SPECVLM_SPLIT_MIN_SLOTS", "1")  # under "flex" every wide step would take `split_attention`
+    monkeypatch.setattr(fast, "_ENGINES", weakref.WeakKeyDictionary())  # step functions made under this setting
+    widths = []  # the rows of every step `flash_decode` served
+    real = sa.flash_decode
+    monkeypatch.setattr(sa, "flash_decode", lambda query, *args: widths.append(query.shape[2]) or real(query, *args))
     prompt = embedded.target.prepare(sv.sample_video(clip, frames))
     options = {"method": method, "attention": attention}
     if method != "ar":
         options.update(ratio=ratio, tree=tree)
     assert_same(embedded, prompt, max_new_tokens=20, **options)
-    draft = fast.capture_report(embedded)["models"]["draft" if method != "ar" else "target"]
-    assert draft["step_attention"] == "flash"
+    widest = 1 if method == "ar" else max(tree.num_nodes, tree.depth + 1) if attention == "flash" else tree.depth + 1
+    assert max(widths) == widest  # the target's verification under "flash"; the draft's catch-up feed otherwise
+    models = fast.capture_report(embedded)["models"]
+    roles = ("target", "draft") if attention == "flash" and method != "ar" else (
+        "draft" if method != "ar" else "target",)
+    for role in roles:
+        assert models[role]["step_attention"] == "flash" and not models[role]["split_wide_steps"]
 
 
 def test_flash_needs_a_card_that_runs_it(embedded, monkeypatch):
