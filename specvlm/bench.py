@@ -215,6 +215,7 @@ def plain_steps(pair: Pair, prompt, draft_prompt, res, shape, k: int, repeats: i
     return {"step_ms": steps, "per_token": per_token, "allocated": None}
 
 
+@torch.no_grad()  # the steps were compiled without grad: their guards would compile them again
 def fast_steps(pair: Pair, prompt, draft_prompt, res, shape, k: int, repeats: int) -> dict:
     """Step timings on the fast path: the row's own static caches and step functions (compiled
     as in the run), their write position set back to where decoding started before each pass.

@@ -477,6 +477,7 @@ class CapturedGraph:
             self.graph.replay()
         return self.output
 
+    @torch.no_grad()  # inference only; and the steps were compiled without grad, which their guards check
     def _capture(self, args) -> None:
         device = args[0].device
         self.static = [(self.neutral(arg) if self.neutral else arg).clone() for arg in args]
@@ -761,6 +762,7 @@ def padded_index(index: torch.Tensor, width: int) -> torch.Tensor:
     return torch.cat([index, index[-1:].expand(width - len(index))])
 
 
+@torch.no_grad()  # as every step runs: a compiled step called with grad enabled would be compiled again
 def draft_tree_pass(draft: StaticLM, tree: Tree, levels: DraftLevels, feed_width: int,
                     meta: torch.Tensor) -> torch.Tensor:
     """A tree round's whole draft phase on the device, the same passes and picks as

@@ -663,6 +663,32 @@ def test_captured_graphs_in_the_decoding_loops_give_the_eager_fast_paths_tokens_
         assert all(isinstance(phase, fast.CapturedGraph) for phase in draft._tree_passes.values())
 
 
+def test_a_graph_captured_with_grad_enabled_compiles_nothing_again(fake_graphs, monkeypatch):
+    """A step compiled inside a generation (no grad) and run again inside a graph captured later
+    with grad enabled (as `bench.fast_steps` once captured the one-token-feed tree phase) must not be
+    compiled again: dynamo guards the grad mode, and at the 7B/0.5B shapes every such compile took
+    tens of seconds (a benchmark row ran past its time limit)."""
+    from torch._dynamo.utils import counters
+
+    monkeypatch.setattr(torch, "compile", real_compile)  # dynamo itself, with the eager backend: no inductor
+    pair = sv.load_pair("tiny", device="cpu")
+    prompt = pair.target.prepare(sv.from_array(synthetic.make_clip(3, num_frames=2).frames, fps=8.0),
+                                 "Describe the video.")
+    fast.generate_fast(pair, prompt, "specvlm", tree=SMALL_TREE, ratio=0.5, max_new_tokens=16, compile={"backend": "eager"})
+    draft = fast._ENGINES[pair.draft]["draft"]
+    levels = fast.DraftLevels.of(SMALL_TREE)
+    graphs = counters["stats"]["unique_graphs"]
+    with torch.enable_grad():
+        for width in (1, SMALL_TREE.depth + 1):
+            meta = torch.tensor([5] * width + list(range(40, 40 + width)) + [draft.length, width - 1])
+            draft._tree_passes.pop((SMALL_TREE, width), None)  # captured now, with grad enabled
+            draft.tree_pass(SMALL_TREE, levels, width)(meta)
+    assert counters["stats"]["unique_graphs"] == graphs
+
+
+real_compile = torch.compile
+
+
 def test_a_kv_move_warmed_up_on_its_real_arguments_would_corrupt_the_cache(fake_graphs, monkeypatch):
     """Why `StaticLM.move` passes `neutral`: the warm-up runs a graph's function before the capture,
     and a move whose sources overlap its destinations (this clip's first tree round accepts
