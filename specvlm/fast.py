@@ -228,8 +228,8 @@ def step_logits(lm: VideoLM, cache: SlotCache, inputs: torch.Tensor, pattern: to
     attention "flex" passes the same visibility as a BlockMask (`flex_block_mask`) to steps of at
     most FLEX_MAX_QUERY tokens (a draft step, a chain verification) and as the bias, for
     `grouped_attention` (or, with `split`, `split_attention`), to wider ones (a tree verification);
-    "flash" gives every step to `flash_decode` (start and pattern themselves, any width);
-    "grouped" gives every step to `grouped_attention`."""
+    "flash" gives the short steps to `flash_decode` (start and pattern themselves) and the wide
+    ones to the same kernels as "flex"; "grouped" gives every step to `grouped_attention`."""
     q = pattern.shape[0]
     cache.position.copy_(inputs[2 * q])
     embeds = lm.model.get_input_embeddings()(inputs[:q].reshape(1, q))
@@ -238,11 +238,11 @@ def step_logits(lm: VideoLM, cache: SlotCache, inputs: torch.Tensor, pattern: to
         mask = flex_block_mask(inputs[2 * q + 1], pattern, cache.capacity)
     else:
         mask = visibility_bias(inputs[2 * q + 1], pattern, cache.capacity, lm.dtype)
-        if attention == "flash":  # the kernel reads start and pattern; the bias goes unused
+        if attention == "flash" and q <= FLEX_MAX_QUERY:  # the kernel reads start and pattern; the bias goes unused
             attention_kwargs = {"decode": (inputs[2 * q + 1], pattern)}
         elif attention != "sdpa":
             attention_kwargs = {"grouped": True}
-            if split:  # `StaticLM.kernels` says so only under "flex"
+            if split:  # `StaticLM.kernels` says so only under "flex" or "flash"
                 attention_kwargs["split"] = (inputs[2 * q + 1], pattern.shape[1])
     return lm.forward(embeds, lm.position_ids_for(inputs[q:2 * q]), cache, mask, **attention_kwargs)
 
@@ -252,7 +252,7 @@ class StaticLM:
     with `torch.compile(**options)` unless `options` is None. Reused across generations while the
     cache is large enough, so compiled graphs survive from one call to the next. `attention`:
     "sdpa" (an additive mask), "flex" (a BlockMask and FlexAttention for short steps), "flash"
-    (`flash_decode` for every step) or "grouped" (`grouped_attention` for every step); the same
+    (`flash_decode` for short steps) or "grouped" (`grouped_attention` for every step); the same
     logits up to rounding."""
 
     def __init__(self, lm: VideoLM, options: dict | None, attention: str = "sdpa", grouped_up_to: int = 0,
@@ -270,7 +270,7 @@ class StaticLM:
                              "use 'flex' or 'grouped'.")
         self.lm, self.options, self.attention = lm, options, attention
         self.grouped_up_to = grouped_up_to  # under "flex": a cache of at most this many slots takes "grouped"
-        # under "flex": wide steps on a cache of at least this many slots take `split_attention` (0: never)
+        # under "flex" or "flash": wide steps on a cache of at least this many slots take `split_attention` (0: never)
         self.split_from = split_min_slots() if split_from is None else split_from
         self.cache: SlotCache | None = None
         self.steps: dict[tuple[int, int], object] = {}
@@ -401,14 +401,14 @@ class StaticLM:
     def kernels(self, capacity: int) -> tuple[str, bool]:
         """(attention, split) for the steps on a cache of `capacity` slots: `attention`, but
         "grouped" for "flex" at most `grouped_up_to` slots (a short draft cache, FLEX_MIN_SLOTS);
-        split: whether steps wider than FLEX_MAX_QUERY take `split_attention` (under "flex", from
+        split: whether steps wider than FLEX_MAX_QUERY take `split_attention` (under "flex" or "flash", from
         `split_from` slots on; on CUDA only in half precision on a card its flash kernel serves,
         compute capability 8.0 or newer; on a CPU in float32 arithmetic, for tests)."""
         attention = "grouped" if self.attention == "flex" and capacity <= self.grouped_up_to else self.attention
         device = self.lm.device
         flash = device.type != "cuda" or (self.lm.dtype in (torch.float16, torch.bfloat16)
                                           and torch.cuda.get_device_capability(device) >= (8, 0))
-        return attention, attention == "flex" and 0 < self.split_from <= capacity and flash
+        return attention, attention in ("flex", "flash") and 0 < self.split_from <= capacity and flash
 
     @property
     def step_attention(self) -> str:
@@ -557,7 +557,7 @@ def flex_min_slots() -> int:
 
 
 def split_min_slots() -> int:
-    """Under "flex", steps wider than FLEX_MAX_QUERY on a cache of at least this many slots take
+    """Under "flex" or "flash", steps wider than FLEX_MAX_QUERY on a cache of at least this many slots take
     `split_attention`: $SPECVLM_SPLIT_MIN_SLOTS if set (0: never), else SPLIT_MIN_SLOTS. Only
     speculative runs have such steps, so AR's kernels never depend on it."""
     return _slots_setting("SPECVLM_SPLIT_MIN_SLOTS", SPLIT_MIN_SLOTS)
@@ -884,7 +884,7 @@ def generate_fast(pair: Pair, prompt: Prompt, method: str = "specvlm", ratio: fl
     "flex" (FlexAttention's split-KV decode kernel for short steps, `grouped_attention` for wide
     ones; by the cache's length, `grouped_attention` for a short draft cache and `split_attention`
     for wide steps on a long one: `StaticLM.step_attention`, `split_min_slots`), "flash"
-    (`flash_decode` for every step; a CUDA card with Triton) or
+    (`flash_decode` for short steps, wide ones as under "flex"; a CUDA card with Triton) or
     "grouped" (`grouped_attention` for every step), or "target/draft" (e.g. "flex/flash"); None ->
     $SPECVLM_FAST_ATTENTION or "sdpa"."""
     if temperature:

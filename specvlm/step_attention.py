@@ -13,7 +13,7 @@ every row sees the committed slots before `start` and, among the step's own, wha
 - `split_attention`: the committed slots in chunks through the variable-length flash kernel, the
   step's own slots apart, merged through the log-sum-exp (wide steps on a long cache);
 - `flash_decode.flash_decode`: a split-KV decode kernel in Triton, two kernels per layer, the rule
-  evaluated inside it from `start` and `pattern` (every step under attention "flash").
+  evaluated inside it from `start` and `pattern` (short steps under attention "flash").
 
 `flex_or_sdpa` is registered with transformers as FLEX_ATTENTION and picks among them per call;
 `use_flex(lm)` switches a model to it. `fast.py` builds the masks inside its compiled steps.
@@ -293,7 +293,7 @@ def flex_or_sdpa(module, query, key, value, attention_mask, scaling=None, groupe
                  **kwargs):
     """The attention function registered as FLEX_ATTENTION: FlexAttention when the mask is a
     BlockMask (the fast path's short steps), `flash_decode` when the step passes
-    `decode=(start, pattern)` (every step under attention "flash"), `split_attention` when it
+    `decode=(start, pattern)` (short steps under attention "flash"), `split_attention` when it
     passes `split=(start, span)` (wide steps on long caches), `grouped_attention` when it asks for
     it (`grouped=True`: the fast path's other wide steps), otherwise exactly the project's sdpa
     (verifier scores included), so prefills and the plain path are unchanged."""
@@ -316,7 +316,7 @@ def flex_or_sdpa(module, query, key, value, attention_mask, scaling=None, groupe
 AttentionInterface.register(FLEX_ATTENTION, flex_or_sdpa)
 AttentionMaskInterface.register(FLEX_ATTENTION, sdpa_mask)
 # "sdpa": masked sdpa for every step; "flex": FlexAttention for short steps, `grouped_attention`
-# for wide ones; "flash": `flash_decode` (Triton) for every step, short or wide;
+# for wide ones; "flash": `flash_decode` (Triton) for short steps, wide ones as under "flex";
 # "grouped": `grouped_attention` for every step (no split-KV kernel, fewer kernels)
 ATTENTIONS = ("sdpa", "flex", "flash", "grouped")
 
