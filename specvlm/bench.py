@@ -32,10 +32,7 @@ needs to predict its speedup from this run alone:
                    {"target_step"} (1 token) on AR rows, {"draft_step"} (1 token) and {"verify"}
                    (k + 1 tokens, or the tree's nodes with its mask) on speculative rows; on the
                    fast path's tree rows also {"draft_feed"} (the draft catching up on depth + 1
-                   tokens) and {"draft_level"} (one tree level, with its mask), and where the
-                   draft runs its tree phase whole (`fast.draft_tree_pass`) {"draft_tree"} (the
-                   feed of depth + 1 tokens, every level and the picks: one call) and
-                   {"draft_tree_one"} (the same after a feed of one token). Plain-path passes
+                   tokens) and {"draft_level"} (one tree level, with its mask). Plain-path passes
                    are timed one at a time; fast-path passes `QUEUED` in a row without waiting
                    for the device (per pass: what a pass costs inside a round), plus
                    {"draft_step_synced"} / {"target_step_synced"}, one pass on an idle device (the
@@ -215,14 +212,14 @@ def plain_steps(pair: Pair, prompt, draft_prompt, res, shape, k: int, repeats: i
     return {"step_ms": steps, "per_token": per_token, "allocated": None}
 
 
-@torch.no_grad()  # the steps were compiled without grad: their guards would compile them again
+@torch.no_grad()  # the steps were compiled without grad: dynamo's guards would compile them again
 def fast_steps(pair: Pair, prompt, draft_prompt, res, shape, k: int, repeats: int) -> dict:
     """Step timings on the fast path: the row's own static caches and step functions (compiled
     as in the run), their write position set back to where decoding started before each pass.
     Passes are timed queued back to back (`QUEUED` per sample), as the decoding loops run them;
     "draft_step_synced" (or "target_step_synced" on AR rows) times one pass started on an idle
     device, as a round's first pass starts after the host has read the last verification."""
-    from .fast import DraftLevels, compile_options, static_lm, to_device
+    from .fast import DraftLevels, compile_options, static_lm
 
     device, token = pair.target.device, res.tokens[0]
     options = compile_options(None, device)  # what `generate_fast` used in `run_once`
@@ -259,12 +256,6 @@ def fast_steps(pair: Pair, prompt, draft_prompt, res, shape, k: int, repeats: in
         nodes = len(levels.nodes[0])
         steps["draft_level"] = queued_ms(lambda: draft.step([token] * nodes, [draft_prompt.next_position + 1] * nodes,
                                                             pattern, start=draft_start), draft_reset)
-        if draft.whole_tree_passes:  # the whole draft phase as `fast.draft_tree` runs it: one call (one graph)
-            for name, width in (("draft_tree", feed), ("draft_tree_one", 1)):
-                meta = to_device([token] * width + list(range(draft_prompt.next_position, draft_prompt.next_position
-                                                              + width)) + [draft_start, width - 1], device)
-                phase = draft.tree_pass(tree, levels, width)
-                steps[name] = queued_ms(lambda phase=phase, meta=meta: phase(meta), draft_reset)
     per_token["draft"] = kv_bytes_per_token(draft.cache.keys, draft.cache.values)
     allocated["draft"] = per_token["draft"] * draft.cache.capacity
     return {"step_ms": steps, "per_token": per_token, "allocated": allocated}

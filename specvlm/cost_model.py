@@ -101,20 +101,13 @@ def draft_passes(tree: Tree) -> list[int]:
 
 
 def tree_round_ms(tree: Tree, t_draft: float, t_verify: float, extra_ms: float = 0.0, t_feed: float | None = None,
-                  t_level: float | None = None, wide_feed: float = 1.0, t_phase: float | None = None,
-                  t_phase_one: float | None = None) -> float:
+                  t_level: float | None = None, wide_feed: float = 1.0) -> float:
     """One tree round: `tree.depth` draft passes + one verification of all nodes (+ `extra_ms`).
     The first pass catches up on the tokens the last round committed: `t_feed` when that is
     several (a share `wide_feed` of the rounds: those after a round that accepted a token),
     else a one-token step; each later pass feeds one tree level (`t_level`). Both default to
-    `t_draft`. Where the whole draft phase was timed as one call (`t_phase` after a wide feed,
-    `t_phase_one` after a one-token feed, default `t_phase`), those replace the passes.
-    tree_round_ms(MC_SIM_7B_63, 1.0, 12.0) -> 17.0;
-    tree_round_ms(MC_SIM_7B_63, 1.0, 12.0, t_feed=2.0, t_level=1.5, wide_feed=0.5) -> 1.5 + 4 * 1.5 + 12 = 19.5;
-    tree_round_ms(MC_SIM_7B_63, 1.0, 12.0, t_phase=6.0, t_phase_one=5.0, wide_feed=0.5) -> 5.5 + 12 = 17.5"""
-    if t_phase is not None:
-        draft = wide_feed * t_phase + (1 - wide_feed) * (t_phase if t_phase_one is None else t_phase_one)
-        return draft + t_verify + extra_ms
+    `t_draft`. tree_round_ms(MC_SIM_7B_63, 1.0, 12.0) -> 17.0;
+    tree_round_ms(MC_SIM_7B_63, 1.0, 12.0, t_feed=2.0, t_level=1.5, wide_feed=0.5) -> 1.5 + 4 * 1.5 + 12 = 19.5"""
     first = wide_feed * (t_draft if t_feed is None else t_feed) + (1 - wide_feed) * t_draft
     levels = (len(draft_passes(tree)) - 1) * (t_draft if t_level is None else t_level)
     return first + levels + t_verify + extra_ms
@@ -250,8 +243,7 @@ def predicted_vs_measured(bench_result, table: CostTable | None = None, target: 
       optional:   "accepted_hist" (list: rounds per accepted count; else "mean_accepted"),
                   "step_ms": median ms per pass in that run, {"target_step"} on AR rows,
                   {"draft_step", "verify"} on speculative rows, and on tree rows of the fast path
-                  also {"draft_feed", "draft_level"} (the tree round's wider draft passes) and,
-                  where the draft phase ran whole, {"draft_tree", "draft_tree_one"} (used instead);
+                  also {"draft_feed", "draft_level"} (the tree round's wider draft passes);
                   fast-path rows also {"draft_step_synced"} (see `launch_ms`),
                   "prompt_tokens", "draft_prompt_tokens" (cache length when decoding starts).
     Step costs come from the run's own "step_ms" when present (t_ar from the AR row of the same
@@ -293,8 +285,7 @@ def predicted_vs_measured(bench_result, table: CostTable | None = None, target: 
             else:
                 round_ms = tree_round_ms(tree, t_draft, t_verify, extra_ms=launch_ms(steps),
                                          t_feed=steps.get("draft_feed"), t_level=steps.get("draft_level"),
-                                         wide_feed=wide_feed_share(acceptance), t_phase=steps.get("draft_tree"),
-                                         t_phase_one=steps.get("draft_tree_one"))
+                                         wide_feed=wide_feed_share(acceptance))
             row["predicted_round_ms"] = round_ms
             row["predicted"] = speedup(acceptance, round_ms, t_ar)
         out.append(row)

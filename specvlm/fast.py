@@ -280,7 +280,6 @@ class StaticLM:
         # (mode="reduce-overhead"); None: no CUDA graphs
         self.graphs = graphs_for(lm, options)
         self._pool = None
-        self._tree_passes: dict[tuple, object] = {}  # (tree, feed width) -> a whole draft phase (`tree_pass`)
         self.weights: tuple[int, ...] | None = None  # `weight_storage` when `static_lm` made it
 
     @property
@@ -306,7 +305,7 @@ class StaticLM:
         needed = round_up(capacity, 128)
         if (self.cache is None or self.cache.capacity < capacity or not self.cache.fits(prefilled)
                 or self.kernels(needed) != self.kernels(self.cache.capacity)):
-            self.cache, self.steps, self._move, self._tree_passes = None, {}, None, {}
+            self.cache, self.steps, self._move = None, {}, None
             self.cache = SlotCache.like(prefilled, needed)
         self.cache.load(prefilled)
 
@@ -363,40 +362,6 @@ class StaticLM:
         """Causal step: `tokens` at consecutive positions from `first_position`, padded to `width`."""
         pattern = self.constant(("causal", width), lambda: causal_pattern(width))
         return self.step(tokens, list(range(first_position, first_position + len(tokens))), pattern)
-
-    @property
-    def whole_tree_passes(self) -> bool:
-        """Whether a tree round's draft phase runs as one function (`tree_pass`): with CUDA graphs
-        captured by hand (one graph for the catch-up feed, every level and the token picks in
-        between), or uncompiled (the same function, run as it is: what the CPU tests check).
-        torch.compile's own CUDA graphs and models spread over several cards take one pass at a time."""
-        return not self.spread and (self.options is None or self.graphs == "manual")
-
-    def tree_pass(self, tree: Tree, levels: DraftLevels, feed_width: int):
-        """The draft phase of a tree round as one function of one tensor, `draft_tree_pass` (see
-        there), made once per (tree, feed width); with manual CUDA graphs captured at its first call."""
-        key = (tree, feed_width)
-        if key not in self._tree_passes:
-            # the constants first: a captured graph cannot copy them to the device
-            self.constant(("causal", feed_width), lambda: causal_pattern(feed_width))
-            for depth in range(1, tree.depth + 1):
-                self.constant(("picks", tree, depth), lambda: levels.pick_index[depth - 1])
-                if depth <= len(levels.nodes):
-                    self.constant(("expand", tree, depth), lambda: padded_index(levels.expand_index[depth - 1],
-                                                                                levels.width))
-                    self.constant((tree, depth), lambda: levels.patterns[depth - 1])
-            fn = functools.partial(draft_tree_pass, self, tree, levels, feed_width)
-            if self.options is not None and self.graphs == "manual":
-                self._pool = self._pool or torch.cuda.graph_pool_handle()
-                fn = CapturedGraph(fn, self._pool)
-            self._tree_passes[key] = fn
-        return self._tree_passes[key]
-
-    def uncaptured_step(self, shape: tuple[int, int]):
-        """The step function of `shape` (`step_logits`, compiled with the options) without its own
-        CUDA graph: to be run inside a larger one."""
-        fn = self._step_fn(shape)
-        return fn.fn if isinstance(fn, CapturedGraph) else fn
 
     def kernels(self, capacity: int) -> tuple[str, bool]:
         """(attention, split) for the steps on a cache of `capacity` slots: `attention`, but
@@ -756,78 +721,11 @@ def chain_round(run: Run, k: int) -> int:
     return n
 
 
-def padded_index(index: torch.Tensor, width: int) -> torch.Tensor:
-    """`index` [m] (m >= 1) padded to `width` by repeating its last entry, as `StaticLM.step` pads
-    a step's tokens: padded_index(tensor([1, 3]), 4) -> tensor([1, 3, 3, 3])."""
-    return torch.cat([index, index[-1:].expand(width - len(index))])
-
-
-@torch.no_grad()  # as every step runs: a compiled step called with grad enabled would be compiled again
-def draft_tree_pass(draft: StaticLM, tree: Tree, levels: DraftLevels, feed_width: int,
-                    meta: torch.Tensor) -> torch.Tensor:
-    """A tree round's whole draft phase on the device, the same passes and picks as
-    `draft_tree_by_level` with no host in between: the catch-up feed (`feed_width` rows, causal),
-    then one step per level, each level's tokens the top-ranked picks of the last one's logits.
-
-    meta: [2 * feed_width + 2] long = the feed's tokens and positions (padded as `StaticLM.step`
-    pads them), its write slot, the row of its last real token (the root: the last committed
-    token). Returns the node tokens [N+1], root first. Writes the feed at write slot onwards and
-    the levels past it; reads the cache's contents only through the step functions, so one CUDA
-    graph replays it for every round (a rerun with the same meta writes the same slots alike)."""
-    w = feed_width
-    write, last = meta[2 * w:2 * w + 1], meta[2 * w + 1:]
-    causal = draft.constant(("causal", w), lambda: causal_pattern(w))
-    logits = draft.uncaptured_step((w, w))(torch.cat([meta[:2 * w], write, write]), causal)[0]
-    logits = logits.index_select(0, last)  # [1, V]: the root's
-    tokens = torch.zeros(tree.num_nodes, dtype=torch.long, device=meta.device)
-    tokens[:1] = meta[:w].index_select(0, last)
-    base = write + last + 1  # the first slot after the root
-    root_position = meta[w:2 * w].index_select(0, last)
-    for depth in range(1, tree.depth + 1):
-        top = logits.topk(levels.top[depth - 1]).indices  # [rows, top]
-        rows, nodes, ranks = draft.constant(("picks", tree, depth), lambda: levels.pick_index[depth - 1])
-        tokens[nodes] = top[rows, ranks]
-        if depth > len(levels.nodes):
-            break
-        expand = draft.constant(("expand", tree, depth), lambda: padded_index(levels.expand_index[depth - 1],
-                                                                              levels.width))
-        pattern = draft.constant((tree, depth), lambda: levels.patterns[depth - 1])
-        inputs = torch.cat([tokens[expand], (root_position + depth).expand(levels.width),
-                            base + levels.offsets[depth - 1], base])
-        logits = draft.uncaptured_step(tuple(pattern.shape))(inputs, pattern)[0]
-    return tokens
-
-
 def draft_tree(run: Run, tree: Tree, levels: DraftLevels) -> torch.Tensor:
-    """Expand `tree` with the draft; returns node tokens [N+1] (root first) on the device.
-    Afterwards the draft's cache is back at the committed text (plus the root). Where the draft
-    runs its tree phase whole (`StaticLM.whole_tree_passes`) it is one call of `draft_tree_pass`
-    (one CUDA graph replay on a card), else `draft_tree_by_level`."""
-    draft = run.draft
-    if not draft.whole_tree_passes:
-        return draft_tree_by_level(run, tree, levels)
-    feed = run.out[run.draft_seen:]
-    width, count, write = 1 if len(feed) == 1 else run.feed_width, len(feed), draft.length
-    if write + width + levels.patterns.shape[-1] > draft.cache.capacity:
-        raise RuntimeError(f"static cache overflow: a draft tree phase writing {width} + {levels.patterns.shape[-1]} "
-                           f"slots at {write} of {draft.cache.capacity}")
-    first = run.draft_prompt.next_position + run.draft_seen
-    positions = list(range(first, first + count))
-    pad = width - count
-    meta = to_device(feed + feed[-1:] * pad + positions + positions[-1:] * pad + [write, count - 1], draft.lm.device)
-    if draft.attention != "sdpa":
-        use_flex(draft.lm)  # a prefill in between may have switched the implementation
-    tokens = draft.tree_pass(tree, levels, width)(meta)
-    if draft.attention != "sdpa" and draft.options is not None:
-        restore_output_capture()
-    draft.length = write + count
-    run.draft_seen = len(run.out)
-    return tokens
-
-
-def draft_tree_by_level(run: Run, tree: Tree, levels: DraftLevels) -> torch.Tensor:
-    """`draft_tree` one pass at a time: one fixed-width step per level, each level's tokens picked
-    from the last level's logits on the device, so the host queues every level without waiting."""
+    """Expand `tree` with the draft, one fixed-width step per level; returns node tokens [N+1]
+    (root first) on the device: each level's tokens are picked from the last level's logits
+    there, so the host queues every level without waiting. Afterwards the draft's cache is
+    back at the committed text."""
     draft = run.draft
     tokens = to_device([run.out[-1]] + [0] * (tree.num_nodes - 1), draft.lm.device)
     root_position = run.draft_prompt.next_position + len(run.out) - 1

@@ -40,9 +40,6 @@ def test_tree_round_has_one_draft_pass_per_level():
     assert cm.tree_round_ms(chain(5), 1.5, 9.0) == cm.chain_round_ms(5, 1.5, 9.0)
     assert cm.tree_round_ms(MC_SIM_7B_63, 1.0, 12.0, t_feed=2.0, t_level=1.5, wide_feed=0.5) == pytest.approx(19.5)
     assert cm.tree_round_ms(MC_SIM_7B_63, 1.0, 12.0, t_feed=2.0, wide_feed=0.0) == pytest.approx(17.0)
-    # the draft phase timed as one call replaces its passes
-    assert cm.tree_round_ms(MC_SIM_7B_63, 1.0, 12.0, t_phase=6.0, t_phase_one=5.0, wide_feed=0.5) == pytest.approx(17.5)
-    assert cm.tree_round_ms(MC_SIM_7B_63, 1.0, 12.0, t_feed=9.0, t_phase=6.0, extra_ms=0.5) == pytest.approx(18.5)
     assert cm.wide_feed_share([1, 2, 1]) == 0.75 and cm.wide_feed_share(0.0) == 0.0 and cm.wide_feed_share(2.5) == 1.0
 
 

@@ -221,24 +221,6 @@ def test_tree_on_the_embedded_pair(embedded, embedded_prompt, tree, method, rati
     assert_same(embedded, embedded_prompt, method=method, ratio=ratio, tree=tree, max_new_tokens=24)
 
 
-@pytest.mark.parametrize("tree,method,ratio", [(MC_SIM_7B_63, "specvlm", 0.9), (SMALL_TREE, "sd", 0.0)])
-def test_a_tree_drafted_one_pass_at_a_time(embedded, embedded_prompt, tree, method, ratio, monkeypatch):
-    """The draft phase as separate passes (torch.compile's own CUDA graphs, a model spread over
-    cards) gives the same as the whole phase in one function (`draft_tree_pass`, the default)."""
-    whole = []
-    monkeypatch.setattr(fast, "_ENGINES", weakref.WeakKeyDictionary())  # no tree phase made before this test
-    monkeypatch.setattr(fast, "draft_tree_pass", lambda *args: whole.append(1) or real_pass(*args))
-    assert_same(embedded, embedded_prompt, method=method, ratio=ratio, tree=tree, max_new_tokens=24)
-    assert whole  # the default ran the whole phase at once
-    monkeypatch.setattr(fast.StaticLM, "whole_tree_passes", property(lambda self: False))
-    whole.clear()
-    assert_same(embedded, embedded_prompt, method=method, ratio=ratio, tree=tree, max_new_tokens=24)
-    assert not whole
-
-
-real_pass = fast.draft_tree_pass
-
-
 @pytest.mark.parametrize("clip,frames,method,ratio,tree,min_slots", [
     ("bikes", 2, "sd", 0.0, MC_SIM_7B_63, "0"), ("bikes", 2, "specvlm", 0.9, MC_SIM_7B_63, ""),
     ("bigbuckbunny", 4, "uniform", 0.5, MC_SIM_7B_63, "0"), ("bigbuckbunny", 4, "specvlm", 0.75, SMALL_TREE, ""),
@@ -579,19 +561,15 @@ class _FakeGraph:
         pool = _FAKE_POOLS[id(owner.pool)]
         for other in pool[pool.index(owner) + 1:]:
             if isinstance(other.output, torch.Tensor):
-                other.output.fill_(garbage(other.output))
-        out = owner.fn(*owner.static)
+                other.output.fill_(float("nan"))
+        with torch.no_grad():  # a real replay runs no Python at all: no dynamo guard to check
+            out = owner.fn(*owner.static)
         if isinstance(out, torch.Tensor):
             owner.output.copy_(out)
         _FakeGraph.replays += 1
 
 
 _FAKE_POOLS: dict[int, list] = {}
-
-
-def garbage(tensor: torch.Tensor) -> float:
-    """What an overwritten buffer holds: NaN, or -1 in a tensor of token ids."""
-    return float("nan") if tensor.is_floating_point() else -1
 SMALL_TREE = Tree.from_paths([[0], [1], [0, 0], [0, 1], [1, 0], [0, 0, 0]])
 
 
@@ -623,7 +601,7 @@ def fake_graphs(monkeypatch):
         self.graph.owner = self
         _FAKE_POOLS.setdefault(id(self.pool), []).append(self)
         if isinstance(self.output, torch.Tensor):
-            self.output.fill_(garbage(self.output))  # a captured graph has not run yet
+            self.output.fill_(float("nan"))  # a captured graph has not run yet
 
     monkeypatch.setattr(fast.CapturedGraph, "_capture", fake_capture)
     fast._ENGINES.clear()
@@ -657,32 +635,26 @@ def test_captured_graphs_in_the_decoding_loops_give_the_eager_fast_paths_tokens_
     assert _FakeGraph.replays > 0
     if "tree" in kwargs:
         assert isinstance(engines["target"]._move, fast.CapturedGraph)
-        # a tree round's whole draft phase is one graph (per feed width: 1 after a round that kept no proposal)
-        draft = fast._ENGINES[pair.draft]["draft"]
-        assert draft._tree_passes
-        assert all(isinstance(phase, fast.CapturedGraph) for phase in draft._tree_passes.values())
 
 
 def test_a_graph_captured_with_grad_enabled_compiles_nothing_again(fake_graphs, monkeypatch):
-    """A step compiled inside a generation (no grad) and run again inside a graph captured later
-    with grad enabled (as `bench.fast_steps` once captured the one-token-feed tree phase) must not be
-    compiled again: dynamo guards the grad mode, and at the 7B/0.5B shapes every such compile took
-    tens of seconds (a benchmark row ran past its time limit)."""
+    """A step compiled inside a generation (no grad) and captured again later with grad enabled
+    (as `bench.fast_steps` captures the shapes a run did not need) is not compiled again: dynamo
+    guards the grad mode, and at the 7B/0.5B shapes every such compile took tens of seconds (a
+    benchmark row ran past its time limit)."""
     from torch._dynamo.utils import counters
 
     monkeypatch.setattr(torch, "compile", real_compile)  # dynamo itself, with the eager backend: no inductor
     pair = sv.load_pair("tiny", device="cpu")
     prompt = pair.target.prepare(sv.from_array(synthetic.make_clip(3, num_frames=2).frames, fps=8.0),
                                  "Describe the video.")
-    fast.generate_fast(pair, prompt, "specvlm", tree=SMALL_TREE, ratio=0.5, max_new_tokens=16, compile={"backend": "eager"})
+    fast.generate_fast(pair, prompt, "sd", k=3, max_new_tokens=12, compile={"backend": "eager"})
     draft = fast._ENGINES[pair.draft]["draft"]
-    levels = fast.DraftLevels.of(SMALL_TREE)
     graphs = counters["stats"]["unique_graphs"]
     with torch.enable_grad():
-        for width in (1, SMALL_TREE.depth + 1):
-            meta = torch.tensor([5] * width + list(range(40, 40 + width)) + [draft.length, width - 1])
-            draft._tree_passes.pop((SMALL_TREE, width), None)  # captured now, with grad enabled
-            draft.tree_pass(SMALL_TREE, levels, width)(meta)
+        draft.steps[(1, 1)].graph = None  # captured again at its next call
+        draft.extend([5], 40, 1)
+    assert draft.steps[(1, 1)].graph is not None
     assert counters["stats"]["unique_graphs"] == graphs
 
 
