@@ -1,8 +1,7 @@
 """Flash-decoding in Triton: attention for a short step on a static cache, split over the key axis.
 
 A draft step of q tokens (q = 1 for a chain, a tree level's width, the catch-up feed) reads a
-cache of a few thousand slots; a target's verification (q = k+1 or a tree's nodes) reads the
-whole video's. Its attention is a small amount of work spread thin: the
+cache of a few thousand slots. Its attention is a small amount of work spread thin: the
 `grouped_attention` of `step_attention.py` launches three kernels per layer (scores, softmax,
 values) and FlexAttention's decode kernel about eight (padding, its reductions, layout copies);
 on a 0.5B draft either costs ten to fourteen microseconds a layer for a cache whose bytes take
@@ -12,8 +11,10 @@ half a microsecond. Here it is two kernels:
    heads that share the KV head are stacked as G*q rows (each key is read once per block of at
    most MAX_BLOCK_R rows), and the program runs the online softmax over its split's visible
    slots, writing a float32 partial output and the log-sum-exp of its scores per row. A one-token
-   step has one row block; a 26-node tree verification of a 7B (7 query heads per KV head) has
-   three, whose programs run side by side and share the split's keys through the L2 cache;
+   step has one row block; a 16-token step of a 7B (7 query heads per KV head) has two, whose
+   programs run side by side and share the split's keys through the L2 cache. The kernel takes
+   wider steps too, but the fast path gives it only short ones: for a 7B's 26-node verification
+   on 12k slots it was slower than `split_attention` (the comment after `step_attention.FLEX_MIN_SLOTS`);
 2. `_flash_decode_merge`, one program per (KV head, row): its partial outputs, all splits at once, weighted by
    their share of the whole softmax's denominator (through the log-sum-exps), written straight
    into the layout the output projection reads, [1, q, Hq, d].

@@ -88,6 +88,9 @@ FLEX_MIN_SLOTS = 3072
 # Under "flash" every short step takes `flash_decode`, whatever the cache's length: on the H100 it beat both
 # kernels above for the 0.5B draft at 1,638 and 6,144 slots and was level with FlexAttention for the 7B at
 # 12k (figures/attention_kernels_flash_*.json). A target that uses it does so in AR and speculative runs alike.
+# Wide steps stay with the kernels "flex" gives them: at the 7B shape on 12k slots flash_decode (its rows in
+# blocks of 64) took 2,755 us for the 26-node tree verification against split_attention's 1,741, and 1,177 us
+# for a chain verification (6 tokens) against FlexAttention's 1,121 (figures/attention_kernels_wide_*.json).
 
 
 def flex_block_mask(start: torch.Tensor, pattern: torch.Tensor, capacity: int, block: int = FLEX_BLOCK) -> BlockMask:
