@@ -26,7 +26,8 @@ from matplotlib.lines import Line2D
 
 from .cost_model import load
 
-PATH_COLOURS = {"plain": "tab:blue", "fast": "tab:orange", "eager": "tab:red", "sdpa": "tab:blue"}
+PATH_COLOURS = {"plain": "tab:blue", "fast": "tab:orange", "eager": "tab:red", "sdpa": "tab:blue",
+                "transformers": "tab:gray"}
 KIND_MARKERS = {"step": "o", "chain": "s", "tree": "^"}
 
 
@@ -74,6 +75,7 @@ def plot_speedups(result, title: str | None = None):
     width = 0.8 / len(paths)
     fig, axes = plt.subplots(1, len(frames), figsize=(5.2 * len(frames), 4.2), sharey=True, squeeze=False)
     top = max(r["speedup_vs_ar"] or 0 for r in rows)
+    labelled = set()  # paths already in the legend
     for ax, count in zip(axes[0], frames):
         for p, path in enumerate(paths):
             of = {run_label(r): r for r in rows if r["frames"] == count and r["path"] == path}
@@ -85,7 +87,9 @@ def plot_speedups(result, title: str | None = None):
                 if row["speedup_vs_ar"] is None:
                     ax.text(x, 0.05, "not = AR", rotation=90, ha="center", va="bottom", fontsize=7, color="red")
                 else:
-                    ax.bar(x, row["speedup_vs_ar"], width, color=_colour(path, p), label=path if i == 0 else None)
+                    ax.bar(x, row["speedup_vs_ar"], width, color=_colour(path, p),
+                           label=None if path in labelled else path)
+                    labelled.add(path)
         ax.axhline(1.0, color="black", lw=1, ls="--")
         ax.set_xticks(range(len(labels)), labels, rotation=35, ha="right", fontsize=8)
         video = next(r["video_tokens"] for r in rows if r["frames"] == count)

@@ -180,9 +180,9 @@ SPLIT_CHUNK = 512  # slots per chunk of `split_attention`'s flash part
 # verification, attention alone over its 28 layers (figures/attention_kernels_*.json): 2.3 ms
 # through grouped_attention and 1.7 ms through split_attention at 12k slots, 3.1 and 1.7 ms at 16k,
 # 6.1 and 2.8 ms at 32k. At 1.6k slots the flash part's fixed cost made it about three times slower
-# (an exploratory run of the same comparison, not in that file); between 1.6k and 12k slots it is not
-# measured, so the bound is a guess. (At 4,096 slots an exploratory run timed 0.96 ms through
-# grouped_attention and 1.20 ms through split_attention before its time limit cut it short; not in a file.)
+# (an exploratory run of the same comparison, not in that file). The bound lies between two measured points
+# (figures/attention_kernels_split_bound_*.json): at 4,096 slots 0.97 ms through grouped_attention and 1.31 ms
+# through split_attention, at 8,192 slots 1.60 and 1.30 ms; the lines through them cross near 6.3k slots.
 SPLIT_MIN_SLOTS = 8192
 
 

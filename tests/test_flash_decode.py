@@ -1,4 +1,4 @@
-"""`flash_decode`: the Triton split-KV kernel for every step (attention "flash"), run on the CPU
+"""`flash_decode`: the Triton split-KV kernel for short steps (attention "flash"), run on the CPU
 in Triton's interpreter (conftest turns it on), against `grouped_attention` with the same
 visibility, and inside the fast path against the plain path's tokens."""
 

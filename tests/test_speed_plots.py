@@ -63,6 +63,16 @@ def test_speedup_bars_one_per_equal_run(bench, tmp_path):
     assert "test pair (stand-in) on Test GPU (float32)" in fig._suptitle.get_text()
 
 
+def test_every_path_is_in_the_legend_once_with_its_own_colour(bench):
+    """A path whose first run is not the first label (transformers' rows come last) still gets its entry."""
+    hf = {**bench["rows"][1], "path": "transformers", "method": "hf-generate", "draft": None, "ratio": 0.0,
+          "speedup_vs_ar": 0.3}
+    fig = speed_plots.plot_speedups({**bench, "rows": bench["rows"] + [hf]})
+    handles, labels = fig.axes[0].get_legend_handles_labels()
+    assert sorted(labels) == sorted(set(labels)) == sorted({r.get("path", "plain") for r in bench["rows"]} | {"transformers"})
+    assert len({tuple(h.patches[0].get_facecolor()) for h in handles}) == len(labels)
+
+
 def test_ms_per_token_bars_and_ratio(bench):
     fig = speed_plots.plot_ms_per_token(bench, "ar")
     (ax,) = fig.axes
