@@ -44,7 +44,7 @@ except ImportError:  # a build of torch without Triton: `available` says no
 
 BLOCK_N = 64  # slots per tile of the inner loop (a multiple of 16, as tl.dot needs)
 MAX_BLOCK_R = 64  # most stacked rows per program: a wider step (a verification) takes several row blocks
-TARGET_PROGRAMS = 256  # programs (KV heads x splits) to aim for: two per SM of an H100, one wave
+TARGET_PROGRAMS = 256  # programs (KV heads x splits) to aim for: two per SM of an H100; each further row block adds as many
 MAX_SPLITS = 64  # the merge reads every split of a row at once
 
 

@@ -97,7 +97,9 @@ def plot_speedups(result, title: str | None = None):
         ax.set_ylim(0, max(1.35, 1.2 * top))
         ax.grid(axis="y", alpha=0.3)
     axes[0][0].set_ylabel("decode speedup over AR on the same path (x)")
-    axes[0][0].legend(title="path", fontsize=8, title_fontsize=8, loc="upper left", ncol=len(paths))
+    handles = {label: handle for ax in axes[0] for handle, label in zip(*ax.get_legend_handles_labels())}
+    axes[0][0].legend(handles.values(), handles.keys(), title="path", fontsize=8, title_fontsize=8, loc="upper left",
+                      ncol=len(paths))
     fig.suptitle(title or f"{_source(result)}: speculative decoding vs AR (dashed: AR)", fontsize=11)
     fig.tight_layout()
     return fig

@@ -79,7 +79,7 @@ FLEX_MAX_QUERY = 16
 # `grouped_attention`'s two matmuls, which launch fewer kernels. Under "flex" the fast path gives a
 # *draft* whose cache has at most this many slots to `grouped_attention` (`fast.flex_min_slots`;
 # $SPECVLM_FLEX_MIN_SLOTS overrides, 0 turns it off). Measured on the H100, one-token steps,
-# attention alone over all layers (figures/attention_kernels_*.json), grouped / FlexAttention:
+# attention alone over all layers (figures/attention_kernels_nvidia-h100-80gb-hbm3.json), grouped / FlexAttention:
 # 0.5B shape 294 / 342 us at 1,638 slots, 332 / 399 at 3,584, 461 / 415 at 6,144; 7B shape (a
 # model drafting for itself) 336 / 339 at 1,638, 387 / 357 at 2,560. Only the draft: its rounding
 # never reaches the output, where a target's one-token kernel chosen by its capacity could differ
@@ -89,8 +89,9 @@ FLEX_MIN_SLOTS = 3072
 # kernels above for the 0.5B draft at 1,638 and 6,144 slots and was level with FlexAttention for the 7B at
 # 12k (figures/attention_kernels_flash_*.json). A target that uses it does so in AR and speculative runs alike.
 # Wide steps stay with the kernels "flex" gives them: at the 7B shape on 12k slots flash_decode (its rows in
-# blocks of 64) took 2,755 us for the 26-node tree verification against split_attention's 1,741, and 1,177 us
-# for a chain verification (6 tokens) against FlexAttention's 1,121 (figures/attention_kernels_wide_*.json).
+# blocks of 64) took 2,755 us for the 26-node tree verification against split_attention's 1,741. A 7B target
+# also keeps FlexAttention for its short steps under "flex/flash": its chain verification (6 tokens, a short
+# step) took 1,177 us through flash_decode against FlexAttention's 1,121 (figures/attention_kernels_wide_*.json).
 
 
 def flex_block_mask(start: torch.Tensor, pattern: torch.Tensor, capacity: int, block: int = FLEX_BLOCK) -> BlockMask:
@@ -177,7 +178,7 @@ SPLIT_CHUNK = 512  # slots per chunk of `split_attention`'s flash part
 # Under "flex", a step wider than FLEX_MAX_QUERY (a tree verification) on a cache of at least this
 # many slots takes `split_attention` instead of `grouped_attention` (`fast.split_min_slots`;
 # $SPECVLM_SPLIT_MIN_SLOTS overrides, 0 turns it off). Measured on the H100, the 7B's 26-node
-# verification, attention alone over its 28 layers (figures/attention_kernels_*.json): 2.3 ms
+# verification, attention alone over its 28 layers (figures/attention_kernels_nvidia-h100-80gb-hbm3.json): 2.3 ms
 # through grouped_attention and 1.7 ms through split_attention at 12k slots, 3.1 and 1.7 ms at 16k,
 # 6.1 and 2.8 ms at 32k. At 1.6k slots the flash part's fixed cost made it about three times slower
 # (an exploratory run of the same comparison, not in that file). The bound lies between two measured points

@@ -91,9 +91,10 @@ def test_flash_attention_on_the_embedded_pair(embedded, clip, frames, method, ra
     here through `split_attention`; the plain path's tokens and accepted counts."""
     monkeypatch.setenv("SPECVLM_SPLIT_MIN_SLOTS", "1")  # every wide step takes `split_attention`
     monkeypatch.setattr(fast, "_ENGINES", weakref.WeakKeyDictionary())  # step functions made under this setting
-    widths = []  # the rows of every step `flash_decode` served
-    real = sa.flash_decode
+    widths, splits = [], []  # the rows of every step `flash_decode` served; `split_attention`'s
+    real, real_split = sa.flash_decode, sa.split_attention
     monkeypatch.setattr(sa, "flash_decode", lambda query, *args: widths.append(query.shape[2]) or real(query, *args))
+    monkeypatch.setattr(sa, "split_attention", lambda query, *args: splits.append(query.shape[2]) or real_split(query, *args))
     prompt = embedded.target.prepare(sv.sample_video(clip, frames))
     options = {"method": method, "attention": attention}
     if method != "ar":
@@ -102,6 +103,8 @@ def test_flash_attention_on_the_embedded_pair(embedded, clip, frames, method, ra
     short = [tree.num_nodes] if method != "ar" and tree.num_nodes <= sa.FLEX_MAX_QUERY else []
     widest = 1 if method == "ar" else max([tree.depth + 1] + short) if attention == "flash" else tree.depth + 1
     assert max(widths) == widest  # a short tree's verification under "flash"; the draft's catch-up feed otherwise
+    wide = method != "ar" and tree.num_nodes > sa.FLEX_MAX_QUERY
+    assert set(splits) == ({tree.num_nodes} if wide else set())  # the wide verifications, and nothing else
     models = fast.capture_report(embedded)["models"]
     roles = ("target", "draft") if attention == "flash" and method != "ar" else (
         "draft" if method != "ar" else "target",)

@@ -67,10 +67,13 @@ def test_every_path_is_in_the_legend_once_with_its_own_colour(bench):
     """A path whose first run is not the first label (transformers' rows come last) still gets its entry."""
     hf = {**bench["rows"][1], "path": "transformers", "method": "hf-generate", "draft": None, "ratio": 0.0,
           "speedup_vs_ar": 0.3}
-    fig = speed_plots.plot_speedups({**bench, "rows": bench["rows"] + [hf]})
-    handles, labels = fig.axes[0].get_legend_handles_labels()
-    assert sorted(labels) == sorted(set(labels)) == sorted({r.get("path", "plain") for r in bench["rows"]} | {"transformers"})
-    assert len({tuple(h.patches[0].get_facecolor()) for h in handles}) == len(labels)
+    late = {**hf, "frames": 64, "video_tokens": bench["rows"][-1]["video_tokens"], "path": "only-in-64-frames"}
+    fig = speed_plots.plot_speedups({**bench, "rows": bench["rows"] + [hf, late]})  # the last: only in the second panel
+    legend = fig.axes[0].get_legend()
+    labels = [text.get_text() for text in legend.get_texts()]
+    assert sorted(labels) == sorted(set(labels)) == sorted({r.get("path", "plain") for r in bench["rows"]}
+                                                           | {"transformers", "only-in-64-frames"})
+    assert len({tuple(handle.get_facecolor()) for handle in legend.legend_handles}) == len(labels)
 
 
 def test_ms_per_token_bars_and_ratio(bench):
