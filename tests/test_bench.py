@@ -357,3 +357,23 @@ def test_selection_rows_cover_the_other_ratios_and_methods_and_equal_ar(embedded
     assert kept["specvlm0.95"] < kept["specvlm0.75"]  # more pruned, fewer video tokens for the draft
     with pytest.raises(ValueError, match="--selection"):
         bench(embedded, synthetic_video, [2], max_new_tokens=NEW_TOKENS, repeats=1, only=labels[:1])
+
+
+def test_fast_path_step_timings_run_without_grad_whatever_the_caller_enabled(embedded, monkeypatch):
+    """`bench.fast_steps` times steps compiled inside a generation, which runs without grad; dynamo
+    guards the grad mode, so a timed pass with grad enabled would compile every step again (at the
+    7B/0.5B shapes that took a benchmark row past its time limit)."""
+    import specvlm.bench as bench_module
+
+    grad_modes, timed = [], bench_module.median_ms
+
+    def recording(device, call, reset, repeats, **kwargs):
+        return timed(device, lambda: (grad_modes.append(torch.is_grad_enabled()), call()), reset, repeats, **kwargs)
+
+    monkeypatch.setattr(bench_module, "median_ms", recording)
+    with torch.enable_grad():
+        result = bench(embedded, synthetic_video, [1], max_new_tokens=4, repeats=1, step_repeats=1, paths=("fast",),
+                       only=["specvlm-tree-0.5"])
+    steps = [row["step_ms"] for row in result["rows"]]
+    assert {"target_step", "verify", "draft_step", "draft_feed", "draft_level"} <= {k for s in steps for k in s}
+    assert grad_modes and not any(grad_modes)
