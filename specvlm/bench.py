@@ -10,7 +10,10 @@ scores, selection and the draft's prefill), as in the paper's reference code; pr
 reported beside it. `paths=("plain", "fast")` runs every method on the plain path
 (`decoding.py`: dynamic caches, uncompiled) and on the fast path (`fast.py`: static caches,
 fixed-shape steps, CUDA graphs on a GPU); each row's speedup is against AR on the same path,
-and `speedup_vs_plain_ar` against the plain AR. Outputs of both paths are compared with the plain AR.
+and `speedup_vs_plain_ar` against the plain AR. Outputs of both paths are compared with the plain AR
+(the plain path runs first; with the fast path alone, with its AR: the result's "reference"), those of
+every call of a row, warm-up included; a row that differs records where and the target's top-2 logit
+margin there ("divergence", `first_divergence`).
 `selection=True` adds SELECTION_RUNS: SpecVLM's tree at 75% and 95% pruning and every other
 selection method at 90%.
 `self_speculation=True` adds the paper's Self-SD setting: the target drafts for itself, its
@@ -116,10 +119,13 @@ def run_labels(self_speculation: bool = True, transformers_baselines: bool = Tru
 
 
 def timed(fn, repeats: int):
-    fn()  # warm-up
+    """(the first timed result, median decode s, median prefill s, the tokens of every call, warm-up
+    first): a row's equality to AR is judged on all of them, not on one."""
+    warmup = fn()
     results = [fn() for _ in range(repeats)]
     return results[0], statistics.median(r.decode_s for r in results), statistics.median(
-        sum(v for k, v in r.timings.items() if k != "decode") for r in results)
+        sum(v for k, v in r.timings.items() if k != "decode") for r in results), \
+        [r.tokens for r in [warmup, *results]]
 
 
 def run_once(path: str, pair: Pair, prompt, draft_prompt, method: str, shape, ratio: float, k: int, max_new_tokens: int):
@@ -268,8 +274,8 @@ def measure(path: str, pair: Pair, prompt, draft_prompt, method: str, shape, rat
     device = pair.target.device
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    res, decode_s, prefill_s = timed(lambda: run_once(path, pair, prompt, draft_prompt, method, shape, ratio, k,
-                                                      max_new_tokens), repeats)
+    res, decode_s, prefill_s, outputs = timed(lambda: run_once(path, pair, prompt, draft_prompt, method, shape, ratio,
+                                                               k, max_new_tokens), repeats)
     peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
     steps = (fast_steps if path == "fast" else plain_steps)(pair, prompt, draft_prompt, res, shape, k, step_repeats)
     per_token = steps["per_token"]
@@ -281,7 +287,8 @@ def measure(path: str, pair: Pair, prompt, draft_prompt, method: str, shape, rat
         if timeline and path == "fast" else None
     if profiled is not None and profiled.pop("tokens") != res.tokens:
         raise RuntimeError(f"{method}: the profiled generation's tokens differ from the timed one's.")
-    return {"res": res, "decode_s": decode_s, "prefill_s": prefill_s, "peak": peak, "step_ms": steps["step_ms"],
+    return {"res": res, "outputs": outputs, "decode_s": decode_s, "prefill_s": prefill_s, "peak": peak,
+            "step_ms": steps["step_ms"],
             "kv_bytes": kv, "timeline": profiled, "draft_fused": is_fused(pair.draft) if method != "ar" else None}
 
 
@@ -407,7 +414,7 @@ def hf_rows(pair: Pair, prompt, reference: list[int], ar: dict, frames: int, max
         padding = padded_output_layer(pair.draft.model, target_rows) if padded else contextlib.nullcontext()
         try:
             with padding:
-                hf_generate(pair, prompt, max_new_tokens, assisted, static)  # warm-up (and compile)
+                warmup = hf_generate(pair, prompt, max_new_tokens, assisted, static)  # warm-up (and compile)
                 runs = [hf_generate(pair, prompt, max_new_tokens, assisted, static) for _ in range(repeats)]
         except Exception as error:  # a baseline transformers refuses is reported, not fatal to the run
             rows.append({**row, "new_tokens": 0, "equal_to_ar": False, "total_s": None, "speedup_vs_ar_total": None,
@@ -416,7 +423,9 @@ def hf_rows(pair: Pair, prompt, reference: list[int], ar: dict, frames: int, max
         if not measured_prefill:
             prefill_s, measured_prefill = hf_prefill_s(pair, prompt, repeats), True
         tokens, total_s = runs[0][0], statistics.median(t for _, t in runs)
-        same = tokens == reference
+        differing = next((out for out, _ in [warmup, *runs] if out != reference), None)
+        same = differing is None
+        row["divergence"] = first_divergence(pair.target, prompt, differing, reference) if differing is not None else None
         decode_s = max(total_s - prefill_s, 0.0) if prefill_s else None
         rows.append({**row, "new_tokens": len(tokens), "equal_to_ar": same, "total_s": total_s,
                      "prefill_s": prefill_s, "decode_s": decode_s,
@@ -426,10 +435,13 @@ def hf_rows(pair: Pair, prompt, reference: list[int], ar: dict, frames: int, max
 
 
 def make_row(path: str, frames: int, prompt, draft_prompt, drafter, method, shape, ratio, m: dict, ar: dict,
-             reference: list[int], plain_ar_s) -> dict:
-    """A JSON row; every speedup is None unless this row's and its AR's tokens equal the reference."""
+             reference: list[int], plain_ar_s, target) -> dict:
+    """A JSON row; every speedup is None unless the tokens of every call of this row and of its AR
+    (warm-up included) equal the reference. "divergence": `first_divergence` of the first call that
+    does not (None where all do)."""
     res, decode_s, prefill_s = m["res"], m["decode_s"], m["prefill_s"]
-    same = res.tokens == reference and ar["res"].tokens == reference
+    differing = next((tokens for tokens in m["outputs"] if tokens != reference), None)
+    same = differing is None and all(tokens == reference for tokens in ar["outputs"])
     return {
         "path": path, "speedup_vs_plain_ar": (plain_ar_s / decode_s) if same and plain_ar_s and decode_s else None,
         "frames": frames, "video_tokens": prompt.num_video_tokens, "method": method, "draft": shape,
@@ -445,6 +457,7 @@ def make_row(path: str, frames: int, prompt, draft_prompt, drafter, method, shap
         "draft_prompt_tokens": len(draft_prompt.rows(res.kept)) if drafter else None,
         "step_ms": m["step_ms"], "kv_bytes": m["kv_bytes"], "peak_memory_bytes": m["peak"],
         "draft_fused": m.get("draft_fused"),  # the draft's projections stacked (`fusion.py`)
+        "divergence": first_divergence(target, prompt, differing, reference) if differing is not None else None,
         **({"timeline": m["timeline"]} if m.get("timeline") else {}),
     }
 
@@ -472,8 +485,10 @@ def bench(pair: Pair, video_for, frames_list, max_new_tokens=64, k=5, repeats=3,
                              f"size): choose from {known}.")
     self_pair = Pair(pair.target, pair.target, name=f"{pair.name}: target drafting for itself") \
         if self_speculation else None
+    paths = tuple(sorted(dict.fromkeys(paths), key=lambda path: path != "plain"))  # the plain AR is the reference
     rows = []
-    header = run_facts(pair, stand_in, max_new_tokens, k, repeats, step_repeats, self_speculation, selection)
+    header = {**run_facts(pair, stand_in, max_new_tokens, k, repeats, step_repeats, self_speculation, selection),
+              "reference": f"AR on the {paths[0]} path"}
 
     def report(done=(), partial=True) -> dict:  # the result so far: every fact of the run, its rows
         fast = {}
@@ -509,7 +524,7 @@ def bench(pair: Pair, video_for, frames_list, max_new_tokens=64, k=5, repeats=3,
                     reference = reference or m["res"].tokens
                     plain_ar_s = plain_ar_s or (m["decode_s"] if path == "plain" else None)
                 rows.append({**make_row(path, frames, prompt, run_draft_prompt, run_drafter, method, shape, ratio, m,
-                                        ar, reference, plain_ar_s), "row_s": row_s})
+                                        ar, reference, plain_ar_s, pair.target), "row_s": row_s})
                 if progress:
                     progress(report())
         if transformers_baselines:
@@ -559,7 +574,7 @@ def table(result: dict) -> str:
                 speed = "-" if r["speedup_vs_ar"] is None else f"{r['speedup_vs_ar']:.2f}"
                 decode = f"decode {r['decode_s']:.3f} s (x AR {speed}), prefill {r['prefill_s']:.3f} s, "
             lines.append(f"{'hf':<5} {r['frames']:>6} {r['video_tokens']:>6} {r['method']:<12} total {r['total_s']:.3f} s, "
-                         f"{decode}x AR (prefill + decode) {total}, = AR {'yes' if r['equal_to_ar'] else 'NO'}")
+                         f"{decode}x AR (prefill + decode) {total}, = AR {same_as_ar(r)}")
             continue
         speed = "-" if r["speedup_vs_ar"] is None else f"{r['speedup_vs_ar']:.2f}"
         steps = r.get("step_ms") or {}
@@ -573,8 +588,36 @@ def table(result: dict) -> str:
         lines.append(f"{r.get('path', 'plain'):<5} {r['frames']:>6} {r['video_tokens']:>6} {r['method']:<8} "
                      f"{r.get('drafter') or '-':<5} {r['draft'] or '-':<5} {r['ratio']:>5.2f} {draft_video:>6} "
                      f"{r['mean_accepted']:>5.2f} {r['decode_s']:>9.3f} {r['tokens_per_s']:>7.1f} {speed:>6} "
-                     f"{'yes' if r['equal_to_ar'] else 'NO':>5} {step:>28}")
+                     f"{same_as_ar(r):>5} {step:>28}")
     return "\n".join(lines)
+
+
+def same_as_ar(row: dict) -> str:
+    """"yes", or "NO" with where the row left AR's tokens and the target's top-2 margin there."""
+    if row["equal_to_ar"]:
+        return "yes"
+    where = row.get("divergence")
+    return "NO" if not where else f"NO at token {where['index']} (margin {where['reference_margin']:.3g})"
+
+
+@torch.no_grad()
+def first_divergence(target, prompt, tokens: list[int], reference: list[int]) -> dict | None:
+    """Where `tokens` leave `reference` (AR's) and how close the target's call was there
+    (DESIGN.md, section 4): {"index", "token", "reference_token", "reference_margin"}, the margin
+    being the gap between the target's two largest logits after the prompt and reference[:index],
+    computed on the plain path. In bf16 a gap near 0 is rounding that differs between kernels; a
+    clear gap (say above 0.05) is a bug. None where the tokens are equal. A token past either
+    end is None."""
+    if tokens == reference:
+        return None
+    index = next((i for i, (a, b) in enumerate(zip(tokens, reference)) if a != b), min(len(tokens), len(reference)))
+    logits, cache = prefill_pruned(target, prompt, None)
+    if index:
+        logits = target.step(reference[:index], positions(prompt, 0, index), cache)[0, -1]
+    top = logits.float().topk(2).values
+    return {"index": index, "token": tokens[index] if index < len(tokens) else None,
+            "reference_token": reference[index] if index < len(reference) else None,
+            "reference_margin": float(top[0] - top[1])}
 
 
 def card_name(device: torch.device) -> str:

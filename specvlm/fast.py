@@ -501,6 +501,8 @@ def static_lm(lm: VideoLM, role: str, options: dict | None, attention: str | Non
         unfuse_projections(lm)
     elif fuse_draft(options, lm) and lm.model not in _TARGETS:
         fuse_projections(lm)
+    else:  # e.g. SPECVLM_FUSE_DRAFT=0 after a fused run in the same process
+        unfuse_projections(lm)
     engines = _ENGINES.setdefault(lm, {})
     weights = weight_storage(lm)
     engine = engines.get(role)
@@ -579,7 +581,7 @@ def cuda_graphs(options: dict | None, device: torch.device) -> str | None:
     `CapturedGraph`, captured by hand) or "trees" (torch.compile's CUDA-graph trees)."""
     if options is None or device.type != "cuda" or options.get("mode") != "reduce-overhead":
         return None
-    graphs = os.environ.get("SPECVLM_CUDA_GRAPHS", "manual")
+    graphs = os.environ.get("SPECVLM_CUDA_GRAPHS") or "manual"
     if graphs not in CUDA_GRAPHS:
         raise ValueError(f"SPECVLM_CUDA_GRAPHS must be one of {CUDA_GRAPHS}, got {graphs!r}.")
     return graphs
@@ -874,7 +876,8 @@ def _generate_ar(target: VideoLM, prompt: Prompt, max_new_tokens: int, compile, 
 class HostCopy:
     """A device tensor and its copy on the host, started now. `wait()` returns the copy once
     the work queued *before* it is done; `.item()` or `.cpu()` would wait for everything queued
-    on the stream, steps queued after it included. On the CPU the tensor is its own copy.
+    on the stream, steps queued after it included. On the CPU the copy is a clone: on either
+device it holds the values the tensor had when the copy started.
     E.g. token = HostCopy(logits.argmax(-1)); queue the next step with token.on_device; then
     int(token.wait())."""
 
@@ -887,7 +890,7 @@ class HostCopy:
                 self._event = torch.cuda.Event()
                 self._event.record()
         else:
-            self._host = tensor
+            self._host = tensor.clone()
 
     def wait(self) -> torch.Tensor:
         if self._event is not None:

@@ -377,3 +377,59 @@ def test_fast_path_step_timings_run_without_grad_whatever_the_caller_enabled(emb
     steps = [row["step_ms"] for row in result["rows"]]
     assert {"target_step", "verify", "draft_step", "draft_feed", "draft_level"} <= {k for s in steps for k in s}
     assert grad_modes and not any(grad_modes)
+
+
+def test_a_row_is_judged_on_every_call_and_says_where_it_left_ar(embedded, monkeypatch):
+    """A row whose later repetition (not its first) gives other tokens gets no speedup, and records
+    the first differing token and the target's top-2 margin there (DESIGN.md, section 4)."""
+    import dataclasses
+
+    import specvlm.bench as bench_module
+
+    calls, run_once = [], bench_module.run_once
+
+    def flaky(path, pair, prompt, draft_prompt, method, *args):
+        res = run_once(path, pair, prompt, draft_prompt, method, *args)
+        if method == "specvlm":
+            calls.append(method)
+            if len(calls) == 3:  # warm-up, first timed call, then this one
+                res = dataclasses.replace(res, tokens=res.tokens[:2] + [res.tokens[2] + 1] + res.tokens[3:])
+        return res
+
+    monkeypatch.setattr(bench_module, "run_once", flaky)
+    result = bench(embedded, synthetic_video, [1], max_new_tokens=6, repeats=2, step_repeats=1,
+                   only=["specvlm-chain-0.9"])
+    ar, row = result["rows"]
+    assert ar["equal_to_ar"] and ar["divergence"] is None and result["reference"] == "AR on the plain path"
+    assert not row["equal_to_ar"] and row["speedup_vs_ar"] is None and row["speedup_vs_ar_total"] is None
+    divergence = row["divergence"]
+    assert divergence["index"] == 2 and divergence["token"] == divergence["reference_token"] + 1
+    assert divergence["reference_margin"] > 0
+    assert "NO at token 2" in table(result)
+
+
+def test_first_divergence_margin_is_the_targets_top_two_gap_after_ar_prefix(embedded):
+    from specvlm.bench import first_divergence
+    from specvlm.decoding import generate_ar, positions, prefill_pruned
+
+    prompt = embedded.target.prepare(synthetic_video(1), "Describe the video.")
+    tokens = generate_ar(embedded.target, prompt, 6).tokens
+    assert first_divergence(embedded.target, prompt, tokens, tokens) is None
+    logits, cache = prefill_pruned(embedded.target, prompt, None)
+    logits = embedded.target.step(tokens[:4], positions(prompt, 0, 4), cache)[0, -1]
+    top = logits.topk(2).values
+    found = first_divergence(embedded.target, prompt, tokens[:4] + [0, 0], tokens)
+    assert found["index"] == 4 and found["reference_token"] == tokens[4] == int(logits.argmax())
+    assert found["reference_margin"] == pytest.approx(float(top[0] - top[1]))
+    shorter = first_divergence(embedded.target, prompt, tokens[:3], tokens)  # stopped early: no token there
+    assert shorter["index"] == 3 and shorter["token"] is None
+
+
+def test_the_plain_path_runs_first_and_is_every_rows_reference(embedded):
+    result = bench(embedded, synthetic_video, [1], max_new_tokens=4, repeats=1, step_repeats=1,
+                   paths=("fast", "plain"), only=["sd-chain-0"])
+    assert [row["path"] for row in result["rows"]] == ["plain", "plain", "fast", "fast"]
+    assert result["reference"] == "AR on the plain path"
+    alone = bench(embedded, synthetic_video, [1], max_new_tokens=4, repeats=1, step_repeats=1, paths=("fast",),
+                  only=["sd-chain-0"])
+    assert alone["reference"] == "AR on the fast path"

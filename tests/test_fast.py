@@ -436,7 +436,7 @@ def test_qwen(qwen_pair):
 # --- engines, options, errors ----------------------------------------------------------------
 
 
-def test_static_caches_are_reused_and_never_reallocated_mid_run(embedded, embedded_prompt):
+def test_static_caches_are_reused_across_runs_and_remade_only_for_a_longer_prompt(embedded, embedded_prompt):
     fast.generate_fast(embedded, embedded_prompt, method="specvlm", tree=MC_SIM_7B_63, max_new_tokens=8, compile=False)
     engine = fast.static_lm(embedded.target, "target", None)
     addresses = [t.data_ptr() for t in engine.cache.keys + engine.cache.values]
@@ -444,7 +444,12 @@ def test_static_caches_are_reused_and_never_reallocated_mid_run(embedded, embedd
     assert [t.data_ptr() for t in engine.cache.keys + engine.cache.values] == addresses
     longer = embedded.target.prepare(sv.sample_video("bikes", 4))
     fast.generate_fast(embedded, longer, method="specvlm", k=2, max_new_tokens=4, compile=False)
-    assert engine.cache.capacity >= longer.input_ids.shape[1] + 4
+    grown = fast.static_lm(embedded.target, "target", None)
+    assert grown is engine and engine.cache.capacity >= longer.input_ids.shape[1] + 4
+    assert [t.data_ptr() for t in engine.cache.keys] != addresses[:len(engine.cache.keys)]  # a new cache for the longer prompt
+    grown_addresses = [t.data_ptr() for t in engine.cache.keys + engine.cache.values]
+    fast.generate_fast(embedded, embedded_prompt, method="specvlm", tree=MC_SIM_7B_63, max_new_tokens=8, compile=False)
+    assert [t.data_ptr() for t in engine.cache.keys + engine.cache.values] == grown_addresses  # the shorter fits it
 
 
 def test_compile_options():
@@ -500,9 +505,10 @@ def test_bad_requests(tiny_pair):
         fast.generate_fast(tiny_pair, prompt, max_new_tokens=0)
 
 
-def test_host_copy_returns_the_tensors_values():
+def test_host_copy_holds_the_values_the_tensor_had_when_it_started():
     token = torch.tensor([7])
     copy = fast.HostCopy(token)
+    token.fill_(3)  # e.g. a step's static output buffer, overwritten by the next replay
     assert copy.on_device is token and copy.wait().tolist() == [7]
 
 
@@ -536,6 +542,8 @@ def test_cuda_graphs_are_captured_by_hand_unless_asked_for_torch_compiles_own(mo
     assert fast.cuda_graphs({"mode": "reduce-overhead"}, torch.device("cpu")) is None
     assert fast.cuda_graphs({"mode": "default"}, cuda) is None
     monkeypatch.delenv("SPECVLM_CUDA_GRAPHS", raising=False)
+    assert fast.cuda_graphs({"mode": "reduce-overhead"}, cuda) == "manual"
+    monkeypatch.setenv("SPECVLM_CUDA_GRAPHS", "")  # empty is unset, as for every other setting
     assert fast.cuda_graphs({"mode": "reduce-overhead"}, cuda) == "manual"
     monkeypatch.setenv("SPECVLM_CUDA_GRAPHS", "trees")
     assert fast.cuda_graphs({"mode": "reduce-overhead"}, cuda) == "trees"

@@ -117,6 +117,9 @@ def test_the_fast_path_fuses_a_draft_only_when_asked_and_never_a_target(embedded
     assert fusion.is_fused(draft) and not fusion.is_fused(embedded.target)
     assert fast.capture_report(pair)["models"]["draft"]["fused_projections"]
     assert not fast.capture_report(pair)["models"]["target"]["fused_projections"]
+    monkeypatch.setenv("SPECVLM_FUSE_DRAFT", "0")  # in the same process: the draft is transformers' own again
+    assert fast.generate_fast(pair, prompt, max_new_tokens=16, compile=False).tokens == reference
+    assert not fusion.is_fused(draft) and not fast.capture_report(pair)["models"]["draft"]["fused_projections"]
     # self-speculation: the model is the target too, so it stays as it is
     target = copy.deepcopy(embedded.target)
     itself = sv.models.Pair(target, target, name="drafting for itself")

@@ -1,6 +1,6 @@
 """Measure the embedded pair on held-out synthetic clips and write its model card numbers.
 
-    python -m specvlm.tiny.evaluate --pair specvlm/tiny --clips 200 --out specvlm/tiny/metrics.json
+    python -m specvlm.tiny.evaluate --pair specvlm/tiny --clips 160 --workers 14 --out specvlm/tiny/metrics.json
 
 Measured (never typed): caption accuracy per attribute of the target with all video tokens,
 of the target pruned to 10% of its own video tokens (uniform, and top attention), and of the
