@@ -50,6 +50,7 @@ from .attention import prefill_with_scores
 from .models import DEFAULT_QUESTION, Pair, Prompt, VideoLM
 from .sampling import Picker
 from .trees import Tree, tree_attention_bias
+from .video import Video
 
 SPECULATIVE_METHODS = ("sd",) + tuple(pruning.METHODS)
 METHODS = ("ar",) + SPECULATIVE_METHODS
@@ -299,7 +300,9 @@ def generate_sd(pair: Pair, prompt: Prompt, method: str = "specvlm", ratio: floa
         raise ValueError(f"unknown method {method!r}; choose one of {METHODS}.")
     if tree is None and k < 1:
         raise ValueError(f"k (draft tokens per round) must be >= 1, got {k}.")
+    check_prompts(prompt, draft_prompt)
     pruning.keep_budget(prompt.num_video_tokens, ratio)
+    pruning.check_mass(mass)
     picker = picker or Picker()
     target, draft = pair.target, pair.draft
     watch = Stopwatch(target.device)
@@ -327,6 +330,22 @@ def generate_sd(pair: Pair, prompt: Prompt, method: str = "specvlm", ratio: floa
                               target_cache.get_seq_length(), draft_cache.get_seq_length(), watch.laps, max_new_tokens)
 
 
+def check_prompts(prompt: Prompt, draft_prompt: Prompt | None = None) -> None:
+    """Raise ValueError unless `prompt` holds video tokens and `draft_prompt` (the draft's own, if
+    any) lays the video out as the target's does: pruning picks indices into the target's video
+    tokens, and the draft keeps the tokens at those indices in its own prompt."""
+    if prompt.num_video_tokens == 0:
+        raise ValueError("the prepared prompt contains no video tokens; check the processor's chat template "
+                         "(SpecVLM prunes the draft's video tokens, so the prompt needs a video).")
+    if draft_prompt is not None and (draft_prompt.num_video_tokens, tuple(draft_prompt.grid)) != (
+            prompt.num_video_tokens, tuple(prompt.grid)):
+        raise ValueError(
+            f"the draft's prompt lays the video out differently from the target's (target {prompt.num_video_tokens} "
+            f"video tokens, grid {tuple(prompt.grid)}; draft {draft_prompt.num_video_tokens}, grid "
+            f"{tuple(draft_prompt.grid)}): the draft keeps the target's selected video tokens by index, so give both "
+            "models' processors the same frame size settings (e.g. Qwen2.5-VL's min_pixels and max_pixels).")
+
+
 def speculative_result(out, target: VideoLM, prompt: Prompt, method: str, ratio: float, accepted: list[int],
                        keep, scores, target_cache_len: int, draft_cache_len: int, timings: dict,
                        max_new_tokens: int) -> Result:
@@ -350,12 +369,14 @@ def generate(pair: Pair, video, question: str = DEFAULT_QUESTION, method: str = 
     by `seed`) with speculative sampling, which keeps the target's distribution."""
     if video is None:
         raise ValueError("generate needs a video: SpecVLM prunes the draft's video tokens, and this prompt has none.")
+    if not isinstance(video, Video):
+        raise TypeError(f"generate takes a Video, got {type(video).__name__}: read a file with "
+                        "sv.load_video(path, num_frames), or wrap frames with sv.from_array(frames, fps).")
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}.")
     picker = Picker(temperature, top_p, seed)
     prompt = pair.target.prepare(video, question)
-    if prompt.num_video_tokens == 0:
-        raise ValueError("the prepared prompt contains no video tokens; check the processor's chat template.")
+    check_prompts(prompt)
     if method == "ar":
         return generate_ar(pair.target, prompt, max_new_tokens, picker=picker)
     draft_prompt = prompt if pair.draft is pair.target else pair.draft.prepare(video, question)

@@ -54,7 +54,7 @@ import torch
 from transformers import Cache
 
 from .acceptance import chain_accept, tree_accept
-from .decoding import (METHODS, SCORED_METHODS, Result, Stopwatch, prefill_pruned, prefill_target,
+from .decoding import (METHODS, SCORED_METHODS, Result, Stopwatch, check_prompts, prefill_pruned, prefill_target,
                        select_video_tokens, speculative_result)
 from .fusion import changes as fusion_changes
 from .fusion import fuse_projections, is_fused, unfuse_projections
@@ -799,7 +799,9 @@ def generate_fast(pair: Pair, prompt: Prompt, method: str = "specvlm", ratio: fl
         return _generate_ar(pair.target, prompt, max_new_tokens, compile, fast_attention(attention, "target"))
     if tree is None and k < 1:
         raise ValueError(f"k (draft tokens per round) must be >= 1, got {k}.")
+    check_prompts(prompt, draft_prompt)
     pruning.keep_budget(prompt.num_video_tokens, ratio)
+    pruning.check_mass(mass)
     target, draft = pair.target, pair.draft
     options = compile_options(compile, target.device)
     depth = k if tree is None else tree.depth

@@ -324,7 +324,8 @@ def _probe_video(frames: int) -> Video:
 
 
 def check_compatible(target: VideoLM, draft: VideoLM) -> None:
-    """Raise ValueError unless target and draft tokenize text and videos identically."""
+    """Raise ValueError unless target and draft tokenize text and videos identically, and the draft's
+    output layer has no more rows than the target's."""
     if target.family != draft.family:
         raise ValueError(
             f"target is {target.family} but draft is {draft.family}: their video-token layouts differ; "
@@ -335,6 +336,12 @@ def check_compatible(target: VideoLM, draft: VideoLM) -> None:
             "target and draft have different tokenizers (vocabularies differ): speculative decoding "
             "needs a draft that shares the target's tokenizer."
         )
+    target_rows = target.model.get_output_embeddings().weight.shape[0]
+    draft_rows = draft.model.get_output_embeddings().weight.shape[0]
+    if draft_rows > target_rows:
+        raise ValueError(
+            f"the draft's output layer has {draft_rows} rows, more than the target's {target_rows}: it could propose "
+            "token ids the target cannot read; use a draft whose output layer is no larger than the target's.")
     for frames in (1, 2):
         t, d = target.prepare(_probe_video(frames)), draft.prepare(_probe_video(frames))
         if not torch.equal(t.input_ids, d.input_ids):

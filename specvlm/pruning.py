@@ -103,6 +103,12 @@ def keep_top(scores: torch.Tensor, ratio: float) -> torch.Tensor:
     return _descending(scores)[: keep_budget(len(scores), ratio)].sort().values
 
 
+def check_mass(mass) -> None:
+    """Raise ValueError unless `mass` (the share of the total score Stage I must reach) lies in (0, 1]."""
+    if not isinstance(mass, numbers.Real) or isinstance(mass, bool) or not 0 < mass <= 1:
+        raise ValueError(f"mass (share of the total score Stage I must reach) must be in (0, 1], got {mass!r}.")
+
+
 def keep_specvlm(scores: torch.Tensor, ratio: float, mass: float = 0.4, return_stage: bool = False):
     """SpecVLM's two-stage selection, sorted; with `return_stage`, also each kept index's stage.
 
@@ -113,8 +119,7 @@ def keep_specvlm(scores: torch.Tensor, ratio: float, mass: float = 0.4, return_s
     keep_specvlm(tensor([.05, .4, .05, .3, .1, .1]), 0.5, mass=0.6, return_stage=True)
     -> (tensor([0, 1, 3]), tensor([2, 1, 1]))   # Stage I: .4 + .3 >= .6; Stage II: index 0 of [0, 2, 4, 5]
     """
-    if not isinstance(mass, numbers.Real) or isinstance(mass, bool) or not 0 < mass <= 1:
-        raise ValueError(f"mass (share of the total score Stage I must reach) must be in (0, 1], got {mass!r}.")
+    check_mass(mass)
     scores = _checked(scores)
     n, keep = len(scores), keep_budget(len(scores), ratio)
     order = _descending(scores)

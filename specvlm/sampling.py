@@ -64,7 +64,7 @@ class Picker:
         if self.greedy:
             return greedy_chain(tokens, target_logits)
         q = torch.stack(q_rows) if q_rows else torch.zeros(0, target_logits.shape[-1])
-        return sample_chain(tokens, q, self.probs(target_logits), self.generator)
+        return sample_chain(tokens, over_target_rows(q, target_logits), self.probs(target_logits), self.generator)
 
     def verify_tree(self, tree, node_tokens: list[int], q_rows: torch.Tensor | None,
                     target_logits: torch.Tensor) -> tuple[list[int], int]:
@@ -72,4 +72,14 @@ class Picker:
         tokens = torch.tensor(node_tokens, dtype=torch.long)
         if self.greedy:
             return greedy_tree(tree, tokens, target_logits)
-        return sample_tree(tree, tokens, q_rows, self.probs(target_logits), self.generator)
+        return sample_tree(tree, tokens, over_target_rows(q_rows, target_logits), self.probs(target_logits),
+                           self.generator)
+
+
+def over_target_rows(q: torch.Tensor, target_logits: torch.Tensor) -> torch.Tensor:
+    """The draft's distributions [..., V_draft] over the target's output rows [..., V_target]: a draft
+    whose output layer has fewer rows (e.g. LLaVA-OneVision 0.5B drafting for 7B, whose layers are
+    padded differently) gives the rows it lacks probability 0, which keeps speculative sampling exact.
+    `check_compatible` refuses a draft with more rows than its target."""
+    missing = target_logits.shape[-1] - q.shape[-1]
+    return torch.nn.functional.pad(q, (0, missing)) if missing > 0 else q

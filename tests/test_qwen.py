@@ -190,3 +190,45 @@ def test_a_draft_with_another_video_grid_is_refused(tmp_path, qwen_pair):
     )
     with pytest.raises(ValueError, match="video-token grid"):
         sv.Pair(qwen_pair.target, sv.load_lm(str(folder), device="cpu"))
+
+
+def test_a_draft_whose_processor_sizes_frames_differently_is_refused_before_any_prefill(tmp_path, qwen_pair,
+                                                                                         monkeypatch):
+    """Blank probe frames are small enough for both processors, so `Pair` accepts this draft; a larger
+    frame gives it another grid, and decoding must refuse rather than prune the wrong tokens."""
+    tokenizer = qwen_pair.target.tokenizer
+    folder = builders.save_checkpoint(
+        tmp_path / "larger_frames", builders.qwen2_5_vl_config(tokenizer, builders.DRAFT_SIZES),
+        builders.qwen2_5_vl_processor(tokenizer, pixels=(256, 128 * 128)), seed=5,
+    )
+    pair = sv.Pair(qwen_pair.target, sv.load_lm(str(folder), device="cpu"))
+    video = sv.from_array(frames(3, 4, size=128), fps=8.0)
+    prompt, draft_prompt = pair.target.prepare(video), pair.draft.prepare(video)
+    assert prompt.num_video_tokens != draft_prompt.num_video_tokens
+    prefills = []
+    monkeypatch.setattr(sv.decoding, "prefill_target", lambda *args, **kwargs: prefills.append(args))
+    monkeypatch.setattr(sv.fast, "prefill_target", lambda *args, **kwargs: prefills.append(args))
+    for decode in (lambda: sv.generate(pair, video, method="window-back", ratio=0.5),
+                   lambda: sv.decoding.generate_sd(pair, prompt, "uniform", 0.5, draft_prompt=draft_prompt),
+                   lambda: sv.fast.generate_fast(pair, prompt, "specvlm", 0.5, draft_prompt=draft_prompt,
+                                                 compile=False)):
+        with pytest.raises(ValueError, match="lays the video out differently"):
+            decode()
+    assert not prefills
+
+
+def test_a_prompt_without_video_tokens_is_refused_by_every_speculative_path(qwen_pair):
+    import dataclasses
+
+    prompt = qwen_pair.target.prepare(sv.from_array(frames(0, 2), fps=8.0))
+    textual = dataclasses.replace(prompt, video_index=prompt.video_index[:0])
+    for decode in (lambda: sv.decoding.generate_sd(qwen_pair, textual, "specvlm", 0.9),
+                   lambda: sv.fast.generate_fast(qwen_pair, textual, "specvlm", 0.9, compile=False)):
+        with pytest.raises(ValueError, match="contains no video tokens"):
+            decode()
+
+
+def test_generate_names_the_loaders_when_given_a_path_or_frames(qwen_pair):
+    for wrong in ("clip.mp4", frames(0, 2)):
+        with pytest.raises(TypeError, match="sv.load_video"):
+            sv.generate(qwen_pair, wrong)

@@ -103,3 +103,33 @@ def test_sampled_generation_is_seeded_and_never_overshoots(noisy_pair):
     tree = sv.generate(noisy_pair, video, method="specvlm", ratio=0.5, temperature=1.0, seed=3, tree=BRANCHY,
                        max_new_tokens=8)
     assert len(tree.tokens) <= 8
+
+
+def with_fewer_output_rows(lm, missing: int = 40):
+    """A copy of `lm` whose output layer lacks its last `missing` rows (as LLaVA-OneVision's 0.5B has fewer
+    padded rows than its 7B); its input embedding still reads every token."""
+    lm = copy.deepcopy(lm)
+    head = lm.model.get_output_embeddings()
+    narrow = torch.nn.Linear(head.in_features, head.out_features - missing, bias=False, dtype=head.weight.dtype)
+    narrow.weight.data.copy_(head.weight.data[:-missing])
+    lm.model.lm_head = narrow
+    return lm
+
+
+def output_rows(lm) -> int:
+    return lm.model.get_output_embeddings().weight.shape[0]
+
+
+@pytest.mark.parametrize("shape", ROUNDS)
+def test_a_draft_with_fewer_output_rows_still_samples_the_targets_distribution(tiny_pair, shape):
+    pair = sv.Pair(tiny_pair.target, with_fewer_output_rows(tiny_pair.draft), name="narrow draft")
+    assert output_rows(pair.draft) < output_rows(pair.target)
+    counts, exact = first_round_tokens(pair, ROUNDS[shape], trials=600)
+    statistic, df = lumped_chi_square(counts, exact)
+    assert statistic < critical_value(df), (statistic, df)
+
+
+def test_a_draft_with_more_output_rows_than_its_target_is_refused(tiny_pair):
+    target = with_fewer_output_rows(tiny_pair.target)
+    with pytest.raises(ValueError, match="more than the target's"):
+        sv.Pair(target, tiny_pair.draft)
