@@ -14,13 +14,94 @@ import argparse
 import os
 import shlex
 import sys
+from pathlib import Path
+
+
+def at_least(low: int):
+    """An argparse `type=`: an integer >= low."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = low - 1
+        if value < low:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {low}, got {text!r}")
+        return value
+    return parse
+
+
+positive_int, non_negative_int = at_least(1), at_least(0)
+
+
+def ratio(text: str) -> float:
+    """An argparse `type=`: the share of video tokens pruned, in [0, 1)."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not 0 <= value < 1:
+        raise argparse.ArgumentTypeError(f"expected a share of video tokens to prune in [0, 1), e.g. 0.9; got {text!r}")
+    return value
+
+
+def device(text: str) -> str:
+    """An argparse `type=`: a device torch knows and this machine has (`models.resolve_device`)."""
+    from .models import resolve_device
+
+    try:
+        resolve_device(text)
+    except RuntimeError as error:
+        raise argparse.ArgumentTypeError(str(error).splitlines()[0]) from None
+    return text
+
+
+def out_file(text: str) -> str:
+    """An argparse `type=`: a file to write at the end, whose folder must exist now."""
+    path = Path(text)
+    if path.is_dir():
+        raise argparse.ArgumentTypeError(f"{text} is a folder; give a file path in it, e.g. {path / 'result.json'}")
+    if not path.parent.is_dir():
+        raise argparse.ArgumentTypeError(f"folder {path.parent} does not exist; create it first "
+                                         f"(mkdir -p {shlex.quote(str(path.parent))})")
+    return text
+
+
+def dtypes() -> tuple[str, ...]:
+    """The `--dtype` choices this torch has."""
+    import torch
+
+    names = ("float32", "bfloat16", "float16")
+    return tuple(name for name in names if isinstance(getattr(torch, name, None), torch.dtype))
+
+
+def inputs(args, parser):
+    """What `demo` and `bench` check before loading any model: the pair's checkpoints
+    (`models.pair_checkpoints`); `demo` reads its video (returned), `bench` finds its clip. A
+    ValueError or OSError becomes parser's one-line error naming the flag (exit 2)."""
+    from .models import pair_checkpoints
+    from .video import load_video, sample_video, sample_video_path
+
+    def checked(flags, check, *values):
+        try:
+            return check(*values)
+        except (ValueError, OSError) as error:
+            parser.error(f"argument {flags}: {error}")
+
+    checked("--target/--draft", pair_checkpoints, args.target, args.draft)
+    if args.command == "demo" and args.video:
+        return checked("--video", load_video, args.video, args.frames)
+    if args.command == "demo":
+        return checked("--clip", sample_video, args.clip, args.frames)
+    if args.clip != "synthetic":
+        checked("--clip", sample_video_path, args.clip)
+    return None
 
 
 def demo(args) -> int:
-    from . import generate, load_pair, load_video, sample_video
+    from . import generate, load_pair
 
+    video = args.input_video  # read by `inputs` before the pair loads
     pair = load_pair(args.target, args.draft, device=args.device)
-    video = load_video(args.video, args.frames) if args.video else sample_video(args.clip, args.frames)
     print(f"pair: {pair.name}\nvideo: {video.source}, {len(video.frames)} frames\nquestion: {args.question}\n")
     runs = [("ar", 0.0), ("sd", 0.0), ("specvlm", args.ratio)]
     results = [generate(pair, video, args.question, method=m, ratio=r, k=args.k, max_new_tokens=args.max_new_tokens)
@@ -146,28 +227,32 @@ def costs(args) -> int:
 
 
 def main(argv=None) -> int:
+    from .video import SAMPLE_CLIPS
+
     parser = argparse.ArgumentParser(prog="python -m specvlm", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
     d = commands.add_parser("demo", help="AR vs SD vs SpecVLM on one clip; fails if outputs differ")
     d.add_argument("--target", default="tiny", help="target checkpoint (hub id or folder); default: the embedded pair")
     d.add_argument("--draft", default=None, help="draft checkpoint (needed unless --target tiny)")
     d.add_argument("--video", default=None, help="a video file; default: a bundled sample clip")
-    d.add_argument("--clip", default="bigbuckbunny", help="bundled sample clip name")
-    d.add_argument("--frames", type=int, default=16)
-    d.add_argument("--ratio", type=float, default=0.9, help="share of the draft's video tokens to prune")
-    d.add_argument("--k", type=int, default=5, help="draft tokens per round")
-    d.add_argument("--max-new-tokens", type=int, default=48)
+    d.add_argument("--clip", default="bigbuckbunny", choices=SAMPLE_CLIPS, help="bundled sample clip name")
+    d.add_argument("--frames", type=positive_int, default=16)
+    d.add_argument("--ratio", type=ratio, default=0.9, help="share of the draft's video tokens to prune")
+    d.add_argument("--k", type=positive_int, default=5, help="draft tokens per round")
+    d.add_argument("--max-new-tokens", type=positive_int, default=48)
     d.add_argument("--question", default="Describe the video.")
-    d.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    d.add_argument("--device", type=device, default=None, help="cpu or cuda (default: cuda when available)")
     b = commands.add_parser("bench", help="decode time of AR, SD and SpecVLM (chain and tree) on one pair")
     b.add_argument("--target", default="tiny")
     b.add_argument("--draft", default=None)
-    b.add_argument("--clip", default="synthetic", help="'synthetic' or a bundled sample clip name")
-    b.add_argument("--clip-seed", type=int, default=0, help="seed of the synthetic clip (held-out seeds: below 10**5)")
-    b.add_argument("--frames", type=int, nargs="+", default=[16, 64])
-    b.add_argument("--k", type=int, default=5)
-    b.add_argument("--max-new-tokens", type=int, default=64)
-    b.add_argument("--repeats", type=int, default=3)
+    b.add_argument("--clip", default="synthetic", choices=("synthetic", *SAMPLE_CLIPS),
+                   help="'synthetic' or a bundled sample clip name")
+    b.add_argument("--clip-seed", type=non_negative_int, default=0,
+                   help="seed of the synthetic clip (held-out seeds: below 10**5)")
+    b.add_argument("--frames", type=positive_int, nargs="+", default=[16, 64])
+    b.add_argument("--k", type=positive_int, default=5)
+    b.add_argument("--max-new-tokens", type=positive_int, default=64)
+    b.add_argument("--repeats", type=positive_int, default=3)
     b.add_argument("--paths", nargs="+", choices=("plain", "fast"), default=["plain"],
                    help="plain: dynamic caches; fast: static caches and CUDA graphs (fast.py)")
     b.add_argument("--transformers", action="store_true",
@@ -177,7 +262,7 @@ def main(argv=None) -> int:
     b.add_argument("--widen", nargs=2, default=None, metavar=("TARGET_SHAPE", "DRAFT_SHAPE"),
                    help="widen the pair to these language-model shapes first, e.g. llava-ov-7b llava-ov-0.5b "
                         "(same outputs as the embedded pair: a stand-in)")
-    b.add_argument("--step-repeats", type=int, default=5, help="timed isolated passes per row (step_ms)")
+    b.add_argument("--step-repeats", type=positive_int, default=5, help="timed isolated passes per row (step_ms)")
     b.add_argument("--only", nargs="+", default=None, metavar="ROW",
                    help="run only these rows (AR always runs), e.g. specvlm-tree-0.9 hf-generate; names: "
                         "sv.bench.run_labels()")
@@ -187,25 +272,28 @@ def main(argv=None) -> int:
     b.add_argument("--timeline", action="store_true",
                    help="profile one more generation per fast-path row: device busy and idle time per phase "
                         "of a round (specvlm.timeline)")
-    b.add_argument("--device", default=None)
-    b.add_argument("--dtype", default=None, help="float32 or bfloat16 (default: bf16 on CUDA, fp32 on CPU)")
-    b.add_argument("--out", default=None, help="write the JSON here (e.g. figures/bench_tiny.json)")
+    b.add_argument("--device", type=device, default=None)
+    b.add_argument("--dtype", default=None, choices=dtypes(), help="default: bfloat16 on CUDA, float32 on CPU")
+    b.add_argument("--out", type=out_file, default=None, help="write the JSON here (e.g. figures/bench_tiny.json)")
     from .costs import PATHS, SHAPES
 
     c = commands.add_parser("costs", help="ms per forward pass vs context length at real LM shapes (random weights)")
     c.add_argument("--shapes", nargs="+", default=["llava-ov-7b", "llava-ov-0.5b"], choices=sorted(SHAPES),
                    metavar="SHAPE", help=f"language-model shapes: {', '.join(SHAPES)}")
-    c.add_argument("--contexts", type=int, nargs="+", default=[1024, 4096, 16384, 65536])
+    c.add_argument("--contexts", type=positive_int, nargs="+", default=[1024, 4096, 16384, 65536])
     c.add_argument("--paths", nargs="+", default=["eager", "sdpa"], choices=sorted(PATHS))
-    c.add_argument("--repeats", type=int, default=10)
-    c.add_argument("--warmup", type=int, default=2)
-    c.add_argument("--device", default=None)
-    c.add_argument("--devices", nargs="+", default=None, metavar="DEVICE",
+    c.add_argument("--repeats", type=positive_int, default=10)
+    c.add_argument("--warmup", type=non_negative_int, default=2)
+    c.add_argument("--device", type=device, default=None)
+    c.add_argument("--devices", type=device, nargs="+", default=None, metavar="DEVICE",
                    help="several GPUs, e.g. cuda:0 cuda:1: a shape too large for the first is spread over all "
                         "(needs accelerate)")
-    c.add_argument("--dtype", default=None, help="default: bfloat16 on CUDA, float32 on CPU")
-    c.add_argument("--out", default=None, help="JSON path; '{card}' becomes the card's name, e.g. figures/costs_{card}.json")
+    c.add_argument("--dtype", default=None, choices=dtypes(), help="default: bfloat16 on CUDA, float32 on CPU")
+    c.add_argument("--out", type=out_file, default=None,
+                   help="JSON path; '{card}' becomes the card's name, e.g. figures/costs_{card}.json")
     args = parser.parse_args(argv)
+    if args.command in ("demo", "bench"):
+        args.input_video = inputs(args, commands.choices[args.command])
     args.command_line = recorded_environment() + "python -m specvlm " + \
         shlex.join(portable_out(sys.argv[1:] if argv is None else argv))
     return {"demo": demo, "bench": bench, "costs": costs}[args.command](args)

@@ -25,6 +25,7 @@ Not handled: batches (one prompt at a time), images, several videos in one promp
 from __future__ import annotations
 
 import math
+import os
 from importlib import resources
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -276,12 +277,30 @@ def resolve_device(device=None) -> torch.device:
     return device
 
 
+def checked_checkpoint(name_or_path):
+    """`name_or_path` as `from_pretrained` should get it: a hub id ("org/name") unchanged; a path
+    (a Path, absolute, starting with ./ ../ or ~, or with more than one slash) with ~ expanded,
+    which must be an existing folder: "/tmp/nowhere" -> FileNotFoundError, not a hub-id error."""
+    text = str(name_or_path)
+    separators = text.count(os.sep) + (text.count(os.altsep) if os.altsep else 0)
+    if not (isinstance(name_or_path, Path) or os.path.isabs(text) or text in (".", "..") or separators > 1
+            or text.startswith(("~", "./", "../", "." + os.sep, ".." + os.sep))):
+        return name_or_path
+    path = Path(text).expanduser()
+    if not path.is_dir():
+        what = "is a file, not a checkpoint folder" if path.exists() else "does not exist"
+        raise FileNotFoundError(f"checkpoint folder {text} {what}: give the folder that holds config.json, "
+                                "or a hub id such as 'llava-hf/llava-onevision-qwen2-0.5b-ov-hf'.")
+    return path
+
+
 def load_lm(name_or_path, device=None, dtype=None, device_map=None) -> VideoLM:
     """Load one checkpoint (hub id or folder) and wrap it in its family's adapter.
     `device_map` (e.g. "auto", which needs accelerate) spreads a model too large for one card
     over the visible GPUs, as transformers' `from_pretrained` does; `device` is then ignored."""
     from transformers import AutoConfig
 
+    name_or_path = checked_checkpoint(name_or_path)
     device = resolve_device(device if device_map is None else None)
     if dtype is None:
         dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -358,19 +377,27 @@ def embedded_paths() -> tuple[Path, Path]:
     return root / "target", root / "draft"
 
 
+def pair_checkpoints(target="tiny", draft=None):
+    """(target, draft, name) that `load_pair` loads, both checked (`checked_checkpoint`) before
+    either is loaded: "tiny" alone is the embedded pair; otherwise two checkpoints."""
+    if target == "tiny" and draft is None:
+        return (*embedded_paths(), "embedded tiny pair (stand-in)")
+    if "tiny" in (target, draft):
+        raise ValueError(f"'tiny' is the embedded pair as a whole (target='tiny' with no draft), not one checkpoint; "
+                         f"got target={target!r}, draft={draft!r}: give two checkpoints or target='tiny' alone "
+                         "(its folders: specvlm.models.embedded_paths()).")
+    if draft is None:
+        raise ValueError("load_pair needs a draft checkpoint besides the target (or target='tiny').")
+    return checked_checkpoint(target), checked_checkpoint(draft), f"{target} / {draft}"
+
+
 def load_pair(target="tiny", draft=None, device=None, dtype=None, target_device_map=None) -> Pair:
     """Load a target/draft pair: `load_pair("tiny")` is the embedded pair shipped with the
     package; otherwise two checkpoints, e.g.
     `load_pair("llava-hf/llava-onevision-qwen2-7b-ov-hf", "llava-hf/llava-onevision-qwen2-0.5b-ov-hf")`.
     `target_device_map="auto"` spreads the target over the visible GPUs (a 72B target on two
     cards) while the draft goes to `device`."""
-    if target == "tiny" and draft is None:
-        target, draft = embedded_paths()
-        name = "embedded tiny pair (stand-in)"
-    else:
-        if draft is None:
-            raise ValueError("load_pair needs a draft checkpoint besides the target (or target='tiny').")
-        name = f"{target} / {draft}"
+    target, draft, name = pair_checkpoints(target, draft)
     # the draft first: a device_map such as "auto" budgets each card's free memory, so the target's
     # layers then leave room for the draft on its card
     draft_lm = load_lm(draft, device, dtype)

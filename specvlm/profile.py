@@ -391,24 +391,26 @@ def main(argv=None) -> int:
     import argparse
     import sys
 
+    from .__main__ import device, dtypes, out_file, positive_int
+
     parser = argparse.ArgumentParser(prog="python -m specvlm.profile", description=__doc__.splitlines()[0])
     parser.add_argument("--shapes", nargs="+", default=["llava-ov-7b", "llava-ov-0.5b"], choices=sorted(costs.SHAPES),
                         metavar="SHAPE", help=f"language-model shapes: {', '.join(costs.SHAPES)}")
-    parser.add_argument("--contexts", type=int, nargs="+", default=[16384, 1638],
+    parser.add_argument("--contexts", type=positive_int, nargs="+", default=[16384, 1638],
                         help="cached tokens (1638: 16k with 90%% of the video pruned)")
     parser.add_argument("--kinds", nargs="+", default=None, choices=costs.KINDS,
                         help="default: step, chain and tree for the largest shape, step for the others")
     parser.add_argument("--attention", default="sdpa", choices=fast.ATTENTIONS)
-    parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--repeats", type=positive_int, default=20)
     parser.add_argument("--fuse", action="store_true",
                         help="stack each model's q/k/v and gate/up projections into one matmul each (fusion.py)")
     parser.add_argument("--fallback", default="eager", choices=("eager", "inductor"),
                         help="the profile without CUDA graphs when their kernels are invisible: eager steps, "
                              "or inductor's kernels launched one by one")
-    parser.add_argument("--device", default=None)
-    parser.add_argument("--dtype", default=None, help="default: bfloat16 on CUDA, float32 on CPU")
-    parser.add_argument("--out", default=None, help="JSON path; '{card}' becomes the card's name")
-    parser.add_argument("--png", default=None, help="also plot the JSON here ('{card}' likewise)")
+    parser.add_argument("--device", type=device, default=None)
+    parser.add_argument("--dtype", default=None, choices=dtypes(), help="default: bfloat16 on CUDA, float32 on CPU")
+    parser.add_argument("--out", type=out_file, default=None, help="JSON path; '{card}' becomes the card's name")
+    parser.add_argument("--png", type=out_file, default=None, help="also plot the JSON here ('{card}' likewise)")
     args = parser.parse_args(argv)
     if args.png and not args.out:
         parser.error("--png plots the JSON written by --out: give --out too.")

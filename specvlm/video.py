@@ -71,6 +71,8 @@ def load_video(path, num_frames: int) -> Video:
         raise ValueError(f"num_frames must be an int >= 1, got {num_frames!r}.")
     if not Path(path).exists():
         raise FileNotFoundError(f"no video file at {path}")
+    if Path(path).is_dir():
+        raise IsADirectoryError(f"{path} is a folder, not a video file: give one video file, e.g. clip.mp4.")
     try:
         reader = decord.VideoReader(str(path))
         total = len(reader)
@@ -80,7 +82,11 @@ def load_video(path, num_frames: int) -> Video:
         frames = reader.get_batch(indices.tolist()).asnumpy()
     except (RuntimeError, decord.DECORDError) as error:
         reason = re.sub(r"^\[[\d:]+\] \S+: ", "", str(error).strip().splitlines()[0])
-        raise ValueError(f"could not read {path} as a video: {reason}") from error
+        if "cannot find video stream" in reason:
+            raise ValueError(f"could not read {path} as a video: the file has no video stream (0 frames), "
+                             "e.g. an audio file; give a video file.") from error
+        raise ValueError(f"could not read {path} as a video: the file is truncated or not a video "
+                         f"(decord: {reason})") from error
     return Video(torch.from_numpy(frames), float(reader.get_avg_fps()), torch.from_numpy(indices), total, str(path))
 
 

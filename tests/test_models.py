@@ -1,5 +1,7 @@
 """Loading pairs through from_pretrained, the adapter interface, and clear refusals."""
 
+import re
+
 import pytest
 import torch
 
@@ -46,6 +48,41 @@ def test_cuda_without_cuda_is_a_clear_error(tiny_paths, monkeypatch):
 def test_missing_draft_is_a_clear_error(tiny_paths):
     with pytest.raises(ValueError, match="draft"):
         sv.load_pair(str(tiny_paths[0]))
+
+
+@pytest.fixture
+def nothing_loads(monkeypatch):
+    monkeypatch.setattr(sv.models, "load_lm", lambda *a, **k: pytest.fail("a checkpoint was loaded"))
+
+
+@pytest.mark.parametrize("name", ["{tmp}/nowhere", "./nowhere-specvlm", "../nowhere-specvlm", "~/nowhere-specvlm",
+                                  "nowhere/specvlm/model"])
+def test_missing_checkpoint_folder_is_named_before_loading(tmp_path, nothing_loads, name):
+    name = name.format(tmp=tmp_path)
+    draft = str(sv.models.embedded_paths()[1])
+    with pytest.raises(FileNotFoundError, match=f"checkpoint folder {re.escape(name)} does not exist"):
+        sv.load_pair(name, draft)
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        sv.load_pair(draft, name)  # the draft is checked before the target loads
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        sv.load_lm(tmp_path / "nowhere")
+
+
+def test_a_file_is_not_a_checkpoint_folder(tmp_path, nothing_loads):
+    (tmp_path / "model.bin").write_bytes(b"")
+    with pytest.raises(FileNotFoundError, match="model.bin is a file, not a checkpoint folder"):
+        sv.load_pair(str(tmp_path / "model.bin"), str(tmp_path))
+
+
+def test_hub_ids_are_left_to_transformers():
+    assert sv.models.checked_checkpoint("llava-hf/llava-onevision-qwen2-0.5b-ov-hf") == \
+        "llava-hf/llava-onevision-qwen2-0.5b-ov-hf"
+
+
+@pytest.mark.parametrize("target,draft", [("tiny", "llava-hf/llava-onevision-qwen2-0.5b-ov-hf"), ("x/y", "tiny")])
+def test_tiny_is_the_whole_embedded_pair(nothing_loads, target, draft):
+    with pytest.raises(ValueError, match="'tiny' is the embedded pair as a whole .* no draft"):
+        sv.load_pair(target, draft)
 
 
 def test_unsupported_model_type_is_refused(tmp_path):

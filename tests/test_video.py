@@ -73,12 +73,34 @@ def test_missing_path(tmp_path):
 def test_unreadable_file(tmp_path, content):
     path = tmp_path / "clip.mp4"
     path.write_bytes(content)
-    with pytest.raises(ValueError, match=r"could not read .*clip.mp4 as a video: \S"):
+    with pytest.raises(ValueError, match=r"could not read .*clip.mp4 as a video: the file is truncated or not a "
+                                         r"video \(decord: \S"):
+        sv.load_video(path, 4)
+
+
+def test_truncated_clip(tmp_path):
+    data = sample_video_path("bikes").read_bytes()
+    path = tmp_path / "cut.mp4"
+    path.write_bytes(data[: len(data) // 3])
+    with pytest.raises(ValueError, match=r"cut.mp4 as a video: the file is truncated or not a video \(decord: "):
+        sv.load_video(path, 4)
+
+
+def test_file_without_video_stream(tmp_path):
+    import wave
+
+    path = tmp_path / "tone.wav"
+    with wave.open(str(path), "wb") as audio:
+        audio.setnchannels(1)
+        audio.setsampwidth(2)
+        audio.setframerate(8000)
+        audio.writeframes(np.zeros(800, np.int16).tobytes())
+    with pytest.raises(ValueError, match=r"tone.wav as a video: the file has no video stream \(0 frames\)"):
         sv.load_video(path, 4)
 
 
 def test_directory_is_not_a_video(tmp_path):
-    with pytest.raises(ValueError, match="could not read .* as a video"):
+    with pytest.raises(IsADirectoryError, match="is a folder, not a video file"):
         sv.load_video(tmp_path, 4)
 
 

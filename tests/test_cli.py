@@ -1,0 +1,113 @@
+"""The command lines refuse bad flags at once: argparse's one-line error (exit 2) naming the
+flag, before any model is loaded or any step is timed."""
+
+import re
+
+import pytest
+import torch
+
+import specvlm as sv
+from specvlm import costs, models, profile
+from specvlm.__main__ import main, out_file, positive_int, ratio
+
+
+class Loaded(Exception):
+    pass
+
+
+@pytest.fixture
+def nothing_loads(monkeypatch):
+    def fail(*args, **kwargs):
+        raise Loaded
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    for module, name in [(models, "load_lm"), (models, "load_pair"), (sv, "load_pair"), (costs, "measure_costs"),
+                         (costs, "build_lm"), (profile, "profile_shapes")]:
+        monkeypatch.setattr(module, name, fail)
+
+
+def refused(capsys, run, argv, message):
+    with pytest.raises(SystemExit) as stop:
+        run(argv)
+    assert stop.value.code == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert re.search(message, last), last
+
+
+@pytest.fixture
+def tmp(tmp_path):
+    (tmp_path / "notes.txt").write_text("not a video\n")
+    return tmp_path
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--ratio", "1.0"], r"argument --ratio: expected a share .* in \[0, 1\), e.g. 0.9; got '1.0'"),
+    (["--ratio", "nan"], r"argument --ratio: .* got 'nan'"),
+    (["--frames", "0"], r"argument --frames: expected an integer >= 1, got '0'"),
+    (["--k", "0"], r"argument --k: expected an integer >= 1"),
+    (["--max-new-tokens", "-1"], r"argument --max-new-tokens: expected an integer >= 1"),
+    (["--clip", "cats"], r"argument --clip: invalid choice: 'cats'"),
+    (["--video", "{tmp}/missing.mp4"], r"argument --video: no video file at .*missing.mp4"),
+    (["--video", "{tmp}"], r"argument --video: .* is a folder, not a video file"),
+    (["--video", "{tmp}/notes.txt"], r"argument --video: could not read .*notes.txt as a video: the file is truncated"),
+    (["--draft", "llava-hf/llava-onevision-qwen2-0.5b-ov-hf"], r"argument --target/--draft: 'tiny' is the embedded pair"),
+    (["--target", "{tmp}/t", "--draft", "{tmp}/d"], r"argument --target/--draft: checkpoint folder .*t does not exist"),
+    (["--device", "cuda"], r"argument --device: device='cuda' was asked for, but this PyTorch sees no CUDA"),
+])
+def test_demo_refuses_bad_flags_before_loading(capsys, tmp, nothing_loads, argv, message):
+    refused(capsys, main, ["demo", *(a.format(tmp=tmp) for a in argv)], message)
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--frames", "2", "0"], r"argument --frames: expected an integer >= 1, got '0'"),
+    (["--out", "/nodir-specvlm/x.json"], r"argument --out: folder /nodir-specvlm does not exist; create it first"),
+    (["--out", "{tmp}"], r"argument --out: .* is a folder; give a file path in it"),
+    (["--k", "0"], r"argument --k: expected an integer >= 1"),
+    (["--step-repeats", "0"], r"argument --step-repeats: expected an integer >= 1"),
+    (["--repeats", "0"], r"argument --repeats: expected an integer >= 1"),
+    (["--max-new-tokens", "0"], r"argument --max-new-tokens: expected an integer >= 1"),
+    (["--dtype", "float8"], r"argument --dtype: invalid choice: 'float8' \(choose from 'float32', 'bfloat16'"),
+    (["--clip-seed", "-5"], r"argument --clip-seed: expected an integer >= 0, got '-5'"),
+    (["--clip", "cats"], r"argument --clip: invalid choice: 'cats'"),
+    (["--target", "./nowhere-specvlm", "--draft", "x/y"], r"argument --target/--draft: checkpoint folder"),
+])
+def test_bench_refuses_bad_flags_before_loading(capsys, tmp, nothing_loads, argv, message):
+    refused(capsys, main, ["bench", *(a.format(tmp=tmp) for a in argv)], message)
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--contexts", "16", "0"], r"argument --contexts: expected an integer >= 1"),
+    (["--repeats", "0"], r"argument --repeats: expected an integer >= 1"),
+    (["--warmup", "-1"], r"argument --warmup: expected an integer >= 0"),
+    (["--dtype", "bf16"], r"argument --dtype: invalid choice: 'bf16'"),
+    (["--device", "cuda"], r"argument --device: .*no CUDA"),
+    (["--devices", "cpu", "cuda:1"], r"argument --devices: .*no CUDA"),
+    (["--out", "/nodir-specvlm/costs_{{card}}.json"], r"argument --out: folder /nodir-specvlm does not exist"),
+])
+def test_costs_refuses_bad_flags_before_measuring(capsys, tmp, nothing_loads, argv, message):
+    refused(capsys, main, ["costs", *(a.format(tmp=tmp) for a in argv)], message)
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--contexts", "0"], r"argument --contexts: expected an integer >= 1"),
+    (["--repeats", "0"], r"argument --repeats: expected an integer >= 1"),
+    (["--device", "cuda"], r"argument --device: device='cuda' was asked for, but this PyTorch sees no CUDA"),
+    (["--device", "gpu"], r"argument --device: .*gpu"),
+    (["--out", "/nodir-specvlm/p.json"], r"argument --out: folder /nodir-specvlm does not exist"),
+    (["--out", "{tmp}/p.json", "--png", "/nodir-specvlm/p.png"], r"argument --png: folder /nodir-specvlm"),
+    (["--dtype", "bf16"], r"argument --dtype: invalid choice: 'bf16'"),
+])
+def test_profile_refuses_bad_flags_before_profiling(capsys, tmp, nothing_loads, argv, message):
+    refused(capsys, profile.main, [a.format(tmp=tmp) for a in argv], message)
+
+
+def test_good_flags_reach_the_loader(tmp, nothing_loads):
+    with pytest.raises(Loaded):
+        main(["demo", "--frames", "2", "--ratio", "0", "--device", "cpu", "--clip", "bikes"])
+    with pytest.raises(Loaded):
+        main(["bench", "--frames", "1", "2", "--clip-seed", "0", "--dtype", "float32", "--out", str(tmp / "b.json")])
+
+
+def test_flag_types():
+    assert positive_int("3") == 3 and ratio("0") == 0.0 and ratio("0.95") == 0.95
+    assert out_file("result.json") == "result.json"
