@@ -159,6 +159,7 @@ def generate_ar(target: VideoLM, prompt: Prompt, max_new_tokens: int = 64, keep:
     """Decoding with the target alone (greedy unless `picker` samples). With `keep`, the target
     itself sees only those video tokens: a lossy comparison (what pruning does to the target's
     answers), not SpecVLM."""
+    check_max_new_tokens(max_new_tokens)
     picker = picker or Picker()
     watch = Stopwatch(target.device)
     logits, cache = prefill_pruned(target, prompt, keep)
@@ -300,6 +301,7 @@ def generate_sd(pair: Pair, prompt: Prompt, method: str = "specvlm", ratio: floa
         raise ValueError(f"unknown method {method!r}; choose one of {METHODS}.")
     if tree is None and k < 1:
         raise ValueError(f"k (draft tokens per round) must be >= 1, got {k}.")
+    check_max_new_tokens(max_new_tokens)
     check_prompts(prompt, draft_prompt)
     pruning.keep_budget(prompt.num_video_tokens, ratio)
     pruning.check_mass(mass)
@@ -328,6 +330,11 @@ def generate_sd(pair: Pair, prompt: Prompt, method: str = "specvlm", ratio: floa
 
     return speculative_result(state.out, target, prompt, method, ratio, accepted, keep, scores,
                               target_cache.get_seq_length(), draft_cache.get_seq_length(), watch.laps, max_new_tokens)
+
+
+def check_max_new_tokens(max_new_tokens) -> None:
+    if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be an int >= 1, got {max_new_tokens!r}.")
 
 
 def check_prompts(prompt: Prompt, draft_prompt: Prompt | None = None) -> None:
@@ -372,8 +379,7 @@ def generate(pair: Pair, video, question: str = DEFAULT_QUESTION, method: str = 
     if not isinstance(video, Video):
         raise TypeError(f"generate takes a Video, got {type(video).__name__}: read a file with "
                         "sv.load_video(path, num_frames), or wrap frames with sv.from_array(frames, fps).")
-    if max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}.")
+    check_max_new_tokens(max_new_tokens)
     picker = Picker(temperature, top_p, seed)
     prompt = pair.target.prepare(video, question)
     check_prompts(prompt)

@@ -54,8 +54,8 @@ import torch
 from transformers import Cache
 
 from .acceptance import chain_accept, tree_accept
-from .decoding import (METHODS, SCORED_METHODS, Result, Stopwatch, check_prompts, prefill_pruned, prefill_target,
-                       select_video_tokens, speculative_result)
+from .decoding import (METHODS, SCORED_METHODS, Result, Stopwatch, check_max_new_tokens, check_prompts, prefill_pruned,
+                       prefill_target, select_video_tokens, speculative_result)
 from .fusion import changes as fusion_changes
 from .fusion import fuse_projections, is_fused, unfuse_projections
 from .models import Pair, Prompt, VideoLM
@@ -792,8 +792,7 @@ def generate_fast(pair: Pair, prompt: Prompt, method: str = "specvlm", ratio: fl
                          "use decoding.generate for sampling.")
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose one of {METHODS}.")
-    if max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}.")
+    check_max_new_tokens(max_new_tokens)
     attention = fast_attention(attention)
     if method == "ar":
         return _generate_ar(pair.target, prompt, max_new_tokens, compile, fast_attention(attention, "target"))

@@ -116,6 +116,8 @@ class VideoLM:
         return self.model.model.language_model
 
     def chat(self, question: str) -> str:
+        if not isinstance(question, str) or not question.strip():
+            raise ValueError(f"the question must be a non-empty string, got {question!r}.")
         conversation = [{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": question}]}]
         return self.processor.apply_chat_template(conversation, add_generation_prompt=True)
 
@@ -277,6 +279,14 @@ def resolve_device(device=None) -> torch.device:
     return device
 
 
+def check_device_map(device_map) -> None:
+    """`resolve_device`'s error for a `device_map` that places weights on a GPU this machine lacks
+    (a "cuda..." string, a card number, or such values in a dict); "auto" is left to accelerate."""
+    for place in (device_map.values() if isinstance(device_map, dict) else [device_map]):
+        if isinstance(place, int) and not isinstance(place, bool) or str(place).startswith("cuda"):
+            resolve_device(f"cuda:{place}" if isinstance(place, int) else place)
+
+
 def checked_checkpoint(name_or_path):
     """`name_or_path` as `from_pretrained` should get it: a hub id ("org/name") unchanged; a path
     (a Path, absolute, starting with ./ ../ or ~, or with more than one slash) with ~ expanded,
@@ -301,6 +311,7 @@ def load_lm(name_or_path, device=None, dtype=None, device_map=None) -> VideoLM:
     from transformers import AutoConfig
 
     name_or_path = checked_checkpoint(name_or_path)
+    check_device_map(device_map)
     device = resolve_device(device if device_map is None else None)
     if dtype is None:
         dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -398,6 +409,7 @@ def load_pair(target="tiny", draft=None, device=None, dtype=None, target_device_
     `target_device_map="auto"` spreads the target over the visible GPUs (a 72B target on two
     cards) while the draft goes to `device`."""
     target, draft, name = pair_checkpoints(target, draft)
+    check_device_map(target_device_map)  # before the draft loads
     # the draft first: a device_map such as "auto" budgets each card's free memory, so the target's
     # layers then leave room for the draft on its card
     draft_lm = load_lm(draft, device, dtype)

@@ -17,6 +17,7 @@ a target fps, resizing (the model's processor resizes).
 """
 
 import importlib.util
+import numbers
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -67,8 +68,9 @@ def load_video(path, num_frames: int) -> Video:
     """
     import decord  # no wheels on some platforms; synthetic videos do not need it
 
-    if not isinstance(num_frames, int) or isinstance(num_frames, bool) or num_frames < 1:
+    if not isinstance(num_frames, numbers.Integral) or isinstance(num_frames, bool) or num_frames < 1:
         raise ValueError(f"num_frames must be an int >= 1, got {num_frames!r}.")
+    num_frames = int(num_frames)
     if not Path(path).exists():
         raise FileNotFoundError(f"no video file at {path}")
     if Path(path).is_dir():

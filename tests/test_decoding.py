@@ -92,3 +92,17 @@ def test_bad_arguments_raise_clear_errors(tiny_pair, bad, match):
 def test_a_prompt_without_video_is_refused(tiny_pair):
     with pytest.raises(ValueError, match="needs a video"):
         sv.generate(tiny_pair, None, "Describe.")
+
+
+def test_every_decoding_entry_point_refuses_a_bad_length_or_question_before_any_prefill(tiny_pair, monkeypatch):
+    prompt = tiny_pair.target.prepare(sv.sample_video("bikes", 2))
+    monkeypatch.setattr(sv.decoding, "prefill_pruned", lambda *args: pytest.fail("prefilled"))
+    monkeypatch.setattr(sv.decoding, "prefill_target", lambda *args, **kwargs: pytest.fail("prefilled"))
+    for tokens in (0, -3, 2.5):
+        with pytest.raises(ValueError, match="max_new_tokens must be an int >= 1"):
+            sv.decoding.generate_ar(tiny_pair.target, prompt, tokens)
+        with pytest.raises(ValueError, match="max_new_tokens must be an int >= 1"):
+            sv.decoding.generate_sd(tiny_pair, prompt, "specvlm", 0.9, max_new_tokens=tokens)
+    for question in (None, "", "   "):
+        with pytest.raises(ValueError, match="question must be a non-empty string"):
+            sv.generate(tiny_pair, sv.sample_video("bikes", 2), question)

@@ -112,3 +112,11 @@ def test_different_video_grids_are_refused(tmp_path, tiny_pair):
     )
     with pytest.raises(ValueError, match="video-token grid"):
         sv.Pair(tiny_pair.target, sv.load_lm(str(folder), device="cpu"))
+
+
+@pytest.mark.parametrize("device_map", ["cuda:0", {"": 0}, {"model.language_model": "cuda:1", "lm_head": "cpu"}])
+def test_a_device_map_naming_gpus_without_cuda_is_refused_before_loading(tiny_paths, monkeypatch, device_map):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(sv.models, "load_lm", lambda *args, **kwargs: pytest.fail("loaded a model"))
+    with pytest.raises(RuntimeError, match="sees no CUDA device"):
+        sv.models.load_pair(str(tiny_paths[0]), str(tiny_paths[1]), device="cpu", target_device_map=device_map)

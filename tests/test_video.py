@@ -155,3 +155,9 @@ def test_from_array_errors(frames, match):
 def test_from_array_bad_fps(fps):
     with pytest.raises(ValueError, match="fps must be a positive number"):
         sv.from_array(np.zeros((2, 4, 4, 3), np.uint8), fps=fps)
+
+
+def test_a_numpy_integer_frame_count_is_a_frame_count():
+    video = sv.load_video(sample_video_path("bikes"), np.int64(3))
+    assert len(video.frames) == 3
+    assert torch.equal(video.frames, sv.load_video(sample_video_path("bikes"), 3).frames)
