@@ -77,14 +77,14 @@ def dtypes() -> tuple[str, ...]:
 def inputs(args, parser):
     """What `demo` and `bench` check before loading any model: the pair's checkpoints
     (`models.pair_checkpoints`); `demo` reads its video (returned), `bench` finds its clip. A
-    ValueError or OSError becomes parser's one-line error naming the flag (exit 2)."""
+    ValueError, OSError or ImportError becomes parser's one-line error naming the flag (exit 2)."""
     from .models import pair_checkpoints
     from .video import load_video, sample_video, sample_video_path
 
     def checked(flags, check, *values):
         try:
             return check(*values)
-        except (ValueError, OSError) as error:
+        except (ValueError, OSError, ImportError) as error:
             parser.error(f"argument {flags}: {error}")
 
     checked("--target/--draft", pair_checkpoints, args.target, args.draft)

@@ -424,7 +424,7 @@ def hf_rows(pair: Pair, prompt, reference: list[int], ar: dict, frames: int, max
             prefill_s, measured_prefill = hf_prefill_s(pair, prompt, repeats), True
         tokens, total_s = runs[0][0], statistics.median(t for _, t in runs)
         differing = next((out for out, _ in [warmup, *runs] if out != reference), None)
-        same = differing is None
+        same = differing is None and ar["equal_to_ar"]
         row["divergence"] = first_divergence(pair.target, prompt, differing, reference) if differing is not None else None
         decode_s = max(total_s - prefill_s, 0.0) if prefill_s else None
         rows.append({**row, "new_tokens": len(tokens), "equal_to_ar": same, "total_s": total_s,
@@ -485,6 +485,8 @@ def bench(pair: Pair, video_for, frames_list, max_new_tokens=64, k=5, repeats=3,
                              f"size): choose from {known}.")
     self_pair = Pair(pair.target, pair.target, name=f"{pair.name}: target drafting for itself") \
         if self_speculation else None
+    if not paths or set(paths) - {"plain", "fast"}:
+        raise ValueError(f"paths must name one or both of 'plain' and 'fast', got {paths!r}.")
     paths = tuple(sorted(dict.fromkeys(paths), key=lambda path: path != "plain"))  # the plain AR is the reference
     rows = []
     header = {**run_facts(pair, stand_in, max_new_tokens, k, repeats, step_repeats, self_speculation, selection),
@@ -522,7 +524,8 @@ def bench(pair: Pair, video_for, frames_list, max_new_tokens=64, k=5, repeats=3,
                 if method == "ar":
                     ar = m
                     reference = reference or m["res"].tokens
-                    plain_ar_s = plain_ar_s or (m["decode_s"] if path == "plain" else None)
+                    agrees = all(tokens == reference for tokens in m["outputs"])
+                    plain_ar_s = plain_ar_s or (m["decode_s"] if path == "plain" and agrees else None)
                 rows.append({**make_row(path, frames, prompt, run_draft_prompt, run_drafter, method, shape, ratio, m,
                                         ar, reference, plain_ar_s, pair.target), "row_s": row_s})
                 if progress:
@@ -605,15 +608,15 @@ def first_divergence(target, prompt, tokens: list[int], reference: list[int]) ->
     """Where `tokens` leave `reference` (AR's) and how close the target's call was there
     (DESIGN.md, section 4): {"index", "token", "reference_token", "reference_margin"}, the margin
     being the gap between the target's two largest logits after the prompt and reference[:index],
-    computed on the plain path. In bf16 a gap near 0 is rounding that differs between kernels; a
+    computed on the plain path one token per step, as AR's own output was. In bf16 a gap near 0 is rounding that differs between kernels; a
     clear gap (say above 0.05) is a bug. None where the tokens are equal. A token past either
     end is None."""
     if tokens == reference:
         return None
     index = next((i for i, (a, b) in enumerate(zip(tokens, reference)) if a != b), min(len(tokens), len(reference)))
     logits, cache = prefill_pruned(target, prompt, None)
-    if index:
-        logits = target.step(reference[:index], positions(prompt, 0, index), cache)[0, -1]
+    for i, token in enumerate(reference[:index]):  # one token per step, as `generate_ar` computed them
+        logits = target.step([token], positions(prompt, i, 1), cache)[0, -1]
     top = logits.float().topk(2).values
     return {"index": index, "token": tokens[index] if index < len(tokens) else None,
             "reference_token": reference[index] if index < len(reference) else None,

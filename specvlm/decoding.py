@@ -40,6 +40,7 @@ Not handled: batches of prompts; static caches and compiled steps (the GPU fast 
 
 from __future__ import annotations
 
+import numbers
 import time
 from dataclasses import dataclass, field
 
@@ -333,7 +334,7 @@ def generate_sd(pair: Pair, prompt: Prompt, method: str = "specvlm", ratio: floa
 
 
 def check_max_new_tokens(max_new_tokens) -> None:
-    if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens < 1:
+    if not isinstance(max_new_tokens, numbers.Integral) or isinstance(max_new_tokens, bool) or max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be an int >= 1, got {max_new_tokens!r}.")
 
 

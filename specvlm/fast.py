@@ -493,7 +493,8 @@ def static_lm(lm: VideoLM, role: str, options: dict | None, attention: str | Non
     only; `split_min_slots`) or the weights' storage (fusion, `.to()`) change.
 
     Fusion (`fusion.py`): a draft's projections are fused where `fuse_draft` says so, unless the
-    model has served as a target; a model fused as a draft is unfused before it serves as a target,
+    model has served as a target, and unfused where $SPECVLM_FUSE_DRAFT is "0" (a draft fused by
+    hand is otherwise left as it is); a model fused as a draft is unfused before it serves as a target,
     so a target always computes what its checkpoint's own modules compute."""
     attention = fast_attention(attention, role)
     if role == "target":
@@ -501,7 +502,7 @@ def static_lm(lm: VideoLM, role: str, options: dict | None, attention: str | Non
         unfuse_projections(lm)
     elif fuse_draft(options, lm) and lm.model not in _TARGETS:
         fuse_projections(lm)
-    else:  # e.g. SPECVLM_FUSE_DRAFT=0 after a fused run in the same process
+    elif os.environ.get("SPECVLM_FUSE_DRAFT") == "0":  # asked for transformers' own modules, even after a fused run
         unfuse_projections(lm)
     engines = _ENGINES.setdefault(lm, {})
     weights = weight_storage(lm)

@@ -106,3 +106,10 @@ def test_every_decoding_entry_point_refuses_a_bad_length_or_question_before_any_
     for question in (None, "", "   "):
         with pytest.raises(ValueError, match="question must be a non-empty string"):
             sv.generate(tiny_pair, sv.sample_video("bikes", 2), question)
+
+
+def test_a_numpy_integer_is_a_token_count(tiny_pair):
+    import numpy as np
+
+    prompt = tiny_pair.target.prepare(sv.sample_video("bikes", 2))
+    assert len(sv.decoding.generate_ar(tiny_pair.target, prompt, np.int64(3)).tokens) <= 3
