@@ -20,6 +20,10 @@ the target's tokens must continue a little past it: `target_tokens` decodes k mo
 verifier scores that "top" and "specvlm" rank by), then one draft pass per distinct set of
 kept video tokens. The tests check the replayed counts against `generate_sd`'s `accepted`.
 
+Exact in float32, where the tests run: there a (k+1)-token verification and AR's one-token steps give
+the same tokens. In bf16 on a GPU the two kernel shapes may round a near-tie differently
+(DESIGN.md, section 4), so a replayed MAT is that of a run whose every verification agreed with AR.
+
 Not handled: tree drafts (a tree round depends on the draft's top-k ranks along y, not only
 on its argmax), sampling (temperature > 0: proposals are random, not a function of y).
 """
@@ -30,7 +34,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .decoding import SPECULATIVE_METHODS, positions, prefill_target, select_video_tokens, truncate
+from . import pruning
+from .decoding import (SPECULATIVE_METHODS, check_prompts, positions, prefill_target, select_video_tokens,
+                       truncate)
 from .models import DEFAULT_QUESTION, Pair, Prompt, VideoLM
 
 
@@ -151,6 +157,10 @@ def replay_mat(pair: Pair, video_or_prompt, methods, ratios, k: int = 5, max_new
         if draft_prompt is None and pair.draft is not pair.target:
             draft_prompt = pair.draft.prepare(video_or_prompt, question)  # as generate() does
     draft_prompt = draft_prompt or prompt
+    check_prompts(prompt, draft_prompt)  # as generate_sd: the draft keeps the target's video tokens by index
+    pruning.check_mass(mass)
+    for ratio in ratios:
+        pruning.keep_budget(prompt.num_video_tokens, ratio)
 
     scored = any(m in ("top", "specvlm") for m in methods)
     tokens, scores = target_tokens(pair.target, prompt, max_new_tokens, past_end=k, with_scores=scored)

@@ -9,7 +9,7 @@ Three kinds of result, each a dict (or its JSON file, read with `cost_model.load
     plot_speedups(bench)          decode speedup over AR on the same path, one panel per frame count
     plot_ms_per_token(bench)      decode ms per new token of one run on each path (what the fast path buys)
     plot_cost_curves(costs)       ms per pass vs context and its ratio to the bytes-over-bandwidth floor
-    plot_predictions(frames, {label: sweep})   predicted SD and SpecVLM speedups, and the pruning gain
+    plot_predictions(frames, {label: sweep}, title)   predicted SD and SpecVLM speedups, and the pruning gain
     plot_round_timeline(bench)    ms per round by phase and idle gap, from `bench --timeline` rows
 
 Every title says where the numbers come from (pair, card, dtype); the caller adds what the
@@ -54,12 +54,26 @@ def _unique(values) -> list:
     return list(dict.fromkeys(values))
 
 
+def _by_label(rows: list[dict], where: str) -> dict:
+    """{run_label(row): row}; two rows with one label (e.g. two k values) would hide one: raise."""
+    out = {}
+    for row in rows:
+        label = run_label(row)
+        if label in out:
+            raise ValueError(f"two rows labelled {label!r} {where}: keep one (e.g. one k) before plotting.")
+        out[label] = row
+    return out
+
+
 def _colour(path: str, index: int) -> str:
     return PATH_COLOURS.get(path, plt.rcParams["axes.prop_cycle"].by_key()["color"][index % 10])
 
 
 def _source(result: dict) -> str:
-    return f"{result['pair']} on {result['device']} ({result['dtype'].removeprefix('torch.')})"
+    """A title's source, "pair on card (dtype)"; partial runs may lack "device" (then "card" names it) and "dtype"."""
+    device = result.get("device") or result.get("card", "unknown card")
+    dtype = result.get("dtype", "dtype not recorded").removeprefix("torch.")
+    return f"{result['pair']} on {device} ({dtype})"
 
 
 def plot_speedups(result, title: str | None = None):
@@ -78,7 +92,8 @@ def plot_speedups(result, title: str | None = None):
     labelled = set()  # paths already in the legend
     for ax, count in zip(axes[0], frames):
         for p, path in enumerate(paths):
-            of = {run_label(r): r for r in rows if r["frames"] == count and r["path"] == path}
+            of = _by_label([r for r in rows if r["frames"] == count and r["path"] == path],
+                           f"on path {path!r} at {count} frames")
             for i, label in enumerate(labels):
                 x = i + (p - (len(paths) - 1) / 2) * width
                 row = of.get(label)
@@ -120,7 +135,11 @@ def plot_ms_per_token(result, method: str = "ar", title: str | None = None):
     for f, count in enumerate(frames):
         ms = {}
         for p, path in enumerate(paths):
-            row = next((r for r in rows if r["frames"] == count and r["path"] == path), None)
+            of = [r for r in rows if r["frames"] == count and r["path"] == path]
+            if len(of) > 1:
+                raise ValueError(f"{len(of)} rows of method {method!r} on path {path!r} at {count} frames "
+                                 f"({', '.join(map(run_label, of))}): keep one before plotting.")
+            row = of[0] if of else None
             if row is None or not row["new_tokens"]:
                 continue
             ms[path] = 1000 * row["decode_s"] / row["new_tokens"]
@@ -128,12 +147,12 @@ def plot_ms_per_token(result, method: str = "ar", title: str | None = None):
             ax.bar(x, ms[path], width, color=_colour(path, p), label=path if f == 0 else None)
             ax.text(x, ms[path], f"{ms[path]:.2f}", ha="center", va="bottom", fontsize=8)
             top = max(top, ms[path])
-        ratios = [f"{paths[0]}/{p}: {ms[paths[0]] / ms[p]:.1f}x" for p in paths[1:] if paths[0] in ms and p in ms]
+        ratios = [f"{paths[0]}/{p}: {ms[paths[0]] / ms[p]:.1f}x" for p in paths[1:] if paths[0] in ms and ms.get(p)]
         if ratios:
             ax.text(f, 0.97, "\n".join(ratios), ha="center", va="top", fontsize=8, transform=ax.get_xaxis_transform(),
                     bbox={"facecolor": "white", "edgecolor": "none", "alpha": 0.8})
     ax.set_xticks(range(len(frames)), [f"{c} frames" for c in frames])
-    ax.set_ylim(0, 1.4 * top)
+    ax.set_ylim(0, 1.4 * top or 1.0)  # every bar 0 ms: keep a visible axis
     ax.set_ylabel("decode ms per new token")
     ax.legend(title="path", fontsize=8, title_fontsize=8)
     ax.grid(axis="y", alpha=0.3)
@@ -201,10 +220,11 @@ def plot_cost_curves(result, title: str | None = None):
     return fig
 
 
-def plot_predictions(frames: Sequence[int], sweeps: dict[str, list[dict]], title: str = ""):
+def plot_predictions(frames: Sequence[int], sweeps: dict[str, list[dict]], title: str):
     """Left: predicted speedup over AR of plain SD (dashed) and SpecVLM (solid) against frames,
     one colour per scenario; right: the pruning gain, SpecVLM / SD. `sweeps` maps a scenario's
-    label to the rows of `cost_model.sweep_video_length`, one per entry of `frames`.
+    label to the rows of `cost_model.sweep_video_length`, one per entry of `frames`; `title`
+    (required) says where the costs come from and what is assumed.
     Returns the Figure (its legend sits below the panels: save with `bbox_inches="tight"`)."""
     if not sweeps:
         raise ValueError("no scenarios to plot: pass {label: rows of cost_model.sweep_video_length}.")

@@ -11,8 +11,9 @@ the flat token order the models and `pruning.py` use and that grid:
     overlay_heat(ax, frame, heat)     # a [h, w] heat map stretched over a frame
     overlay_tokens(ax, frame, cells)  # outlines of the True cells of a [h, w] mask
 
-A token cell covers `H/h x W/w` pixels of the frame as shown: the processors resize frames to
-the model's input size without keeping the aspect ratio, so a cell of a wide frame is wide.
+A token cell covers `H/h x W/w` pixels of the frame as shown. LLaVA-OneVision's processor resizes
+frames to a square without keeping the aspect ratio, so there a cell of a wide frame is wide;
+Qwen2.5-VL's (`smart_resize`) keeps the aspect ratio, rounded to whole patches, so its cells are square.
 Pure functions over tensors and matplotlib axes; nothing here runs a model.
 """
 
@@ -44,7 +45,9 @@ def token_grid(values, grid) -> torch.Tensor:
 
 def kept_grid(keep, grid) -> torch.Tensor:
     """Kept video-token indices -> bool [T, h, w], True where a cell's token is kept.
-    Indices past the grid (the newline token) sit on no cell and are ignored.
+    An index past the grid but below the prompt's `num_video_tokens` (LLaVA-OneVision's newline;
+    a bare `(T, h, w)` allows that one token, `T*h*w`) sits on no cell and is ignored; a larger
+    one is no video token and raises.
 
     kept_grid(tensor([0, 3, 8]), (2, 2, 2))[0] -> [[True, False], [False, True]]
     """
@@ -52,6 +55,10 @@ def kept_grid(keep, grid) -> torch.Tensor:
     keep = torch.as_tensor(keep, dtype=torch.long)
     if keep.ndim != 1 or (len(keep) and int(keep.min()) < 0):
         raise ValueError(f"keep must be a 1-D tensor of indices >= 0, got {keep!r}.")
+    n = getattr(grid, "num_video_tokens", T * h * w + 1)
+    if len(keep) and int(keep.max()) >= n:
+        raise ValueError(f"kept index {int(keep.max())} is no video token: there are {n} video tokens "
+                         f"({T}x{h}x{w} grid cells and {n - T * h * w} after them).")
     mask = torch.zeros(T * h * w, dtype=torch.bool)
     mask[keep[keep < T * h * w]] = True
     return mask.reshape(T, h, w)
@@ -70,19 +77,20 @@ def hit_rate(keep, objects: torch.Tensor, grid=None) -> float:
     total = int(objects.sum())
     if total == 0:
         raise ValueError("objects marks no cell: the hit rate of an empty set is undefined.")
-    return int((kept_grid(keep, objects.shape) & objects).sum()) / total
+    return int((kept_grid(keep, objects.shape if grid is None else grid) & objects).sum()) / total
 
 
 def _show(ax, frame):
-    """Draw `frame` [H, W, 3] on `ax` (unless None); return its (H, W) from the axes' image."""
+    """Draw `frame` [H, W, 3] on `ax` (unless None); return the (H, W) the last image on the axes
+    spans (its extent, so a heat map stretched over the frame measures as the frame)."""
     if frame is not None:
         ax.imshow(torch.as_tensor(frame).numpy())
         ax.set_xticks([])
         ax.set_yticks([])
     if not ax.images:
         raise ValueError("no frame: pass one, or draw it on the axes first.")
-    H, W = ax.images[0].get_array().shape[:2]
-    return H, W
+    left, right, bottom, top = ax.images[-1].get_extent()
+    return abs(bottom - top), right - left
 
 
 def overlay_heat(ax, frame, heat, alpha: float = 0.6, cmap: str = "magma", vmax=None):

@@ -43,3 +43,22 @@ def test_scores_need_the_recording_attention(tiny_paths):
     lm.forward(lm.embed(prompt), prompt.position_ids, lm.new_cache(), recorder=recorder)
     with pytest.raises(RuntimeError, match="attn_implementation"):
         recorder.scores
+
+
+@pytest.mark.parametrize("kind", ["bool", "additive"])
+def test_scores_read_a_given_mask_as_the_softmax_does(kind):
+    """The recorder's bool and additive mask branches (sdpa passes its mask when it builds one), with
+    grouped KV heads and keys cached before the query: the exact softmax over the visible keys."""
+    generator = torch.Generator().manual_seed(0)
+    batch, kv_heads, groups, queries, cached, dim = 1, 2, 3, 5, 3, 8
+    query = torch.randn(batch, kv_heads * groups, queries, dim, generator=generator)
+    key = torch.randn(batch, kv_heads, cached + queries, dim, generator=generator)
+    visible = torch.ones(queries, cached + queries, dtype=torch.bool).tril(cached)
+    visible[:, 1] = False  # a key hidden from every row, e.g. padding
+    mask = visible[None, None] if kind == "bool" else torch.zeros(visible.shape).masked_fill(~visible, -1e9)[None, None]
+    rows, keys = torch.tensor([3, 4]), torch.tensor([0, 2, 5])
+    recorder = ScoreRecorder(rows, keys)
+    recorder.add(query, key, mask, dim ** -0.5, groups)
+    logits = (query[:, :, rows] @ key.repeat_interleave(groups, 1).transpose(-1, -2)) * dim ** -0.5
+    exact = logits.masked_fill(~visible[rows], float("-inf")).softmax(-1)[..., keys].mean(dim=(1, 2))
+    torch.testing.assert_close(recorder.scores, exact)

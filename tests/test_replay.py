@@ -153,3 +153,15 @@ def test_a_draft_that_is_the_target_matches_every_token(self_pair):
 def test_replay_rejects_unknown_methods(tiny_pair):
     with pytest.raises(ValueError, match="unknown methods"):
         replay_mat(tiny_pair, random_video(0, 2), ["ar"], [0.5])
+
+
+def test_replay_refuses_what_generate_sd_refuses(embedded):
+    two = embedded.target.prepare(sv.sample_video("bikes", 2))
+    four = embedded.draft.prepare(sv.sample_video("bikes", 4))
+    for prompt, draft_prompt in ((two, four), (four, two)):
+        with pytest.raises(ValueError, match="lays the video out differently"):
+            replay_mat(embedded, prompt, ["uniform"], [0.5], draft_prompt=draft_prompt)
+    with pytest.raises(ValueError, match="ratio"):
+        replay_mat(embedded, two, ["uniform"], [1.0])
+    with pytest.raises(ValueError, match="mass"):
+        replay_mat(embedded, two, ["specvlm"], [0.5], mass=0.0)

@@ -86,6 +86,29 @@ def test_ms_per_token_bars_and_ratio(bench):
         speed_plots.plot_ms_per_token(bench, "beam")
 
 
+def test_partial_runs_without_device_and_dtype_get_a_default_title(bench):
+    partial = {k: v for k, v in bench.items() if k not in ("device", "dtype")} | {"card": "Test Card", "partial": True}
+    assert "test pair (stand-in) on Test Card (dtype not recorded)" in speed_plots.plot_speedups(partial)._suptitle.get_text()
+    assert "on Test Card" in speed_plots.plot_ms_per_token(partial).axes[0].get_title()
+
+
+def test_two_rows_with_one_label_raise_instead_of_hiding_one(bench):
+    other_k = {**bench["rows"][2], "speedup_vs_ar": 2.0}  # plain, 16 frames, SpecVLM tree 90%: another k, say
+    with pytest.raises(ValueError, match="'SpecVLM tree 90%'"):
+        speed_plots.plot_speedups({**bench, "rows": bench["rows"] + [other_k]})
+    second_ar = {**bench["rows"][0], "decode_s": 1.0}
+    with pytest.raises(ValueError, match="'plain' at 16 frames .*AR, AR"):
+        speed_plots.plot_ms_per_token({**bench, "rows": bench["rows"] + [second_ar]})
+
+
+@pytest.mark.parametrize("zero", [{"decode_s": 0.0}, {"new_tokens": 0}])  # 0 ms bars, or no bars at all
+@pytest.mark.filterwarnings("ignore:No artists with labels")
+def test_ms_per_token_with_nothing_above_zero_keeps_a_visible_axis(bench, zero):
+    zeroed = {**bench, "rows": [{**r, **zero} for r in bench["rows"]]}
+    bottom, top = speed_plots.plot_ms_per_token(zeroed).axes[0].get_ylim()
+    assert bottom == 0 and top > 0
+
+
 def test_speedups_need_speculative_rows(bench):
     only_ar = {**bench, "rows": [r for r in bench["rows"] if r["method"] == "ar"]}
     with pytest.raises(ValueError, match="no speculative rows"):
@@ -130,9 +153,11 @@ def test_predictions_plot_the_sweep():
     assert list(gain_ax.lines[0].get_ydata()) == pytest.approx([r["gain"] for r in rows])
     assert all(r["gain"] > 1 for r in rows)  # the draft's cost grows with context here, so pruning pays
     with pytest.raises(ValueError, match="has 2 rows for 3 frame counts"):
-        speed_plots.plot_predictions((4, 16, 64), {"eager": rows})
+        speed_plots.plot_predictions((4, 16, 64), {"eager": rows}, title="t")
     with pytest.raises(ValueError, match="no scenarios"):
-        speed_plots.plot_predictions(frames, {})
+        speed_plots.plot_predictions(frames, {}, title="t")
+    with pytest.raises(TypeError, match="title"):  # a figure must say where its numbers come from
+        speed_plots.plot_predictions(frames, {"eager": rows})
 
 
 def test_round_parts_add_up_to_the_decode_per_round_and_the_plot_needs_timelines(bench):

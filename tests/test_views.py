@@ -39,6 +39,19 @@ def test_kept_grid_marks_kept_cells_and_ignores_the_newline():
         views.kept_grid(torch.tensor([-1]), (1, 3, 4))
 
 
+class FakeQwenPrompt:
+    grid = (1, 3, 4)
+    num_video_tokens = 12  # no newline after the grid
+
+
+def test_kept_grid_rejects_indices_past_the_video_tokens():
+    with pytest.raises(ValueError, match="kept index 13 .* 13 video tokens"):  # 12 is the newline, 13 nothing
+        views.kept_grid(torch.tensor([0, 13]), (1, 3, 4))
+    with pytest.raises(ValueError, match="kept index 12 .* 12 video tokens"):  # a prompt without a newline
+        views.kept_grid(torch.tensor([12]), FakeQwenPrompt())
+    assert views.kept_grid(torch.tensor([11]), FakeQwenPrompt()).sum() == 1
+
+
 def test_hit_rate_hand_case():
     objects = torch.zeros(2, 2, 2, dtype=torch.bool)
     objects[0, 0, :] = True  # tokens 0, 1
@@ -86,4 +99,15 @@ def test_overlays_need_a_frame_and_2d_masks():
     assert image.get_extent() == [-0.5, 7.5, 7.5, -0.5]
     views.draw_token_grid(ax, None, (2, 4))
     assert len(ax.lines) == 1 + 3
+    plt.close(fig)
+
+
+def test_overlays_measure_the_frame_being_drawn_not_an_older_image():
+    fig, ax = plt.subplots()
+    ax.imshow(np.zeros((8, 8, 3), np.uint8))  # an old, smaller image on the axes
+    (box,) = views.overlay_tokens(ax, np.zeros((64, 128, 3), np.uint8), torch.tensor([[True]]))
+    assert (box.get_width(), box.get_height()) == (128, 64)
+    views.overlay_heat(ax, None, torch.rand(2, 2))  # a [2, 2] heat map stretched over the 64 x 128 frame
+    (box,) = views.overlay_tokens(ax, None, torch.tensor([[True]]))
+    assert (box.get_width(), box.get_height()) == (128, 64)
     plt.close(fig)
