@@ -13,7 +13,7 @@ the flat token order the models and `pruning.py` use and that grid:
 
 A token cell covers `H/h x W/w` pixels of the frame as shown. LLaVA-OneVision's processor resizes
 frames to a square without keeping the aspect ratio, so there a cell of a wide frame is wide;
-Qwen2.5-VL's (`smart_resize`) keeps the aspect ratio, rounded to whole patches, so its cells are square.
+Qwen2.5-VL's (`smart_resize`) keeps it up to rounding to whole 28-pixel cells, so its cells are nearly square.
 Pure functions over tensors and matplotlib axes; nothing here runs a model.
 """
 
