@@ -88,6 +88,13 @@ def inputs(args, parser):
             parser.error(f"argument {flags}: {error}")
 
     checked("--target/--draft", pair_checkpoints, args.target, args.draft)
+    if args.command == "demo":
+        if args.clip is None:  # the embedded pair's kind of clip, else a real one
+            args.clip = "synthetic" if args.target == "tiny" else "bigbuckbunny"
+        if args.clip_seed is not None and (args.clip != "synthetic" or args.video):
+            parser.error("argument --clip-seed: it picks a synthetic clip; drop it, or drop --video and use "
+                         "--clip synthetic.")
+        args.clip_seed = DEMO_CLIP_SEED if args.clip_seed is None else args.clip_seed
     if args.command == "demo" and args.video:
         return checked("--video", load_video, args.video, args.frames)
     if args.command == "demo" and args.clip == "synthetic":
@@ -97,6 +104,9 @@ def inputs(args, parser):
     if args.clip != "synthetic":
         checked("--clip", sample_video_path, args.clip)
     return None
+
+
+DEMO_CLIP_SEED = 2  # a held-out synthetic clip whose caption the embedded pair gets right
 
 
 def synthetic_video(seed: int, frames: int):
@@ -247,13 +257,13 @@ def main(argv=None) -> int:
     d = commands.add_parser("demo", help="AR vs SD vs SpecVLM on one clip; fails if outputs differ")
     d.add_argument("--target", default="tiny", help="target checkpoint (hub id or folder); default: the embedded pair")
     d.add_argument("--draft", default=None, help="draft checkpoint (needed unless --target tiny)")
-    d.add_argument("--video", default=None, help="a video file; default: a bundled sample clip")
-    d.add_argument("--clip", default="synthetic", choices=("synthetic", *SAMPLE_CLIPS),
-                   help="'synthetic' (default: a held-out clip of the kind the embedded pair was trained on) or a "
-                        "bundled real sample clip, e.g. bigbuckbunny (out of the embedded pair's training: its "
-                        "draft rarely agrees there)")
-    d.add_argument("--clip-seed", type=non_negative_int, default=2,
-                   help="seed of the synthetic clip (held-out seeds: below 10**5)")
+    d.add_argument("--video", default=None, help="a video file; default: --clip")
+    d.add_argument("--clip", default=None, choices=("synthetic", *SAMPLE_CLIPS),
+                   help="'synthetic': a held-out clip of the kind the embedded pair was trained on (the default with "
+                        "--target tiny), or a bundled real sample clip (default otherwise: bigbuckbunny; the "
+                        "embedded pair never saw one, and its draft rarely agrees there)")
+    d.add_argument("--clip-seed", type=non_negative_int, default=None,
+                   help=f"seed of the synthetic clip (default {DEMO_CLIP_SEED}; held-out seeds: below 10**5)")
     d.add_argument("--frames", type=positive_int, default=16)
     d.add_argument("--ratio", type=ratio, default=0.9, help="share of the draft's video tokens to prune")
     d.add_argument("--k", type=positive_int, default=5, help="draft tokens per round")

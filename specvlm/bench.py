@@ -606,7 +606,7 @@ def same_as_ar(row: dict) -> str:
 @torch.no_grad()
 def first_divergence(target, prompt, tokens: list[int], reference: list[int]) -> dict | None:
     """Where `tokens` leave `reference` (AR's) and how close the target's call was there
-    (DESIGN.md, section 4): {"index", "token", "reference_token", "reference_margin"}, the margin
+    (README, "Measuring speed"): {"index", "token", "reference_token", "reference_margin"}, the margin
     being the gap between the target's two largest logits after the prompt and reference[:index],
     computed on the plain path one token per step, as AR's own output was. In bf16 a gap near 0 is rounding that differs between kernels; a
     clear gap (say above 0.05) is a bug. None where the tokens are equal. A token past either

@@ -6,7 +6,7 @@ differs. `generate_fast(pair, prompt, ...)` is the entry point.
 
 Why. The draft of a speculative decoder is small, so one draft step is *launch-bound*: the
 time a small model needs to read its weights is a small fraction of what hundreds of kernel
-launches and the Python around them cost (DESIGN.md, section 7, has measured anchors: for a
+launches and the Python around them cost (notebook 05, section 3, measures it: for a
 0.5B model transformers' default path sits tens of times above the memory-traffic floor).
 SpecVLM only pays off if draft steps are cheap, so that overhead must go. A CUDA graph
 records a step's kernels once and replays them with one launch, but it replays *fixed*

@@ -22,7 +22,7 @@ kept video tokens. The tests check the replayed counts against `generate_sd`'s `
 
 Exact in float32, where the tests run: there a (k+1)-token verification and AR's one-token steps give
 the same tokens. In bf16 on a GPU the two kernel shapes may round a near-tie differently
-(DESIGN.md, section 4), so a replayed MAT is that of a run whose every verification agreed with AR.
+(`bench.first_divergence`), so a replayed MAT is that of a run whose every verification agreed with AR.
 
 Not handled: tree drafts (a tree round depends on the draft's top-k ranks along y, not only
 on its argmax), sampling (temperature > 0: proposals are random, not a function of y).

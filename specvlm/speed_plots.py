@@ -121,11 +121,12 @@ def plot_speedups(result, title: str | None = None):
 
 
 def plot_ms_per_token(result, method: str = "ar", title: str | None = None):
-    """Decode milliseconds per new token of one method, one bar per path and frame count, each
-    bar labelled with its value; the ratio of the first path to each other one written above the
-    group. Returns the Figure."""
+    """Decode milliseconds per new token of one run, one bar per path and frame count, each bar
+    labelled with its value; the ratio of the first path to each other one written above the
+    group. `method`: a method with one run per path and frame count ("ar"), or one run's label
+    (`run_label`, e.g. "SpecVLM tree 90%"). Returns the Figure."""
     result = load(result)
-    rows = [r for r in bench_rows(result) if r["method"] == method]
+    rows = [r for r in bench_rows(result) if method in (r["method"], run_label(r))]
     if not rows:
         raise ValueError(f"no rows of method {method!r}; this result has {sorted({r['method'] for r in bench_rows(result)})}.")
     frames, paths = sorted({r["frames"] for r in rows}), _unique(r["path"] for r in rows)
@@ -138,7 +139,7 @@ def plot_ms_per_token(result, method: str = "ar", title: str | None = None):
             of = [r for r in rows if r["frames"] == count and r["path"] == path]
             if len(of) > 1:
                 raise ValueError(f"{len(of)} rows of method {method!r} on path {path!r} at {count} frames "
-                                 f"({', '.join(map(run_label, of))}): keep one before plotting.")
+                                 f"({', '.join(map(run_label, of))}): pass one run's label, or keep one row.")
             row = of[0] if of else None
             if row is None or not row["new_tokens"]:
                 continue

@@ -382,7 +382,7 @@ def test_fast_path_step_timings_run_without_grad_whatever_the_caller_enabled(emb
 
 def test_a_row_is_judged_on_every_call_and_says_where_it_left_ar(embedded, monkeypatch):
     """A row whose later repetition (not its first) gives other tokens gets no speedup, and records
-    the first differing token and the target's top-2 margin there (DESIGN.md, section 4)."""
+    the first differing token and the target's top-2 margin there (README, Measuring speed)."""
     import dataclasses
 
     import specvlm.bench as bench_module

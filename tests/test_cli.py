@@ -47,6 +47,8 @@ def tmp(tmp_path):
     (["--k", "0"], r"argument --k: expected an integer >= 1"),
     (["--max-new-tokens", "-1"], r"argument --max-new-tokens: expected an integer >= 1"),
     (["--clip", "cats"], r"argument --clip: invalid choice: 'cats'"),
+    (["--clip", "bikes", "--clip-seed", "3"], r"argument --clip-seed: it picks a synthetic clip"),
+    (["--video", "{tmp}/notes.txt", "--clip-seed", "3"], r"argument --clip-seed: it picks a synthetic clip"),
     (["--video", "{tmp}/missing.mp4"], r"argument --video: no video file at .*missing.mp4"),
     (["--video", "{tmp}"], r"argument --video: .* is a folder, not a video file"),
     (["--video", "{tmp}/notes.txt"], r"argument --video: could not read .*notes.txt as a video: the file is truncated"),

@@ -437,18 +437,18 @@ def test_qwen(qwen_pair):
 
 
 def test_static_caches_are_reused_across_runs_and_remade_only_for_a_longer_prompt(embedded, embedded_prompt):
+    fast._ENGINES.clear()  # a cache sized for this prompt, whatever earlier tests left
     fast.generate_fast(embedded, embedded_prompt, method="specvlm", tree=MC_SIM_7B_63, max_new_tokens=8, compile=False)
     engine = fast.static_lm(embedded.target, "target", None)
     addresses = [t.data_ptr() for t in engine.cache.keys + engine.cache.values]
     fast.generate_fast(embedded, embedded_prompt, method="specvlm", tree=MC_SIM_7B_63, max_new_tokens=8, compile=False)
     assert [t.data_ptr() for t in engine.cache.keys + engine.cache.values] == addresses
     longer = embedded.target.prepare(sv.sample_video("bikes", 4))
-    fitted = engine.cache.capacity >= longer.input_ids.shape[1] + 4 + 3  # prompt, new tokens, a chain of k=2 + 1
+    assert engine.cache.capacity < longer.input_ids.shape[1] + 4
     fast.generate_fast(embedded, longer, method="specvlm", k=2, max_new_tokens=4, compile=False)
     grown = fast.static_lm(embedded.target, "target", None)
     assert grown is engine and engine.cache.capacity >= longer.input_ids.shape[1] + 4
-    # a new cache only when the old one was too small (earlier tests may have left a larger one)
-    assert ([t.data_ptr() for t in engine.cache.keys + engine.cache.values] == addresses) == fitted
+    assert [t.data_ptr() for t in engine.cache.keys + engine.cache.values] != addresses  # remade: it was too small
     grown_addresses = [t.data_ptr() for t in engine.cache.keys + engine.cache.values]
     fast.generate_fast(embedded, embedded_prompt, method="specvlm", tree=MC_SIM_7B_63, max_new_tokens=8, compile=False)
     assert [t.data_ptr() for t in engine.cache.keys + engine.cache.values] == grown_addresses  # the shorter fits it

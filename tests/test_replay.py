@@ -155,7 +155,10 @@ def test_replay_rejects_unknown_methods(tiny_pair):
         replay_mat(tiny_pair, random_video(0, 2), ["ar"], [0.5])
 
 
-def test_replay_refuses_what_generate_sd_refuses(embedded):
+def test_replay_refuses_what_generate_sd_refuses_before_decoding(embedded, monkeypatch):
+    import specvlm.replay as replay
+
+    monkeypatch.setattr(replay, "target_tokens", lambda *args, **kwargs: pytest.fail("decoded before checking"))
     two = embedded.target.prepare(sv.sample_video("bikes", 2))
     four = embedded.draft.prepare(sv.sample_video("bikes", 4))
     for prompt, draft_prompt in ((two, four), (four, two)):

@@ -96,6 +96,10 @@ def test_two_rows_with_one_label_raise_instead_of_hiding_one(bench):
     other_k = {**bench["rows"][2], "speedup_vs_ar": 2.0}  # plain, 16 frames, SpecVLM tree 90%: another k, say
     with pytest.raises(ValueError, match="'SpecVLM tree 90%'"):
         speed_plots.plot_speedups({**bench, "rows": bench["rows"] + [other_k]})
+    # a method with several runs: name one by its label
+    assert speed_plots.plot_ms_per_token(bench, "SD chain").axes[0].containers
+    with pytest.raises(ValueError, match="'sd' on path 'plain' at 16 frames .*SD chain, SD tree.*pass one run's label"):
+        speed_plots.plot_ms_per_token({**bench, "rows": bench["rows"] + [bench_row("plain", 16, "sd", "tree")]}, "sd")
     second_ar = {**bench["rows"][0], "decode_s": 1.0}
     with pytest.raises(ValueError, match="'plain' at 16 frames .*AR, AR"):
         speed_plots.plot_ms_per_token({**bench, "rows": bench["rows"] + [second_ar]})

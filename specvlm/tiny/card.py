@@ -206,7 +206,7 @@ def _findings(metrics: dict, goal: float = 0.9) -> list[str]:
         f"- The draft alone, against the target: "
         + ", ".join(f"{a} {captions['draft'][a]:.2f} vs {captions['target'][a]:.2f}" for a in attributes) + ".",
         f"- The draft's MAT with 90% of its video pruned by SpecVLM is {mat['specvlm@0.9']:.2f} against "
-        f"{mat['sd@0.0']:.2f} unpruned ({change:+.1%}); by the best content-blind selection, {blind}, "
+        f"{mat['sd@0.0']:.2f} unpruned ({change:+.1%}); by the better spread-out content-blind selection, {blind}, "
         f"{mat[blind + '@0.9']:.2f}. The draft was trained on video pruned by SpecVLM's, uniform and random "
         "selection, so its tolerance of pruning is partly trained in.",
     ]
