@@ -300,12 +300,7 @@ def generate_sd(pair: Pair, prompt: Prompt, method: str = "specvlm", ratio: floa
     of `k` tokens, or the static `tree` when given; greedy unless `picker` samples."""
     if method not in SPECULATIVE_METHODS:
         raise ValueError(f"unknown method {method!r}; choose one of {METHODS}.")
-    if tree is None and k < 1:
-        raise ValueError(f"k (draft tokens per round) must be >= 1, got {k}.")
-    check_max_new_tokens(max_new_tokens)
-    check_prompts(prompt, draft_prompt)
-    pruning.keep_budget(prompt.num_video_tokens, ratio)
-    pruning.check_mass(mass)
+    check_speculation(prompt, draft_prompt, ratio, mass, k, tree, max_new_tokens)
     picker = picker or Picker()
     target, draft = pair.target, pair.draft
     watch = Stopwatch(target.device)
@@ -331,6 +326,18 @@ def generate_sd(pair: Pair, prompt: Prompt, method: str = "specvlm", ratio: floa
 
     return speculative_result(state.out, target, prompt, method, ratio, accepted, keep, scores,
                               target_cache.get_seq_length(), draft_cache.get_seq_length(), watch.laps, max_new_tokens)
+
+
+def check_speculation(prompt: Prompt, draft_prompt: Prompt | None, ratio: float, mass: float, k: int,
+                      tree: Tree | None, max_new_tokens: int) -> None:
+    """Raise ValueError, before any prefill, for arguments no speculative loop can run with (the
+    plain path's `generate_sd` and the fast path's `generate_fast` alike)."""
+    if tree is None and k < 1:
+        raise ValueError(f"k (draft tokens per round) must be >= 1, got {k}.")
+    check_max_new_tokens(max_new_tokens)
+    check_prompts(prompt, draft_prompt)
+    pruning.keep_budget(prompt.num_video_tokens, ratio)
+    pruning.check_mass(mass)
 
 
 def check_max_new_tokens(max_new_tokens) -> None:

@@ -54,13 +54,13 @@ import torch
 from transformers import Cache
 
 from .acceptance import chain_accept, tree_accept
-from .decoding import (METHODS, SCORED_METHODS, Result, Stopwatch, check_max_new_tokens, check_prompts, prefill_pruned,
-                       prefill_target, select_video_tokens, speculative_result)
+from .decoding import (METHODS, SCORED_METHODS, Result, Stopwatch, check_max_new_tokens, check_speculation,
+                       prefill_pruned, prefill_target, select_video_tokens, speculative_result)
 from .fusion import changes as fusion_changes
 from .fusion import fuse_projections, is_fused, unfuse_projections
 from .models import Pair, Prompt, VideoLM
 from .timeline import phase
-from . import flash_decode, pruning
+from . import flash_decode
 from .step_attention import (  # noqa: F401 (re-exported: fast.grouped_attention, fast.FLEX_MAX_QUERY, ...)
     ATTENTIONS, FLEX_ATTENTION, FLEX_BLOCK, FLEX_MAX_QUERY, FLEX_MIN_SLOTS, FLEX_ROWS, SPLIT_MIN_SLOTS, causal_pattern,
     flex_block_mask, flex_or_sdpa, float32_scores, grouped_attention, grouped_flex, restore_output_capture,
@@ -797,11 +797,7 @@ def generate_fast(pair: Pair, prompt: Prompt, method: str = "specvlm", ratio: fl
     attention = fast_attention(attention)
     if method == "ar":
         return _generate_ar(pair.target, prompt, max_new_tokens, compile, fast_attention(attention, "target"))
-    if tree is None and k < 1:
-        raise ValueError(f"k (draft tokens per round) must be >= 1, got {k}.")
-    check_prompts(prompt, draft_prompt)
-    pruning.keep_budget(prompt.num_video_tokens, ratio)
-    pruning.check_mass(mass)
+    check_speculation(prompt, draft_prompt, ratio, mass, k, tree, max_new_tokens)
     target, draft = pair.target, pair.draft
     options = compile_options(compile, target.device)
     depth = k if tree is None else tree.depth
@@ -879,7 +875,7 @@ class HostCopy:
     """A device tensor and its copy on the host, started now. `wait()` returns the copy once
     the work queued *before* it is done; `.item()` or `.cpu()` would wait for everything queued
     on the stream, steps queued after it included. On the CPU the copy is a clone: on either
-device it holds the values the tensor had when the copy started.
+    device it holds the values the tensor had when the copy started.
     E.g. token = HostCopy(logits.argmax(-1)); queue the next step with token.on_device; then
     int(token.wait())."""
 
