@@ -33,13 +33,17 @@ from specvlm.costs import lm_config
 from specvlm.fast import DraftLevels, round_up
 from specvlm.trees import MC_SIM_7B_63
 
-def kernels(pattern: torch.Tensor) -> dict:
-    """name -> fn(query, key, value, bias, block_mask, start, span, scale) for a step of pattern's rows."""
+def kernels(pattern: torch.Tensor, launches=()) -> dict:
+    """name -> fn(query, key, value, bias, block_mask, start, span, scale) for a step of pattern's rows;
+    `launches`: `flash_decode.Launch`es to time besides its default, as "flash-<launch.name>"."""
     q = pattern.shape[0]
     out = {"grouped": lambda Q, K, V, bias, mask, start, span, scale: sa.grouped_attention(Q, K, V, bias, scale),
            # the [1, q, Hq, d] layout the output projection reads, as the model's flex_or_sdpa returns it
            "flash": lambda Q, K, V, bias, mask, start, span, scale: fd.flash_decode(Q, K, V, start, pattern,
                                                                                      scale).transpose(1, 2)}
+    for launch in launches:
+        out[f"flash-{launch.name}"] = (lambda Q, K, V, bias, mask, start, span, scale, launch=launch:
+                                       fd.flash_decode(Q, K, V, start, pattern, scale, launch).transpose(1, 2))
     if q <= sa.FLEX_MAX_QUERY:
         out["flex"] = lambda Q, K, V, bias, mask, start, span, scale: sa.grouped_flex(Q, K, V, mask, scale)
     else:
@@ -49,7 +53,7 @@ def kernels(pattern: torch.Tensor) -> dict:
     return out
 
 
-def measure(shape: str, context: int, pattern: torch.Tensor, repeats: int, only=()) -> list[dict]:
+def measure(shape: str, context: int, pattern: torch.Tensor, repeats: int, only=(), launches=()) -> list[dict]:
     config = lm_config(shape)
     heads, kv_heads, layers = config.num_attention_heads, config.num_key_value_heads, config.num_hidden_layers
     dim = config.hidden_size // heads
@@ -64,8 +68,8 @@ def measure(shape: str, context: int, pattern: torch.Tensor, repeats: int, only=
     bias = sa.visibility_bias(start, pattern, capacity, torch.float32)
     exact = sa.grouped_attention(query.float(), caches[0][0].float(), caches[0][1].float(), bias, scale)
     rows = []
-    for name, fn in kernels(pattern).items():
-        if only and name not in only:
+    for name, fn in kernels(pattern, launches).items():
+        if only and name not in only and not name.startswith("flash-"):
             continue
         def step(query, start, fn=fn, flex=name == "flex"):  # the masks once per step, as in the model
             bias = sa.visibility_bias(start, pattern, capacity, torch.bfloat16)
@@ -73,12 +77,18 @@ def measure(shape: str, context: int, pattern: torch.Tensor, repeats: int, only=
             return [fn(query, k, v, bias, mask, start, span, scale) for k, v in caches]
 
         compiled = torch.compile(step, dynamic=False)
-        for _ in range(3):
-            outs = compiled(query, start)
-        torch.cuda.synchronize()
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            outs = compiled(query, start)
+        try:
+            for _ in range(3):
+                outs = compiled(query, start)
+            torch.cuda.synchronize()
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                outs = compiled(query, start)
+        except Exception as error:  # a launch the card cannot run (e.g. too much shared memory): say so, go on
+            rows.append({"shape": shape, "context": context, "query_len": q, "kernel": name,
+                         "error": f"{type(error).__name__}: {str(error).splitlines()[-1][:200]}"})
+            print(rows[-1], flush=True)
+            continue
         times = []
         for _ in range(repeats):
             begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -106,6 +116,9 @@ def main() -> None:
     parser.add_argument("--chain-contexts", type=int, nargs="*", default=[],
                         help="the 7B's chain verification (k+1 = 6 tokens, causal)")
     parser.add_argument("--tree-contexts", type=int, nargs="*", default=[1638, 6144, 12313, 16384, 32768])
+    parser.add_argument("--chain-shape", default="llava-ov-7b", help="the shape of the chain verifications")
+    parser.add_argument("--flash-launches", type=fd.Launch.parse, nargs="*", default=[],
+                        help="flash_decode launches to time besides its default, rows-programs-tile-warps[-stages]")
     parser.add_argument("--repeats", type=int, default=30)
     parser.add_argument("--out", default="figures/attention_kernels_{card}.json")
     args = parser.parse_args()
@@ -116,13 +129,16 @@ def main() -> None:
     widest = max(range(len(level.patterns)), key=lambda i: level.patterns[i].shape[0])
     for context in args.step_contexts:
         for shape in args.step_shapes:
-            rows += measure(shape, context, one, args.repeats, args.kernels)
+            rows += measure(shape, context, one, args.repeats, args.kernels, args.flash_launches)
     for context in args.level_contexts:
-        rows += measure("llava-ov-0.5b", context, level.patterns[widest].cuda(), args.repeats, args.kernels)
+        rows += measure("llava-ov-0.5b", context, level.patterns[widest].cuda(), args.repeats, args.kernels,
+                        args.flash_launches)
     for context in args.chain_contexts:
-        rows += measure("llava-ov-7b", context, sa.causal_pattern(6).cuda(), args.repeats, args.kernels)
+        rows += measure(args.chain_shape, context, sa.causal_pattern(6).cuda(), args.repeats, args.kernels,
+                        args.flash_launches)
     for context in args.tree_contexts:
-        rows += measure("llava-ov-7b", context, MC_SIM_7B_63.mask.cuda(), args.repeats, args.kernels)
+        rows += measure("llava-ov-7b", context, MC_SIM_7B_63.mask.cuda(), args.repeats, args.kernels,
+                        args.flash_launches)
     card = card_name(torch.device("cuda"))
     result = {"card": card, "torch": torch.__version__, "command": " ".join(["python", *sys.argv]), "date": __import__("datetime").date.today().isoformat(),
               "note": "attention alone, one step over every decoder layer, compiled and replayed from one CUDA "

@@ -33,6 +33,7 @@ fast path gives them CUDA steps only (`available`).
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 
 import torch
 
@@ -66,13 +67,47 @@ def available(device: torch.device, dtype: torch.dtype) -> bool:
     return device.type == "cpu" and INTERPRETED and dtype == torch.float32
 
 
-def split_size(capacity: int, kv_heads: int, block: int = BLOCK_N) -> int:
-    """Slots per split: about TARGET_PROGRAMS programs over the KV heads, at most MAX_SPLITS splits,
+def split_size(capacity: int, kv_heads: int, block: int = BLOCK_N, programs: int = TARGET_PROGRAMS) -> int:
+    """Slots per split: about `programs` programs over the KV heads, at most MAX_SPLITS splits,
     a whole number of tiles. split_size(1792, 2) -> 64 (28 splits of one tile);
     split_size(12416, 4) -> 256 (49 splits of four tiles)."""
-    splits = min(MAX_SPLITS, max(1, TARGET_PROGRAMS // kv_heads))
+    splits = min(MAX_SPLITS, max(1, programs // kv_heads))
     wanted = -(-capacity // splits)
     return -(-wanted // block) * block
+
+
+@dataclass(frozen=True)
+class Launch:
+    """How `flash_decode` cuts its work: `block_rows` stacked rows per program (a power of two, at
+    least 16), `programs` programs per row block to aim for (KV heads x splits; sets the split
+    size), `block_n` slots per tile (a multiple of 16), Triton's `num_warps` and `num_stages`
+    (None: Triton's default). Any launch gives the same attention up to float rounding."""
+
+    block_rows: int
+    programs: int = TARGET_PROGRAMS
+    block_n: int = BLOCK_N
+    num_warps: int = 4
+    num_stages: int | None = None
+
+    @classmethod
+    def parse(cls, text: str) -> Launch:
+        """'64-256-64-8-2' -> Launch(64, 256, 64, 8, 2): rows-programs-tile-warps[-stages]."""
+        numbers = [int(part) for part in text.split("-")]
+        if len(numbers) not in (4, 5):
+            raise ValueError(f"a flash launch is rows-programs-tile-warps[-stages], got {text!r}")
+        return cls(*numbers)
+
+    @property
+    def name(self) -> str:
+        tail = "" if self.num_stages is None else f"-{self.num_stages}"
+        return f"{self.block_rows}-{self.programs}-{self.block_n}-{self.num_warps}{tail}"
+
+
+def default_launch(rows: int, dim: int) -> Launch:
+    """The launch `flash_decode` takes for `rows` stacked rows (query heads per KV head x step
+    width) of head size `dim`."""
+    block_rows = min(MAX_BLOCK_R, max(16, triton.next_power_of_2(rows)))
+    return Launch(block_rows, num_warps=8 if block_rows * dim > 64 * 64 else 4)
 
 
 if triton is not None:
@@ -144,14 +179,14 @@ if triton is not None:
 
 
 def flash_decode(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, start: torch.Tensor,
-                 pattern: torch.Tensor, scale: float) -> torch.Tensor:
+                 pattern: torch.Tensor, scale: float, launch: Launch | None = None) -> torch.Tensor:
     """Attention of a q-token step to a static cache, as `visibility_bias(start, pattern)` masks it.
 
     query [1, Hq, q, d], key/value [1, Hkv, K, d] (any strides with a contiguous last axis);
     start: 0-d long tensor (slots before it are committed: every row sees them); pattern [q, S]
     bool (row r sees slot start + j if pattern[r, j]) -> [1, q, Hq, d] in value's dtype (the layout
     the output projection reads). Every row must see at least one slot. d must be a power of two
-    of at least 16; Hq a multiple of Hkv."""
+    of at least 16; Hq a multiple of Hkv. `launch`: how to cut the work (default `default_launch`)."""
     batch, heads, q, dim = query.shape
     kv_heads, capacity = key.shape[1], key.shape[2]
     if batch != 1:
@@ -163,9 +198,10 @@ def flash_decode(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, st
                          f"two of at least 16, for keys and values; got {heads} query and {kv_heads} KV heads, key "
                          f"size {dim}, value size {value.shape[-1]}. Use attention 'flex' or 'grouped'.")
     groups, rows = heads // kv_heads, heads // kv_heads * q
-    block_rows = min(MAX_BLOCK_R, max(16, triton.next_power_of_2(rows)))
+    launch = launch or default_launch(rows, dim)
+    block_rows = launch.block_rows
     blocks = -(-rows // block_rows)
-    split = split_size(capacity, kv_heads)
+    split = split_size(capacity, kv_heads, launch.block_n, launch.programs)
     splits = -(-capacity // split)
     partial = torch.empty(kv_heads, splits, blocks * block_rows, dim, dtype=torch.float32, device=query.device)
     lse = torch.empty(kv_heads, splits, blocks * block_rows, dtype=torch.float32, device=query.device)
@@ -174,8 +210,8 @@ def flash_decode(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, st
         query, key, value, pattern.contiguous(), start, partial, lse, query.stride(1), query.stride(2),
         key.stride(1), key.stride(2), value.stride(1), value.stride(2), capacity,
         SCALE=scale, ROWS=rows, STEP=q, GROUPS=groups, WIDTH=pattern.shape[1], SPLIT=split, SPLITS=splits,
-        BLOCK_R=block_rows, PADDED=blocks * block_rows, BLOCK_N=BLOCK_N, DIM=dim,
-        num_warps=8 if block_rows * dim > 64 * 64 else 4)
+        BLOCK_R=block_rows, PADDED=blocks * block_rows, BLOCK_N=launch.block_n, DIM=dim,
+        num_warps=launch.num_warps, **({} if launch.num_stages is None else {"num_stages": launch.num_stages}))
     _flash_decode_merge[(kv_heads, rows)](partial, lse, out, out.stride(1), out.stride(2), STEP=q, GROUPS=groups,
                                           SPLITS=splits, BLOCK_S=triton.next_power_of_2(splits),
                                           PADDED=blocks * block_rows, DIM=dim)

@@ -44,6 +44,30 @@ def test_flash_decode_equals_grouped_attention(heads, kv_heads, dim, q, capacity
     torch.testing.assert_close(out, reference(query, key, value, start, pattern, dim ** -0.5), atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("launch", ["16-8-16-4", "32-64-32-8-2", "64-2-128-4", "128-512-16-4-1"])
+def test_every_launch_gives_the_same_attention(launch):
+    """How the work is cut (rows per program, splits, tile, warps, stages) changes only rounding:
+    a 26-node tree on 7 query heads per KV head, 182 rows, over several splits or one."""
+    launch = fd.Launch.parse(launch)
+    generator = torch.Generator().manual_seed(launch.block_rows)
+    query = torch.randn(1, 26, 28, 32, generator=generator).transpose(1, 2)
+    key, value = (torch.randn(1, 4, 700, 32, generator=generator) for _ in range(2))
+    pattern = torch.rand(26, 26, generator=generator) < 0.3
+    pattern[torch.arange(26), torch.arange(26)] = True
+    start = torch.tensor(610)
+    out = fd.flash_decode(query, key, value, start, pattern, 32 ** -0.5, launch)
+    torch.testing.assert_close(out, reference(query, key, value, start, pattern, 32 ** -0.5), atol=1e-5, rtol=1e-5)
+
+
+def test_launch_parse_names_and_refuses():
+    assert fd.Launch.parse("64-256-64-8-2") == fd.Launch(64, 256, 64, 8, 2)
+    assert fd.Launch.parse("32-128-64-4").name == "32-128-64-4"
+    assert fd.default_launch(182, 128) == fd.Launch(64, 256, 64, 8)  # three row blocks of 64
+    assert fd.default_launch(7, 64) == fd.Launch(16, 256, 64, 4)
+    with pytest.raises(ValueError, match="rows-programs-tile-warps"):
+        fd.Launch.parse("64-256")
+
+
 def test_flash_decode_reads_nothing_past_the_visible_slots():
     """Garbage (here: NaN) in slots no row sees never reaches the output: later splits end at once,
     and masked tiles are never loaded."""
