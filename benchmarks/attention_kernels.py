@@ -28,6 +28,7 @@ import torch
 
 from specvlm import flash_decode as fd
 from specvlm import step_attention as sa
+from specvlm.__main__ import git_commit, portable_out
 from specvlm.bench import card_name, save
 from specvlm.costs import lm_config
 from specvlm.fast import DraftLevels, round_up
@@ -51,6 +52,12 @@ def kernels(pattern: torch.Tensor, launches=()) -> dict:
             out[f"split-{chunk}"] = (lambda Q, K, V, bias, mask, start, span, scale, chunk=chunk:
                                      sa.split_attention(Q, K, V, bias, start, span, scale, chunk))
     return out
+
+
+def reason(error: Exception) -> str:
+    """The line of an error's message that says what went wrong (inductor's ends on advice)."""
+    lines = [line for line in str(error).splitlines() if line.strip()] or [""]
+    return next((line for line in lines if "out of resource" in line.lower()), lines[0])[:200]
 
 
 def measure(shape: str, context: int, pattern: torch.Tensor, repeats: int, only=(), launches=()) -> list[dict]:
@@ -86,7 +93,7 @@ def measure(shape: str, context: int, pattern: torch.Tensor, repeats: int, only=
                 outs = compiled(query, start)
         except Exception as error:  # a launch the card cannot run (e.g. too much shared memory): say so, go on
             rows.append({"shape": shape, "context": context, "query_len": q, "kernel": name,
-                         "error": f"{type(error).__name__}: {str(error).splitlines()[-1][:200]}"})
+                         "error": f"{type(error).__name__}: {reason(error)}"})
             print(rows[-1], flush=True)
             continue
         times = []
@@ -140,7 +147,9 @@ def main() -> None:
         rows += measure("llava-ov-7b", context, MC_SIM_7B_63.mask.cuda(), args.repeats, args.kernels,
                         args.flash_launches)
     card = card_name(torch.device("cuda"))
-    result = {"card": card, "torch": torch.__version__, "command": " ".join(["python", *sys.argv]), "date": __import__("datetime").date.today().isoformat(),
+    result = {"card": card, "torch": torch.__version__, "command": " ".join(["python", *portable_out(sys.argv)]),
+              "code": git_commit(),
+              "date": __import__("datetime").date.today().isoformat(),
               "note": "attention alone, one step over every decoder layer, compiled and replayed from one CUDA "
                       "graph; random bf16 caches, one per layer; kv_floor_us: their bytes at 3.0 TB/s",
               "rows": rows}

@@ -13,8 +13,9 @@ half a microsecond. Here it is two kernels:
    slots, writing a float32 partial output and the log-sum-exp of its scores per row. A one-token
    step has one row block; a 16-token step of a 7B (7 query heads per KV head) has two, whose
    programs run side by side and share the split's keys through the L2 cache. The kernel takes
-   wider steps too, but the fast path gives it only short ones: for a 7B's 26-node verification
-   on 12k slots it was slower than `split_attention` (the comment after `step_attention.FLEX_MIN_SLOTS`);
+   wider steps too (`default_launch`), but the fast path gives it only short ones: for a 7B's
+   26-node verification on 12k slots it was slower than `split_attention` with every launch timed
+   (`WIDE_PROGRAMS`; the comment after `step_attention.FLEX_MIN_SLOTS`);
 2. `_flash_decode_merge`, one program per (KV head, row): its partial outputs, all splits at once, weighted by
    their share of the whole softmax's denominator (through the log-sum-exps), written straight
    into the layout the output projection reads, [1, q, Hq, d].
@@ -103,10 +104,22 @@ class Launch:
         return f"{self.block_rows}-{self.programs}-{self.block_n}-{self.num_warps}{tail}"
 
 
+# A step of several row blocks (a verification) takes fewer, longer splits and wider tiles: of 23
+# launches timed for a 7B's 26-node tree verification on 12k slots on the H100
+# (figures/attention_kernels_launches_nvidia-h100-80gb-hbm3.json), 64-32-128-8 was the fastest, 30% under
+# the short steps' launch; still 13% over `split_attention`, which the fast path gives such steps.
+WIDE_PROGRAMS = 32
+WIDE_BLOCK_N = 128
+
+
 def default_launch(rows: int, dim: int) -> Launch:
     """The launch `flash_decode` takes for `rows` stacked rows (query heads per KV head x step
-    width) of head size `dim`."""
-    block_rows = min(MAX_BLOCK_R, max(16, triton.next_power_of_2(rows)))
+    width) of head size `dim`: one block of them when they fit in MAX_BLOCK_R, else blocks of
+    MAX_BLOCK_R with WIDE_PROGRAMS programs each and tiles of WIDE_BLOCK_N slots (BLOCK_N for a
+    head larger than 128, whose wide tiles would not fit in shared memory)."""
+    if rows > MAX_BLOCK_R:
+        return Launch(MAX_BLOCK_R, WIDE_PROGRAMS, WIDE_BLOCK_N if dim <= 128 else BLOCK_N, num_warps=8)
+    block_rows = max(16, triton.next_power_of_2(rows))
     return Launch(block_rows, num_warps=8 if block_rows * dim > 64 * 64 else 4)
 
 

@@ -391,7 +391,9 @@ def main(argv=None) -> int:
     import argparse
     import sys
 
-    from .__main__ import device, dtypes, out_file, positive_int
+    import shlex
+
+    from .__main__ import device, dtypes, git_commit, out_file, portable_out, positive_int, recorded_environment
 
     parser = argparse.ArgumentParser(prog="python -m specvlm.profile", description=__doc__.splitlines()[0])
     parser.add_argument("--shapes", nargs="+", default=["llava-ov-7b", "llava-ov-0.5b"], choices=sorted(costs.SHAPES),
@@ -421,6 +423,9 @@ def main(argv=None) -> int:
                             progress=lambda r: print(f"{r['shape']} {r['kind']} {r['context']}: "
                                                      f"{r['wall_us_per_step']:.0f} us, {r['kernels_per_step']:.0f} "
                                                      f"kernels/step", file=sys.stderr, flush=True))
+    result["command"] = recorded_environment() + "python -m specvlm.profile " + \
+        shlex.join(portable_out(sys.argv[1:] if argv is None else argv))
+    result["code"] = git_commit()
     print(table(result))
     slug = costs.card_slug(result["card"])
     if args.out:

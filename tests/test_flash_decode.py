@@ -62,7 +62,9 @@ def test_every_launch_gives_the_same_attention(launch):
 def test_launch_parse_names_and_refuses():
     assert fd.Launch.parse("64-256-64-8-2") == fd.Launch(64, 256, 64, 8, 2)
     assert fd.Launch.parse("32-128-64-4").name == "32-128-64-4"
-    assert fd.default_launch(182, 128) == fd.Launch(64, 256, 64, 8)  # three row blocks of 64
+    assert fd.default_launch(182, 128) == fd.Launch(64, fd.WIDE_PROGRAMS, fd.WIDE_BLOCK_N, 8)  # three row blocks
+    assert fd.default_launch(182, 256).block_n == fd.BLOCK_N  # a wide tile of a large head would not fit
+    assert fd.default_launch(64, 128) == fd.Launch(64, 256, 64, 8)  # one block
     assert fd.default_launch(7, 64) == fd.Launch(16, 256, 64, 4)
     with pytest.raises(ValueError, match="rows-programs-tile-warps"):
         fd.Launch.parse("64-256")
