@@ -103,7 +103,23 @@ def inputs(args, parser):
         return checked("--clip", sample_video, args.clip, args.frames)
     if args.clip != "synthetic":
         checked("--clip", sample_video_path, args.clip)
+    if args.only is not None:
+        checked("--only", possible_rows, args)
     return None
+
+
+def possible_rows(args) -> None:
+    """Refuse `bench --only` names that no pair would run with these flags (before loading one);
+    names that only some pairs run ("hf-assisted-padded", the self rows of a target drafting
+    for itself) are checked again once the pair is loaded."""
+    from .bench import run_labels
+
+    possible = {name for drafter in ("draft", "self")
+                for name in run_labels(args.self_speculation, args.transformers, drafter, True, args.selection)}
+    unknown = [name for name in args.only if name not in possible]
+    if unknown:
+        raise ValueError(f"{unknown} name no row of this call (see --self, --selection and --transformers); "
+                         f"choose from {sorted(possible)}")
 
 
 DEMO_CLIP_SEED = 2  # a held-out synthetic clip (seeds below 10**5), the one 00_quickstart shows
@@ -287,7 +303,9 @@ def main(argv=None) -> int:
                    help="also time transformers' generate and assisted generation (end to end)")
     b.add_argument("--self", dest="self_speculation", action="store_true",
                    help="add self-speculation rows: the target drafts for itself with its own pruned video")
-    b.add_argument("--widen", nargs=2, default=None, metavar=("TARGET_SHAPE", "DRAFT_SHAPE"),
+    from .costs import SHAPES
+
+    b.add_argument("--widen", nargs=2, default=None, metavar=("TARGET_SHAPE", "DRAFT_SHAPE"), choices=sorted(SHAPES),
                    help="widen the pair to these language-model shapes first, e.g. llava-ov-7b llava-ov-0.5b "
                         "(same outputs as the embedded pair: a stand-in)")
     b.add_argument("--step-repeats", type=positive_int, default=5, help="timed isolated passes per row (step_ms)")
@@ -303,7 +321,7 @@ def main(argv=None) -> int:
     b.add_argument("--device", type=device, default=None)
     b.add_argument("--dtype", default=None, choices=dtypes(), help="default: bfloat16 on CUDA, float32 on CPU")
     b.add_argument("--out", type=out_file, default=None, help="write the JSON here (e.g. figures/bench_tiny.json)")
-    from .costs import PATHS, SHAPES
+    from .costs import PATHS
 
     c = commands.add_parser("costs", help="ms per forward pass vs context length at real LM shapes (random weights)")
     c.add_argument("--shapes", nargs="+", default=["llava-ov-7b", "llava-ov-0.5b"], choices=sorted(SHAPES),

@@ -72,6 +72,10 @@ def test_demo_refuses_bad_flags_before_loading(capsys, tmp, nothing_loads, argv,
     (["--clip-seed", "-5"], r"argument --clip-seed: expected an integer >= 0, got '-5'"),
     (["--clip", "cats"], r"argument --clip: invalid choice: 'cats'"),
     (["--target", "./nowhere-specvlm", "--draft", "x/y"], r"argument --target/--draft: checkpoint folder"),
+    (["--widen", "llava-ov-7b", "llava-0.5b"], r"argument --widen: invalid choice: 'llava-0.5b'"),
+    (["--only", "specvlm-tree-0.3"], r"argument --only: \['specvlm-tree-0.3'\] name no row of this call"),
+    (["--only", "hf-generate"], r"argument --only: \['hf-generate'\] name no row"),  # needs --transformers
+    (["--only", "specvlm-tree-0.75"], r"argument --only: .*name no row"),  # needs --selection
 ])
 def test_bench_refuses_bad_flags_before_loading(capsys, tmp, nothing_loads, argv, message):
     refused(capsys, main, ["bench", *(a.format(tmp=tmp) for a in argv)], message)
@@ -108,6 +112,10 @@ def test_good_flags_reach_the_loader(tmp, nothing_loads):
         main(["demo", "--frames", "2", "--ratio", "0", "--device", "cpu", "--clip", "bikes"])
     with pytest.raises(Loaded):
         main(["bench", "--frames", "1", "2", "--clip-seed", "0", "--dtype", "float32", "--out", str(tmp / "b.json")])
+    for only in (["--only", "hf-generate", "--transformers"], ["--only", "specvlm-tree-0.75", "--selection"],
+                 ["--only", "self-specvlm-tree-0.9", "--self"], ["--widen", "llava-ov-7b", "llava-ov-0.5b"]):
+        with pytest.raises(Loaded):
+            main(["bench", "--frames", "1", *only])
 
 
 def test_flag_types():
