@@ -63,6 +63,15 @@ def test_speedup_bars_one_per_equal_run(bench, tmp_path):
     assert "test pair (stand-in) on Test GPU (float32)" in fig._suptitle.get_text()
 
 
+def test_speedups_leave_out_rows_timed_end_to_end_only(bench):
+    """Older runs timed transformers' rows end to end only (no `speedup_vs_ar`): no bar, no crash."""
+    hf = {k: v for k, v in bench["rows"][1].items() if k != "speedup_vs_ar"}
+    hf.update(path="transformers", method="hf-generate", draft=None, speedup_vs_ar_total=0.4)
+    fig = speed_plots.plot_speedups({**bench, "rows": bench["rows"] + [hf]})
+    assert "hf-generate" not in [t.get_text() for t in fig.axes[0].get_xticklabels()]
+    assert len(fig.axes[0].patches) == len(speed_plots.plot_speedups(bench).axes[0].patches) == 4
+
+
 def test_every_path_is_in_the_legend_once_with_its_own_colour(bench):
     """A path whose first run is not the first label (transformers' rows come last) still gets its entry."""
     hf = {**bench["rows"][1], "path": "transformers", "method": "hf-generate", "draft": None, "ratio": 0.0,
