@@ -21,6 +21,7 @@ device-synchronised), and the first layer's output compared with `grouped_attent
 from __future__ import annotations
 
 import argparse
+import shlex
 import sys
 import statistics
 
@@ -28,7 +29,7 @@ import torch
 
 from specvlm import flash_decode as fd
 from specvlm import step_attention as sa
-from specvlm.__main__ import git_commit, portable_out
+from specvlm.__main__ import git_commit, portable_out, recorded_environment
 from specvlm.bench import card_name, save
 from specvlm.costs import lm_config
 from specvlm.fast import DraftLevels, round_up
@@ -54,10 +55,27 @@ def kernels(pattern: torch.Tensor, launches=()) -> dict:
     return out
 
 
-def reason(error: Exception) -> str:
-    """The line of an error's message that says what went wrong (inductor's ends on advice)."""
-    lines = [line for line in str(error).splitlines() if line.strip()] or [""]
-    return next((line for line in lines if "out of resource" in line.lower()), lines[0])[:200]
+def reason(error: BaseException) -> str:
+    """What went wrong, from an error and the errors it wraps: inductor's own message ends on
+    advice ("Set TORCHDYNAMO_VERBOSE=1 ..."), its cause says what failed (e.g. "out of resource:
+    shared memory, Required: 262144, Hardware limit: 232448")."""
+    chain, seen = [], set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        chain.append(error)
+        error = getattr(error, "inner_exception", None) or error.__cause__ or error.__context__
+    lines = [f"{type(e).__name__}: {line.strip()}" for e in chain for line in str(e).splitlines() if line.strip()]
+    telling = [line for line in lines if "out of resource" in line.lower()]
+    advice = ("TORCHDYNAMO_VERBOSE", "TORCH_LOGS", "please do this")
+    return (telling or [line for line in lines if not any(a in line for a in advice)] or lines or [repr(error)])[0][:200]
+
+
+def launch_flag(text: str) -> fd.Launch:
+    """--flash-launches' type: `Launch.parse`, its message kept in argparse's error."""
+    try:
+        return fd.Launch.parse(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from error
 
 
 def measure(shape: str, context: int, pattern: torch.Tensor, repeats: int, only=(), launches=()) -> list[dict]:
@@ -91,9 +109,11 @@ def measure(shape: str, context: int, pattern: torch.Tensor, repeats: int, only=
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph):
                 outs = compiled(query, start)
-        except Exception as error:  # a launch the card cannot run (e.g. too much shared memory): say so, go on
-            rows.append({"shape": shape, "context": context, "query_len": q, "kernel": name,
-                         "error": f"{type(error).__name__}: {reason(error)}"})
+        except Exception as error:
+            if not name.startswith("flash-"):
+                raise
+            # a launch the card cannot build (e.g. tiles too large for its shared memory): say so, go on
+            rows.append({"shape": shape, "context": context, "query_len": q, "kernel": name, "error": reason(error)})
             print(rows[-1], flush=True)
             continue
         times = []
@@ -105,8 +125,10 @@ def measure(shape: str, context: int, pattern: torch.Tensor, repeats: int, only=
             end.synchronize()
             times.append(begin.elapsed_time(end) * 1000)
         kv_bytes = 2 * layers * kv_heads * (context + span) * dim * 2
+        launch = fd.default_launch(heads // kv_heads * q, dim).name if name == "flash" else \
+            name.removeprefix("flash-") if name.startswith("flash-") else None
         rows.append({"shape": shape, "context": context, "query_len": q, "kernel": name, "layers": layers,
-                     "us": statistics.median(times), "us_per_layer": statistics.median(times) / layers,
+                     **({"launch": launch} if launch else {}), "us": statistics.median(times), "us_per_layer": statistics.median(times) / layers,
                      "kv_floor_us": kv_bytes / 3.0e12 * 1e6,
                      "max_abs_diff_vs_exact": (outs[0].float() - exact).abs().max().item()})
         print(rows[-1], flush=True)
@@ -124,7 +146,7 @@ def main() -> None:
                         help="the 7B's chain verification (k+1 = 6 tokens, causal)")
     parser.add_argument("--tree-contexts", type=int, nargs="*", default=[1638, 6144, 12313, 16384, 32768])
     parser.add_argument("--chain-shape", default="llava-ov-7b", help="the shape of the chain verifications")
-    parser.add_argument("--flash-launches", type=fd.Launch.parse, nargs="*", default=[],
+    parser.add_argument("--flash-launches", type=launch_flag, nargs="*", default=[],
                         help="flash_decode launches to time besides its default, rows-programs-tile-warps[-stages]")
     parser.add_argument("--repeats", type=int, default=30)
     parser.add_argument("--out", default="figures/attention_kernels_{card}.json")
@@ -147,7 +169,7 @@ def main() -> None:
         rows += measure("llava-ov-7b", context, MC_SIM_7B_63.mask.cuda(), args.repeats, args.kernels,
                         args.flash_launches)
     card = card_name(torch.device("cuda"))
-    result = {"card": card, "torch": torch.__version__, "command": " ".join(["python", *portable_out(sys.argv)]),
+    result = {"card": card, "torch": torch.__version__, "command": recorded_environment() + shlex.join(["python", *portable_out(sys.argv)]),
               "code": git_commit(),
               "date": __import__("datetime").date.today().isoformat(),
               "note": "attention alone, one step over every decoder layer, compiled and replayed from one CUDA "

@@ -109,17 +109,17 @@ def inputs(args, parser):
 
 
 def possible_rows(args) -> None:
-    """Refuse `bench --only` names that no pair would run with these flags (before loading one);
-    names that only some pairs run ("hf-assisted-padded", the self rows of a target drafting
-    for itself) are checked again once the pair is loaded."""
+    """Refuse `bench --only` names that no row of this call could have, before loading the pair
+    (the command line's pairs are two models, so their rows are named "draft"'s); one that only
+    some pairs run ("hf-assisted-padded": output layers of different sizes) is checked again once
+    the pair is loaded."""
     from .bench import run_labels
 
-    possible = {name for drafter in ("draft", "self")
-                for name in run_labels(args.self_speculation, args.transformers, drafter, True, args.selection)}
+    possible = run_labels(args.self_speculation, args.transformers, "draft", True, args.selection)
     unknown = [name for name in args.only if name not in possible]
     if unknown:
         raise ValueError(f"{unknown} name no row of this call (see --self, --selection and --transformers); "
-                         f"choose from {sorted(possible)}")
+                         f"choose from {possible}")
 
 
 DEMO_CLIP_SEED = 2  # a held-out synthetic clip (seeds below 10**5), the one 00_quickstart shows

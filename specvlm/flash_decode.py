@@ -13,9 +13,9 @@ half a microsecond. Here it is two kernels:
    slots, writing a float32 partial output and the log-sum-exp of its scores per row. A one-token
    step has one row block; a 16-token step of a 7B (7 query heads per KV head) has two, whose
    programs run side by side and share the split's keys through the L2 cache. The kernel takes
-   wider steps too (`default_launch`), but the fast path gives it only short ones: for a 7B's
-   26-node verification on 12k slots it was slower than `split_attention` with every launch timed
-   (`WIDE_PROGRAMS`; the comment after `step_attention.FLEX_MIN_SLOTS`);
+   wider steps too, but the fast path gives it only short ones: for a 7B's 26-node verification
+   on 12k slots it was slower than `split_attention` with every launch timed (`default_launch`;
+   the comment after `step_attention.FLEX_MIN_SLOTS`);
 2. `_flash_decode_merge`, one program per (KV head, row): its partial outputs, all splits at once, weighted by
    their share of the whole softmax's denominator (through the log-sum-exps), written straight
    into the layout the output projection reads, [1, q, Hq, d].
@@ -81,8 +81,9 @@ def split_size(capacity: int, kv_heads: int, block: int = BLOCK_N, programs: int
 class Launch:
     """How `flash_decode` cuts its work: `block_rows` stacked rows per program (a power of two, at
     least 16), `programs` programs per row block to aim for (KV heads x splits; sets the split
-    size), `block_n` slots per tile (a multiple of 16), Triton's `num_warps` and `num_stages`
-    (None: Triton's default). Any launch gives the same attention up to float rounding."""
+    size), `block_n` slots per tile (a multiple of 16), Triton's `num_warps` (a power of two) and
+    `num_stages` (None: Triton's default). Any launch gives the same attention up to float
+    rounding; one whose tiles do not fit in the card's shared memory fails to build."""
 
     block_rows: int
     programs: int = TARGET_PROGRAMS
@@ -90,12 +91,26 @@ class Launch:
     num_warps: int = 4
     num_stages: int | None = None
 
+    def __post_init__(self):
+        power_of_two = lambda n: n > 0 and n & (n - 1) == 0
+        problems = [what for what, bad in (
+            ("rows a power of two of at least 16", not (self.block_rows >= 16 and power_of_two(self.block_rows))),
+            ("programs at least 1", self.programs < 1),
+            ("a tile a positive multiple of 16", self.block_n < 16 or self.block_n % 16),
+            ("warps a power of two", not power_of_two(self.num_warps)),
+            ("stages at least 1", self.num_stages is not None and self.num_stages < 1)) if bad]
+        if problems:
+            raise ValueError(f"a flash launch needs {', '.join(problems)}; got {self}")
+
     @classmethod
     def parse(cls, text: str) -> Launch:
         """'64-256-64-8-2' -> Launch(64, 256, 64, 8, 2): rows-programs-tile-warps[-stages]."""
-        numbers = [int(part) for part in text.split("-")]
+        try:
+            numbers = [int(part) for part in text.split("-")]
+        except ValueError:
+            numbers = []
         if len(numbers) not in (4, 5):
-            raise ValueError(f"a flash launch is rows-programs-tile-warps[-stages], got {text!r}")
+            raise ValueError(f"a flash launch is rows-programs-tile-warps[-stages] in whole numbers, got {text!r}")
         return cls(*numbers)
 
     @property
@@ -104,22 +119,14 @@ class Launch:
         return f"{self.block_rows}-{self.programs}-{self.block_n}-{self.num_warps}{tail}"
 
 
-# A step of several row blocks (a verification) takes fewer, longer splits and wider tiles: of 23
-# launches timed for a 7B's 26-node tree verification on 12k slots on the H100
-# (figures/attention_kernels_launches_nvidia-h100-80gb-hbm3.json), 64-32-128-8 was the fastest, 30% under
-# the short steps' launch; still 13% over `split_attention`, which the fast path gives such steps.
-WIDE_PROGRAMS = 32
-WIDE_BLOCK_N = 128
-
-
 def default_launch(rows: int, dim: int) -> Launch:
     """The launch `flash_decode` takes for `rows` stacked rows (query heads per KV head x step
-    width) of head size `dim`: one block of them when they fit in MAX_BLOCK_R, else blocks of
-    MAX_BLOCK_R with WIDE_PROGRAMS programs each and tiles of WIDE_BLOCK_N slots (BLOCK_N for a
-    head larger than 128, whose wide tiles would not fit in shared memory)."""
-    if rows > MAX_BLOCK_R:
-        return Launch(MAX_BLOCK_R, WIDE_PROGRAMS, WIDE_BLOCK_N if dim <= 128 else BLOCK_N, num_warps=8)
-    block_rows = max(16, triton.next_power_of_2(rows))
+    width) of head size `dim`: blocks of up to MAX_BLOCK_R rows, TARGET_PROGRAMS programs each,
+    tiles of BLOCK_N slots. The fast path gives it short steps only. For a 7B's 26-node tree
+    verification (182 rows, 12k slots) a sweep on the H100 found 64-32-128-8 faster than this
+    launch, yet slower than `split_attention` (notebook 05, section 13); its wide tiles would not
+    fit in the shared memory of smaller cards, so it is not the default."""
+    block_rows = min(MAX_BLOCK_R, max(16, 1 << (rows - 1).bit_length()))
     return Launch(block_rows, num_warps=8 if block_rows * dim > 64 * 64 else 4)
 
 

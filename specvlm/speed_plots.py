@@ -79,17 +79,18 @@ def _source(result: dict) -> str:
 def plot_speedups(result, title: str | None = None):
     """Bars of `speedup_vs_ar` (AR on the same path = 1) for every speculative run: one panel per
     frame count, one colour per path. A run whose tokens differ from AR's has no speedup: it is
-    marked "not = AR" instead of a bar. Rows without a decode speedup at all (transformers' rows
-    of runs that timed them end to end only) are left out. Returns the Figure."""
+    marked "not = AR" instead of a bar, and a baseline that raised is marked "error". Rows
+    without a decode speedup at all (transformers' rows of runs that timed them end to end only)
+    are left out. Returns the Figure."""
     result = load(result)
-    rows = [r for r in bench_rows(result) if r["method"] != "ar" and "speedup_vs_ar" in r]
+    rows = [r for r in bench_rows(result) if r["method"] != "ar" and ("speedup_vs_ar" in r or "error" in r)]
     if not rows:
         raise ValueError("this bench result has no speculative rows (method sd, specvlm, ...) to compare with AR.")
     frames, paths = sorted({r["frames"] for r in rows}), _unique(r["path"] for r in rows)
     labels = _unique(run_label(r) for r in rows)
     width = 0.8 / len(paths)
     fig, axes = plt.subplots(1, len(frames), figsize=(5.2 * len(frames), 4.2), sharey=True, squeeze=False)
-    top = max(r["speedup_vs_ar"] or 0 for r in rows)
+    top = max(r.get("speedup_vs_ar") or 0 for r in rows)
     labelled = set()  # paths already in the legend
     for ax, count in zip(axes[0], frames):
         for p, path in enumerate(paths):
@@ -100,8 +101,9 @@ def plot_speedups(result, title: str | None = None):
                 row = of.get(label)
                 if row is None:
                     continue
-                if row["speedup_vs_ar"] is None:
-                    ax.text(x, 0.05, "not = AR", rotation=90, ha="center", va="bottom", fontsize=7, color="red")
+                if row.get("speedup_vs_ar") is None:
+                    ax.text(x, 0.05, "error" if "error" in row else "not = AR", rotation=90, ha="center",
+                            va="bottom", fontsize=7, color="red")
                 else:
                     ax.bar(x, row["speedup_vs_ar"], width, color=_colour(path, p),
                            label=None if path in labelled else path)

@@ -1,6 +1,7 @@
 """The command lines refuse bad flags at once: argparse's one-line error (exit 2) naming the
 flag, before any model is loaded or any step is timed."""
 
+import json
 import re
 
 import pytest
@@ -76,6 +77,8 @@ def test_demo_refuses_bad_flags_before_loading(capsys, tmp, nothing_loads, argv,
     (["--only", "specvlm-tree-0.3"], r"argument --only: \['specvlm-tree-0.3'\] name no row of this call"),
     (["--only", "hf-generate"], r"argument --only: \['hf-generate'\] name no row"),  # needs --transformers
     (["--only", "specvlm-tree-0.75"], r"argument --only: .*name no row"),  # needs --selection
+    (["--only", "self-specvlm-tree-0.9"], r"argument --only: .*name no row"),  # needs --self
+    (["--only", "self-sd-chain-0", "--self"], r"argument --only: .*name no row"),  # not a self row
 ])
 def test_bench_refuses_bad_flags_before_loading(capsys, tmp, nothing_loads, argv, message):
     refused(capsys, main, ["bench", *(a.format(tmp=tmp) for a in argv)], message)
@@ -121,3 +124,17 @@ def test_good_flags_reach_the_loader(tmp, nothing_loads):
 def test_flag_types():
     assert positive_int("3") == 3 and ratio("0") == 0.0 and ratio("0.95") == 0.95
     assert out_file("result.json") == "result.json"
+
+
+def test_profile_records_its_command_code_and_inductor_settings(tmp, monkeypatch):
+    """A profile JSON says how it was made: the command, with the environment variables that
+    change the compiled steps (inductor's autotuning among them), and the code's commit."""
+    monkeypatch.setattr(profile, "profile_shapes", lambda *args, **kwargs: {"card": "Test Card", "rows": []})
+    monkeypatch.setattr(profile, "table", lambda result: "")
+    monkeypatch.setenv("TORCHINDUCTOR_MAX_AUTOTUNE_GEMM", "1")
+    monkeypatch.setenv("SPECVLM_CODE", "abc1234")
+    assert profile.main(["--shapes", "tiny", "--contexts", "8", "--out", str(tmp / "p_{card}.json")]) == 0
+    result = json.loads((tmp / "p_test-card.json").read_text())
+    assert result["command"] == ("TORCHINDUCTOR_MAX_AUTOTUNE_GEMM=1 python -m specvlm.profile --shapes tiny "
+                                 "--contexts 8 --out 'p_{card}.json'")
+    assert result["code"] == "abc1234"

@@ -45,10 +45,22 @@ def test_flash_decode_equals_grouped_attention(heads, kv_heads, dim, q, capacity
 
 
 @pytest.mark.parametrize("launch", ["16-8-16-4", "32-64-32-8-2", "64-2-128-4", "128-512-16-4-1"])
-def test_every_launch_gives_the_same_attention(launch):
+def test_every_launch_gives_the_same_attention_and_is_the_one_launched(launch, monkeypatch):
     """How the work is cut (rows per program, splits, tile, warps, stages) changes only rounding:
-    a 26-node tree on 7 query heads per KV head, 182 rows, over several splits or one."""
+    a 26-node tree on 7 query heads per KV head, 182 rows, over several splits or one; and the
+    kernel is launched as asked (its grid and block sizes recorded on the way)."""
     launch = fd.Launch.parse(launch)
+    launched = []
+    kernel = fd._flash_decode_partials
+
+    class Recorder:
+        def __getitem__(self, grid):
+            def run(*args, **kwargs):
+                launched.append((grid, kwargs))
+                return kernel[grid](*args, **kwargs)
+            return run
+
+    monkeypatch.setattr(fd, "_flash_decode_partials", Recorder())
     generator = torch.Generator().manual_seed(launch.block_rows)
     query = torch.randn(1, 26, 28, 32, generator=generator).transpose(1, 2)
     key, value = (torch.randn(1, 4, 700, 32, generator=generator) for _ in range(2))
@@ -57,17 +69,29 @@ def test_every_launch_gives_the_same_attention(launch):
     start = torch.tensor(610)
     out = fd.flash_decode(query, key, value, start, pattern, 32 ** -0.5, launch)
     torch.testing.assert_close(out, reference(query, key, value, start, pattern, 32 ** -0.5), atol=1e-5, rtol=1e-5)
+    (grid, kwargs), = launched
+    split = fd.split_size(700, 4, launch.block_n, launch.programs)
+    assert grid == (-(-182 // launch.block_rows), 4, -(-700 // split))
+    assert (kwargs["BLOCK_R"], kwargs["BLOCK_N"], kwargs["SPLIT"], kwargs["num_warps"]) == \
+        (launch.block_rows, launch.block_n, split, launch.num_warps)
+    assert kwargs.get("num_stages") == launch.num_stages
 
 
 def test_launch_parse_names_and_refuses():
     assert fd.Launch.parse("64-256-64-8-2") == fd.Launch(64, 256, 64, 8, 2)
     assert fd.Launch.parse("32-128-64-4").name == "32-128-64-4"
-    assert fd.default_launch(182, 128) == fd.Launch(64, fd.WIDE_PROGRAMS, fd.WIDE_BLOCK_N, 8)  # three row blocks
-    assert fd.default_launch(182, 256).block_n == fd.BLOCK_N  # a wide tile of a large head would not fit
+    assert fd.default_launch(182, 128) == fd.Launch(64, 256, 64, 8)  # three row blocks of 64
     assert fd.default_launch(64, 128) == fd.Launch(64, 256, 64, 8)  # one block
     assert fd.default_launch(7, 64) == fd.Launch(16, 256, 64, 4)
-    with pytest.raises(ValueError, match="rows-programs-tile-warps"):
-        fd.Launch.parse("64-256")
+    assert fd.default_launch(17, 64) == fd.Launch(32, 256, 64, 4)
+    for text in ("64-256", "64-256-64-8-2-1", "a-b-c-d"):
+        with pytest.raises(ValueError, match="rows-programs-tile-warps"):
+            fd.Launch.parse(text)
+    for bad, what in (((48,), "rows a power of two"), ((8,), "rows a power of two"), ((64, 0), "programs"),
+                      ((64, 256, 24), "tile"), ((64, 256, 0), "tile"), ((64, 256, 64, 3), "warps"),
+                      ((64, 256, 64, 4, 0), "stages")):
+        with pytest.raises(ValueError, match=what):
+            fd.Launch(*bad)
 
 
 def test_flash_decode_reads_nothing_past_the_visible_slots():

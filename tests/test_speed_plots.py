@@ -72,6 +72,15 @@ def test_speedups_leave_out_rows_timed_end_to_end_only(bench):
     assert len(fig.axes[0].patches) == len(speed_plots.plot_speedups(bench).axes[0].patches) == 4
 
 
+def test_speedups_mark_a_baseline_that_raised(bench):
+    failed = {k: v for k, v in bench["rows"][1].items() if k not in ("speedup_vs_ar", "decode_s")}
+    failed.update(path="transformers", method="hf-assisted", draft="assistant", equal_to_ar=False,
+                  speedup_vs_ar_total=None, error="ValueError: refused")
+    fig = speed_plots.plot_speedups({**bench, "rows": bench["rows"] + [failed]})
+    assert "hf-assisted assistant" in [t.get_text() for t in fig.axes[0].get_xticklabels()]
+    assert [t.get_text() for t in fig.axes[0].texts] == ["error"]
+
+
 def test_every_path_is_in_the_legend_once_with_its_own_colour(bench):
     """A path whose first run is not the first label (transformers' rows come last) still gets its entry."""
     hf = {**bench["rows"][1], "path": "transformers", "method": "hf-generate", "draft": None, "ratio": 0.0,

@@ -1,0 +1,51 @@
+"""The GPU benchmark scripts' host-side helpers (the scripts themselves need a GPU): how a
+failed launch is recorded, and how --flash-launches reads its values."""
+
+import argparse
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+SCRIPT = Path(__file__).parents[1] / "benchmarks" / "attention_kernels.py"
+
+
+@pytest.fixture(scope="module")
+def attention_kernels():
+    spec = importlib.util.spec_from_file_location("attention_kernels", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+class OutOfResources(Exception):
+    pass
+
+
+class InductorError(Exception):  # as torch._inductor wraps a failed build: its cause in inner_exception
+    def __init__(self, inner):
+        super().__init__(f"RuntimeError: No valid triton configs.\n\nSet TORCHDYNAMO_VERBOSE=1 for the internal "
+                         f"stack trace (please do this especially if you're reporting a bug to PyTorch).")
+        self.inner_exception = inner
+
+
+def test_a_failed_build_is_recorded_by_its_cause_not_inductors_advice(attention_kernels):
+    cause = OutOfResources("out of resource: shared memory, Required: 262144, Hardware limit: 232448. "
+                           "Reducing block sizes or `num_stages` may help.")
+    said = attention_kernels.reason(InductorError(cause))
+    assert said.startswith("OutOfResources: out of resource: shared memory, Required: 262144")
+    try:
+        try:
+            raise KeyError("tile")
+        except KeyError as inner:
+            raise RuntimeError("Set TORCHDYNAMO_VERBOSE=1 for the internal stack trace") from inner
+    except RuntimeError as error:
+        assert attention_kernels.reason(error) == "KeyError: 'tile'"  # the advice line is skipped
+    assert attention_kernels.reason(ValueError("plain")) == "ValueError: plain"
+
+
+def test_flash_launches_flag_keeps_the_reason_of_a_refusal(attention_kernels):
+    assert attention_kernels.launch_flag("64-32-128-8").name == "64-32-128-8"
+    for text, message in (("64-32", "rows-programs-tile-warps"), ("48-32-128-8", "rows a power of two")):
+        with pytest.raises(argparse.ArgumentTypeError, match=message):
+            attention_kernels.launch_flag(text)
