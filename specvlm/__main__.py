@@ -44,13 +44,21 @@ def ratio(text: str) -> float:
     return value
 
 
+def question(text: str) -> str:
+    """An argparse `type=`: a question with some text in it."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("expected a question about the video, e.g. 'Describe the video.'; got an "
+                                         "empty one")
+    return text
+
+
 def device(text: str) -> str:
     """An argparse `type=`: a device torch knows and this machine has (`models.resolve_device`)."""
     from .models import resolve_device
 
     try:
         resolve_device(text)
-    except RuntimeError as error:
+    except (RuntimeError, ValueError) as error:
         raise argparse.ArgumentTypeError(str(error).splitlines()[0]) from None
     return text
 
@@ -64,6 +72,24 @@ def out_file(text: str) -> str:
         raise argparse.ArgumentTypeError(f"folder {path.parent} does not exist; create it first "
                                          f"(mkdir -p {shlex.quote(str(path.parent))})")
     return text
+
+
+def flash_refusal(device_text: str | None, dtype_text: str | None) -> str | None:
+    """Why attention "flash" cannot run for these `--device` and `--dtype` flags (their defaults
+    resolved as the commands resolve them), or None: `flash_decode.available`'s rule, checked
+    before any model is built."""
+    import torch
+
+    from . import flash_decode
+    from .models import resolve_device
+
+    device = resolve_device(device_text)
+    dtype = getattr(torch, dtype_text) if dtype_text else (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    if flash_decode.available(device, dtype):
+        return None
+    return (f"'flash' runs a Triton kernel in half precision on a CUDA card of compute capability 8.0 or newer (on a "
+            f"CPU only in float32, in Triton's interpreter: TRITON_INTERPRET=1), not on {device} in "
+            f"{str(dtype).removeprefix('torch.')}; use 'flex' or 'grouped'")
 
 
 def dtypes() -> tuple[str, ...]:
@@ -284,7 +310,7 @@ def main(argv=None) -> int:
     d.add_argument("--ratio", type=ratio, default=0.9, help="share of the draft's video tokens to prune")
     d.add_argument("--k", type=positive_int, default=5, help="draft tokens per round")
     d.add_argument("--max-new-tokens", type=positive_int, default=48)
-    d.add_argument("--question", default="Describe the video.")
+    d.add_argument("--question", type=question, default="Describe the video.")
     d.add_argument("--device", type=device, default=None, help="cpu or cuda (default: cuda when available)")
     b = commands.add_parser("bench", help="decode time of AR, SD and SpecVLM (chain and tree) on one pair")
     b.add_argument("--target", default="tiny")
@@ -340,6 +366,10 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if args.command in ("demo", "bench"):
         args.input_video = inputs(args, commands.choices[args.command])
+    if args.command == "costs" and "fast-flash" in args.paths:
+        refusal = flash_refusal((args.devices or [args.device])[0], args.dtype)
+        if refusal:
+            c.error(f"argument --paths: fast-flash: {refusal}")
     args.command_line = recorded_environment() + "python -m specvlm " + \
         shlex.join(portable_out(sys.argv[1:] if argv is None else argv))
     return {"demo": demo, "bench": bench, "costs": costs}[args.command](args)

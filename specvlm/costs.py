@@ -387,6 +387,31 @@ def _free(device: torch.device) -> None:
         torch.cuda.empty_cache()
 
 
+def available_host_memory() -> int | None:
+    """Bytes of memory this machine can still give (Linux's MemAvailable), None where unknown."""
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def too_big_for_host(weights: int, where: list[torch.device], available: int | None = None) -> str | None:
+    """Why a model of `weights` bytes is not built on the CPU (it would not fit in 90% of the
+    memory this machine can still give), or None (it fits, is built on a GPU, or the memory is
+    unknown). A GPU's shortfall shows up as torch's OutOfMemoryError instead."""
+    if where[0].type != "cpu":
+        return None
+    available = available_host_memory() if available is None else available
+    if available is None or weights <= 0.9 * available:
+        return None
+    return (f"model does not fit: its weights need {weights / 2**30:.1f} GiB and this machine can give "
+            f"{available / 2**30:.1f} GiB; measure it on a GPU, or choose smaller --shapes")
+
+
 def placement(config: Qwen2Config, dtype: torch.dtype, devices, max_context: int,
               memory: int | None = None) -> list[torch.device]:
     """Where `measure_costs` builds a shape: on the first of `devices` alone when its weights and
@@ -437,13 +462,18 @@ def measure_costs(shapes, contexts, paths=("eager", "sdpa"), device=None, dtype=
         where = placement(config, dtype, devices, max(int(c) for c in contexts))
         shape_info[shape] = {**SHAPES[shape], "params": num_params(config), "weight_bytes": weights,
                              "devices": [str(d) for d in where]}
-        try:
-            model = build_lm(shape, where, dtype, seed)
-            build_error = None
-            shape_info[shape]["layers_per_device"] = {str(d): n for d, n in Counter(layer_devices(model)).items()}
-        except torch.OutOfMemoryError as error:
-            model, build_error = None, f"model does not fit: {str(error).splitlines()[0]}"
-            _free(device)
+        model, build_error = None, too_big_for_host(weights, where)
+        if build_error is None:
+            try:
+                model = build_lm(shape, where, dtype, seed)
+                shape_info[shape]["layers_per_device"] = {str(d): n for d, n in Counter(layer_devices(model)).items()}
+            except (torch.OutOfMemoryError, MemoryError) as error:
+                model, build_error = None, f"model does not fit: {str(error).splitlines()[0]}"
+                _free(device)
+            except RuntimeError as error:  # the CPU allocator's refusal
+                if "can't allocate memory" not in str(error):
+                    raise
+                model, build_error = None, f"model does not fit: {str(error).splitlines()[0]}"
         for context in sorted(contexts, reverse=True):  # largest first: see `fast_step`
             for path in paths:
                 for kind, (query_len, kind_tree) in queries.items():

@@ -393,7 +393,8 @@ def main(argv=None) -> int:
 
     import shlex
 
-    from .__main__ import device, dtypes, git_commit, out_file, portable_out, positive_int, recorded_environment
+    from .__main__ import (device, dtypes, flash_refusal, git_commit, out_file, portable_out, positive_int,
+                           recorded_environment)
 
     parser = argparse.ArgumentParser(prog="python -m specvlm.profile", description=__doc__.splitlines()[0])
     parser.add_argument("--shapes", nargs="+", default=["llava-ov-7b", "llava-ov-0.5b"], choices=sorted(costs.SHAPES),
@@ -414,6 +415,9 @@ def main(argv=None) -> int:
     parser.add_argument("--out", type=out_file, default=None, help="JSON path; '{card}' becomes the card's name")
     parser.add_argument("--png", type=out_file, default=None, help="also plot the JSON here ('{card}' likewise)")
     args = parser.parse_args(argv)
+    refusal = flash_refusal(args.device, args.dtype) if args.attention == "flash" else None
+    if refusal:
+        parser.error(f"argument --attention: {refusal}")
     if args.png and not args.out:
         parser.error("--png plots the JSON written by --out: give --out too.")
     dtype = getattr(torch, args.dtype) if args.dtype else None

@@ -56,6 +56,7 @@ def tmp(tmp_path):
     (["--draft", "llava-hf/llava-onevision-qwen2-0.5b-ov-hf"], r"argument --target/--draft: 'tiny' is the embedded pair"),
     (["--target", "{tmp}/t", "--draft", "{tmp}/d"], r"argument --target/--draft: checkpoint folder .*t does not exist"),
     (["--device", "cuda"], r"argument --device: device='cuda' was asked for, but this PyTorch sees no CUDA"),
+    (["--question", "  "], r"argument --question: expected a question about the video"),
 ])
 def test_demo_refuses_bad_flags_before_loading(capsys, tmp, nothing_loads, argv, message):
     refused(capsys, main, ["demo", *(a.format(tmp=tmp) for a in argv)], message)
@@ -108,6 +109,20 @@ def test_costs_refuses_bad_flags_before_measuring(capsys, tmp, nothing_loads, ar
 ])
 def test_profile_refuses_bad_flags_before_profiling(capsys, tmp, nothing_loads, argv, message):
     refused(capsys, profile.main, [a.format(tmp=tmp) for a in argv], message)
+
+
+def test_flash_is_refused_before_building_where_it_cannot_run(capsys, nothing_loads, monkeypatch):
+    """attention 'flash' needs Triton on a recent CUDA card in half precision (or the interpreter)."""
+    from specvlm import flash_decode
+
+    monkeypatch.setattr(flash_decode, "available", lambda device, dtype: False)
+    refused(capsys, profile.main, ["--shapes", "tiny", "--attention", "flash"],
+            r"argument --attention: 'flash' runs a Triton kernel .* not on cpu in float32; use 'flex' or 'grouped'")
+    refused(capsys, main, ["costs", "--shapes", "tiny", "--paths", "sdpa", "fast-flash", "--dtype", "bfloat16"],
+            r"argument --paths: fast-flash: .* not on cpu in bfloat16")
+    monkeypatch.setattr(flash_decode, "available", lambda device, dtype: True)
+    with pytest.raises(Loaded):
+        profile.main(["--shapes", "tiny", "--attention", "flash"])
 
 
 def test_good_flags_reach_the_loader(tmp, nothing_loads):

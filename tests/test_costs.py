@@ -112,6 +112,19 @@ def test_a_path_is_a_factory_and_out_of_memory_is_skipped():
         costs.measure_costs(["tiny"], [16], ["faster"], device="cpu")
 
 
+def test_a_model_larger_than_the_hosts_memory_is_skipped_before_it_is_built(monkeypatch):
+    """On a CPU, a shape whose weights exceed the memory the machine can give is not built (the
+    allocator would fail deep inside torch, or the system would kill the process): every row says why."""
+    monkeypatch.setattr(costs, "available_host_memory", lambda: 1024)
+    monkeypatch.setattr(costs, "build_lm", lambda *args, **kwargs: pytest.fail("built a model that cannot fit"))
+    result = costs.measure_costs(["tiny"], [16], ["sdpa"], device="cpu", repeats=1, warmup=0)
+    assert result["rows"] and all(r["ms"] is None and "this machine can give 0.0 GiB" in r["skipped"]
+                                  for r in result["rows"])
+    assert costs.too_big_for_host(10 * 2**30, [torch.device("cpu")], available=8 * 2**30).startswith("model does not fit")
+    assert costs.too_big_for_host(10 * 2**30, [torch.device("cpu")], available=16 * 2**30) is None
+    assert costs.too_big_for_host(10 * 2**30, [torch.device("cuda", 0)], available=1) is None  # a GPU says so itself
+
+
 def test_plot_has_one_panel_per_shape(result, tmp_path):
     costs.save(result, tmp_path / "costs.json")
     fig = costs.plot_costs(tmp_path / "costs.json")
