@@ -40,6 +40,9 @@ if TYPE_CHECKING:
 
 
 DEFAULT_QUESTION = "Describe the video."
+# a `Video`'s frames are always [T, H, W, 3]: said outright, since transformers guesses the channel axis
+# from the shape and takes a frame 1 or 3 pixels high for channels-first
+VIDEOS_KWARGS = {"input_data_format": "channels_last"}
 
 
 @dataclass(frozen=True)
@@ -180,7 +183,9 @@ class LlavaOnevisionLM(VideoLM):
 
     def prepare(self, video: Video, question: str = DEFAULT_QUESTION) -> Prompt:
         text = self.chat(question)
-        inputs = self.processor(text=text, videos=[video.frames.numpy()], return_tensors="pt")
+        # metadata too, only so that transformers does not guess the channel axis for it either
+        inputs = self.processor(text=text, videos=[video.frames.numpy()], video_metadata=[video.metadata()],
+                                videos_kwargs=VIDEOS_KWARGS, return_tensors="pt")
         input_ids = inputs["input_ids"]
         video_index = (input_ids[0] == self.video_token_id).nonzero().flatten()
         length = input_ids.shape[1]
@@ -230,7 +235,8 @@ class Qwen25VLLM(VideoLM):
         text = self.chat(question)
         # frame timing sets the temporal positions; without metadata the processor assumes 24 fps
         inputs = self.processor(
-            text=text, videos=[video.frames.numpy()], video_metadata=[video.metadata()], return_tensors="pt"
+            text=text, videos=[video.frames.numpy()], video_metadata=[video.metadata()], videos_kwargs=VIDEOS_KWARGS,
+            return_tensors="pt",
         )
         input_ids = inputs["input_ids"]
         position_ids, _ = self.model.model.get_rope_index(
@@ -267,23 +273,55 @@ ADAPTERS = {adapter.family: adapter for adapter in (LlavaOnevisionLM, Qwen25VLLM
 
 
 def resolve_device(device=None) -> torch.device:
-    """`None` -> cuda when available, else cpu; a request for CUDA without CUDA is an error."""
+    """`None` -> cuda when available, else cpu; a device this machine lacks (CUDA without CUDA, a card
+    number past the last card, MPS without MPS) is an error, before any model loads."""
     if device is None:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(device)
-    if device.type == "cuda" and not torch.cuda.is_available():
+    device = parsed_device(device)
+    if device.type == "cuda":
+        check_cuda_device(device)
+    if device.type == "mps" and not torch.backends.mps.is_available():
         raise RuntimeError(
-            f"device={str(device)!r} was asked for, but this PyTorch sees no CUDA device "
-            f"(torch {torch.__version__}, cuda build: {torch.version.cuda}). Use device='cpu' or run on a GPU machine."
+            f"device={str(device)!r} was asked for, but this PyTorch sees no MPS device (Apple-silicon GPU; "
+            f"torch {torch.__version__}, mps built: {torch.backends.mps.is_built()}). Use device='cpu', or 'cuda' "
+            "on a GPU machine."
         )
     return device
 
 
+def parsed_device(device) -> torch.device:
+    """`device` (a torch.device, a name such as "cpu" or "cuda:1", or a card number) as a torch.device;
+    RuntimeError, as torch's own, for anything else."""
+    try:
+        if isinstance(device, bool):
+            raise TypeError("a bool is not a device")
+        return torch.device(device)
+    except (RuntimeError, TypeError) as error:
+        raise RuntimeError(f"device={device!r} is not a device: use 'cpu', 'cuda', 'cuda:N' (N a card number) "
+                           f"or 'mps' (torch: {str(error).splitlines()[0]})") from error
+
+
+def check_cuda_device(device: torch.device) -> None:
+    """Refuse a CUDA `device` when this PyTorch sees no CUDA, or when its card number is past the last card."""
+    if not torch.cuda.is_available():
+        raise RuntimeError(
+            f"device={str(device)!r} was asked for, but this PyTorch sees no CUDA device "
+            f"(torch {torch.__version__}, cuda build: {torch.version.cuda}). Use device='cpu' or run on a GPU machine."
+        )
+    count = torch.cuda.device_count()
+    if device.index is not None and device.index >= count:
+        raise RuntimeError(
+            f"device={str(device)!r} was asked for, but this machine has {count} visible CUDA "
+            f"device{'s' if count != 1 else ''} (cuda:0 to cuda:{count - 1}; CUDA_VISIBLE_DEVICES="
+            f"{os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')}). Use one of those, or device='cuda'."
+        )
+
+
 def check_device_map(device_map) -> None:
     """`resolve_device`'s error for a `device_map` that places weights on a GPU this machine lacks
-    (a "cuda..." string, a card number, or such values in a dict); "auto" is left to accelerate."""
+    (a "cuda..." or "mps" string, a card number, or such values in a dict); "auto" is left to accelerate."""
     for place in (device_map.values() if isinstance(device_map, dict) else [device_map]):
-        if isinstance(place, int) and not isinstance(place, bool) or str(place).startswith("cuda"):
+        if isinstance(place, int) and not isinstance(place, bool) or str(place).startswith(("cuda", "mps")):
             resolve_device(f"cuda:{place}" if isinstance(place, int) else place)
 
 
@@ -304,6 +342,22 @@ def checked_checkpoint(name_or_path):
     return path
 
 
+DTYPE_NAMES = ("float32", "float16", "bfloat16")
+
+
+def resolved_dtype(dtype, device: torch.device) -> torch.dtype:
+    """The weights' dtype: `None` -> bfloat16 on CUDA, else float32; a floating torch.dtype or one of
+    `DTYPE_NAMES` as given. "fp16" or torch.int8 is an error naming the choices, before any model loads."""
+    if dtype is None:
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if isinstance(dtype, str) and dtype in DTYPE_NAMES:
+        return getattr(torch, dtype)
+    if isinstance(dtype, torch.dtype) and dtype.is_floating_point:
+        return dtype
+    raise ValueError(f"dtype={dtype!r} is not a weight dtype: use one of {DTYPE_NAMES} (or torch.float32, "
+                     "torch.float16, torch.bfloat16), or leave it out (bfloat16 on CUDA, float32 otherwise).")
+
+
 def load_lm(name_or_path, device=None, dtype=None, device_map=None) -> VideoLM:
     """Load one checkpoint (hub id or folder) and wrap it in its family's adapter.
     `device_map` (e.g. "auto", which needs accelerate) spreads a model too large for one card
@@ -313,8 +367,7 @@ def load_lm(name_or_path, device=None, dtype=None, device_map=None) -> VideoLM:
     name_or_path = checked_checkpoint(name_or_path)
     check_device_map(device_map)
     device = resolve_device(device if device_map is None else None)
-    if dtype is None:
-        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    dtype = resolved_dtype(dtype, device)
     config = AutoConfig.from_pretrained(name_or_path)
     if config.model_type not in ADAPTERS:
         raise ValueError(
@@ -344,7 +397,20 @@ class Pair:
     name: str = ""
 
     def __post_init__(self):
+        for role in ("target", "draft"):
+            check_is_model(getattr(self, role), role)
         check_compatible(self.target, self.draft)
+
+
+def check_is_model(lm, role: str) -> None:
+    """Raise TypeError unless `lm` is a loaded model (`VideoLM`, as `load_lm` returns): not a
+    checkpoint name, a bare transformers model, a tuple or a `Pair`."""
+    if isinstance(lm, VideoLM):
+        return
+    hint = " (a Pair already holds both models: pass the Pair itself)" if isinstance(lm, Pair) else ""
+    given = repr(lm) if isinstance(lm, (str, Path)) or lm is None else f"a {type(lm).__name__}"
+    raise TypeError(f"the {role} of a Pair must be a model loaded by specvlm (a VideoLM), got {given}{hint}: "
+                    "load both with sv.load_pair(target, draft), or each with sv.load_lm(checkpoint).")
 
 
 def _probe_video(frames: int) -> Video:

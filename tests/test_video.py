@@ -73,7 +73,7 @@ def test_missing_path(tmp_path):
 def test_unreadable_file(tmp_path, content):
     path = tmp_path / "clip.mp4"
     path.write_bytes(content)
-    with pytest.raises(ValueError, match=r"could not read .*clip.mp4 as a video: the file is truncated or not a "
+    with pytest.raises(ValueError, match=r"could not read .*clip.mp4 as a video: the file is truncated, holds no frames, or is not a "
                                          r"video \(decord: \S"):
         sv.load_video(path, 4)
 
@@ -82,7 +82,7 @@ def test_truncated_clip(tmp_path):
     data = sample_video_path("bikes").read_bytes()
     path = tmp_path / "cut.mp4"
     path.write_bytes(data[: len(data) // 3])
-    with pytest.raises(ValueError, match=r"cut.mp4 as a video: the file is truncated or not a video \(decord: "):
+    with pytest.raises(ValueError, match=r"cut.mp4 as a video: the file is truncated, holds no frames, or is not a video \(decord: "):
         sv.load_video(path, 4)
 
 
