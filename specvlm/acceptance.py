@@ -35,9 +35,16 @@ functions. Not handled: typical acceptance (Medusa), which is lossy; batches of 
 
 from __future__ import annotations
 
+import math
+import numbers
+
 import torch
 
 from .trees import Tree
+
+AFTER_CHAIN = ("k+1 rows for k drafted tokens: the target after the last accepted token and after each "
+               "drafted one")
+PER_NODE = "one row per tree node, root first: tree.num_nodes rows"
 
 
 def _prefix_lengths(matches: torch.Tensor) -> torch.Tensor:
@@ -54,11 +61,15 @@ def greedy_chain(draft_tokens: torch.Tensor, target_logits: torch.Tensor) -> tup
     """Greedy verification of a chain: (n_accepted, bonus_token).
     draft_tokens: [k]; target_logits: [k+1, V], row i = the target after drafted position i.
     E.g. target argmaxes [5, 7, 2, 9] and draft [5, 7, 3] -> (2, 2)."""
+    check_rows("draft_tokens", draft_tokens, None, 1)
+    check_rows("target_logits", target_logits, len(draft_tokens) + 1, 2, AFTER_CHAIN)
     return chain_accept(draft_tokens, target_logits.argmax(-1))
 
 
 def chain_accept(draft_tokens: torch.Tensor, predicted: torch.Tensor) -> tuple[int, int]:
     """`greedy_chain` from the target's argmaxes `predicted` [k+1] instead of its logits."""
+    check_rows("draft_tokens", draft_tokens, None, 1)
+    check_rows("predicted", predicted, len(draft_tokens) + 1, 1, AFTER_CHAIN)
     n = accepted_prefix_length(draft_tokens.to(predicted.device) == predicted[:-1])
     return n, int(predicted[n])
 
@@ -70,12 +81,15 @@ def greedy_tree(tree: Tree, node_tokens: torch.Tensor, target_logits: torch.Tens
     longest kept root-to-leaf prefix wins, the first in `tree.retrieve` order on ties.
     E.g. tree [[0], [1], [0, 0]], node_tokens [4, 8, 6, 1], argmaxes [6, 2, 3, 5]:
     node 2 (token 6) is kept, node 1 (token 8) is not -> ([2], 3)."""
+    check_rows("target_logits", target_logits, tree.num_nodes, 2, PER_NODE)
     return tree_accept(tree, node_tokens, target_logits.argmax(-1))
 
 
 def tree_accept(tree: Tree, node_tokens: torch.Tensor, predicted: torch.Tensor) -> tuple[list[int], int]:
     """`greedy_tree` from the target's argmaxes `predicted` [N+1] instead of its logits; host work
     on CPU copies of both (pass CPU tensors to keep it free of device copies)."""
+    check_rows("node_tokens", node_tokens, tree.num_nodes, 1, PER_NODE)
+    check_rows("predicted", predicted, tree.num_nodes, 1, PER_NODE)
     predicted, node_tokens = predicted.cpu(), node_tokens.cpu()
     matches = node_tokens == predicted[tree.parents.clamp(min=0)]  # [N+1], root unused
     paths = tree.retrieve[:, 1:]  # [leaves, depth]
@@ -89,11 +103,10 @@ def probs_from_logits(logits: torch.Tensor, temperature: float, top_p: float | N
     """Softmax of logits / temperature, optionally restricted to the nucleus: the fewest most
     likely tokens whose mass reaches top_p, renormalised. [..., V] -> [..., V] float32.
     E.g. probs [0.5, 0.3, 0.2] with top_p=0.7 -> [0.625, 0.375, 0.0]."""
-    if not temperature > 0:
-        raise ValueError(f"temperature must be > 0 for sampling, got {temperature}; "
+    if not is_real(temperature) or not math.isfinite(temperature) or not temperature > 0:
+        raise ValueError(f"temperature must be a finite number > 0 for sampling, got {temperature!r}; "
                          "temperature 0 is greedy: use greedy_chain / greedy_tree")
-    if top_p is not None and not 0 < top_p <= 1:
-        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+    check_top_p(top_p)
     probs = torch.softmax(logits.float() / temperature, dim=-1)
     if top_p is None or top_p == 1:
         return probs
@@ -104,6 +117,30 @@ def probs_from_logits(logits: torch.Tensor, temperature: float, top_p: float | N
     return probs / probs.sum(-1, keepdim=True)
 
 
+def is_real(value) -> bool:
+    """True for a real number (numpy's included), False for bools, strings and tensors."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def check_top_p(top_p) -> None:
+    """Raise ValueError unless `top_p` is None (no nucleus) or a number in (0, 1]."""
+    if top_p is not None and (not is_real(top_p) or not 0 < top_p <= 1):
+        raise ValueError(f"top_p must be None (no nucleus) or a number in (0, 1], e.g. 0.9, got {top_p!r}.")
+
+
+def check_rows(name: str, tensor, rows: int | None, dims: int, meaning: str = "") -> None:
+    """Raise ValueError unless `tensor` is a tensor of `dims` dimensions with `rows` rows (None:
+    any): the acceptance rules index rows by drafted position, so a tensor of another shape would
+    broadcast or index into a wrong answer instead of failing."""
+    shape = tuple(tensor.shape) if isinstance(tensor, torch.Tensor) else None
+    if shape is not None and len(shape) == dims and (rows is None or shape[0] == rows):
+        return
+    wanted = ("[k]" if dims == 1 else "[rows, V]") if rows is None else (f"[{rows}]" if dims == 1 else f"[{rows}, V]")
+    got = f"shape {list(shape)}" if shape is not None else f"a {type(tensor).__name__}"
+    raise ValueError(f"{name} must be a tensor {wanted}{' (' + meaning + ')' if meaning else ''}, got {got}; "
+                     "see the acceptance function's docstring for the shapes it takes.")
+
+
 def residual(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
     """norm(max(0, p - q)), what to sample from after a rejection; p itself if that is all
     zero (p == q, where a rejection cannot happen in exact arithmetic).
@@ -111,6 +148,14 @@ def residual(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
     r = (p - q).clamp(min=0)
     total = r.sum()
     return r / total if total > 0 else p
+
+
+def check_vocab(q_probs: torch.Tensor, p_probs: torch.Tensor) -> None:
+    """Raise ValueError unless the draft's and the target's distributions cover the same tokens."""
+    if q_probs.shape[-1] != p_probs.shape[-1]:
+        raise ValueError(f"q_probs covers {q_probs.shape[-1]} tokens but p_probs {p_probs.shape[-1]}: give the draft's "
+                         "distributions over the target's vocabulary (rows the draft lacks get probability 0, "
+                         "see sampling.over_target_rows).")
 
 
 def _draw(probs: torch.Tensor, generator) -> int:
@@ -123,7 +168,11 @@ def sample_chain(draft_tokens: torch.Tensor, q_probs: torch.Tensor, p_probs: tor
     resampled token after a rejection or the bonus after full acceptance.
     draft_tokens: [k], each drawn from its row of q_probs [k, V]; p_probs: [k+1, V].
     `generator` lives on the probabilities' device."""
+    check_rows("draft_tokens", draft_tokens, None, 1)
     k = len(draft_tokens)
+    check_rows("q_probs", q_probs, k, 2, "one draft distribution per drafted token")
+    check_rows("p_probs", p_probs, k + 1, 2, AFTER_CHAIN)
+    check_vocab(q_probs, p_probs)
     rows = torch.arange(k, device=p_probs.device)
     tokens = draft_tokens.to(p_probs.device)
     u = torch.rand(k, generator=generator, device=p_probs.device)
@@ -157,6 +206,10 @@ def sample_tree(tree: Tree, node_tokens: torch.Tensor, q_probs: torch.Tensor, p_
     greedy drafts of `mc_sim_7b_63`) are not draws from q, and children drawn with
     replacement need q kept unchanged: with either, this rule is not lossless.
     """
+    check_rows("node_tokens", node_tokens, tree.num_nodes, 1, PER_NODE)
+    check_rows("q_probs", q_probs, tree.num_nodes, 2, PER_NODE)
+    check_rows("p_probs", p_probs, tree.num_nodes, 2, PER_NODE)
+    check_vocab(q_probs, p_probs)
     accepted = []
     node = 0
     while True:

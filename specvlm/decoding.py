@@ -49,7 +49,7 @@ import torch
 from . import pruning
 from .attention import prefill_with_scores
 from .models import DEFAULT_QUESTION, Pair, Prompt, VideoLM
-from .sampling import Picker
+from .sampling import Picker, check_seed
 from .trees import Tree, tree_attention_bias
 from .video import Video
 
@@ -151,7 +151,7 @@ def select_video_tokens(method, prompt, ratio, scores, mass=0.4, seed=0) -> torc
     if method == "sd":
         return None
     options = {"mass": mass} if method == "specvlm" else {}
-    generator = torch.Generator().manual_seed(seed)
+    generator = torch.Generator().manual_seed(int(seed))
     return pruning.select(method, n=prompt.num_video_tokens, ratio=ratio, scores=scores, generator=generator, **options)
 
 
@@ -160,6 +160,7 @@ def generate_ar(target: VideoLM, prompt: Prompt, max_new_tokens: int = 64, keep:
     """Decoding with the target alone (greedy unless `picker` samples). With `keep`, the target
     itself sees only those video tokens: a lossy comparison (what pruning does to the target's
     answers), not SpecVLM."""
+    check_prompt(prompt, "generate_ar")
     check_max_new_tokens(max_new_tokens)
     picker = picker or Picker()
     watch = Stopwatch(target.device)
@@ -298,9 +299,10 @@ def generate_sd(pair: Pair, prompt: Prompt, method: str = "specvlm", ratio: floa
                 tree: Tree | None = None, picker: Picker | None = None) -> Result:
     """Speculative decoding; the draft's video pruned by `method` at `ratio`. Drafts a chain
     of `k` tokens, or the static `tree` when given; greedy unless `picker` samples."""
+    check_pair(pair, "generate_sd")
     if method not in SPECULATIVE_METHODS:
         raise ValueError(f"unknown method {method!r}; choose one of {METHODS}.")
-    check_speculation(prompt, draft_prompt, ratio, mass, k, tree, max_new_tokens)
+    check_speculation(prompt, draft_prompt, ratio, mass, k, tree, max_new_tokens, seed)
     picker = picker or Picker()
     target, draft = pair.target, pair.draft
     watch = Stopwatch(target.device)
@@ -329,18 +331,60 @@ def generate_sd(pair: Pair, prompt: Prompt, method: str = "specvlm", ratio: floa
 
 
 def check_speculation(prompt: Prompt, draft_prompt: Prompt | None, ratio: float, mass: float, k: int,
-                      tree: Tree | None, max_new_tokens: int) -> None:
-    """Raise ValueError, before any prefill, for arguments no speculative loop can run with (the
-    plain path's `generate_sd` and the fast path's `generate_fast` alike)."""
-    if tree is None and k < 1:
-        raise ValueError(f"k (draft tokens per round) must be >= 1, got {k}.")
+                      tree: Tree | None, max_new_tokens: int, seed: int = 0) -> None:
+    """Raise ValueError (TypeError for a prompt or tree of the wrong kind), before any prefill, for
+    arguments no speculative loop can run with (the plain path's `generate_sd` and the fast path's
+    `generate_fast` alike)."""
+    check_tree(tree)
+    check_k(k, tree)
     check_max_new_tokens(max_new_tokens)
     check_prompts(prompt, draft_prompt)
     pruning.keep_budget(prompt.num_video_tokens, ratio)
     pruning.check_mass(mass)
+    check_seed(seed)
+
+
+def check_pair(pair, caller: str) -> None:
+    """Raise TypeError unless `pair` is a `Pair` (the target and its draft, checked compatible)."""
+    if not isinstance(pair, Pair):
+        raise TypeError(f"{caller} takes a Pair as its first argument, got {type(pair).__name__}: load one with "
+                        "sv.load_pair('tiny') (or sv.load_pair(target_checkpoint, draft_checkpoint)), or build one "
+                        "from two loaded models with sv.Pair(target, draft).")
+
+
+def check_prompt(prompt, caller: str, name: str = "prompt") -> None:
+    """Raise TypeError unless `prompt` is a `Prompt`, what a model's `prepare(video, question)` returns."""
+    if not isinstance(prompt, Prompt):
+        hint = (" (a Video goes to sv.generate(pair, video, question, ...), which prepares it)"
+                if isinstance(prompt, Video) else "")
+        raise TypeError(f"{caller} takes a Prompt as {name}, got {type(prompt).__name__}{hint}: prepare one with "
+                        "pair.target.prepare(video, question) (and, for draft_prompt, pair.draft.prepare(video, "
+                        "question)).")
+
+
+def check_ratio(ratio) -> None:
+    """Raise ValueError unless `ratio` (the share of video tokens pruned) is a number in [0, 1),
+    for every method alike, "ar" and "sd" included, where it has no effect."""
+    pruning.keep_budget(0, ratio)
+
+
+def check_k(k, tree: Tree | None) -> None:
+    """Raise ValueError unless `k` (draft tokens per round) is an integer, >= 1 when no tree is given
+    (with a tree, k is unused by the plain path)."""
+    if not isinstance(k, numbers.Integral) or isinstance(k, bool) or (tree is None and k < 1):
+        raise ValueError(f"k (draft tokens per round) must be an int >= 1, got {k!r}.")
+
+
+def check_tree(tree) -> None:
+    """Raise TypeError unless `tree` is None (draft a chain of k) or a `trees.Tree`."""
+    if tree is not None and not isinstance(tree, Tree):
+        raise TypeError(f"tree must be None (a chain of k drafted tokens) or a Tree, got {type(tree).__name__} "
+                        f"{tree!r:.60}: build one from rank paths with sv.Tree.from_paths([[0], [1], [0, 0]]), "
+                        "or use the paper's sv.MC_SIM_7B_63 or sv.chain(k).")
 
 
 def check_max_new_tokens(max_new_tokens) -> None:
+    """Raise ValueError unless `max_new_tokens` is an integer >= 1."""
     if not isinstance(max_new_tokens, numbers.Integral) or isinstance(max_new_tokens, bool) or max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be an int >= 1, got {max_new_tokens!r}.")
 
@@ -348,7 +392,11 @@ def check_max_new_tokens(max_new_tokens) -> None:
 def check_prompts(prompt: Prompt, draft_prompt: Prompt | None = None) -> None:
     """Raise ValueError unless `prompt` holds video tokens and `draft_prompt` (the draft's own, if
     any) lays the video out as the target's does: pruning picks indices into the target's video
-    tokens, and the draft keeps the tokens at those indices in its own prompt."""
+    tokens, and the draft keeps the tokens at those indices in its own prompt. TypeError for a
+    prompt that is not a `Prompt`."""
+    check_prompt(prompt, "speculative decoding")
+    if draft_prompt is not None:
+        check_prompt(draft_prompt, "speculative decoding", "draft_prompt")
     if prompt.num_video_tokens == 0:
         raise ValueError("the prepared prompt contains no video tokens; check the processor's chat template "
                          "(SpecVLM prunes the draft's video tokens, so the prompt needs a video).")
@@ -381,13 +429,16 @@ def generate(pair: Pair, video, question: str = DEFAULT_QUESTION, method: str = 
              temperature: float = 0.0, top_p: float | None = None) -> Result:
     """Answer `question` about `video` (a `Video`) with `method`; see the module docstring.
     `tree` drafts a static tree instead of a chain of `k`; `temperature` > 0 samples (seeded
-    by `seed`) with speculative sampling, which keeps the target's distribution."""
+    by `seed`) with speculative sampling, which keeps the target's distribution; `top_p` (with
+    temperature > 0) samples from the nucleus. `ratio` is checked for every method, "ar" included."""
+    check_pair(pair, "generate")
     if video is None:
         raise ValueError("generate needs a video: SpecVLM prunes the draft's video tokens, and this prompt has none.")
     if not isinstance(video, Video):
         raise TypeError(f"generate takes a Video, got {type(video).__name__}: read a file with "
                         "sv.load_video(path, num_frames), or wrap frames with sv.from_array(frames, fps).")
     check_max_new_tokens(max_new_tokens)
+    check_ratio(ratio)
     picker = Picker(temperature, top_p, seed)
     prompt = pair.target.prepare(video, question)
     check_prompts(prompt)

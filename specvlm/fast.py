@@ -54,11 +54,13 @@ import torch
 from transformers import Cache
 
 from .acceptance import chain_accept, tree_accept
-from .decoding import (METHODS, SCORED_METHODS, Result, Stopwatch, check_max_new_tokens, check_speculation,
-                       prefill_pruned, prefill_target, select_video_tokens, speculative_result)
+from .decoding import (METHODS, SCORED_METHODS, Result, Stopwatch, check_max_new_tokens, check_pair, check_prompt,
+                       check_ratio, check_speculation, prefill_pruned, prefill_target, select_video_tokens,
+                       speculative_result)
 from .fusion import changes as fusion_changes
 from .fusion import fuse_projections, is_fused, unfuse_projections
 from .models import Pair, Prompt, VideoLM
+from .sampling import check_temperature
 from .timeline import phase
 from . import flash_decode
 from .step_attention import (  # noqa: F401 (re-exported: fast.grouped_attention, fast.FLEX_MAX_QUERY, ...)
@@ -787,17 +789,22 @@ def generate_fast(pair: Pair, prompt: Prompt, method: str = "specvlm", ratio: fl
     for wide steps on a long one: `StaticLM.step_attention`, `split_min_slots`), "flash"
     (`flash_decode` for short steps, wide ones as under "flex"; a CUDA card with Triton) or
     "grouped" (`grouped_attention` for every step), or "target/draft" (e.g. "flex/flash"); None ->
-    $SPECVLM_FAST_ATTENTION or "sdpa"."""
-    if temperature:
+    $SPECVLM_FAST_ATTENTION or "sdpa". `prompt` is a `Prompt` (`pair.target.prepare(video, question)`),
+    not a `Video`; `ratio` is checked for every method, "ar" included."""
+    check_pair(pair, "generate_fast")
+    check_prompt(prompt, "generate_fast")
+    check_temperature(temperature)
+    if temperature > 0:
         raise ValueError(f"generate_fast is greedy only (temperature 0), got temperature={temperature}; "
                          "use decoding.generate for sampling.")
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose one of {METHODS}.")
     check_max_new_tokens(max_new_tokens)
+    check_ratio(ratio)
     attention = fast_attention(attention)
     if method == "ar":
         return _generate_ar(pair.target, prompt, max_new_tokens, compile, fast_attention(attention, "target"))
-    check_speculation(prompt, draft_prompt, ratio, mass, k, tree, max_new_tokens)
+    check_speculation(prompt, draft_prompt, ratio, mass, k, tree, max_new_tokens, seed)
     target, draft = pair.target, pair.draft
     options = compile_options(compile, target.device)
     depth = k if tree is None else tree.depth

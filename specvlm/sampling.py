@@ -11,11 +11,17 @@ distribution when sampling (the precondition of `sample_tree`).
 
 from __future__ import annotations
 
+import math
+import numbers
+import warnings
 from dataclasses import dataclass, field
 
 import torch
 
-from .acceptance import greedy_chain, greedy_tree, probs_from_logits, sample_chain, sample_tree
+from .acceptance import check_top_p, greedy_chain, greedy_tree, is_real, probs_from_logits, sample_chain, sample_tree
+
+# what torch.Generator.manual_seed takes
+SEED_RANGE = (-(2 ** 63), 2 ** 64 - 1)
 
 
 @dataclass
@@ -28,11 +34,14 @@ class Picker:
     generator: torch.Generator = field(init=False, repr=False)
 
     def __post_init__(self):
-        if self.temperature < 0:
-            raise ValueError(f"temperature must be >= 0 (0 is greedy), got {self.temperature}.")
-        if self.temperature > 0:
-            probs_from_logits(torch.zeros(1), self.temperature, self.top_p)  # validates top_p
-        self.generator = torch.Generator().manual_seed(self.seed)
+        check_temperature(self.temperature)
+        check_top_p(self.top_p)
+        check_seed(self.seed)
+        if self.temperature == 0 and self.top_p is not None and self.top_p != 1:
+            warnings.warn(f"top_p={self.top_p} is ignored: temperature 0 decodes greedily; pass temperature > 0 "
+                          "(e.g. temperature=0.7) to sample from the top-p nucleus, or leave top_p out.",
+                          UserWarning, stacklevel=4)
+        self.generator = torch.Generator().manual_seed(int(self.seed))
 
     @property
     def greedy(self) -> bool:
@@ -74,6 +83,21 @@ class Picker:
             return greedy_tree(tree, tokens, target_logits)
         return sample_tree(tree, tokens, over_target_rows(q_rows, target_logits), self.probs(target_logits),
                            self.generator)
+
+
+def check_temperature(temperature) -> None:
+    """Raise ValueError unless `temperature` is a finite number >= 0 (0: greedy; inf would sample
+    uniformly, whatever the logits say)."""
+    if not is_real(temperature) or not math.isfinite(temperature) or temperature < 0:
+        raise ValueError(f"temperature must be a finite number >= 0 (0 is greedy, e.g. 0.7 samples), "
+                         f"got {temperature!r}.")
+
+
+def check_seed(seed) -> None:
+    """Raise ValueError unless `seed` is an integer that seeds a torch.Generator (numpy's included)."""
+    if (not isinstance(seed, numbers.Integral) or isinstance(seed, bool)
+            or not SEED_RANGE[0] <= seed <= SEED_RANGE[1]):
+        raise ValueError(f"seed must be an integer (e.g. 0) in [-2**63, 2**64), got {seed!r}.")
 
 
 def over_target_rows(q: torch.Tensor, target_logits: torch.Tensor) -> torch.Tensor:
