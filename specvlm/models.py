@@ -408,7 +408,7 @@ def check_is_model(lm, role: str) -> None:
     if isinstance(lm, VideoLM):
         return
     hint = " (a Pair already holds both models: pass the Pair itself)" if isinstance(lm, Pair) else ""
-    given = repr(lm) if isinstance(lm, (str, Path)) or lm is None else f"a {type(lm).__name__}"
+    given = repr(lm) if isinstance(lm, (str, Path)) or lm is None else f"a {type(lm).__name__} object"
     raise TypeError(f"the {role} of a Pair must be a model loaded by specvlm (a VideoLM), got {given}{hint}: "
                     "load both with sv.load_pair(target, draft), or each with sv.load_lm(checkpoint).")
 

@@ -134,6 +134,7 @@ def test_load_pair_loads_the_draft_before_a_spread_target(monkeypatch):
     monkeypatch.setattr(sv.models, "load_lm", lambda name, device=None, dtype=None, device_map=None:
                         calls.append((name, device_map)) or object())
     monkeypatch.setattr(sv.models, "check_compatible", lambda target, draft: None)
+    monkeypatch.setattr(sv.models, "check_is_model", lambda lm, role: None)
     sv.models.load_pair("big-target", "small-draft", target_device_map="auto")
     assert calls == [("small-draft", None), ("big-target", "auto")]
 
