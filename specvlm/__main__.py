@@ -78,13 +78,11 @@ def flash_refusal(device_text: str | None, dtype_text: str | None) -> str | None
     """Why attention "flash" cannot run for these `--device` and `--dtype` flags (their defaults
     resolved as the commands resolve them), or None: `flash_decode.available`'s rule, checked
     before any model is built."""
-    import torch
-
     from . import flash_decode
-    from .models import resolve_device
+    from .models import resolve_device, resolved_dtype
 
     device = resolve_device(device_text)
-    dtype = getattr(torch, dtype_text) if dtype_text else (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    dtype = resolved_dtype(dtype_text, device)
     if flash_decode.available(device, dtype):
         return None
     return (f"'flash' runs a Triton kernel in half precision on a CUDA card of compute capability 8.0 or newer (on a "
