@@ -62,7 +62,7 @@ from transformers import DynamicCache, Qwen2Config, Qwen2ForCausalLM
 from . import fast
 from .bench import card_name, save  # one JSON writer and one card name for every measurement
 from .cost_model import load
-from .models import VideoLM
+from .models import VideoLM, resolved_dtype
 from .trees import MC_SIM_7B_63, Tree, tree_attention_bias
 
 # Language-model fields of the checkpoints' config.json files (the `text_config` of the
@@ -444,7 +444,7 @@ def measure_costs(shapes, contexts, paths=("eager", "sdpa"), device=None, dtype=
     """
     device = torch.device(devices[0] if devices else device or ("cuda" if torch.cuda.is_available() else "cpu"))
     devices = [torch.device(d) for d in devices] if devices else [device]
-    dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    dtype = resolved_dtype(dtype, device)
     available = {**PATHS, **(factories or {})}
     unknown = [p for p in paths if p not in available]
     if unknown:

@@ -54,6 +54,7 @@ from torch.autograd import DeviceType
 from . import costs, fast
 from .bench import QUEUED, card_name, save  # QUEUED: steps per queued sample, as bench times them
 from .cost_model import load
+from .models import resolved_dtype
 from .fusion import fuse_projections
 from .trees import MC_SIM_7B_63, Tree
 
@@ -205,7 +206,7 @@ def profile_step(shape, context_len: int, query_len: int | None = None, path: st
         raise ValueError(f"context_len and repeats must be >= 1; got {context_len}, {repeats}.")
     query_len = query_len or (tree.num_nodes if tree is not None else 1)
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    dtype = resolved_dtype(dtype, device)
     model = model if model is not None else costs.build_lm(config, device, dtype, seed)
     bandwidth = bandwidth or costs.measure_bandwidth(device)
     weights, kv = costs.weight_bytes(config, dtype), costs.kv_bytes(config, context_len + query_len, dtype)
@@ -255,7 +256,7 @@ def profile_shapes(shapes, contexts, kinds=None, attention: str = "sdpa", device
     matmul each first (`fusion.fuse_projections`, as the fast path does for a draft on CUDA).
     JSON-ready: card, versions, date, dtype, bandwidth, fused, rows."""
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    dtype = resolved_dtype(dtype, device)
     plan = kinds_for(shapes, kinds)
     bad = [kind for kinds in plan.values() for kind in kinds if kind not in costs.KINDS]
     if bad:

@@ -49,7 +49,7 @@ import torch
 from transformers import Qwen2Config
 
 from .costs import lm_config
-from .models import Pair, resolve_device
+from .models import Pair, resolve_device, resolved_dtype
 
 RANDOM_STD = 0.02  # scale of the random weights that never reach an output (as costs.build_lm)
 SHAPE_FIELDS = ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
@@ -170,7 +170,7 @@ def widen_model(model, shape: str | Qwen2Config, device=None, dtype=None, seed: 
     if kind != "llava_onevision":
         raise ValueError(f"widening handles LLaVA-OneVision models (a VideoLM's .model); got {kind!r}.")
     device = resolve_device(device)
-    dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    dtype = resolved_dtype(dtype, device)
     tiny_text = model.config.text_config
     text = wide_text_config(tiny_text, shape, tie)
     config = copy.deepcopy(model.config)
