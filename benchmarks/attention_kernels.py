@@ -52,6 +52,9 @@ def kernels(pattern: torch.Tensor, launches=()) -> dict:
         for chunk in (512, 1024):
             out[f"split-{chunk}"] = (lambda Q, K, V, bias, mask, start, span, scale, chunk=chunk:
                                      sa.split_attention(Q, K, V, bias, start, span, scale, chunk))
+        # the own slots and the merge through torch operations, not `split_merge`'s kernel
+        out["split-512-torch"] = (lambda Q, K, V, bias, mask, start, span, scale:
+                                  sa.split_attention(Q, K, V, bias, start, span, scale, 512, merge="torch"))
     return out
 
 

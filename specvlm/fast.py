@@ -62,7 +62,7 @@ from .fusion import fuse_projections, is_fused, unfuse_projections
 from .models import Pair, Prompt, VideoLM
 from .sampling import check_temperature
 from .timeline import phase
-from . import flash_decode
+from . import flash_decode, split_merge
 from .step_attention import (  # noqa: F401 (re-exported: fast.grouped_attention, fast.FLEX_MAX_QUERY, ...)
     ATTENTIONS, FLEX_ATTENTION, FLEX_BLOCK, FLEX_MAX_QUERY, FLEX_MIN_SLOTS, FLEX_ROWS, SPLIT_MIN_SLOTS, causal_pattern,
     flex_block_mask, flex_or_sdpa, float32_scores, grouped_attention, grouped_flex, restore_output_capture,
@@ -590,6 +590,12 @@ def cuda_graphs(options: dict | None, device: torch.device) -> str | None:
     return graphs
 
 
+def head_size(lm: VideoLM) -> int:
+    """The size of the language model's attention heads."""
+    config = lm.language_model.config
+    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+
+
 def spread_over_devices(lm: VideoLM) -> bool:
     """Whether `lm`'s weights sit on more than one device (a `device_map` spread them): its decoder
     layers, or its embeddings or output layer apart from them."""
@@ -636,6 +642,9 @@ def capture_report(pair: Pair | None = None) -> dict:
                 "step_attention": engine.step_attention,  # "grouped" for a short draft cache under "flex"
                 # wide steps (tree verifications) through `split_attention` (under "flex", on a long cache)
                 "split_wide_steps": engine.split_wide_steps,
+                # how `split_attention` computes their own slots and merge: "triton" (`split_merge.py`) or "torch"
+                "split_merge": (("triton" if split_merge.available(lm.device, lm.dtype, head_size(lm)) else "torch")
+                                if engine.split_wide_steps else None),
                 "cuda_graphs": engine.graphs is not None,
                 "graphs": engine.graphs,
                 "capacity": engine.cache.capacity if engine.cache is not None else None,

@@ -11,7 +11,8 @@ every row sees the committed slots before `start` and, among the step's own, wha
 - `grouped_attention`: two batched matmuls around a float32 softmax, with the query heads of
   each KV head stacked as rows, so grouped KV heads are read in place (wide steps; a short draft cache);
 - `split_attention`: the committed slots in chunks through the variable-length flash kernel, the
-  step's own slots apart, merged through the log-sum-exp (wide steps on a long cache);
+  step's own slots apart, merged through the log-sum-exp (wide steps on a long cache); where
+  Triton runs, the own slots and the merge are one kernel (`split_merge.py`);
 - `flash_decode.flash_decode`: a split-KV decode kernel in Triton, two kernels per layer, the rule
   evaluated inside it from `start` and `pattern` (short steps under attention "flash").
 
@@ -30,7 +31,9 @@ from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from .attention import sdpa_with_scores
+from . import split_merge
 from .flash_decode import flash_decode
+from .split_merge import own_slots_and_merge
 
 # ----------------------------------------------------------------------------------------
 # masks: which cached slots each row of a step sees
@@ -188,7 +191,7 @@ SPLIT_MIN_SLOTS = 8192
 
 
 def split_attention(query, key, value, bias, start: torch.Tensor, span: int, scale: float,
-                    chunk: int = SPLIT_CHUNK) -> torch.Tensor:
+                    chunk: int = SPLIT_CHUNK, merge: str | None = None) -> torch.Tensor:
     """`grouped_attention`'s result, with the committed cache read by a flash kernel in chunks.
 
     query [1, Hq, q, d], key/value [1, Hkv, K, d], bias [1, 1, q, K] (`visibility_bias` of `start`
@@ -205,7 +208,10 @@ def split_attention(query, key, value, bias, start: torch.Tensor, span: int, sca
     2. the step's own slots [start, start + span), through the bias's columns (float32 scores).
 
     E.g. K = 2048, chunk 512, start 1300: chunks of 512, 512, 276 and 0 keys in part 1.
-    On CUDA in half precision part 1 is the flash kernel; elsewhere the same arithmetic in float32."""
+    On CUDA in half precision part 1 is the flash kernel; elsewhere the same arithmetic in float32.
+    `merge`: "triton" (part 2 and the merge in one kernel, `split_merge.own_slots_and_merge`, whose
+    result is laid out as [1, q, Hq, d]), "torch" (torch operations), or None: "triton" where
+    `split_merge.available` says so."""
     batch, heads, q, dim = query.shape
     kv_heads, slots = key.shape[1], key.shape[2]
     if batch != 1:
@@ -219,6 +225,12 @@ def split_attention(query, key, value, bias, start: torch.Tensor, span: int, sca
     # 1. the committed slots: [chunks, Hkv, G*q, d] and [chunks, Hkv, G*q]
     longest = slots - (chunks - 1) * chunk  # the last chunk's slots
     prefix_out, prefix_lse = chunked_prefix_attention(rows, key[0], value[0], bounds, used, longest, scale)
+    if merge not in (None, "triton", "torch"):
+        raise ValueError(f"merge must be 'triton', 'torch' or None, got {merge!r}.")
+    if merge == "triton" or merge is None and split_merge.available(query.device, query.dtype, dim):  # 2. + merge
+        out = own_slots_and_merge(rows, key[0], value[0], bias[0, 0], start, span, prefix_out, prefix_lse, used, q,
+                                  scale)
+        return out.transpose(1, 2)  # [1, Hq, q, d], laid out as [1, q, Hq, d]: the output projection's layout
     unused = (used == 0)[:, None, None]
     prefix_lse = prefix_lse.masked_fill(unused, float("-inf"))  # the flash kernel writes +inf there
     prefix_out = prefix_out.masked_fill(unused[..., None], 0)

@@ -329,6 +329,7 @@ def test_tree_verifications_on_a_long_cache_take_the_split_attention(embedded, b
     report = fast.capture_report(embedded)
     assert report["graph_breaks"] == 0
     assert report["models"]["target"]["split_wide_steps"] == (bound == "1")
+    assert report["models"]["target"]["split_merge"] == ("torch" if bound == "1" else None)  # the CPU's default
     layers = embedded.target.language_model.config.num_hidden_layers
     if bound == "1":
         assert set(widths) == {MC_SIM_7B_63.num_nodes} and len(widths) % layers == 0
