@@ -40,6 +40,8 @@ from specvlm.trees import MC_SIM_7B_63
     ("void at::native::(anonymous namespace)::CatArrayBatchedCopy_contig<...>", "copy"),
     ("void at::native::elementwise_kernel<128, 4, gpu_kernel_impl_nocast<direct_copy_kernel_cuda>>", "copy"),
     ("aten::copy_", "copy"),
+    ("_split_attention_merge", "attention"),  # `split_merge`'s kernel: a tree verification's own slots and merge
+    ("_flash_decode_partials", "attention"),
 ])
 def test_categories_by_kernel_name(name, expected):
     assert profile.category(name) == expected
