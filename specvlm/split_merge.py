@@ -7,15 +7,19 @@ ancestors and itself). Written with torch operations, the second part and the me
 cost about nine kernels per layer, more than the flash kernel itself: picking the own slots' keys,
 values and mask columns, their scores, their softmax, masking the empty chunks, the weighted sum
 over the chunks, and a copy into the layout the output projection reads (notebook 05, section 13,
-profiles it). Here they are one kernel, one program per (KV head, query head of its group, block
-of step rows), which reads the own slots' keys and values once for all its rows:
+profiles it). Here they are one kernel, one program per (KV head, stacked row):
 
-1. the rows' scores against the own slots, from `start` on, masked by the step's additive bias;
+1. the row's scores against the own slots, from `start` on, masked by the step's additive bias;
    their softmax, its log-sum-exp, and the own part's output (probabilities rounded to the value
    dtype, the output rounded too, as the torch version rounds them);
-2. the chunks folded in one after another (an online softmax over the parts: an empty chunk,
-   `used` 0, weighs nothing), each part weighted by its share of the whole softmax's denominator;
+2. the chunks' log-sum-exps, all at once (an empty chunk, `used` 0, weighs nothing), beside the
+   own one; each part weighted by its share of the whole softmax's denominator;
 3. the result written straight into [1, q, Hq, d].
+
+A program per row reads the own slots' keys and values again for every row (from the L2 cache).
+A variant with one program per block of 16 rows, reading them once through `tl.dot` and folding
+the chunks in one after another, was as fast at 12k slots and 1.4x slower at 32k (64 chunks in
+series) on the H100 (notebook 05, section 14).
 
 Same arithmetic as the torch version up to the order of float32 sums. Needs Triton; on a CPU it
 runs in Triton's interpreter (float32, for tests), as `flash_decode` does (`available`).
@@ -67,62 +71,50 @@ if triton is not None:
                              stride_pc, stride_ph, stride_pm, stride_lc, stride_lh, stride_lm,
                              stride_os, stride_oh, slots,
                              SCALE: tl.constexpr, STEP: tl.constexpr, GROUPS: tl.constexpr, SPAN: tl.constexpr,
-                             CHUNKS: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_S: tl.constexpr, DIM: tl.constexpr):
+                             BLOCK_S: tl.constexpr, CHUNKS: tl.constexpr, BLOCK_C: tl.constexpr, DIM: tl.constexpr):
         head = tl.program_id(0)
-        group = tl.program_id(1)  # query head head*GROUPS + group
-        step_rows = tl.program_id(2) * BLOCK_R + tl.arange(0, BLOCK_R)  # its step rows r: stacked rows group*STEP + r
-        real = step_rows < STEP
-        stacked = group * STEP + step_rows
+        row = tl.program_id(1)  # query head head*GROUPS + row // STEP, step row row % STEP
         dims = tl.arange(0, DIM)
         start = tl.load(start_ptr)
-        query = tl.load(rows_ptr + head * stride_rh + stacked[:, None] * stride_rm + dims[None, :],
-                        mask=real[:, None], other=0.0)
+        query = tl.load(rows_ptr + head * stride_rh + row * stride_rm + dims).to(tl.float32)
 
-        # 1. the own slots start .. start + SPAN - 1 (none past the cache), read once for the block's rows
+        # 1. the own slots start .. start + SPAN - 1 (none past the cache)
         own = tl.arange(0, BLOCK_S)
         raw = start + own
         inside = (own < SPAN) & (raw < slots)
         slot = tl.minimum(raw, slots - 1)
+        bias = tl.load(bias_ptr + (row % STEP) * stride_bq + slot, mask=inside, other=float("-inf")).to(tl.float32)
         keys = tl.load(key_ptr + head * stride_kh + slot[:, None] * stride_ks + dims[None, :],
-                       mask=inside[:, None], other=0.0)
+                       mask=inside[:, None], other=0.0).to(tl.float32)
+        scores = tl.sum(keys * query[None, :], 1) * SCALE + bias
+        scores = tl.where(inside, scores, float("-inf"))
+        own_top = tl.max(scores, 0)
+        own_base = tl.where(own_top == float("-inf"), 0.0, own_top)
+        own_total = tl.sum(tl.exp(scores - own_base), 0)
+        own_lse = tl.where(own_total > 0, own_base + tl.log(tl.where(own_total > 0, own_total, 1.0)), float("-inf"))
         values = tl.load(value_ptr + head * stride_vh + slot[:, None] * stride_vs + dims[None, :],
                          mask=inside[:, None], other=0.0)
-        bias = tl.load(bias_ptr + step_rows[:, None] * stride_bq + slot[None, :],
-                       mask=real[:, None] & inside[None, :], other=float("-inf")).to(tl.float32)
-        scores = tl.dot(query, tl.trans(keys)) * SCALE + bias  # [BLOCK_R, BLOCK_S] float32
-        scores = tl.where(inside[None, :], scores, float("-inf"))
-        own_top = tl.max(scores, 1)
-        own_base = tl.where(own_top == float("-inf"), 0.0, own_top)
-        own_total = tl.sum(tl.exp(scores - own_base[:, None]), 1)
-        seen = own_total > 0
-        top = tl.where(seen, own_base + tl.log(tl.where(seen, own_total, 1.0)), float("-inf"))  # the own lse
-        probs = tl.exp(scores - tl.where(seen, top, 0.0)[:, None]).to(values.dtype)
-        acc = tl.dot(probs, values).to(values.dtype).to(tl.float32)  # rounded as the torch version rounds it
-        weight_sum = tl.where(seen, 1.0, 0.0)
+        probs = tl.exp(scores - tl.where(own_lse == float("-inf"), 0.0, own_lse)).to(values.dtype).to(tl.float32)
+        own_out = tl.sum(probs[:, None] * values.to(tl.float32), 0).to(values.dtype).to(tl.float32)
 
-        # 2. the chunks, folded in one at a time; an empty one (used 0) weighs nothing, whatever it holds
-        for chunk in range(CHUNKS):
-            used = tl.load(used_ptr + chunk) > 0
-            lse = tl.load(lse_ptr + chunk * stride_lc + head * stride_lh + stacked * stride_lm,
-                          mask=real & used, other=float("-inf"))
-            lse = tl.where(used, lse, float("-inf"))
-            new_top = tl.maximum(top, lse)
-            base = tl.where(new_top == float("-inf"), 0.0, new_top)
-            rescale = tl.exp(top - base)
-            weight = tl.exp(lse - base)
-            part = tl.load(part_ptr + chunk * stride_pc + head * stride_ph + stacked[:, None] * stride_pm
-                           + dims[None, :], mask=(real & used)[:, None], other=0.0).to(tl.float32)
-            acc = acc * rescale[:, None] + weight[:, None] * part
-            weight_sum = weight_sum * rescale + weight
-            top = new_top
-        out = acc / tl.maximum(weight_sum, 1e-30)[:, None]
+        # 2. the chunks: an empty one (used 0) weighs nothing, whatever log-sum-exp it holds
+        chunks = tl.arange(0, BLOCK_C)
+        used = tl.load(used_ptr + chunks, mask=chunks < CHUNKS, other=0) > 0
+        lse = tl.load(lse_ptr + chunks * stride_lc + head * stride_lh + row * stride_lm, mask=used,
+                      other=float("-inf"))
+        lse = tl.where(used, lse, float("-inf"))
+        top = tl.maximum(tl.max(lse, 0), own_lse)
+        top = tl.where(top == float("-inf"), 0.0, top)
+        weight = tl.exp(lse - top)  # [BLOCK_C]
+        own_weight = tl.exp(own_lse - top)
+        part = tl.load(part_ptr + chunks[:, None] * stride_pc + head * stride_ph + row * stride_pm + dims[None, :],
+                       mask=used[:, None], other=0.0).to(tl.float32)
+        total = tl.sum(weight[:, None] * part, 0) + own_weight * own_out
+        out = total / tl.maximum(tl.sum(weight, 0) + own_weight, 1e-30)
 
         # 3. straight into the layout the output projection reads
-        target = step_rows[:, None] * stride_os + (head * GROUPS + group) * stride_oh + dims[None, :]
-        tl.store(out_ptr + target, out.to(out_ptr.dtype.element_ty), mask=real[:, None])
-
-
-BLOCK_R = 16  # step rows per program (tl.dot's smallest side): a 26-node tree takes two blocks per query head
+        target = (row % STEP) * stride_os + (head * GROUPS + row // STEP) * stride_oh + dims
+        tl.store(out_ptr + target, out.to(out_ptr.dtype.element_ty))
 
 
 def own_slots_and_merge(rows: torch.Tensor, key: torch.Tensor, value: torch.Tensor, bias: torch.Tensor,
@@ -134,12 +126,12 @@ def own_slots_and_merge(rows: torch.Tensor, key: torch.Tensor, value: torch.Tens
     key/value [Hkv, K, d], bias [step, K] additive (0 or -inf, any float dtype), start 0-d long
     tensor, span: own slots from start on (those past K are unseen); prefix_out [chunks, Hkv, M, d]
     and prefix_lse [chunks, Hkv, M] (any strides, d contiguous), used [chunks] (0: an empty chunk,
-    whose results are ignored) -> [1, step, Hkv*G, d] in value's dtype. One program per (KV head,
-    query head of its group, block of BLOCK_R step rows). Each row must see at least one slot (its
-    own node does)."""
+    whose results are ignored) -> [1, step, Hkv*G, d] in value's dtype. Each row must see at least
+    one slot (its own node does)."""
     if triton is None:
         raise RuntimeError("own_slots_and_merge needs Triton (it comes with CUDA builds of torch).")
     heads, m, dim = rows.shape
+    chunks = prefix_lse.shape[0]
     groups = m // step
     if m % step or dim & (dim - 1) or dim < 16:
         raise ValueError(f"own_slots_and_merge needs whole groups of {step} rows and a head size that is a power of "
@@ -147,10 +139,10 @@ def own_slots_and_merge(rows: torch.Tensor, key: torch.Tensor, value: torch.Tens
     rows = rows if rows.stride(-1) == 1 else rows.contiguous()
     bias = bias if bias.stride(-1) == 1 else bias.contiguous()
     out = torch.empty(1, step, heads * groups, dim, dtype=value.dtype, device=rows.device)
-    _split_attention_merge[(heads, groups, -(-step // BLOCK_R))](
+    _split_attention_merge[(heads, m)](
         rows, key, value, bias, start, prefix_out, prefix_lse, used, out,
         rows.stride(0), rows.stride(1), key.stride(0), key.stride(1), value.stride(0), value.stride(1), bias.stride(0),
         *prefix_out.stride()[:3], *prefix_lse.stride(), out.stride(1), out.stride(2), key.shape[1],
-        SCALE=scale, STEP=step, GROUPS=groups, SPAN=span, CHUNKS=prefix_lse.shape[0], BLOCK_R=BLOCK_R,
-        BLOCK_S=max(16, triton.next_power_of_2(span)), DIM=dim)
+        SCALE=scale, STEP=step, GROUPS=groups, SPAN=span, BLOCK_S=max(16, triton.next_power_of_2(span)),
+        CHUNKS=chunks, BLOCK_C=max(2, triton.next_power_of_2(chunks)), DIM=dim)
     return out
