@@ -293,7 +293,8 @@ def plot_round_timeline(result, title: str | None = None):
     rows = [r for r in bench_rows(result, "fast") if r.get("timeline") and r["method"] != "ar"]
     if not rows:
         raise ValueError("no fast-path row with a timeline: run the benchmark with --timeline.")
-    fig, ax = plt.subplots(figsize=(9, 0.5 * len(rows) + 1.8))
+    height = 0.5 * len(rows) + 2.2
+    fig, ax = plt.subplots(figsize=(9, height))
     labels = [run_label(r) for r in rows]
     left = [0.0] * len(rows)
     for part, colour in ROUND_PARTS:
@@ -306,7 +307,7 @@ def plot_round_timeline(result, title: str | None = None):
     ax.invert_yaxis()
     ax.set_xlim(0, max(left) * 1.25)
     ax.set_xlabel("ms per round (one profiled generation)")
-    ax.legend(fontsize=8, ncol=3, loc="upper center", bbox_to_anchor=(0.5, -0.25))
     ax.set_title(title or f"Where a round's time goes: {_source(result)}", fontsize=10)
-    fig.tight_layout()
+    fig.legend(*ax.get_legend_handles_labels(), fontsize=8, ncol=3, loc="lower center")
+    fig.tight_layout(rect=(0, 0.45 / height, 1, 1))  # the legend's two lines below the axis label
     return fig

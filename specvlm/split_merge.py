@@ -18,8 +18,8 @@ profiles it). Here they are one kernel, one program per (KV head, stacked row):
 
 A program per row reads the own slots' keys and values again for every row (from the L2 cache).
 A variant with one program per block of 16 rows, reading them once through `tl.dot` and folding
-the chunks in one after another, was as fast at 12k slots and 1.4x slower at 32k (64 chunks in
-series) on the H100 (notebook 05, section 14).
+the chunks in one after another, was as fast at 12k slots and slower than the torch operations at
+32k (64 chunks in series) on the H100 (notebook 05, section 14).
 
 Same arithmetic as the torch version up to the order of float32 sums. Needs Triton; on a CPU it
 runs in Triton's interpreter (float32, for tests), as `flash_decode` does (`available`).
