@@ -59,7 +59,7 @@ from .decoding import (METHODS, SCORED_METHODS, Result, Stopwatch, check_max_new
                        speculative_result)
 from .fusion import changes as fusion_changes
 from .fusion import fuse_projections, is_fused, unfuse_projections
-from .models import Pair, Prompt, VideoLM
+from .models import Pair, Prompt, VideoLM, head_dim
 from .sampling import check_temperature
 from .timeline import phase
 from . import flash_decode, split_merge
@@ -261,6 +261,7 @@ class StaticLM:
                  split_from: int | None = None):
         if attention not in ATTENTIONS:
             raise ValueError(f"unknown attention {attention!r}; choose one of {ATTENTIONS}.")
+        split_merge.check_choice()  # a bad $SPECVLM_SPLIT_MERGE, refused before any prefill
         self.spread = spread_over_devices(lm)
         if self.spread and attention == "flex":
             raise ValueError("the fast path's FlexAttention mask lives on one device, and this model is spread over "
@@ -590,12 +591,6 @@ def cuda_graphs(options: dict | None, device: torch.device) -> str | None:
     return graphs
 
 
-def head_size(lm: VideoLM) -> int:
-    """The size of the language model's attention heads."""
-    config = lm.language_model.config
-    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-
-
 def spread_over_devices(lm: VideoLM) -> bool:
     """Whether `lm`'s weights sit on more than one device (a `device_map` spread them): its decoder
     layers, or its embeddings or output layer apart from them."""
@@ -643,7 +638,7 @@ def capture_report(pair: Pair | None = None) -> dict:
                 # wide steps (tree verifications) through `split_attention` (under "flex", on a long cache)
                 "split_wide_steps": engine.split_wide_steps,
                 # how `split_attention` computes their own slots and merge: "triton" (`split_merge.py`) or "torch"
-                "split_merge": (("triton" if split_merge.available(lm.device, lm.dtype, head_size(lm)) else "torch")
+                "split_merge": (("triton" if split_merge.available(lm.device, lm.dtype, head_dim(lm.language_model.config)) else "torch")
                                 if engine.split_wide_steps else None),
                 "cuda_graphs": engine.graphs is not None,
                 "graphs": engine.graphs,

@@ -345,6 +345,12 @@ def checked_checkpoint(name_or_path):
 DTYPE_NAMES = ("float32", "float16", "bfloat16")
 
 
+def head_dim(config) -> int:
+    """A language-model config's attention head size: `head_dim` where the config sets it, else
+    hidden_size / num_attention_heads."""
+    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+
+
 def resolved_dtype(dtype, device: torch.device) -> torch.dtype:
     """The weights' dtype: `None` -> bfloat16 on CUDA, else float32; a floating torch.dtype or one of
     `DTYPE_NAMES` as given. "fp16" or torch.int8 is an error naming the choices, before any model loads."""

@@ -11,8 +11,8 @@ every row sees the committed slots before `start` and, among the step's own, wha
 - `grouped_attention`: two batched matmuls around a float32 softmax, with the query heads of
   each KV head stacked as rows, so grouped KV heads are read in place (wide steps; a short draft cache);
 - `split_attention`: the committed slots in chunks through the variable-length flash kernel, the
-  step's own slots apart, merged through the log-sum-exp (wide steps on a long cache); where
-  Triton runs, the own slots and the merge are one kernel (`split_merge.py`);
+  step's own slots apart, merged through the log-sum-exp (wide steps on a long cache); on CUDA
+  (by default) the own slots and the merge are one Triton kernel (`split_merge.py`);
 - `flash_decode.flash_decode`: a split-KV decode kernel in Triton, two kernels per layer, the rule
   evaluated inside it from `start` and `pattern` (short steps under attention "flash").
 
@@ -216,6 +216,8 @@ def split_attention(query, key, value, bias, start: torch.Tensor, span: int, sca
     kv_heads, slots = key.shape[1], key.shape[2]
     if batch != 1:
         raise ValueError(f"split_attention serves one sequence (the fast path's), got a batch of {batch}.")
+    if merge not in (None, "triton", "torch"):
+        raise ValueError(f"merge must be 'triton', 'torch' or None, got {merge!r}.")
     groups, chunks = heads // kv_heads, max(1, slots // chunk)
     rows = query.reshape(kv_heads, groups * q, dim)
     steps = torch.arange(chunks + 1, device=query.device)
@@ -225,8 +227,6 @@ def split_attention(query, key, value, bias, start: torch.Tensor, span: int, sca
     # 1. the committed slots: [chunks, Hkv, G*q, d] and [chunks, Hkv, G*q]
     longest = slots - (chunks - 1) * chunk  # the last chunk's slots
     prefix_out, prefix_lse = chunked_prefix_attention(rows, key[0], value[0], bounds, used, longest, scale)
-    if merge not in (None, "triton", "torch"):
-        raise ValueError(f"merge must be 'triton', 'torch' or None, got {merge!r}.")
     if merge == "triton" or merge is None and split_merge.available(query.device, query.dtype, dim):  # 2. + merge
         out = own_slots_and_merge(rows, key[0], value[0], bias[0, 0], start, span, prefix_out, prefix_lse, used, q,
                                   scale)

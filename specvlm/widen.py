@@ -49,15 +49,11 @@ import torch
 from transformers import Qwen2Config
 
 from .costs import lm_config
-from .models import Pair, resolve_device, resolved_dtype
+from .models import Pair, head_dim, resolve_device, resolved_dtype
 
 RANDOM_STD = 0.02  # scale of the random weights that never reach an output (as costs.build_lm)
 SHAPE_FIELDS = ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
                 "intermediate_size", "vocab_size")
-
-
-def head_dim(config) -> int:
-    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
 
 
 def wide_text_config(tiny, shape: str | Qwen2Config, tie: bool | None = None) -> Qwen2Config:

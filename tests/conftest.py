@@ -9,6 +9,8 @@ import os
 # nothing else in them uses Triton (flash_decode given CUDA tensors would run interpreted too; no
 # test does that).
 os.environ.setdefault("TRITON_INTERPRET", "1")
+# read at import too (`split_merge.CHOICE`): the tests pick the merge themselves, under the default
+os.environ.pop("SPECVLM_SPLIT_MERGE", None)
 
 import numpy as np
 import pytest
