@@ -133,7 +133,8 @@ def measure(shape: str, context: int, pattern: torch.Tensor, repeats: int, only=
             name.removeprefix("flash-") if name.startswith("flash-") else None
         # how a split row computed its own slots and merge (before split_merge, "split-512" meant torch)
         merge = None if not name.startswith("split-") else "torch" if name.endswith("-torch") else (
-            "triton" if split_merge.available(query.device, query.dtype, dim) else "torch")
+            "triton" if split_merge.available(query.device, query.dtype, dim)
+            and capacity // int(name.split("-")[1]) <= split_merge.MAX_CHUNKS else "torch")
         rows.append({"shape": shape, "context": context, "query_len": q, "kernel": name, "layers": layers,
                      **({"launch": launch} if launch else {}), **({"merge": merge} if merge else {}), "us": statistics.median(times), "us_per_layer": statistics.median(times) / layers,
                      "kv_floor_us": kv_bytes / 3.0e12 * 1e6,

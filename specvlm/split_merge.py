@@ -13,9 +13,11 @@ reads (notebook 05, sections 13 and 14, profile them). Here they are one kernel,
 1. the row's scores against the own slots, from `start` on, masked by the step's additive bias;
    their softmax, its log-sum-exp, and the own part's output (probabilities rounded to the value
    dtype, the output rounded too, as the torch version rounds them);
-2. the chunks' log-sum-exps and outputs, up to CHUNK_BLOCK chunks at once (more in blocks, with a
-   running maximum; an empty chunk, `used` 0, weighs nothing), beside the own part; each part
-   weighted by its share of the whole softmax's denominator;
+2. the chunks' log-sum-exps and outputs, all at once (an empty chunk, `used` 0, weighs nothing),
+   beside the own part; each part weighted by its share of the whole softmax's denominator. The
+   chunks' outputs sit in registers, so the kernel takes at most MAX_CHUNKS of them (32k slots in
+   `split_attention`'s chunks of 512, the longest cache it was timed on); `split_attention` leaves
+   a longer cache to the torch operations;
 3. the result written straight into [1, q, Hq, d].
 
 A program per row reads the own slots' keys and values again for every row (from the L2 cache).
@@ -55,7 +57,7 @@ def choice_from(environ) -> str | None:
 # read once, at import: `available` runs inside steps that dynamo traces, which should not read the
 # environment; the fast path refuses a bad value before any prefill (`check_choice`)
 CHOICE = choice_from(os.environ)
-CHUNK_BLOCK = 64  # most chunks the kernel holds at once: [CHUNK_BLOCK, d] float32 partial outputs per program
+MAX_CHUNKS = 64  # most chunks the kernel takes: their [chunks, d] float32 outputs sit in each program's registers
 
 
 def check_choice(choice: str | None = None) -> None:
@@ -118,27 +120,20 @@ if triton is not None:
         probs = tl.exp(scores - tl.where(own_lse == float("-inf"), 0.0, own_lse)).to(values.dtype).to(tl.float32)
         own_out = tl.sum(probs[:, None] * values.to(tl.float32), 0).to(values.dtype).to(tl.float32)
 
-        # 2. the chunks, BLOCK_C at a time; an empty one (used 0) weighs nothing, whatever it holds
-        top = own_lse
-        acc = own_out
-        weight_sum = tl.where(own_total > 0, 1.0, 0.0)
-        block = tl.arange(0, BLOCK_C)
-        for first in range(0, CHUNKS, BLOCK_C):
-            chunks = first + block
-            used = tl.load(used_ptr + chunks, mask=chunks < CHUNKS, other=0) > 0
-            lse = tl.load(lse_ptr + chunks * stride_lc + head * stride_lh + row * stride_lm, mask=used,
-                          other=float("-inf"))
-            lse = tl.where(used, lse, float("-inf"))
-            new_top = tl.maximum(top, tl.max(lse, 0))
-            base = tl.where(new_top == float("-inf"), 0.0, new_top)
-            rescale = tl.exp(top - base)
-            weight = tl.exp(lse - base)  # [BLOCK_C]
-            part = tl.load(part_ptr + chunks[:, None] * stride_pc + head * stride_ph + row * stride_pm
-                           + dims[None, :], mask=used[:, None], other=0.0).to(tl.float32)
-            acc = acc * rescale + tl.sum(weight[:, None] * part, 0)
-            weight_sum = weight_sum * rescale + tl.sum(weight, 0)
-            top = new_top
-        out = acc / tl.maximum(weight_sum, 1e-30)
+        # 2. the chunks: an empty one (used 0) weighs nothing, whatever log-sum-exp it holds
+        chunks = tl.arange(0, BLOCK_C)
+        used = tl.load(used_ptr + chunks, mask=chunks < CHUNKS, other=0) > 0
+        lse = tl.load(lse_ptr + chunks * stride_lc + head * stride_lh + row * stride_lm, mask=used,
+                      other=float("-inf"))
+        lse = tl.where(used, lse, float("-inf"))
+        top = tl.maximum(tl.max(lse, 0), own_lse)
+        top = tl.where(top == float("-inf"), 0.0, top)
+        weight = tl.exp(lse - top)  # [BLOCK_C]
+        own_weight = tl.exp(own_lse - top)
+        part = tl.load(part_ptr + chunks[:, None] * stride_pc + head * stride_ph + row * stride_pm + dims[None, :],
+                       mask=used[:, None], other=0.0).to(tl.float32)
+        total = tl.sum(weight[:, None] * part, 0) + own_weight * own_out
+        out = total / tl.maximum(tl.sum(weight, 0) + own_weight, 1e-30)
 
         # 3. straight into the layout the output projection reads
         target = (row % STEP) * stride_os + (head * GROUPS + row // STEP) * stride_oh + dims
@@ -168,10 +163,10 @@ def own_slots_and_merge(rows: torch.Tensor, key: torch.Tensor, value: torch.Tens
                          f"two of at least 16; got {m} rows and head size {dim}.")
     strided = [name for name, tensor in (("key", key), ("value", value), ("prefix_out", prefix_out))
                if tensor.stride(-1) != 1]
-    if strided or used.dim() != 1 or used.shape[0] != chunks:
-        raise ValueError(f"own_slots_and_merge reads key, value and prefix_out with a contiguous last axis and one "
-                         f"`used` count per chunk; got strided {strided}, used of shape {tuple(used.shape)} for "
-                         f"{chunks} chunks.")
+    if strided or used.dim() != 1 or used.shape[0] != chunks or chunks > MAX_CHUNKS:
+        raise ValueError(f"own_slots_and_merge reads key, value and prefix_out with a contiguous last axis, one "
+                         f"`used` count per chunk and at most {MAX_CHUNKS} chunks; got strided {strided}, used of "
+                         f"shape {tuple(used.shape)} for {chunks} chunks.")
     rows = rows if rows.stride(-1) == 1 else rows.contiguous()
     bias = bias if bias.stride(-1) == 1 else bias.contiguous()
     used = used if used.stride(0) == 1 else used.contiguous()
@@ -181,5 +176,5 @@ def own_slots_and_merge(rows: torch.Tensor, key: torch.Tensor, value: torch.Tens
         rows.stride(0), rows.stride(1), key.stride(0), key.stride(1), value.stride(0), value.stride(1), bias.stride(0),
         *prefix_out.stride()[:3], *prefix_lse.stride(), out.stride(1), out.stride(2), key.shape[1],
         SCALE=scale, STEP=step, GROUPS=groups, SPAN=span, BLOCK_S=max(16, triton.next_power_of_2(span)),
-        CHUNKS=chunks, BLOCK_C=max(2, min(CHUNK_BLOCK, triton.next_power_of_2(chunks))), DIM=dim)
+        CHUNKS=chunks, BLOCK_C=max(2, triton.next_power_of_2(chunks)), DIM=dim)
     return out

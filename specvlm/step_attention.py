@@ -210,8 +210,8 @@ def split_attention(query, key, value, bias, start: torch.Tensor, span: int, sca
     E.g. K = 2048, chunk 512, start 1300: chunks of 512, 512, 276 and 0 keys in part 1.
     On CUDA in half precision part 1 is the flash kernel; elsewhere the same arithmetic in float32.
     `merge`: "triton" (part 2 and the merge in one kernel, `split_merge.own_slots_and_merge`, whose
-    result is laid out as [1, q, Hq, d]), "torch" (torch operations), or None: "triton" where
-    `split_merge.available` says so."""
+    result is laid out as [1, q, Hq, d]; at most `split_merge.MAX_CHUNKS` chunks, more keep the torch
+    operations), "torch" (torch operations), or None: "triton" where `split_merge.available` says so."""
     batch, heads, q, dim = query.shape
     kv_heads, slots = key.shape[1], key.shape[2]
     if batch != 1:
@@ -227,7 +227,8 @@ def split_attention(query, key, value, bias, start: torch.Tensor, span: int, sca
     # 1. the committed slots: [chunks, Hkv, G*q, d] and [chunks, Hkv, G*q]
     longest = slots - (chunks - 1) * chunk  # the last chunk's slots
     prefix_out, prefix_lse = chunked_prefix_attention(rows, key[0], value[0], bounds, used, longest, scale)
-    if merge == "triton" or merge is None and split_merge.available(query.device, query.dtype, dim):  # 2. + merge
+    kernel = merge == "triton" or merge is None and split_merge.available(query.device, query.dtype, dim)
+    if kernel and chunks <= split_merge.MAX_CHUNKS:  # 2. and the merge in one kernel
         out = own_slots_and_merge(rows, key[0], value[0], bias[0, 0], start, span, prefix_out, prefix_lse, used, q,
                                   scale)
         return out.transpose(1, 2)  # [1, Hq, q, d], laid out as [1, q, Hq, d]: the output projection's layout

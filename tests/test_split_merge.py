@@ -32,7 +32,7 @@ def inputs(heads, kv_heads, dim, q, capacity, start, seed=0, dtype=torch.float32
     (8, 2, 16, 5, 256, 253, 100),  # own slots 256 and 257 lie past the cache's end; a last chunk of 156 slots
     (8, 8, 64, 3, 200, 64, 64),  # one query head per KV head; start on a chunk's edge
     (6, 2, 16, 17, 4200, 4000, 128),  # 32 chunks, the last one partly used
-    (4, 2, 16, 6, 1600, 1500, 16),  # 100 chunks: more than the kernel holds at once (CHUNK_BLOCK)
+    (4, 2, 16, 6, 1024, 1000, 16),  # 64 chunks: the most the kernel takes (MAX_CHUNKS)
 ])
 def test_the_kernel_equals_the_torch_operations(heads, kv_heads, dim, q, capacity, start, chunk, monkeypatch):
     query, key, value, start, bias = inputs(heads, kv_heads, dim, q, capacity, start)
@@ -46,6 +46,21 @@ def test_the_kernel_equals_the_torch_operations(heads, kv_heads, dim, q, capacit
     assert got.transpose(1, 2).is_contiguous()  # written as [1, q, Hq, d], the output projection's layout
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(got, sa.grouped_attention(query, key, value, bias, 0.3), rtol=1e-5, atol=1e-5)
+
+
+def test_more_chunks_than_the_kernel_takes_keep_the_torch_operations(monkeypatch):
+    query, key, value, start, bias = inputs(4, 2, 16, 6, 1600, 1500)  # 100 chunks of 16 slots
+    assert 1600 // 16 > split_merge.MAX_CHUNKS
+    real = sa.own_slots_and_merge
+    monkeypatch.setattr(sa, "own_slots_and_merge", lambda *args: pytest.fail("the kernel took 100 chunks"))
+    got = sa.split_attention(query, key, value, bias, start, 6, 0.3, 16, merge="triton")
+    torch.testing.assert_close(got, sa.grouped_attention(query, key, value, bias, 0.3), rtol=1e-5, atol=1e-5)
+    rows = query.reshape(2, 12, 16)
+    bounds = torch.arange(0, 1601, 16)
+    used = torch.minimum((start - bounds[:-1]).clamp(min=0), bounds[1:] - bounds[:-1])
+    out, lse = sa.chunked_prefix_attention(rows, key[0], value[0], bounds, used, 16, 0.3)
+    with pytest.raises(ValueError, match="at most 64 chunks; got strided \\[\\], used of shape \\(100,\\) for 100 chunks"):
+        real(rows, key[0], value[0], bias[0, 0], start, 6, out, lse, used, 6, 0.3)
 
 
 def test_half_precision_rounds_where_the_torch_operations_round():
