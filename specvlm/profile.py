@@ -408,6 +408,9 @@ def main(argv=None) -> int:
     parser.add_argument("--repeats", type=positive_int, default=20)
     parser.add_argument("--fuse", action="store_true",
                         help="stack each model's q/k/v and gate/up projections into one matmul each (fusion.py)")
+    parser.add_argument("--combo-kernels", action="store_true",
+                        help="compile with inductor's combo kernels, which launch data-independent kernels as one "
+                             "(torch._inductor.config.combo_kernels, set for the whole process)")
     parser.add_argument("--fallback", default="eager", choices=("eager", "inductor"),
                         help="the profile without CUDA graphs when their kernels are invisible: eager steps, "
                              "or inductor's kernels launched one by one")
@@ -423,6 +426,10 @@ def main(argv=None) -> int:
         parser.error("--png plots the JSON written by --out: give --out too.")
     dtype = getattr(torch, args.dtype) if args.dtype else None
     fallback = False if args.fallback == "eager" else "default"
+    import torch._inductor.config as inductor_config
+
+    if args.combo_kernels:
+        inductor_config.combo_kernels = True
     result = profile_shapes(args.shapes, args.contexts, args.kinds, args.attention, args.device, dtype,
                             repeats=args.repeats, fallback=fallback, fuse=args.fuse,
                             progress=lambda r: print(f"{r['shape']} {r['kind']} {r['context']}: "
@@ -431,6 +438,7 @@ def main(argv=None) -> int:
     result["command"] = recorded_environment() + "python -m specvlm.profile " + \
         shlex.join(portable_out(sys.argv[1:] if argv is None else argv))
     result["code"] = git_commit()
+    result["combo_kernels"] = bool(inductor_config.combo_kernels)
     print(table(result))
     slug = costs.card_slug(result["card"])
     if args.out:

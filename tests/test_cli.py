@@ -153,3 +153,19 @@ def test_profile_records_its_command_code_and_inductor_settings(tmp, monkeypatch
     assert result["command"] == ("TORCHINDUCTOR_MAX_AUTOTUNE_GEMM=1 python -m specvlm.profile --shapes tiny "
                                  "--contexts 8 --out 'p_{card}.json'")
     assert result["code"] == "abc1234"
+    assert result["combo_kernels"] is False
+
+
+def test_profile_compiles_with_combo_kernels_when_asked(tmp, monkeypatch):
+    import torch._inductor.config as inductor
+
+    monkeypatch.setattr(inductor, "combo_kernels", False)  # restored after the test: the flag sets it for the process
+    seen = []
+    monkeypatch.setattr(profile, "profile_shapes",
+                        lambda *args, **kwargs: seen.append(inductor.combo_kernels) or {"card": "Test Card", "rows": []})
+    monkeypatch.setattr(profile, "table", lambda result: "")
+    out = tmp / "combo_{card}.json"
+    assert profile.main(["--shapes", "tiny", "--contexts", "8", "--combo-kernels", "--out", str(out)]) == 0
+    result = json.loads((tmp / "combo_test-card.json").read_text())
+    assert seen == [True] and result["combo_kernels"] is True
+    assert "--combo-kernels" in result["command"]
