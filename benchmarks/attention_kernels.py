@@ -28,7 +28,6 @@ import statistics
 import torch
 
 from specvlm import flash_decode as fd
-from specvlm import split_merge
 from specvlm import step_attention as sa
 from specvlm.__main__ import git_commit, portable_out, recorded_environment
 from specvlm.bench import card_name, save
@@ -132,11 +131,11 @@ def measure(shape: str, context: int, pattern: torch.Tensor, repeats: int, only=
         launch = fd.default_launch(heads // kv_heads * q, dim).name if name == "flash" else \
             name.removeprefix("flash-") if name.startswith("flash-") else None
         # how a split row computed its own slots and merge (before split_merge, "split-512" meant torch)
-        merge = None if not name.startswith("split-") else "torch" if name.endswith("-torch") else (
-            "triton" if split_merge.available(query.device, query.dtype, dim)
-            and capacity // int(name.split("-")[1]) <= split_merge.MAX_CHUNKS else "torch")
+        merge = None if not name.startswith("split-") else "torch" if name.endswith("-torch") else \
+            sa.merge_kernel(query.device, query.dtype, dim, capacity, int(name.split("-")[1]))
         rows.append({"shape": shape, "context": context, "query_len": q, "kernel": name, "layers": layers,
-                     **({"launch": launch} if launch else {}), **({"merge": merge} if merge else {}), "us": statistics.median(times), "us_per_layer": statistics.median(times) / layers,
+                     **({"launch": launch} if launch else {}), **({"merge": merge} if merge else {}),
+                     "us": statistics.median(times), "us_per_layer": statistics.median(times) / layers,
                      "kv_floor_us": kv_bytes / 3.0e12 * 1e6,
                      "max_abs_diff_vs_exact": (outs[0].float() - exact).abs().max().item()})
         print(rows[-1], flush=True)

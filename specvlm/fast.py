@@ -65,8 +65,8 @@ from .timeline import phase
 from . import flash_decode, split_merge
 from .step_attention import (  # noqa: F401 (re-exported: fast.grouped_attention, fast.FLEX_MAX_QUERY, ...)
     ATTENTIONS, FLEX_ATTENTION, FLEX_BLOCK, FLEX_MAX_QUERY, FLEX_MIN_SLOTS, FLEX_ROWS, SPLIT_MIN_SLOTS, causal_pattern,
-    flex_block_mask, flex_or_sdpa, float32_scores, grouped_attention, grouped_flex, restore_output_capture,
-    split_attention, use_flex, visibility_bias)
+    flex_block_mask, flex_or_sdpa, float32_scores, grouped_attention, grouped_flex, merge_kernel,
+    restore_output_capture, split_attention, use_flex, visibility_bias)
 from .trees import Tree
 
 # ----------------------------------------------------------------------------------------
@@ -638,8 +638,8 @@ def capture_report(pair: Pair | None = None) -> dict:
                 # wide steps (tree verifications) through `split_attention` (under "flex", on a long cache)
                 "split_wide_steps": engine.split_wide_steps,
                 # how `split_attention` computes their own slots and merge: "triton" (`split_merge.py`) or "torch"
-                "split_merge": (("triton" if split_merge.available(lm.device, lm.dtype, head_dim(lm.language_model.config)) else "torch")
-                                if engine.split_wide_steps else None),
+                "split_merge": (merge_kernel(lm.device, lm.dtype, head_dim(lm.language_model.config),
+                                             engine.cache.capacity) if engine.split_wide_steps else None),
                 "cuda_graphs": engine.graphs is not None,
                 "graphs": engine.graphs,
                 "capacity": engine.cache.capacity if engine.cache is not None else None,

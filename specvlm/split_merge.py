@@ -4,7 +4,7 @@
 committed cache, read in chunks by a variable-length flash kernel that returns each chunk's
 partial output and log-sum-exp, and the step's own slots (the 26 tree nodes, each seeing its
 ancestors and itself). Written with torch operations, the second part and the merge of all parts
-take several kernels per layer, which together cost the GPU nearly as much as the flash kernel:
+take several kernels per layer, which together cost the GPU most of what the flash kernel costs:
 picking the own slots' keys, values and mask columns, their scores, their softmax, masking the
 empty chunks, the weighted sum over the chunks, and a copy into the layout the output projection
 reads (notebook 05, sections 13 and 14, profile them). Here they are one kernel, one program per
@@ -68,7 +68,8 @@ def check_choice(choice: str | None = None) -> None:
 
 
 def available(device: torch.device, dtype: torch.dtype, dim: int = 128) -> bool:
-    """Whether `split_attention` merges through this kernel, for heads of size `dim`: CHOICE
+    """Whether `split_attention` may merge through this kernel, for heads of size `dim` (it does for
+    at most MAX_CHUNKS chunks: `step_attention.merge_kernel` has the whole rule): CHOICE
     ($SPECVLM_SPLIT_MERGE) "triton" or "torch" if set, else "triton" on CUDA and "torch" elsewhere
     (Triton's interpreter, a CPU's only way to run it, is for tests). "triton" needs Triton and, on
     CUDA, half precision (the fast path sends wide steps to `split_attention` only on cards of compute
@@ -151,8 +152,8 @@ def own_slots_and_merge(rows: torch.Tensor, key: torch.Tensor, value: torch.Tens
     on (those past K are unseen); prefix_out [chunks, Hkv, M, d] and prefix_lse [chunks, Hkv, M]
     (any strides, d contiguous: the flash kernel's own layouts are read in place), used [chunks]
     (0: an empty chunk, whose results are ignored) -> [1, step, Hkv*G, d] in value's dtype. Each row
-    must see at least one slot (its own node does); a row that sees none gets zeros here (NaN from
-    the torch operations)."""
+    must see at least one slot (its own node does); under a bias of -inf, a row that sees none gets
+    zeros here and NaN from the torch operations."""
     if triton is None:
         raise RuntimeError("own_slots_and_merge needs Triton (it comes with CUDA builds of torch).")
     heads, m, dim = rows.shape

@@ -12,7 +12,8 @@ every row sees the committed slots before `start` and, among the step's own, wha
   each KV head stacked as rows, so grouped KV heads are read in place (wide steps; a short draft cache);
 - `split_attention`: the committed slots in chunks through the variable-length flash kernel, the
   step's own slots apart, merged through the log-sum-exp (wide steps on a long cache); on CUDA
-  (by default) the own slots and the merge are one Triton kernel (`split_merge.py`);
+  (by default) the own slots and the merge are one Triton kernel (`split_merge.py`) for caches of
+  up to `split_merge.MAX_CHUNKS` chunks (`merge_kernel`);
 - `flash_decode.flash_decode`: a split-KV decode kernel in Triton, two kernels per layer, the rule
   evaluated inside it from `start` and `pattern` (short steps under attention "flash").
 
@@ -210,14 +211,14 @@ def split_attention(query, key, value, bias, start: torch.Tensor, span: int, sca
     E.g. K = 2048, chunk 512, start 1300: chunks of 512, 512, 276 and 0 keys in part 1.
     On CUDA in half precision part 1 is the flash kernel; elsewhere the same arithmetic in float32.
     `merge`: "triton" (part 2 and the merge in one kernel, `split_merge.own_slots_and_merge`, whose
-    result is laid out as [1, q, Hq, d]; at most `split_merge.MAX_CHUNKS` chunks, more keep the torch
-    operations), "torch" (torch operations), or None: "triton" where `split_merge.available` says so."""
+    result is laid out as [1, q, Hq, d]), "torch" (torch operations), or None: "triton" where
+    `split_merge.available` says so; more than `split_merge.MAX_CHUNKS` chunks keep the torch
+    operations (`merge_kernel` says which runs)."""
     batch, heads, q, dim = query.shape
     kv_heads, slots = key.shape[1], key.shape[2]
     if batch != 1:
         raise ValueError(f"split_attention serves one sequence (the fast path's), got a batch of {batch}.")
-    if merge not in (None, "triton", "torch"):
-        raise ValueError(f"merge must be 'triton', 'torch' or None, got {merge!r}.")
+    own_part = merge_kernel(query.device, query.dtype, dim, slots, chunk, merge)
     groups, chunks = heads // kv_heads, max(1, slots // chunk)
     rows = query.reshape(kv_heads, groups * q, dim)
     steps = torch.arange(chunks + 1, device=query.device)
@@ -227,8 +228,7 @@ def split_attention(query, key, value, bias, start: torch.Tensor, span: int, sca
     # 1. the committed slots: [chunks, Hkv, G*q, d] and [chunks, Hkv, G*q]
     longest = slots - (chunks - 1) * chunk  # the last chunk's slots
     prefix_out, prefix_lse = chunked_prefix_attention(rows, key[0], value[0], bounds, used, longest, scale)
-    kernel = merge == "triton" or merge is None and split_merge.available(query.device, query.dtype, dim)
-    if kernel and chunks <= split_merge.MAX_CHUNKS:  # 2. and the merge in one kernel
+    if own_part == "triton":  # 2. and the merge in one kernel
         out = own_slots_and_merge(rows, key[0], value[0], bias[0, 0], start, span, prefix_out, prefix_lse, used, q,
                                   scale)
         return out.transpose(1, 2)  # [1, Hq, q, d], laid out as [1, q, Hq, d]: the output projection's layout
@@ -251,6 +251,17 @@ def split_attention(query, key, value, bias, start: torch.Tensor, span: int, sca
     total = (prefix_weight * prefix_out.float()).sum(0) + own_weight * own_out.float()
     out = total / (prefix_weight.sum(0) + own_weight)
     return out.to(value.dtype).view(1, heads, q, dim)
+
+
+def merge_kernel(device, dtype, dim: int, slots: int, chunk: int = SPLIT_CHUNK, merge: str | None = None) -> str:
+    """How `split_attention` computes a step's own slots and the merge on a cache of `slots` slots
+    cut in chunks of `chunk`: "triton" (`split_merge`'s kernel) where `merge` is "triton", or None and
+    `split_merge.available` says so, and the chunks are at most `split_merge.MAX_CHUNKS`; else "torch".
+    E.g. on CUDA in bfloat16 with heads of 128: 12,416 slots -> "triton", 65,536 (128 chunks) -> "torch"."""
+    if merge not in (None, "triton", "torch"):
+        raise ValueError(f"merge must be 'triton', 'torch' or None, got {merge!r}.")
+    wanted = merge == "triton" or merge is None and split_merge.available(device, dtype, dim)
+    return "triton" if wanted and max(1, slots // chunk) <= split_merge.MAX_CHUNKS else "torch"
 
 
 def chunked_prefix_attention(rows, key, value, bounds, used, longest: int, scale: float):

@@ -71,7 +71,8 @@ def test_half_precision_rounds_where_the_torch_operations_round():
     expected = sa.split_attention(query, key, value, bias, start, 26, 0.3, 64, merge="torch")
     got = sa.split_attention(query, key, value, bias, start, 26, 0.3, 64, merge="triton")
     assert (got != expected).float().mean() < 1e-3
-    torch.testing.assert_close(got, expected, rtol=0, atol=1e-4)
+    ulp = torch.finfo(torch.float16).eps * expected.abs().float().clamp(min=2 ** -14)  # one unit in the last place
+    assert ((got.float() - expected.float()).abs() <= ulp).all()
 
 
 def merge_parts(heads=8, kv_heads=2, dim=16, q=4, capacity=256, start=90, chunk=64):
@@ -113,10 +114,45 @@ def test_empty_chunks_weigh_nothing_whatever_they_hold():
     assert torch.isfinite(clean).all()
 
 
-def test_the_wrapper_refuses_layouts_the_kernel_cannot_read():
-    merge, out, lse, used = merge_parts()
-    with pytest.raises(ValueError, match=r"strided \['prefix_out'\]"):
-        merge(out.transpose(-1, -2).contiguous().transpose(-1, -2), lse)
+@pytest.mark.parametrize("bad", ["key", "value", "prefix_out", "used"])
+def test_the_wrapper_refuses_layouts_the_kernel_cannot_read(bad):
+    query, key, value, start, bias = inputs(8, 2, 16, 4, 256, 90)
+    rows = query.reshape(2, 16, 16)
+    bounds = torch.arange(0, 257, 64)
+    used = torch.minimum((start - bounds[:-1]).clamp(min=0), bounds[1:] - bounds[:-1])
+    out, lse = sa.chunked_prefix_attention(rows, key[0], value[0], bounds, used, 64, 0.3)
+    column_major = lambda t: t.transpose(-1, -2).contiguous().transpose(-1, -2)  # the same values, d strided
+    args = {"key": key[0], "value": value[0], "prefix_out": out, "used": used}
+    args[bad] = used[:-1] if bad == "used" else column_major(args[bad])
+    message = r"used of shape \(3,\) for 4 chunks" if bad == "used" else rf"strided \['{bad}'\]"
+    with pytest.raises(ValueError, match=message):
+        split_merge.own_slots_and_merge(rows, args["key"], args["value"], bias[0, 0], start, 4, args["prefix_out"], lse,
+                                        args["used"], 4, 0.3)
+
+
+def test_which_merge_runs_follows_the_chunk_count_and_the_choice(monkeypatch):
+    monkeypatch.setattr(split_merge, "CHOICE", None)
+    assert sa.merge_kernel("cuda", torch.bfloat16, 128, 12416) == "triton"
+    assert sa.merge_kernel("cuda", torch.bfloat16, 128, 64 * 512 + 511) == "triton"  # the last chunk takes the rest
+    assert sa.merge_kernel("cuda", torch.bfloat16, 128, 65 * 512) == "torch"  # more than MAX_CHUNKS chunks
+    assert sa.merge_kernel("cuda", torch.bfloat16, 128, 65 * 512, chunk=1024) == "triton"
+    assert sa.merge_kernel("cuda", torch.bfloat16, 128, 12416, merge="torch") == "torch"
+    assert sa.merge_kernel("cpu", torch.float32, 128, 12416) == "torch"
+    assert sa.merge_kernel("cpu", torch.float32, 128, 12416, merge="triton") == "triton"
+    with pytest.raises(ValueError, match="merge must be 'triton', 'torch' or None, got 'fused'"):
+        sa.merge_kernel("cuda", torch.bfloat16, 128, 12416, merge="fused")
+
+
+def test_split_attention_traces_without_a_graph_break(monkeypatch):
+    """The choice of merge is made while dynamo traces (`available`, `merge_kernel`): no graph break,
+    and under compile on a CPU the torch operations (dynamo cannot trace Triton's interpreter)."""
+    monkeypatch.setattr(split_merge, "CHOICE", "triton")
+    monkeypatch.setattr(sa, "own_slots_and_merge", lambda *args: pytest.fail("the interpreter under dynamo"))
+    query, key, value, start, bias = inputs(28, 4, 16, 26, 384, 300)
+    torch._dynamo.reset()
+    compiled = torch.compile(lambda *args: sa.split_attention(*args, 26, 0.3, 64), fullgraph=True, backend="eager")
+    got = compiled(query, key, value, bias, start)
+    torch.testing.assert_close(got, sa.split_attention(query, key, value, bias, start, 26, 0.3, 64, merge="torch"))
 
 
 def test_where_the_kernel_serves(monkeypatch):

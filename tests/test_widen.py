@@ -14,7 +14,7 @@ import torch
 from transformers import Qwen2Config
 
 import specvlm as sv
-from specvlm import synthetic, widen
+from specvlm import models, synthetic, widen
 from specvlm.trees import MC_SIM_7B_63
 
 CLIP_FRAMES = (4, 4, 5, 4, 6, 4, 8, 16)  # 8 clips, seeds 0..7
@@ -27,7 +27,7 @@ def grown(text, group: int, dead_kv: int = 1, tie: bool = False) -> Qwen2Config:
     copies = math.ceil(text.num_attention_heads // text.num_key_value_heads / group)
     kv = copies * text.num_key_value_heads + dead_kv
     return Qwen2Config(hidden_size=text.hidden_size + 32, num_hidden_layers=text.num_hidden_layers + 1,
-                       num_attention_heads=kv * group, num_key_value_heads=kv, head_dim=widen.head_dim(text),
+                       num_attention_heads=kv * group, num_key_value_heads=kv, head_dim=models.head_dim(text),
                        intermediate_size=text.intermediate_size + 64, vocab_size=text.vocab_size + 24,
                        tie_word_embeddings=tie)
 
