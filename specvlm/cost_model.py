@@ -306,7 +306,7 @@ def wide_feed_share(acceptance) -> float:
     """The share of rounds whose draft catches up on more than one token: those that follow a
     round that accepted at least one drafted token, estimated from the accepted-count histogram
     (a mean alone gives 1 when it is above 0). wide_feed_share([1, 2, 1]) -> 0.75"""
-    if isinstance(acceptance, (int, float)):
+    if isinstance(acceptance, numbers.Real) and not isinstance(acceptance, bool):  # a mean, as tokens_per_round takes
         return 1.0 if acceptance > 0 else 0.0
     rounds = sum(acceptance)
     return (rounds - acceptance[0]) / rounds if rounds else 0.0

@@ -3,6 +3,7 @@
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from specvlm import cost_model as cm
@@ -41,6 +42,7 @@ def test_tree_round_has_one_draft_pass_per_level():
     assert cm.tree_round_ms(MC_SIM_7B_63, 1.0, 12.0, t_feed=2.0, t_level=1.5, wide_feed=0.5) == pytest.approx(19.5)
     assert cm.tree_round_ms(MC_SIM_7B_63, 1.0, 12.0, t_feed=2.0, wide_feed=0.0) == pytest.approx(17.0)
     assert cm.wide_feed_share([1, 2, 1]) == 0.75 and cm.wide_feed_share(0.0) == 0.0 and cm.wide_feed_share(2.5) == 1.0
+    assert cm.wide_feed_share(np.float32(2.5)) == 1.0  # a mean of numpy's, as tokens_per_round takes it
 
 
 def test_interpolate_is_linear_and_extends_end_segments():
