@@ -209,13 +209,18 @@ def bench(args) -> int:
     from .bench import bench as run, save, table
     from .video import sample_video
 
+    import torch._inductor.config as inductor_config
+
+    if args.combo_kernels:
+        inductor_config.combo_kernels = True
     pair, stand_in = bench_pair(args)
     if args.clip == "synthetic":
         video_for = lambda frames: synthetic_video(args.clip_seed, frames)
     else:
         video_for = lambda frames: sample_video(args.clip, frames)
     facts = {"clip": f"synthetic seed {args.clip_seed}" if args.clip == "synthetic" else args.clip,
-             "command": args.command_line, "code": git_commit()}
+             "command": args.command_line, "code": git_commit(),
+             "combo_kernels": bool(inductor_config.combo_kernels)}
     if args.widen:
         facts["widened_to"] = {"target": args.widen[0], "draft": args.widen[1]}
     # saved after every row, so a run cut short by a time limit still says where and how it ran
@@ -342,6 +347,10 @@ def main(argv=None) -> int:
     b.add_argument("--timeline", action="store_true",
                    help="profile one more generation per fast-path row: device busy and idle time per phase "
                         "of a round (specvlm.timeline)")
+    b.add_argument("--combo-kernels", action="store_true",
+                   help="compile the fast path's steps with inductor's combo kernels, which launch data-independent "
+                        "kernels as one (torch._inductor.config.combo_kernels, set for the whole process: target, "
+                        "draft and AR alike)")
     b.add_argument("--device", type=device, default=None)
     b.add_argument("--dtype", default=None, choices=dtypes(), help="default: bfloat16 on CUDA, float32 on CPU")
     b.add_argument("--out", type=out_file, default=None, help="write the JSON here (e.g. figures/bench_tiny.json)")

@@ -156,6 +156,30 @@ def test_profile_records_its_command_code_and_inductor_settings(tmp, monkeypatch
     assert result["combo_kernels"] is False
 
 
+@pytest.mark.parametrize("flag", [[], ["--combo-kernels"]])
+def test_bench_compiles_with_combo_kernels_only_when_asked(tmp, monkeypatch, flag):
+    """`bench --combo-kernels` sets inductor's flag before anything is compiled, and the JSON says
+    whether it was on (a run without the flag says False)."""
+    import torch._inductor.config as inductor
+
+    from specvlm import bench as bench_module
+
+    monkeypatch.setattr(inductor, "combo_kernels", False)  # restored after the test: the flag sets it for the process
+    seen = []
+
+    def run(*args, **kwargs):
+        seen.append(inductor.combo_kernels)
+        return {"card": "Test Card", "rows": []}
+
+    monkeypatch.setattr(bench_module, "bench", run)
+    monkeypatch.setattr(bench_module, "table", lambda result: "")
+    out = tmp / "b.json"
+    assert main(["bench", "--frames", "1", "--device", "cpu", *flag, "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert seen == [bool(flag)] and result["combo_kernels"] is bool(flag)
+    assert ("--combo-kernels" in result["command"]) is bool(flag)
+
+
 def test_profile_compiles_with_combo_kernels_when_asked(tmp, monkeypatch):
     import torch._inductor.config as inductor
 
