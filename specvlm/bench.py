@@ -548,7 +548,7 @@ def run_facts(pair: Pair, stand_in, max_new_tokens, k, repeats, step_repeats, se
     card = card_name(pair.target.device)
     return {
         "pair": pair.name, "stand_in": ("stand-in" in pair.name.lower()) if stand_in is None else bool(stand_in),
-        "device": card, "card": card, "dtype": str(pair.target.dtype),
+        "device": card, "card": card, "card_id": card_id(pair.target.device), "dtype": str(pair.target.dtype),
         "torch": torch.__version__, "transformers": transformers.__version__, "cuda": torch.version.cuda,
         "python": platform.python_version(), "specvlm": __version__,
         "date": str(date.today()), "max_new_tokens": max_new_tokens, "k": k, "repeats": repeats,
@@ -626,6 +626,13 @@ def first_divergence(target, prompt, tokens: list[int], reference: list[int]) ->
 def card_name(device: torch.device) -> str:
     """The card a measurement ran on: the CUDA device's name, else the CPU's."""
     return torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
+
+
+def card_id(device: torch.device) -> str | None:
+    """The CUDA card's UUID (as `nvidia-smi -L` prints it, without "GPU-"), None off CUDA: two
+    results with the same id ran on the same card, so their timings compare without a machine's
+    difference in them."""
+    return str(torch.cuda.get_device_properties(device).uuid) if device.type == "cuda" else None
 
 
 def save(result: dict, path) -> None:

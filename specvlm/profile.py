@@ -52,7 +52,7 @@ import transformers
 from torch.autograd import DeviceType
 
 from . import costs, fast
-from .bench import QUEUED, card_name, save  # QUEUED: steps per queued sample, as bench times them
+from .bench import QUEUED, card_id, card_name, save  # QUEUED: steps per queued sample, as bench times them
 from .cost_model import load
 from .models import resolved_dtype
 from .fusion import fuse_projections
@@ -279,7 +279,8 @@ def profile_shapes(shapes, contexts, kinds=None, attention: str = "sdpa", device
                     progress(row)
         model = None
         costs._free(device)
-    return {"card": card_name(device), "dtype": str(dtype).removeprefix("torch."), "torch": torch.__version__,
+    return {"card": card_name(device), "card_id": card_id(device), "dtype": str(dtype).removeprefix("torch."),
+            "torch": torch.__version__,
             "transformers": transformers.__version__, "date": str(date.today()), "bandwidth_GBps": bandwidth / 1e9,
             "attention": attention, "fused": fuse, "repeats": repeats, "k": k, "tree_nodes": tree.num_nodes,
             "weights": "random: matrices, embeddings, biases normal(0, 0.02), norms 1; KV cache random",
@@ -298,7 +299,7 @@ def combine(runs: dict, note: str = "") -> dict:
         values = {result[key] for result in results}
         if len(values) != 1:
             raise ValueError(f"combine profiles of one card, dtype and settings only; got {key} {sorted(map(str, values))}.")
-    rows = [{**row, "label": label, "attention": result["attention"], "date": result["date"],
+    rows = [{**row, "label": label, "attention": result["attention"], "date": result["date"], "card_id": result.get("card_id"),
              "torch": result["torch"], "transformers": result["transformers"]}
             for label, result in runs.items() for row in result["rows"]]
     return {**{key: results[0][key] for key in ("card", "dtype", "repeats", "k", "tree_nodes", "weights", "timing",

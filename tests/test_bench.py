@@ -154,6 +154,21 @@ def test_cli_widens_the_pair_and_adds_self_rows(tmp_path, monkeypatch):
     assert result["code"] is None or len(result["code"].split()[0]) == 40  # the checkout's commit, where there is one
 
 
+def test_card_id_names_the_card_so_runs_on_one_card_can_be_told(monkeypatch):
+    """A CUDA card's UUID (two results on the same card share it); None for a CPU."""
+    import uuid
+
+    from specvlm import bench as bench_module
+
+    card = uuid.UUID("d63ecfc4-dc10-1992-d023-743d7dde9c5c")
+    seen = []
+    monkeypatch.setattr(bench_module.torch.cuda, "get_device_properties",
+                        lambda device: seen.append(device) or types.SimpleNamespace(uuid=card))
+    assert bench_module.card_id(torch.device("cuda", 1)) == "d63ecfc4-dc10-1992-d023-743d7dde9c5c"
+    assert seen == [torch.device("cuda", 1)]
+    assert bench_module.card_id(torch.device("cpu")) is None
+
+
 def test_a_run_cut_short_still_says_where_and_how_it_ran(tmp_path, monkeypatch):
     """Every row's save carries the card, versions, command and code: a run stopped by a time
     limit leaves a usable partial JSON. $SPECVLM_CODE names the commit of a copied tree."""
@@ -165,6 +180,7 @@ def test_a_run_cut_short_still_says_where_and_how_it_ran(tmp_path, monkeypatch):
     *partials, final = saved
     assert partials and all(p["partial"] and p["card"] and p["torch"] and p["transformers"] and p["date"]
                             for p in partials)
+    assert all("card_id" in p and p["card_id"] is None for p in saved)  # a CPU run: no card UUID
     assert {p["code"] for p in partials} == {final["code"]} == {"abc123 (copied tree)"}
     assert [len(p["rows"]) for p in partials] == list(range(1, len(final["rows"]) + 1))
     assert "partial" not in final and final["command"].startswith("python -m specvlm bench --frames 1")

@@ -105,6 +105,7 @@ def cli_run(tmp_path_factory):
 def test_cli_writes_json_and_plot(cli_run):
     result, folder = cli_run
     assert {"card", "dtype", "torch", "transformers", "date", "bandwidth_GBps", "attention", "rows"} <= set(result)
+    assert result["card_id"] is None  # a CPU has no card UUID
     assert (folder / "p.png").stat().st_size > 0
     assert [(r["kind"], r["query_len"]) for r in result["rows"]] == [("step", 1), ("tree", MC_SIM_7B_63.num_nodes)]
     table = profile.table(result)
@@ -113,8 +114,10 @@ def test_cli_writes_json_and_plot(cli_run):
 
 def test_combined_profiles_keep_each_run_and_refuse_two_cards(cli_run, tmp_path):
     result = cli_run[0]
-    other = {**result, "attention": "flex", "date": "2026-01-02", "bandwidth_GBps": result["bandwidth_GBps"] / 2}
+    other = {**result, "attention": "flex", "date": "2026-01-02", "bandwidth_GBps": result["bandwidth_GBps"] / 2,
+             "card_id": "another card of the same model"}
     both = profile.combine({"before": result, "after": other}, note="two runs")
+    assert [row["card_id"] for row in both["rows"]] == [None] * 2 + ["another card of the same model"] * 2
     assert [row["label"] for row in both["rows"]] == ["before"] * 2 + ["after"] * 2
     assert [row["attention"] for row in both["rows"]] == [result["attention"]] * 2 + ["flex"] * 2
     assert both["attention"] == "per row" and both["bandwidth_GBps"] == other["bandwidth_GBps"]
