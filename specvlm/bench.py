@@ -258,13 +258,48 @@ def fast_steps(pair: Pair, prompt, draft_prompt, res, shape, k: int, repeats: in
         levels, feed = DraftLevels.of(tree), tree.depth + 1
         steps["draft_feed"] = queued_ms(lambda: draft.extend([token] * feed, draft_prompt.next_position, feed),
                                         draft_reset)
-        pattern = draft.constant((tree, 1), lambda: levels.patterns[0])
+        level_pattern = draft.constant((tree, 1), lambda: levels.patterns[0])  # `verify` keeps the target's `pattern`
         nodes = len(levels.nodes[0])
         steps["draft_level"] = queued_ms(lambda: draft.step([token] * nodes, [draft_prompt.next_position + 1] * nodes,
-                                                            pattern, start=draft_start), draft_reset)
+                                                            level_pattern, start=draft_start), draft_reset)
+        vocab = draft_step().shape[-1]
+        draft_reset()
+        steps.update(round_glue(target, draft, tree, levels, verify, reset, vocab, start, repeats))
     per_token["draft"] = kv_bytes_per_token(draft.cache.keys, draft.cache.values)
     allocated["draft"] = per_token["draft"] * draft.cache.capacity
     return {"step_ms": steps, "per_token": per_token, "allocated": allocated}
+
+
+def round_glue(target, draft, tree, levels, verify, reset, vocab: int, start: int, repeats: int) -> dict:
+    """The work of a tree round on the fast path besides its passes (`cost_model.glue_ms`), timed
+    with the row's step functions and shapes: "draft_picks", the token picks between the draft's
+    passes (a top-k and two indexings per level: `fast.pick_level`), queued; "accept_synced", the
+    acceptance on an idle device (`fast.accept_round`: argmaxes, one copy to the host, the host's
+    `tree_accept`), as it runs once the verification is done; "target_move", the KV move of an
+    accepted path of the tree's depth, queued. The picks read random logits of the passes' shapes
+    (`vocab` columns); `verify()` runs one verification from slot `start`, `reset()` sets the
+    target's write position back there."""
+    from .fast import accept_round, path_moves, pick_level
+
+    device = target.lm.device
+    queued_ms = functools.partial(median_ms, device, repeats=repeats, queued=QUEUED)
+    rows = [1] + [len(nodes) for nodes in levels.nodes]  # logits rows each depth picks from
+    generator = torch.Generator(device).manual_seed(0)
+    logits = [torch.randn(n, vocab, generator=generator, device=device).to(draft.lm.dtype) for n in rows]
+    tokens = torch.zeros(tree.num_nodes, dtype=torch.long, device=device)
+
+    def picks():
+        for depth, level_logits in enumerate(logits[:tree.depth], start=1):
+            pick_level(draft, tree, levels, depth, level_logits, tokens)
+
+    glue = {"draft_picks": queued_ms(picks, lambda: None)}
+    verify_logits = verify().clone()  # a static output buffer: the next step may overwrite it
+    reset()
+    glue["accept_synced"] = median_ms(device, lambda: accept_round(tree, tokens, verify_logits), lambda: None, repeats)
+    path = [node for node in tree.retrieve[0, 1:].tolist() if node > 0]  # the first leaf's root-to-leaf path
+    moves = path_moves(start, path, tree.depth)
+    glue["target_move"] = queued_ms(lambda: target.move(*moves), lambda: None)
+    return glue
 
 
 def measure(path: str, pair: Pair, prompt, draft_prompt, method: str, shape, ratio: float, k: int,

@@ -244,7 +244,8 @@ def predicted_vs_measured(bench_result, table: CostTable | None = None, target: 
                   "step_ms": median ms per pass in that run, {"target_step"} on AR rows,
                   {"draft_step", "verify"} on speculative rows, and on tree rows of the fast path
                   also {"draft_feed", "draft_level"} (the tree round's wider draft passes);
-                  fast-path rows also {"draft_step_synced"} (see `launch_ms`),
+                  fast-path rows also {"draft_step_synced"} (see `launch_ms`), and tree rows there
+                  {"draft_picks", "accept_synced", "target_move"} (see `glue_ms`),
                   "prompt_tokens", "draft_prompt_tokens" (cache length when decoding starts).
     Step costs come from the run's own "step_ms" when present (t_ar from the AR row of the same
     path and frame count), else from `table` (with `target` and `draft` shape names) at the row's
@@ -283,7 +284,7 @@ def predicted_vs_measured(bench_result, table: CostTable | None = None, target: 
             if tree is None:
                 round_ms = chain_round_ms(k, t_draft, t_verify) + launch_ms(steps)
             else:
-                round_ms = tree_round_ms(tree, t_draft, t_verify, extra_ms=launch_ms(steps),
+                round_ms = tree_round_ms(tree, t_draft, t_verify, extra_ms=launch_ms(steps) + glue_ms(steps),
                                          t_feed=steps.get("draft_feed"), t_level=steps.get("draft_level"),
                                          wide_feed=wide_feed_share(acceptance))
             row["predicted_round_ms"] = round_ms
@@ -300,6 +301,18 @@ def launch_ms(steps: dict) -> float:
     launch_ms({"draft_step": 1.5, "draft_step_synced": 2.1}) -> 0.6 (up to rounding)"""
     synced, queued = steps.get("draft_step_synced"), steps.get("draft_step")
     return max(0.0, synced - queued) if synced is not None and queued is not None else 0.0
+
+
+GLUE = ("draft_picks", "accept_synced", "target_move")
+
+
+def glue_ms(steps: dict) -> float:
+    """The rest of a fast-path tree round, besides its passes and `launch_ms`, from the run's
+    step timings (`bench.round_glue`): the draft's token picks between passes, the host's
+    acceptance after the verification, the target's KV move; 0 for each one not timed (runs
+    before these were timed, chain rows, the plain path).
+    glue_ms({"draft_picks": 0.2, "accept_synced": 0.3, "target_move": 0.05}) -> 0.55 (up to rounding)"""
+    return sum(steps.get(name, 0.0) for name in GLUE)
 
 
 def wide_feed_share(acceptance) -> float:

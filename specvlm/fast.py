@@ -741,9 +741,7 @@ def draft_tree(run: Run, tree: Tree, levels: DraftLevels) -> torch.Tensor:
     logits = run.draft_feed()[None]  # [1, V]: the root's
     base = draft.length
     for depth in range(1, tree.depth + 1):
-        top = logits.topk(levels.top[depth - 1]).indices  # [rows, top]
-        rows, nodes, ranks = draft.constant(("picks", tree, depth), lambda: levels.pick_index[depth - 1])
-        tokens[nodes] = top[rows, ranks]
+        pick_level(draft, tree, levels, depth, logits, tokens)
         if depth > len(levels.nodes):
             break
         expand = draft.constant(("expand", tree, depth), lambda: levels.expand_index[depth - 1])
@@ -752,6 +750,26 @@ def draft_tree(run: Run, tree: Tree, levels: DraftLevels) -> torch.Tensor:
         logits = draft.step(tokens[expand], [root_position + depth] * len(expand), pattern, start=base)
     draft.length = base
     return tokens
+
+
+def pick_level(draft: StaticLM, tree: Tree, levels: DraftLevels, depth: int, logits: torch.Tensor,
+               tokens: torch.Tensor) -> None:
+    """Write the tokens of the nodes at `depth` into `tokens` [N+1] (on the device, in place): each
+    is the rank-th most likely token of its parent's row of `logits` [rows, V] (the root's for
+    depth 1, else the last level's passes). No copy to the host."""
+    top = logits.topk(levels.top[depth - 1]).indices  # [rows, top]
+    rows, nodes, ranks = draft.constant(("picks", tree, depth), lambda: levels.pick_index[depth - 1])
+    tokens[nodes] = top[rows, ranks]
+
+
+def accept_round(tree: Tree, tokens: torch.Tensor, logits: torch.Tensor) -> tuple[list[int], int, list[int]]:
+    """A tree round's acceptance from its node tokens [N+1] and the verification's logits [N+1, V],
+    both on the device: the drafted tokens and the target's argmaxes come to the host in one copy
+    (it waits for the verification), then `tree_accept`. Returns (accepted nodes, the target's
+    next token, the node tokens as ints)."""
+    node_tokens, predicted = torch.stack([tokens, logits.argmax(-1)]).cpu()
+    accepted, next_token = tree_accept(tree, node_tokens, predicted)
+    return accepted, next_token, node_tokens.tolist()
 
 
 def tree_round(run: Run, tree: Tree, levels: DraftLevels) -> int:
@@ -769,14 +787,13 @@ def tree_round(run: Run, tree: Tree, levels: DraftLevels) -> int:
         logits = run.target.step(tokens, (root_position + tree.depths).tolist(), pattern)
     with phase("accept"):
         # 3. accept the longest agreeing root-to-leaf path and the target's next token (one copy to the host)
-        node_tokens, predicted = torch.stack([tokens, logits.argmax(-1)]).cpu()
-        accepted, next_token = tree_accept(tree, node_tokens, predicted)
+        accepted, next_token, node_tokens = accept_round(tree, tokens, logits)
         # 4. the target keeps the root and the accepted path, moved to consecutive slots (queued by
         # the next round, after its draft passes)
         if accepted:
             run.target_move = path_moves(prefix, accepted, tree.depth)
         run.target.length = prefix + 1 + len(accepted)
-        run.out += node_tokens[accepted].tolist() + [next_token]
+        run.out += [node_tokens[node] for node in accepted] + [next_token]
     return len(accepted)
 
 

@@ -112,7 +112,7 @@ def test_every_row_has_positive_step_timings_and_cache_sizes(embedded_run):
         if row["path"] == "fast":
             expected |= {"target_step_synced"} if row["method"] == "ar" else {"draft_step_synced"}
         if row["path"] == "fast" and row["draft"] == "tree":
-            expected |= {"draft_feed", "draft_level"}
+            expected |= {"draft_feed", "draft_level", "draft_picks", "accept_synced", "target_move"}
         assert set(row["step_ms"]) == expected and all(ms > 0 for ms in row["step_ms"].values())
         assert row["prompt_tokens"] > row["video_tokens"] and row["kv_bytes"]["target"] > 0
         assert row["peak_memory_bytes"] is None  # CPU
