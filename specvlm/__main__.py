@@ -348,9 +348,9 @@ def main(argv=None) -> int:
                    help="profile one more generation per fast-path row: device busy and idle time per phase "
                         "of a round (specvlm.timeline)")
     b.add_argument("--combo-kernels", action="store_true",
-                   help="compile the fast path's steps with inductor's combo kernels, which launch data-independent "
-                        "kernels as one (torch._inductor.config.combo_kernels, set for the whole process: target, "
-                        "draft and AR alike)")
+                   help="compile with inductor's combo kernels, which launch data-independent kernels as one "
+                        "(torch._inductor.config.combo_kernels, set for the whole process: the fast path's AR, draft "
+                        "and verification steps, and transformers' compiled hf-generate-static row)")
     b.add_argument("--device", type=device, default=None)
     b.add_argument("--dtype", default=None, choices=dtypes(), help="default: bfloat16 on CUDA, float32 on CPU")
     b.add_argument("--out", type=out_file, default=None, help="write the JSON here (e.g. figures/bench_tiny.json)")

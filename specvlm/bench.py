@@ -262,31 +262,39 @@ def fast_steps(pair: Pair, prompt, draft_prompt, res, shape, k: int, repeats: in
         nodes = len(levels.nodes[0])
         steps["draft_level"] = queued_ms(lambda: draft.step([token] * nodes, [draft_prompt.next_position + 1] * nodes,
                                                             level_pattern, start=draft_start), draft_reset)
-        vocab = draft_step().shape[-1]
+        draft_logits = draft_step().clone()  # the picks' input: the draft's logits, float32, on its device
         draft_reset()
-        steps.update(round_glue(target, draft, tree, levels, verify, reset, vocab, start, repeats))
+        steps.update(round_glue(target, draft, tree, levels, verify, reset, draft_logits, start, repeats))
     per_token["draft"] = kv_bytes_per_token(draft.cache.keys, draft.cache.values)
     allocated["draft"] = per_token["draft"] * draft.cache.capacity
     return {"step_ms": steps, "per_token": per_token, "allocated": allocated}
 
 
-def round_glue(target, draft, tree, levels, verify, reset, vocab: int, start: int, repeats: int) -> dict:
+def round_glue(target, draft, tree, levels, verify, reset, draft_logits: torch.Tensor, start: int,
+               repeats: int) -> dict:
     """The work of a tree round on the fast path besides its passes (`cost_model.glue_ms`), timed
-    with the row's step functions and shapes: "draft_picks", the token picks between the draft's
-    passes (a top-k and two indexings per level: `fast.pick_level`), queued; "accept_synced", the
-    acceptance on an idle device (`fast.accept_round`: argmaxes, one copy to the host, the host's
-    `tree_accept`), as it runs once the verification is done; "target_move", the KV move of an
-    accepted path of the tree's depth, queued. The picks read random logits of the passes' shapes
-    (`vocab` columns); `verify()` runs one verification from slot `start`, `reset()` sets the
-    target's write position back there."""
-    from .fast import accept_round, path_moves, pick_level
+    with the row's step functions and shapes:
+    - "draft_picks": the token picks between the draft's passes (per level a top-k and two
+      indexings: `fast.pick_level`), all levels of a round, queued: the larger of their device
+      and host time (in a round the host's part hides behind the passes, the device's adds);
+    - "accept_synced": the acceptance (`fast.accept_round`: argmaxes, one copy to the host, the
+      host's `tree_accept`) started on an idle device, as it ends a round; in a round its
+      kernels' launch overlaps the verification;
+    - "target_move": the KV move of an accepted path of the tree's depth, queued (a round moves
+      only when it accepted a token: `cost_model.glue_ms` weighs it so).
+    The picks read random logits of the passes' shapes, in the dtype and on the device of
+    `draft_logits` (a draft step's output, [1, V]); `verify()` runs one verification from slot
+    `start`, `reset()` sets the target's write position back there. Every cache's write position
+    ends where it started."""
+    from .fast import accept_round, path_moves, pick_level, to_target
 
-    device = target.lm.device
+    device, draft_device = target.lm.device, draft_logits.device
     queued_ms = functools.partial(median_ms, device, repeats=repeats, queued=QUEUED)
     rows = [1] + [len(nodes) for nodes in levels.nodes]  # logits rows each depth picks from
-    generator = torch.Generator(device).manual_seed(0)
-    logits = [torch.randn(n, vocab, generator=generator, device=device).to(draft.lm.dtype) for n in rows]
-    tokens = torch.zeros(tree.num_nodes, dtype=torch.long, device=device)
+    generator = torch.Generator(draft_device).manual_seed(0)
+    vocab = draft_logits.shape[-1]
+    logits = [torch.randn(n, vocab, generator=generator, device=draft_device).to(draft_logits.dtype) for n in rows]
+    tokens = torch.zeros(tree.num_nodes, dtype=torch.long, device=draft_device)  # as `fast.draft_tree` keeps them
 
     def picks():
         for depth, level_logits in enumerate(logits[:tree.depth], start=1):
@@ -295,7 +303,9 @@ def round_glue(target, draft, tree, levels, verify, reset, vocab: int, start: in
     glue = {"draft_picks": queued_ms(picks, lambda: None)}
     verify_logits = verify().clone()  # a static output buffer: the next step may overwrite it
     reset()
-    glue["accept_synced"] = median_ms(device, lambda: accept_round(tree, tokens, verify_logits), lambda: None, repeats)
+    node_tokens = to_target(tokens, device)
+    glue["accept_synced"] = median_ms(device, lambda: accept_round(tree, node_tokens, verify_logits), lambda: None,
+                                      repeats)
     path = [node for node in tree.retrieve[0, 1:].tolist() if node > 0]  # the first leaf's root-to-leaf path
     moves = path_moves(start, path, tree.depth)
     glue["target_move"] = queued_ms(lambda: target.move(*moves), lambda: None)

@@ -284,7 +284,8 @@ def predicted_vs_measured(bench_result, table: CostTable | None = None, target: 
             if tree is None:
                 round_ms = chain_round_ms(k, t_draft, t_verify) + launch_ms(steps)
             else:
-                round_ms = tree_round_ms(tree, t_draft, t_verify, extra_ms=launch_ms(steps) + glue_ms(steps),
+                moved = wide_feed_share(acceptance)  # rounds that accepted a token move its KV, and feed wide
+                round_ms = tree_round_ms(tree, t_draft, t_verify, extra_ms=launch_ms(steps) + glue_ms(steps, moved),
                                          t_feed=steps.get("draft_feed"), t_level=steps.get("draft_level"),
                                          wide_feed=wide_feed_share(acceptance))
             row["predicted_round_ms"] = round_ms
@@ -306,13 +307,15 @@ def launch_ms(steps: dict) -> float:
 GLUE = ("draft_picks", "accept_synced", "target_move")
 
 
-def glue_ms(steps: dict) -> float:
+def glue_ms(steps: dict, move_share: float = 1.0) -> float:
     """The rest of a fast-path tree round, besides its passes and `launch_ms`, from the run's
     step timings (`bench.round_glue`): the draft's token picks between passes, the host's
-    acceptance after the verification, the target's KV move; 0 for each one not timed (runs
-    before these were timed, chain rows, the plain path).
-    glue_ms({"draft_picks": 0.2, "accept_synced": 0.3, "target_move": 0.05}) -> 0.55 (up to rounding)"""
-    return sum(steps.get(name, 0.0) for name in GLUE)
+    acceptance after the verification, and the target's KV move, which only a share
+    `move_share` of the rounds makes (those that accepted a token: `wide_feed_share`); 0 for
+    each one not timed (runs before these were timed, chain rows, the plain path).
+    glue_ms({"draft_picks": 0.2, "accept_synced": 0.3, "target_move": 0.1}, move_share=0.5) -> 0.55"""
+    return (steps.get("draft_picks", 0.0) + steps.get("accept_synced", 0.0)
+            + move_share * steps.get("target_move", 0.0))
 
 
 def wide_feed_share(acceptance) -> float:

@@ -120,6 +120,45 @@ def test_every_row_has_positive_step_timings_and_cache_sizes(embedded_run):
     assert all(row["kv_bytes"]["allocated"]["target"] >= row["kv_bytes"]["target"] for row in fast)
 
 
+def test_round_glue_times_what_a_tree_round_runs_and_leaves_the_caches_where_they_were(embedded, monkeypatch):
+    """`fast_steps` on a tree row times the round's own picks (every depth, in order), acceptance
+    (on float32 logits, as the draft's passes give them) and KV move (of a real root-to-leaf
+    path), and sets both caches' write positions back to where decoding starts."""
+    from specvlm import bench as bench_module, fast
+    from specvlm.trees import MC_SIM_7B_63
+
+    video = synthetic_video(2)
+    prompt, draft_prompt = embedded.target.prepare(video, "Describe."), embedded.draft.prepare(video, "Describe.")
+    res = bench_module.run_once("fast", embedded, prompt, draft_prompt, "specvlm", "tree", 0.5, 5, 4)
+    seen = {"depths": [], "dtypes": set(), "accepted": 0, "moves": []}
+    pick, accept, move = fast.pick_level, fast.accept_round, fast.StaticLM.move
+
+    def pick_spy(draft, tree, levels, depth, logits, tokens):
+        seen["depths"].append(depth)
+        seen["dtypes"].add(logits.dtype)
+        return pick(draft, tree, levels, depth, logits, tokens)
+
+    def accept_spy(tree, tokens, logits):
+        seen["accepted"] += 1
+        return accept(tree, tokens, logits)
+
+    monkeypatch.setattr(fast, "pick_level", pick_spy)
+    monkeypatch.setattr(fast, "accept_round", accept_spy)
+    monkeypatch.setattr(fast.StaticLM, "move", lambda self, source, dest: seen["moves"].append((source, dest))
+                        or move(self, source, dest))
+    steps = bench_module.fast_steps(embedded, prompt, draft_prompt, res, "tree", 5, repeats=1)["step_ms"]
+    depth = MC_SIM_7B_63.depth
+    assert seen["depths"] and seen["depths"] == list(range(1, depth + 1)) * (len(seen["depths"]) // depth)
+    assert seen["dtypes"] == {torch.float32} and seen["accepted"] >= 1
+    start = prompt.input_ids.shape[1]
+    path = [node for node in MC_SIM_7B_63.retrieve[0, 1:].tolist() if node > 0]
+    assert seen["moves"] and set(map(str, seen["moves"])) == {str(fast.path_moves(start, path, depth))}
+    assert all(steps[name] > 0 for name in ("draft_picks", "accept_synced", "target_move"))
+    target, draft = (fast.static_lm(lm, role, None) for lm, role in ((embedded.target, "target"),
+                                                                      (embedded.draft, "draft")))
+    assert target.length == start and draft.length == len(draft_prompt.rows(res.kept))
+
+
 def test_the_cost_model_predicts_every_speculative_row_from_the_run_itself(embedded_run):
     predictions = predicted_vs_measured(embedded_run)
     assert len(predictions) == sum(row["method"] != "ar" for row in embedded_run["rows"])

@@ -158,7 +158,9 @@ def test_a_fast_runs_rounds_pay_one_launch_on_an_idle_device():
 
 
 def test_a_fast_tree_round_adds_its_picks_acceptance_and_move():
-    assert cm.glue_ms({"draft_picks": 0.2, "accept_synced": 0.3, "target_move": 0.05}) == pytest.approx(0.55)
+    assert cm.glue_ms({"draft_picks": 0.2, "accept_synced": 0.3, "target_move": 0.1}, move_share=0.5) == \
+        pytest.approx(0.55)
+    assert cm.glue_ms({"draft_picks": 0.2, "accept_synced": 0.3, "target_move": 0.1}) == pytest.approx(0.6)
     assert cm.glue_ms({"draft_step": 1.0}) == 0.0
     bench = _bench()
     glue = {"draft_picks": 0.25, "accept_synced": 0.5, "target_move": 0.125}
@@ -166,6 +168,9 @@ def test_a_fast_tree_round_adds_its_picks_acceptance_and_move():
             "step_ms": {**bench["rows"][1]["step_ms"], **glue}}
     (row,) = cm.predicted_vs_measured({"k": 5, "rows": [bench["rows"][0], tree]})
     assert row["predicted_round_ms"] == pytest.approx(5 * 1.0 + 10.0 + 0.875)
+    tree["accepted_hist"] = [1, 1]  # half the rounds accepted nothing: no move after them
+    (row,) = cm.predicted_vs_measured({"k": 5, "rows": [bench["rows"][0], tree]})
+    assert row["predicted_round_ms"] == pytest.approx(5 * 1.0 + 10.0 + 0.75 + 0.5 * 0.125)
     chain = {**bench["rows"][1], "step_ms": {**bench["rows"][1]["step_ms"], **glue}}
     (row,) = cm.predicted_vs_measured({"k": 5, "rows": [bench["rows"][0], chain]})
     assert row["predicted_round_ms"] == pytest.approx(5 * 1.0 + 10.0)  # a chain round has no tree glue
