@@ -41,11 +41,13 @@ Acceptance is given either as a histogram (`hist[a]` = rounds with a accepted to
 a round's cost does not depend on how much of it is accepted.
 A fast-path run queues its passes without waiting for the device, so its step timings are
 queued ones; the host's launch time shows once per round (`launch_ms`: the first pass after the
-host reads a verification), added to the round by `predicted_vs_measured`.
+host reads a verification), added to the round by `predicted_vs_measured`. A fast-path tree row
+also times the rest of its round (`glue_ms`: the draft's token picks between passes, the host's
+acceptance, the target's KV move), added likewise; `round_breakdown` splits a measured round
+into all of these and what they leave unexplained.
 
 Not modelled: prefill, scoring and selection (decode time only, as the benchmark measures),
-other per-round host work (acceptance, the tree's KV move), the short last rounds near
-`max_new_tokens`.
+a chain round's picks and acceptance, the short last rounds near `max_new_tokens`.
 """
 
 from __future__ import annotations
@@ -316,6 +318,28 @@ def glue_ms(steps: dict, move_share: float = 1.0) -> float:
     glue_ms({"draft_picks": 0.2, "accept_synced": 0.3, "target_move": 0.1}, move_share=0.5) -> 0.55"""
     return (steps.get("draft_picks", 0.0) + steps.get("accept_synced", 0.0)
             + move_share * steps.get("target_move", 0.0))
+
+
+def round_breakdown(row: dict, tree: Tree = MC_SIM_7B_63) -> dict[str, float]:
+    """A fast-path tree row's measured round (decode ms / rounds) split by the row's own step
+    timings, in ms: "draft passes" (the catch-up feed and one pass per level, as `tree_round_ms`
+    counts them), "verification", "draft picks", "acceptance", "KV move" (in the rounds that
+    accepted a token), "launch" (`launch_ms`) and "unexplained", the rest. The parts add up to
+    the measured round; all but "unexplained" add up to the round `predicted_vs_measured` predicts."""
+    steps = row.get("step_ms") or {}
+    needed = ("draft_step", "verify")
+    if row.get("draft") != "tree" or not row.get("rounds") or any(name not in steps for name in needed):
+        raise ValueError(f"round_breakdown needs a tree row with rounds and step timings {needed}; got draft "
+                         f"{row.get('draft')!r}, {row.get('rounds')} rounds, step_ms {sorted(steps)}.")
+    acceptance = row.get("accepted_hist") or row["mean_accepted"]
+    share = wide_feed_share(acceptance)
+    parts = {"draft passes": tree_round_ms(tree, steps["draft_step"], 0.0, t_feed=steps.get("draft_feed"),
+                                           t_level=steps.get("draft_level"), wide_feed=share),
+             "verification": steps["verify"], "draft picks": steps.get("draft_picks", 0.0),
+             "acceptance": steps.get("accept_synced", 0.0), "KV move": share * steps.get("target_move", 0.0),
+             "launch": launch_ms(steps)}
+    parts["unexplained"] = 1000 * row["decode_s"] / row["rounds"] - sum(parts.values())
+    return parts
 
 
 def wide_feed_share(acceptance) -> float:

@@ -11,6 +11,8 @@ Three kinds of result, each a dict (or its JSON file, read with `cost_model.load
     plot_cost_curves(costs)       ms per pass vs context and its ratio to the bytes-over-bandwidth floor
     plot_predictions(frames, {label: sweep}, title)   predicted SD and SpecVLM speedups, and the pruning gain
     plot_round_timeline(bench)    ms per round by phase and idle gap, from `bench --timeline` rows
+    plot_round_budget(bench, floor)   a tree row's round by its step timings, beside the round a
+                                  target speedup allows and the same round with draft passes at their floor
 
 Every title says where the numbers come from (pair, card, dtype); the caller adds what the
 result cannot know (which clip, which assumption). Rows of a bench result without a "path" field
@@ -24,7 +26,8 @@ from collections.abc import Sequence
 import matplotlib.pyplot as plt
 from matplotlib.lines import Line2D
 
-from .cost_model import load
+from .cost_model import draft_passes, load, round_breakdown, tokens_per_round
+from .trees import MC_SIM_7B_63
 
 PATH_COLOURS = {"plain": "tab:blue", "fast": "tab:orange", "eager": "tab:red", "sdpa": "tab:blue",
                 "transformers": "tab:gray"}
@@ -310,4 +313,52 @@ def plot_round_timeline(result, title: str | None = None):
     ax.set_title(title or f"Where a round's time goes: {_source(result)}", fontsize=10)
     fig.legend(*ax.get_legend_handles_labels(), fontsize=8, ncol=3, loc="lower center")
     fig.tight_layout(rect=(0, 0.45 / height, 1, 1))  # the legend's two lines below the axis label
+    return fig
+
+
+BUDGET_COLOURS = {"draft passes": "tab:orange", "verification": "tab:blue", "draft picks": "tab:red",
+                  "acceptance": "tab:purple", "KV move": "tab:brown", "launch": "tab:pink", "unexplained": "tab:gray"}
+
+
+def round_budget(result, draft_floor_ms: float, target: float = 2.5, method: str = "specvlm") -> dict:
+    """The numbers `plot_round_budget` draws, for the first fast-path tree row of `method`:
+    {"row", "measured": `round_breakdown`, "at floor": the same with every draft pass at
+    `draft_floor_ms`, "allowed_ms": the round at which the row would run `target` times its AR
+    (tokens per round x AR's ms per token / target), "passes"}."""
+    result = load(result)
+    rows = bench_rows(result, "fast")
+    row = next((r for r in rows if r["method"] == method and r.get("draft") == "tree"), None)
+    ar = next((r for r in rows if r["method"] == "ar" and row is not None and r["frames"] == row["frames"]), None)
+    if row is None or ar is None:
+        raise ValueError(f"no fast-path tree row of method {method!r} with its AR row in this result.")
+    measured = round_breakdown(row)
+    passes = len(draft_passes(MC_SIM_7B_63))
+    at_floor = {**measured, "draft passes": passes * draft_floor_ms}
+    ar_ms = 1000 * ar["decode_s"] / ar["new_tokens"]
+    allowed = tokens_per_round(row.get("accepted_hist") or row["mean_accepted"]) * ar_ms / target
+    return {"row": row, "measured": measured, "at floor": at_floor, "allowed_ms": allowed, "passes": passes}
+
+
+def plot_round_budget(result, draft_floor_ms: float, target: float = 2.5, method: str = "specvlm",
+                      title: str | None = None):
+    """Two bars of ms per round: the first fast-path tree row's measured round split by its step
+    timings (`cost_model.round_breakdown`), and the same round with each draft pass at
+    `draft_floor_ms` (its bytes over the copy bandwidth, from a profile); a dashed line at the
+    round that would give `target` times the project's AR at the row's tokens per round."""
+    budget = round_budget(result, draft_floor_ms, target, method)
+    fig, ax = plt.subplots(figsize=(10, 3))
+    labels = ["measured", f"draft passes at their floor ({draft_floor_ms:.2f} ms each)"]
+    left = [0.0, 0.0]
+    for part, colour in BUDGET_COLOURS.items():
+        widths = [budget["measured"][part], budget["at floor"][part]]
+        ax.barh(labels, widths, left=left, color=colour, label=part)
+        left = [a + b for a, b in zip(left, widths)]
+    ax.axvline(budget["allowed_ms"], color="black", linestyle="--", linewidth=1)
+    ax.invert_yaxis()
+    ax.text(budget["allowed_ms"], 0.5, f" the round for {target:g}x AR", fontsize=8, va="center")
+    ax.set_xlim(0, max(left + [budget["allowed_ms"]]) * 1.1)
+    ax.set_xlabel("ms per round")
+    ax.set_title(title or f"A round against its budget: {_source(load(result))}", fontsize=10)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1))
+    fig.tight_layout()
     return fig

@@ -199,3 +199,31 @@ def test_round_parts_add_up_to_the_decode_per_round_and_the_plot_needs_timelines
     assert [t.get_text() for t in fig.axes[0].get_yticklabels()] == ["SpecVLM tree 90%"]
     assert "test pair (stand-in)" in fig.axes[0].get_title()
     plt.close(fig)
+
+
+def test_round_budget_splits_the_round_and_sets_the_draft_at_its_floor(bench):
+    ar, tree = bench["rows"][6], bench["rows"][8]  # fast path, 16 frames: AR (0.05 s, 20 tokens), SpecVLM tree
+    tree.update(accepted_hist=[1, 1, 2], rounds=4, decode_s=0.06,
+                step_ms={"draft_step": 1.0, "draft_step_synced": 1.5, "verify": 8.0, "draft_feed": 2.0,
+                         "draft_level": 1.5, "draft_picks": 0.5, "accept_synced": 0.25, "target_move": 0.125})
+    budget = speed_plots.round_budget(bench, draft_floor_ms=0.25, target=2.5)
+    parts = budget["measured"]
+    share = 0.75  # three of four rounds accepted a token
+    assert parts["draft passes"] == pytest.approx(share * 2.0 + (1 - share) * 1.0 + 4 * 1.5)
+    assert parts["KV move"] == pytest.approx(share * 0.125) and parts["launch"] == pytest.approx(0.5)
+    assert sum(parts.values()) == pytest.approx(1000 * 0.06 / 4)
+    [predicted] = cost_model.predicted_vs_measured({"k": 5, "rows": [{**ar, "step_ms": {"target_step": 2.5}}, tree]})
+    assert sum(v for k, v in parts.items() if k != "unexplained") == pytest.approx(predicted["predicted_round_ms"])
+    assert budget["at floor"] == {**parts, "draft passes": 5 * 0.25}
+    tokens = 1 + (0 * 1 + 1 * 1 + 2 * 2) / 4
+    assert budget["allowed_ms"] == pytest.approx(tokens * (1000 * 0.05 / 20) / 2.5)
+    fig = speed_plots.plot_round_budget(bench, draft_floor_ms=0.25, target=2.5)
+    assert [line.get_xdata()[0] for line in fig.axes[0].lines] == [pytest.approx(budget["allowed_ms"])]
+    assert len(fig.axes[0].get_legend().get_texts()) == len(parts) and "test pair (stand-in)" in fig.axes[0].get_title()
+
+
+def test_round_budget_needs_a_timed_tree_row(bench):
+    with pytest.raises(ValueError, match="step timings"):
+        speed_plots.round_budget(bench, draft_floor_ms=0.25)  # the rows carry no step_ms
+    with pytest.raises(ValueError, match="no fast-path tree row"):
+        speed_plots.round_budget(bench, draft_floor_ms=0.25, method="sd")  # SD rows here draft chains
