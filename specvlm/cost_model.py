@@ -324,8 +324,10 @@ def round_breakdown(row: dict, tree: Tree = MC_SIM_7B_63) -> dict[str, float]:
     """A fast-path tree row's measured round (decode ms / rounds) split by the row's own step
     timings, in ms: "draft passes" (the catch-up feed and one pass per level, as `tree_round_ms`
     counts them), "verification", "draft picks", "acceptance", "KV move" (in the rounds that
-    accepted a token), "launch" (`launch_ms`) and "unexplained", the rest. The parts add up to
-    the measured round; all but "unexplained" add up to the round `predicted_vs_measured` predicts."""
+    accepted a token), "launch" (`launch_ms`) and "unexplained", the rest (negative where the
+    timings add up to more than the measured round). The parts add up to the measured round; all
+    but "unexplained" add up to the round `predicted_vs_measured` predicts from the run's own
+    step timings (source "run": the AR row has its "target_step")."""
     steps = row.get("step_ms") or {}
     needed = ("draft_step", "verify")
     if row.get("draft") != "tree" or not row.get("rounds") or any(name not in steps for name in needed):

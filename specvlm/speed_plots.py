@@ -320,39 +320,49 @@ BUDGET_COLOURS = {"draft passes": "tab:orange", "verification": "tab:blue", "dra
                   "acceptance": "tab:purple", "KV move": "tab:brown", "launch": "tab:pink", "unexplained": "tab:gray"}
 
 
-def round_budget(result, draft_floor_ms: float, target: float = 2.5, method: str = "specvlm") -> dict:
-    """The numbers `plot_round_budget` draws, for the first fast-path tree row of `method`:
-    {"row", "measured": `round_breakdown`, "at floor": the same with every draft pass at
-    `draft_floor_ms`, "allowed_ms": the round at which the row would run `target` times its AR
-    (tokens per round x AR's ms per token / target), "passes"}."""
+def round_budget(result, draft_floor_ms: float, target: float = 2.5, method: str = "specvlm",
+                 ratio: float | None = None) -> dict:
+    """The numbers `plot_round_budget` draws, for the first fast-path tree row of `method` (and
+    `ratio`, if given) that equals AR: {"row", "measured": `cost_model.round_breakdown` (ms per
+    round), "at floor": the same with every draft pass at `draft_floor_ms`, "allowed_ms": the
+    round at which the row would run `target` times its AR (AR's decode ms / (target x rounds),
+    the inverse of the row's `speedup_vs_ar`), "passes": draft passes per round}."""
     result = load(result)
     rows = bench_rows(result, "fast")
-    row = next((r for r in rows if r["method"] == method and r.get("draft") == "tree"), None)
+    row = next((r for r in rows if r["method"] == method and r.get("draft") == "tree"
+                and (ratio is None or r.get("ratio") == ratio) and r.get("speedup_vs_ar") is not None), None)
     ar = next((r for r in rows if r["method"] == "ar" and row is not None and r["frames"] == row["frames"]), None)
     if row is None or ar is None:
-        raise ValueError(f"no fast-path tree row of method {method!r} with its AR row in this result.")
+        raise ValueError(f"no fast-path tree row of method {method!r}{f' at ratio {ratio}' if ratio is not None else ''} "
+                         "that equals AR, with its AR row, in this result.")
     measured = round_breakdown(row)
     passes = len(draft_passes(MC_SIM_7B_63))
     at_floor = {**measured, "draft passes": passes * draft_floor_ms}
-    ar_ms = 1000 * ar["decode_s"] / ar["new_tokens"]
-    allowed = tokens_per_round(row.get("accepted_hist") or row["mean_accepted"]) * ar_ms / target
+    allowed = 1000 * ar["decode_s"] / (target * row["rounds"])
     return {"row": row, "measured": measured, "at floor": at_floor, "allowed_ms": allowed, "passes": passes}
 
 
 def plot_round_budget(result, draft_floor_ms: float, target: float = 2.5, method: str = "specvlm",
-                      title: str | None = None):
-    """Two bars of ms per round: the first fast-path tree row's measured round split by its step
-    timings (`cost_model.round_breakdown`), and the same round with each draft pass at
-    `draft_floor_ms` (its bytes over the copy bandwidth, from a profile); a dashed line at the
-    round that would give `target` times the project's AR at the row's tokens per round."""
-    budget = round_budget(result, draft_floor_ms, target, method)
+                      ratio: float | None = None, floor_source: str = "", title: str | None = None):
+    """A Figure with two bars of ms per round: the row `round_budget` picks, its measured round
+    split by its step timings (`cost_model.round_breakdown`), and the same round with each draft
+    pass at `draft_floor_ms` (bytes over copy bandwidth, from a profile: `floor_source` says which,
+    in the bar's label); a dashed line at the round that would give `target` times the project's
+    AR. A negative "unexplained" part (the step timings add up to more than the measured round)
+    is drawn as nothing and written beside the bar."""
+    budget = round_budget(result, draft_floor_ms, target, method, ratio)
     fig, ax = plt.subplots(figsize=(10, 3))
-    labels = ["measured", f"draft passes at their floor ({draft_floor_ms:.2f} ms each)"]
+    source = f"\n({floor_source})" if floor_source else ""
+    labels = ["measured", f"draft passes at their floor,\n{draft_floor_ms:.2f} ms each{source}"]
     left = [0.0, 0.0]
     for part, colour in BUDGET_COLOURS.items():
-        widths = [budget["measured"][part], budget["at floor"][part]]
+        widths = [max(budget[bar][part], 0.0) for bar in ("measured", "at floor")]
         ax.barh(labels, widths, left=left, color=colour, label=part)
         left = [a + b for a, b in zip(left, widths)]
+    over = -budget["measured"]["unexplained"]
+    if over > 0:
+        for y in (0, 1):
+            ax.text(left[y] + 0.1, y, f"timings exceed the measured round by {over:.2f} ms", va="center", fontsize=8)
     ax.axvline(budget["allowed_ms"], color="black", linestyle="--", linewidth=1)
     ax.invert_yaxis()
     ax.text(budget["allowed_ms"], 0.5, f" the round for {target:g}x AR", fontsize=8, va="center")

@@ -120,13 +120,15 @@ def test_every_row_has_positive_step_timings_and_cache_sizes(embedded_run):
     assert all(row["kv_bytes"]["allocated"]["target"] >= row["kv_bytes"]["target"] for row in fast)
 
 
-def test_round_glue_times_what_a_tree_round_runs_and_leaves_the_caches_where_they_were(embedded, monkeypatch):
+def test_round_glue_times_what_a_tree_round_runs_and_leaves_the_caches_where_they_were(monkeypatch):
     """`fast_steps` on a tree row times the round's own picks (every depth, in order), acceptance
-    (on float32 logits, as the draft's passes give them) and KV move (of a real root-to-leaf
-    path), and sets both caches' write positions back to where decoding starts."""
+    (on float32 logits, as the draft's passes give them, also for a bfloat16 model) and KV move
+    (of a real root-to-leaf path), and sets both caches' write positions back to where decoding
+    starts."""
     from specvlm import bench as bench_module, fast
     from specvlm.trees import MC_SIM_7B_63
 
+    embedded = sv.load_pair("tiny", device="cpu", dtype=torch.bfloat16)
     video = synthetic_video(2)
     prompt, draft_prompt = embedded.target.prepare(video, "Describe."), embedded.draft.prepare(video, "Describe.")
     res = bench_module.run_once("fast", embedded, prompt, draft_prompt, "specvlm", "tree", 0.5, 5, 4)

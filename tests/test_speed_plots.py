@@ -201,25 +201,59 @@ def test_round_parts_add_up_to_the_decode_per_round_and_the_plot_needs_timelines
     plt.close(fig)
 
 
-def test_round_budget_splits_the_round_and_sets_the_draft_at_its_floor(bench):
-    ar, tree = bench["rows"][6], bench["rows"][8]  # fast path, 16 frames: AR (0.05 s, 20 tokens), SpecVLM tree
-    tree.update(accepted_hist=[1, 1, 2], rounds=4, decode_s=0.06,
+def _timed_tree(bench):
+    """The fast path's 16-frame SpecVLM tree row of `bench`, with step timings; its AR row; the
+    64-frame AR row made slower, so an AR row of the wrong frame count would show."""
+    ar, tree = bench["rows"][6], bench["rows"][8]  # fast path, 16 frames: AR (0.05 s, 20 tokens), SpecVLM tree 90%
+    bench["rows"][9]["decode_s"] = 0.5
+    tree.update(accepted_hist=[1, 1, 2], rounds=4, decode_s=0.07,
                 step_ms={"draft_step": 1.0, "draft_step_synced": 1.5, "verify": 8.0, "draft_feed": 2.0,
                          "draft_level": 1.5, "draft_picks": 0.5, "accept_synced": 0.25, "target_move": 0.125})
+    return ar, tree
+
+
+def test_round_budget_splits_the_round_and_sets_the_draft_at_its_floor(bench):
+    ar, tree = _timed_tree(bench)
     budget = speed_plots.round_budget(bench, draft_floor_ms=0.25, target=2.5)
     parts = budget["measured"]
     share = 0.75  # three of four rounds accepted a token
     assert parts["draft passes"] == pytest.approx(share * 2.0 + (1 - share) * 1.0 + 4 * 1.5)
     assert parts["KV move"] == pytest.approx(share * 0.125) and parts["launch"] == pytest.approx(0.5)
-    assert sum(parts.values()) == pytest.approx(1000 * 0.06 / 4)
+    assert sum(parts.values()) == pytest.approx(1000 * 0.07 / 4) and parts["unexplained"] > 0
     [predicted] = cost_model.predicted_vs_measured({"k": 5, "rows": [{**ar, "step_ms": {"target_step": 2.5}}, tree]})
     assert sum(v for k, v in parts.items() if k != "unexplained") == pytest.approx(predicted["predicted_round_ms"])
     assert budget["at floor"] == {**parts, "draft passes": 5 * 0.25}
-    tokens = 1 + (0 * 1 + 1 * 1 + 2 * 2) / 4
-    assert budget["allowed_ms"] == pytest.approx(tokens * (1000 * 0.05 / 20) / 2.5)
-    fig = speed_plots.plot_round_budget(bench, draft_floor_ms=0.25, target=2.5)
-    assert [line.get_xdata()[0] for line in fig.axes[0].lines] == [pytest.approx(budget["allowed_ms"])]
-    assert len(fig.axes[0].get_legend().get_texts()) == len(parts) and "test pair (stand-in)" in fig.axes[0].get_title()
+    # the round that makes the row `target` times as fast as its AR: the inverse of speedup_vs_ar
+    assert budget["allowed_ms"] == pytest.approx(1000 * 0.05 / (2.5 * 4))
+    fig = speed_plots.plot_round_budget(bench, draft_floor_ms=0.25, target=2.5, floor_source="a test profile")
+    ax = fig.axes[0]
+    assert [line.get_xdata()[0] for line in ax.lines] == [pytest.approx(budget["allowed_ms"])]
+    assert len(ax.get_legend().get_texts()) == len(parts) and "test pair (stand-in)" in ax.get_title()
+    widths = [patch.get_width() for patch in ax.patches]  # per part: the measured bar, then the floor's
+    assert widths[0::2] == pytest.approx(list(parts.values()))
+    assert widths[1::2] == pytest.approx(list(budget["at floor"].values()))
+    assert "a test profile" in ax.get_yticklabels()[1].get_text()
+
+
+def test_round_budget_marks_timings_that_exceed_the_measured_round(bench):
+    _, tree = _timed_tree(bench)
+    tree["step_ms"]["verify"] = 20.0  # more than the whole measured round
+    budget = speed_plots.round_budget(bench, draft_floor_ms=0.25)
+    assert budget["measured"]["unexplained"] < 0
+    fig = speed_plots.plot_round_budget(bench, draft_floor_ms=0.25)
+    assert min(patch.get_width() for patch in fig.axes[0].patches) >= 0
+    over = f"{-budget['measured']['unexplained']:.2f} ms"
+    assert sum(over in text.get_text() for text in fig.axes[0].texts) == 2
+
+
+def test_round_budget_takes_a_tree_row_equal_to_ar_at_the_ratio_asked(bench):
+    _, tree = _timed_tree(bench)
+    assert speed_plots.round_budget(bench, 0.25, ratio=0.9)["row"] == tree
+    with pytest.raises(ValueError, match="at ratio 0.5"):
+        speed_plots.round_budget(bench, 0.25, ratio=0.5)
+    tree["speedup_vs_ar"] = None  # a row whose tokens differ from AR's has no speedup to budget
+    with pytest.raises(ValueError, match="equals AR"):
+        speed_plots.round_budget(bench, 0.25)
 
 
 def test_round_budget_needs_a_timed_tree_row(bench):
