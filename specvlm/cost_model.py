@@ -286,10 +286,7 @@ def predicted_vs_measured(bench_result, table: CostTable | None = None, target: 
             if tree is None:
                 round_ms = chain_round_ms(k, t_draft, t_verify) + launch_ms(steps)
             else:
-                moved = wide_feed_share(acceptance)  # rounds that accepted a token move its KV, and feed wide
-                round_ms = tree_round_ms(tree, t_draft, t_verify, extra_ms=launch_ms(steps) + glue_ms(steps, moved),
-                                         t_feed=steps.get("draft_feed"), t_level=steps.get("draft_level"),
-                                         wide_feed=wide_feed_share(acceptance))
+                round_ms = sum(tree_round_parts(tree, t_draft, t_verify, steps, acceptance).values())
             row["predicted_round_ms"] = round_ms
             row["predicted"] = speedup(acceptance, round_ms, t_ar)
         out.append(row)
@@ -334,14 +331,24 @@ def round_breakdown(row: dict, tree: Tree = MC_SIM_7B_63) -> dict[str, float]:
         raise ValueError(f"round_breakdown needs a tree row with rounds and step timings {needed}; got draft "
                          f"{row.get('draft')!r}, {row.get('rounds')} rounds, step_ms {sorted(steps)}.")
     acceptance = row.get("accepted_hist") or row["mean_accepted"]
-    share = wide_feed_share(acceptance)
-    parts = {"draft passes": tree_round_ms(tree, steps["draft_step"], 0.0, t_feed=steps.get("draft_feed"),
-                                           t_level=steps.get("draft_level"), wide_feed=share),
-             "verification": steps["verify"], "draft picks": steps.get("draft_picks", 0.0),
-             "acceptance": steps.get("accept_synced", 0.0), "KV move": share * steps.get("target_move", 0.0),
-             "launch": launch_ms(steps)}
+    parts = tree_round_parts(tree, steps["draft_step"], steps["verify"], steps, acceptance)
     parts["unexplained"] = 1000 * row["decode_s"] / row["rounds"] - sum(parts.values())
     return parts
+
+
+def tree_round_parts(tree: Tree, t_draft: float, t_verify: float, steps: dict, acceptance) -> dict[str, float]:
+    """A tree round's predicted ms by part, from a draft step and a verification (ms) and a run's
+    other step timings `steps` (each part missing from them counts 0, or `t_draft` for the wider
+    passes): "draft passes" (`tree_round_ms`'s, the wide catch-up feed in the rounds after one
+    that accepted a token), "verification", "draft picks", "acceptance", "KV move" (in the rounds
+    that accepted a token), "launch" (`launch_ms`). Their sum is the round `predicted_vs_measured`
+    predicts; `round_breakdown` adds what a measured round leaves unexplained."""
+    share = wide_feed_share(acceptance)  # rounds that accepted a token: they feed wide and move their KV
+    return {"draft passes": tree_round_ms(tree, t_draft, 0.0, t_feed=steps.get("draft_feed"),
+                                          t_level=steps.get("draft_level"), wide_feed=share),
+            "verification": t_verify, "draft picks": steps.get("draft_picks", 0.0),
+            "acceptance": steps.get("accept_synced", 0.0), "KV move": share * steps.get("target_move", 0.0),
+            "launch": launch_ms(steps)}
 
 
 def wide_feed_share(acceptance) -> float:
