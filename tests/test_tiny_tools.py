@@ -4,6 +4,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 from specvlm.tiny import card, evaluate, train
 
@@ -55,3 +56,21 @@ def test_training_plans_the_steps_that_fit_its_minutes():
     assert train.planned_steps(1000, budget_s=100, before_warm_s=10, per_step_s=0.5, done=40) == 180
     assert train.planned_steps(150, budget_s=100, before_warm_s=10, per_step_s=0.5, done=40) == 150  # the cap
     assert train.planned_steps(1000, budget_s=100, before_warm_s=10, per_step_s=5.0, done=40) == 41  # never less
+
+
+def test_distilled_loss_mixes_the_caption_and_the_targets_distribution():
+    torch.manual_seed(0)
+    student, teacher = torch.randn(6, 11), torch.randn(6, 11)
+    answers = torch.randint(0, 11, (6,))
+    ce = torch.nn.functional.cross_entropy(student, answers)
+    assert torch.allclose(train.distilled_loss(student, teacher, answers, 0.0), ce)
+    assert train.distilled_loss(teacher, teacher, answers, 1.0).abs() < 1e-6  # no divergence from itself
+    kl = train.distilled_loss(student, teacher, answers, 1.0)
+    assert kl > 0.1
+    assert torch.allclose(train.distilled_loss(student, teacher, answers, 0.25), 0.75 * ce + 0.25 * kl)
+
+
+def test_training_refuses_a_distillation_weight_outside_0_1(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        train.main(["--out", str(tmp_path), "--distill", "1.5"])
+    assert "--distill must lie in [0, 1]" in capsys.readouterr().err

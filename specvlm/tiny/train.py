@@ -168,13 +168,27 @@ def embed(model, pixels, ids, video_slots):
     return embeds
 
 
-def caption_loss(model, embeds, labels, mask, positions, **kwargs):
+def caption_logits(model, embeds, labels, mask, positions, **kwargs):
+    """Float logits [n, vocab] predicting the n caption tokens (rows where `labels` != -100), in order."""
     hidden = model.model.language_model(
         inputs_embeds=embeds, attention_mask=mask, position_ids=positions, use_cache=False, **kwargs
     ).last_hidden_state
     rows = labels[:, 1:] != -100
-    logits = model.lm_head(hidden[:, :-1][rows])
-    return F.cross_entropy(logits.float(), labels[:, 1:][rows])
+    return model.lm_head(hidden[:, :-1][rows]).float()
+
+
+def caption_loss(model, embeds, labels, mask, positions, **kwargs):
+    logits = caption_logits(model, embeds, labels, mask, positions, **kwargs)
+    return F.cross_entropy(logits, labels[:, 1:][labels[:, 1:] != -100])
+
+
+def distilled_loss(student_logits, teacher_logits, answers, distill: float):
+    """(1 - distill) * cross-entropy on the true caption + distill * KL(teacher || student):
+    the draft learns the target's distribution, which is what acceptance measures (DistillSpec).
+    Logits [n, vocab], answers [n]; distill in [0, 1]."""
+    student = F.log_softmax(student_logits, -1)
+    kl = F.kl_div(student, F.log_softmax(teacher_logits, -1), log_target=True, reduction="batchmean")
+    return (1 - distill) * F.nll_loss(student, answers) + distill * kl
 
 
 def keep_rows(batch_size, ids_len, video_slots, ratio, method, scores, generator):
@@ -209,13 +223,15 @@ def planned_steps(cap: int, budget_s: float, before_warm_s: float, per_step_s: f
 
 
 def train_model(model, batches, steps, lr, device, log, role, target=None, seed=0, minutes=None, decay_fraction=1.0,
-                stop_after_minutes=None):
+                stop_after_minutes=None, distill=0.0):
     """Train for `steps`, or fewer if `minutes` would be exceeded: the number of steps is
     planned from the mean time per step since step 10, at each step of REPLAN_AT (clip lengths,
     and so step times, vary from batch to batch: an early plan can be far off), and logged
     ("planned_steps", then "steps_done"), so a run is reproducible by passing "steps_done" back
     as `steps` (up to the learning-rate curve, which followed each plan). `stop_after_minutes`
-    ends the run at that wall time whatever the schedule (for a constant-rate stage that a later run continues; "steps_done" is logged)."""
+    ends the run at that wall time whatever the schedule (for a constant-rate stage that a later run continues; "steps_done" is logged).
+    With a `target` (training the draft), `distill` > 0 mixes in the KL divergence from the target's next-token
+    distribution on the whole video to the draft's on its pruned video (`distilled_loss`)."""
     model.to(device).train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01, betas=(0.9, 0.98))
     plan = {"steps": steps}
@@ -254,7 +270,13 @@ def train_model(model, batches, steps, lr, device, log, role, target=None, seed=
                 rows = keep_rows(ids.shape[0], ids.shape[1], slots, ratio, method, scores, generator).to(device)
                 # ratio 0 keeps every row: the draft also learns from whole videos
                 gather = lambda t: torch.gather(t, 1, rows if t.dim() == 2 else rows[..., None].expand(-1, -1, t.shape[-1]))
-                loss = caption_loss(model, gather(embeds), gather(labels), gather(mask), gather(positions))
+                if distill:
+                    with torch.no_grad():
+                        teacher = caption_logits(target, embed(target, pixels, ids, slots), labels, mask, positions)
+                    student = caption_logits(model, gather(embeds), gather(labels), gather(mask), gather(positions))
+                    loss = distilled_loss(student, teacher, labels[:, 1:][labels[:, 1:] != -100], distill)
+                else:
+                    loss = caption_loss(model, gather(embeds), gather(labels), gather(mask), gather(positions))
         loss.backward()
         norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         if torch.isfinite(norm):
@@ -316,9 +338,14 @@ def main(argv=None):
                         help="frame counts of the training clips (64 video tokens per frame)")
     parser.add_argument("--frame-weights", type=float, nargs="+", default=None,
                         help="relative frequency of each --frames entry (default: the built-in mix, or equal)")
+    parser.add_argument("--distill", type=float, default=0.0,
+                        help="draft only: weight in [0, 1] of the KL divergence from the target's next-token distribution "
+                             "(on the whole video) against the caption's cross-entropy (0: captions alone)")
     parser.add_argument("--decay-fraction", type=float, default=1.0,
                         help="share of this run's steps over which the learning rate decays to 0 (0: constant)")
     args = parser.parse_args(argv)
+    if not 0 <= args.distill <= 1:
+        parser.error(f"--distill must lie in [0, 1] (a weight), got {args.distill}")
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     torch.manual_seed(args.seed)
@@ -356,7 +383,7 @@ def main(argv=None):
         enable_scores(LlavaOnevisionLM(target, processor))
         train_model(draft, batches, args.draft_steps, args.lr, device, log, "draft", target=target,
                     seed=args.seed + 1 + 1000 * stage, minutes=args.draft_minutes, decay_fraction=args.decay_fraction,
-                    stop_after_minutes=args.stop_after_minutes)
+                    stop_after_minutes=args.stop_after_minutes, distill=args.distill)
         log({"role": "draft", "held_out": caption_accuracy(draft, processor, held_out)})
         roles.append(("draft", draft))
 
