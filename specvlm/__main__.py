@@ -74,6 +74,21 @@ def out_file(text: str) -> str:
     return text
 
 
+def named_tree(text: str):
+    """An argparse `type=`: NAME=FILE, FILE a JSON with the tree's rank paths under "paths" (as
+    `python -m specvlm.tree_search` writes it) -> (NAME, Tree)."""
+    from .tree_search import read_tree
+
+    name, sep, path = text.partition("=")
+    if not sep or not name or ":" in name or not path:
+        raise argparse.ArgumentTypeError(f"expected NAME=FILE (a name without ':' and a tree's JSON), e.g. "
+                                         f"grown=figures/tree.json; got {text!r}")
+    try:
+        return name, read_tree(path)
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        raise argparse.ArgumentTypeError(f"{path}: {error}") from None
+
+
 def flash_refusal(device_text: str | None, dtype_text: str | None) -> str | None:
     """Why attention "flash" cannot run for these `--device` and `--dtype` flags (their defaults
     resolved as the commands resolve them), or None: `flash_decode.available`'s rule, checked
@@ -139,10 +154,11 @@ def possible_rows(args) -> None:
     the pair is loaded."""
     from .bench import run_labels
 
-    possible = run_labels(args.self_speculation, args.transformers, "draft", True, args.selection)
+    possible = run_labels(args.self_speculation, args.transformers, "draft", True, args.selection,
+                          tuple(dict(args.tree or [])))
     unknown = [name for name in args.only if name not in possible]
     if unknown:
-        raise ValueError(f"{unknown} name no row of this call (see --self, --selection and --transformers); "
+        raise ValueError(f"{unknown} name no row of this call (see --self, --selection, --tree and --transformers); "
                          f"choose from {possible}")
 
 
@@ -227,7 +243,7 @@ def bench(args) -> int:
     result = run(pair, video_for, args.frames, args.max_new_tokens, args.k, args.repeats, paths=args.paths,
                  transformers_baselines=args.transformers, self_speculation=args.self_speculation,
                  step_repeats=args.step_repeats, stand_in=stand_in, only=args.only, timeline=args.timeline,
-                 selection=args.selection,
+                 selection=args.selection, trees=dict(args.tree or []),
                  progress=(lambda partial: save({**partial, **facts}, args.out)) if args.out else None)
     result.update(facts)
     print(table(result))
@@ -344,6 +360,10 @@ def main(argv=None) -> int:
     b.add_argument("--selection", action="store_true",
                    help="add SpecVLM's tree at 75%% and 95%% pruning and every other selection method at 90%% "
                         "(bench.SELECTION_RUNS)")
+    b.add_argument("--tree", type=named_tree, nargs="+", default=None, metavar="NAME=FILE",
+                   help="more draft trees, each adding a row METHOD-tree:NAME-RATIO beside every tree row (which "
+                        "drafts mc_sim_7b_63); FILE: JSON with the rank paths under 'paths', e.g. from "
+                        "python -m specvlm.tree_search")
     b.add_argument("--timeline", action="store_true",
                    help="profile one more generation per fast-path row: device busy and idle time per phase "
                         "of a round (specvlm.timeline)")

@@ -68,7 +68,7 @@ from .cost_model import histogram
 from .decoding import Stopwatch, generate_ar, generate_sd, positions, prefill_pruned
 from .fusion import is_fused, unfuse_projections
 from .models import Pair
-from .trees import MC_SIM_7B_63, tree_attention_bias
+from .trees import MC_SIM_7B_63, Tree, tree_attention_bias
 
 RUNS = (
     ("ar", None, 0.0),
@@ -101,20 +101,29 @@ QUEUED = 8  # fast-path passes timed back to back per sample (see `median_ms`)
 
 
 def run_label(method: str, shape: str | None, ratio: float, drafter: str | None = None) -> str:
-    """A run's name for `bench(only=...)`: "ar", "sd-chain-0", "specvlm-tree-0.9", "self-specvlm-chain-0.5"."""
+    """A run's name for `bench(only=...)`: "ar", "sd-chain-0", "specvlm-tree-0.9", "self-specvlm-chain-0.5",
+    "specvlm-tree:grown-0.5" (a tree passed to `bench(trees=...)` by that name)."""
     if method == "ar":
         return "ar"
     return ("self-" if drafter == "self" else "") + f"{method}-{shape}-{ratio:g}"
 
 
+def with_trees(runs, tree_names=()) -> list[tuple]:
+    """`runs` (method, shape, ratio), each tree run followed by the same run with each named tree ("tree:NAME")."""
+    return [variant for method, shape, ratio in runs
+            for variant in [(method, shape, ratio)]
+            + [(method, f"tree:{name}", ratio) for name in tree_names] * (shape == "tree")]
+
+
 def run_labels(self_speculation: bool = True, transformers_baselines: bool = True, drafter: str = "draft",
-               universal: bool = True, selection: bool = False) -> list[str]:
+               universal: bool = True, selection: bool = False, tree_names=()) -> list[str]:
     """The row names a `bench` call with these options runs, in its order (the transformers
     baselines by their method). `drafter` "self": the pair's draft is its target, so every
     speculative row is self-speculation. `universal`: the pair's assisted generation is
-    universal (`assisted_mode`), which adds "hf-assisted-padded". `selection`: SELECTION_RUNS."""
-    return ([run_label(*run, drafter) for run in RUNS + SELECTION_RUNS * selection]
-            + [run_label(*run, "self") for run in SELF_RUNS] * self_speculation
+    universal (`assisted_mode`), which adds "hf-assisted-padded". `selection`: SELECTION_RUNS.
+    `tree_names`: the trees passed to `bench(trees=...)`, each adding a row beside every tree row."""
+    return ([run_label(*run, drafter) for run in with_trees(RUNS + SELECTION_RUNS * selection, tree_names)]
+            + [run_label(*run, "self") for run in with_trees(SELF_RUNS, tree_names)] * self_speculation
             + [method for method, _, _, padded in HF_RUNS if universal or not padded] * transformers_baselines)
 
 
@@ -128,9 +137,26 @@ def timed(fn, repeats: int):
         [r.tokens for r in [warmup, *results]]
 
 
-def run_once(path: str, pair: Pair, prompt, draft_prompt, method: str, shape, ratio: float, k: int, max_new_tokens: int):
+def tree_of(shape: str | None, trees: dict | None = None) -> Tree | None:
+    """The tree a row's `shape` names: "tree" is `MC_SIM_7B_63`, "tree:NAME" the tree `trees[NAME]`;
+    None for a chain or AR."""
+    if shape == "tree":
+        return MC_SIM_7B_63
+    if shape and shape.startswith("tree:"):
+        return (trees or {})[shape[len("tree:"):]]
+    return None
+
+
+def tree_record(shape: str, tree: Tree) -> dict:
+    """What a tree row records of its tree: {"name", "nodes" (drafted, the root not counted), "depth", "paths"}."""
+    return {"name": "mc_sim_7b_63" if shape == "tree" else shape[len("tree:"):], "nodes": len(tree.paths),
+            "depth": tree.depth, "paths": [list(path) for path in tree.paths]}
+
+
+def run_once(path: str, pair: Pair, prompt, draft_prompt, method: str, shape, ratio: float, k: int, max_new_tokens: int,
+             trees: dict | None = None):
     """One generation on the "plain" or "fast" path."""
-    tree = MC_SIM_7B_63 if shape == "tree" else None
+    tree = tree_of(shape, trees)
     if path == "timeline":  # the fast path's generation under the profiler: `timeline.profile_decode`
         from .timeline import profile_decode
 
@@ -188,7 +214,7 @@ def kv_bytes_per_token(keys, values) -> int:
     return sum(t.shape[1] * t.shape[-1] * t.element_size() for t in (*keys, *values))
 
 
-def plain_steps(pair: Pair, prompt, draft_prompt, res, shape, k: int, repeats: int) -> dict:
+def plain_steps(pair: Pair, prompt, draft_prompt, res, shape, k: int, repeats: int, trees: dict | None = None) -> dict:
     """Step timings on the plain path: caches prefilled anew exactly as the row's (the draft's
     with the row's kept video tokens), one forward into each, cropped back after every pass."""
     target, token, device = pair.target, res.tokens[0], pair.target.device
@@ -200,8 +226,8 @@ def plain_steps(pair: Pair, prompt, draft_prompt, res, shape, k: int, repeats: i
         steps = {"target_step": median_ms(device, lambda: target.step([token], positions(prompt, 0, 1), cache),
                                           reset, repeats)}
         return {"step_ms": steps, "per_token": per_token, "allocated": None}
-    if shape == "tree":
-        tree = MC_SIM_7B_63
+    tree = tree_of(shape, trees)
+    if tree is not None:
         mask = tree_attention_bias(tree, start, target.dtype, device=device)
         where = prompt.next_position + tree.depths
         verify = lambda: target.step([token] * tree.num_nodes, where, cache, mask)
@@ -219,7 +245,7 @@ def plain_steps(pair: Pair, prompt, draft_prompt, res, shape, k: int, repeats: i
 
 
 @torch.no_grad()  # the steps were compiled without grad: dynamo's guards would compile them again
-def fast_steps(pair: Pair, prompt, draft_prompt, res, shape, k: int, repeats: int) -> dict:
+def fast_steps(pair: Pair, prompt, draft_prompt, res, shape, k: int, repeats: int, trees: dict | None = None) -> dict:
     """Step timings on the fast path: the row's own static caches and step functions (compiled
     as in the run), their write position set back to where decoding started before each pass.
     Passes are timed queued back to back (`QUEUED` per sample), as the decoding loops run them;
@@ -240,8 +266,8 @@ def fast_steps(pair: Pair, prompt, draft_prompt, res, shape, k: int, repeats: in
         steps = {"target_step": queued_ms(ar_step, reset),
                  "target_step_synced": median_ms(device, ar_step, reset, repeats)}
         return {"step_ms": steps, "per_token": per_token, "allocated": allocated}
-    if shape == "tree":
-        tree = MC_SIM_7B_63
+    tree = tree_of(shape, trees)
+    if tree is not None:
         pattern = target.constant(tree, lambda: tree.mask)  # the key and mask `fast.tree_round` uses
         where = (prompt.next_position + tree.depths).tolist()
         verify = lambda: target.step([token] * tree.num_nodes, where, pattern)
@@ -254,7 +280,7 @@ def fast_steps(pair: Pair, prompt, draft_prompt, res, shape, k: int, repeats: in
     draft_step = lambda: draft.extend([token], draft_prompt.next_position, 1)
     steps["draft_step"] = queued_ms(draft_step, draft_reset)
     steps["draft_step_synced"] = median_ms(device, draft_step, draft_reset, repeats)
-    if shape == "tree":  # the tree round's wider draft passes, with the shapes and masks `fast.draft_tree` uses
+    if tree is not None:  # the tree round's wider draft passes, with the shapes and masks `fast.draft_tree` uses
         levels, feed = DraftLevels.of(tree), tree.depth + 1
         steps["draft_feed"] = queued_ms(lambda: draft.extend([token] * feed, draft_prompt.next_position, feed),
                                         draft_reset)
@@ -313,22 +339,23 @@ def round_glue(target, draft, tree, levels, verify, reset, draft_logits: torch.T
 
 
 def measure(path: str, pair: Pair, prompt, draft_prompt, method: str, shape, ratio: float, k: int,
-            max_new_tokens: int, repeats: int, step_repeats: int, timeline: bool = False) -> dict:
+            max_new_tokens: int, repeats: int, step_repeats: int, timeline: bool = False, trees: dict | None = None) -> dict:
     """One method on one path: timed generations, then its isolated passes and memory; with
     `timeline` (fast path only) one more generation under the profiler (`timeline.profile_decode`)."""
     device = pair.target.device
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     res, decode_s, prefill_s, outputs = timed(lambda: run_once(path, pair, prompt, draft_prompt, method, shape, ratio,
-                                                               k, max_new_tokens), repeats)
+                                                               k, max_new_tokens, trees), repeats)
     peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
-    steps = (fast_steps if path == "fast" else plain_steps)(pair, prompt, draft_prompt, res, shape, k, step_repeats)
+    steps = (fast_steps if path == "fast" else plain_steps)(pair, prompt, draft_prompt, res, shape, k, step_repeats,
+                                                            trees)
     per_token = steps["per_token"]
     kv = {"target": per_token["target"] * res.target_cache_len,
           "draft": per_token["draft"] * res.draft_cache_len if res.draft_cache_len is not None else None}
     if steps["allocated"] is not None:
         kv["allocated"] = steps["allocated"]
-    profiled = run_once("timeline", pair, prompt, draft_prompt, method, shape, ratio, k, max_new_tokens) \
+    profiled = run_once("timeline", pair, prompt, draft_prompt, method, shape, ratio, k, max_new_tokens, trees) \
         if timeline and path == "fast" else None
     if profiled is not None and profiled.pop("tokens") != res.tokens:
         raise RuntimeError(f"{method}: the profiled generation's tokens differ from the timed one's.")
@@ -480,7 +507,7 @@ def hf_rows(pair: Pair, prompt, reference: list[int], ar: dict, frames: int, max
 
 
 def make_row(path: str, frames: int, prompt, draft_prompt, drafter, method, shape, ratio, m: dict, ar: dict,
-             reference: list[int], plain_ar_s, target) -> dict:
+             reference: list[int], plain_ar_s, target, tree: Tree | None = None) -> dict:
     """A JSON row; every speedup is None unless the tokens of every call of this row and of its AR
     (warm-up included) equal the reference. "divergence": `first_divergence` of the first call that
     does not (None where all do)."""
@@ -489,7 +516,8 @@ def make_row(path: str, frames: int, prompt, draft_prompt, drafter, method, shap
     same = differing is None and all(tokens == reference for tokens in ar["outputs"])
     return {
         "path": path, "speedup_vs_plain_ar": (plain_ar_s / decode_s) if same and plain_ar_s and decode_s else None,
-        "frames": frames, "video_tokens": prompt.num_video_tokens, "method": method, "draft": shape,
+        "frames": frames, "video_tokens": prompt.num_video_tokens, "method": method,
+        "draft": "tree" if tree is not None else shape,
         "drafter": drafter, "ratio": ratio, "new_tokens": len(res.tokens), "equal_to_ar": same,
         "mean_accepted": res.mean_accepted, "rounds": res.rounds,
         "accepted_hist": histogram(res.accepted) if res.accepted else None,
@@ -503,6 +531,7 @@ def make_row(path: str, frames: int, prompt, draft_prompt, drafter, method, shap
         "step_ms": m["step_ms"], "kv_bytes": m["kv_bytes"], "peak_memory_bytes": m["peak"],
         "draft_fused": m.get("draft_fused"),  # the draft's projections stacked (`fusion.py`)
         "divergence": first_divergence(target, prompt, differing, reference) if differing is not None else None,
+        **({"tree": tree_record(shape, tree)} if tree is not None else {}),
         **({"timeline": m["timeline"]} if m.get("timeline") else {}),
     }
 
@@ -510,7 +539,7 @@ def make_row(path: str, frames: int, prompt, draft_prompt, drafter, method, shap
 def bench(pair: Pair, video_for, frames_list, max_new_tokens=64, k=5, repeats=3, question="Describe the video.",
           paths=("plain",), transformers_baselines: bool = False, self_speculation: bool = False,
           step_repeats: int = 5, stand_in: bool | None = None, progress=None, only=None,
-          timeline: bool = False, selection: bool = False) -> dict:
+          timeline: bool = False, selection: bool = False, trees: dict[str, Tree] | None = None) -> dict:
     """`video_for(frames)` returns a `Video`; returns a JSON-ready dict of rows (module docstring).
     `stand_in`: whether the pair stands in for real checkpoints (default: "stand-in" in its name).
     `progress(result)` is called after every row with the result so far, marked `"partial": True`
@@ -518,11 +547,17 @@ def bench(pair: Pair, video_for, frames_list, max_new_tokens=64, k=5, repeats=3,
     `only`: names of the rows to run (`run_labels()`); AR always runs, as every row's reference.
     `timeline`: each fast-path row also profiles one generation (`timeline.profile_decode`: busy
     and idle device time per phase of a round), under "timeline". `selection`: also SELECTION_RUNS (SpecVLM's
-    tree at 75% and 95%, and the other selection methods at 90%)."""
+    tree at 75% and 95%, and the other selection methods at 90%). `trees`: more trees by name (e.g. one
+    `tree_search` grew for this pair), each adding a row "METHOD-tree:NAME-RATIO" beside every tree row
+    (which drafts `MC_SIM_7B_63`); every tree row records its tree under "tree" (`tree_record`)."""
+    trees = dict(trees or {})
+    bad = [name for name, tree in trees.items() if not isinstance(tree, Tree) or not name or ":" in name]
+    if bad:
+        raise ValueError(f"trees must map names (without ':') to sv.Tree objects; check {bad!r}.")
     if only is not None:
         universal = transformers_baselines and assisted_mode(pair) == "universal"
         known = run_labels(self_speculation, transformers_baselines, "self" if pair.draft is pair.target else "draft",
-                           universal, selection)
+                           universal, selection, tuple(trees))
         unknown = set(only) - set(known)
         if unknown:
             raise ValueError(f"bench rows {sorted(unknown)} are not among this call's rows (see --self, --selection and "
@@ -551,9 +586,10 @@ def bench(pair: Pair, video_for, frames_list, max_new_tokens=64, k=5, repeats=3,
         draft_prompt = prompt if pair.draft is pair.target else pair.draft.prepare(video, question)
         drafter = "self" if pair.draft is pair.target else "draft"
         plan = [(pair, draft_prompt, drafter if method != "ar" else None, method, shape, ratio)
-                for method, shape, ratio in RUNS + SELECTION_RUNS * selection]
+                for method, shape, ratio in with_trees(RUNS + SELECTION_RUNS * selection, trees)]
         if self_pair is not None:
-            plan += [(self_pair, prompt, "self", method, shape, ratio) for method, shape, ratio in SELF_RUNS]
+            plan += [(self_pair, prompt, "self", method, shape, ratio)
+                     for method, shape, ratio in with_trees(SELF_RUNS, trees)]
         if only is not None:
             plan = [p for p in plan if p[3] == "ar" or run_label(*p[3:], p[2]) in only]
         plain_ar_s, reference = None, None
@@ -564,7 +600,7 @@ def bench(pair: Pair, video_for, frames_list, max_new_tokens=64, k=5, repeats=3,
             for run_pair, run_draft_prompt, run_drafter, method, shape, ratio in plan:
                 started = time.perf_counter()
                 m = measure(path, run_pair, prompt, run_draft_prompt, method, shape, ratio, k, max_new_tokens,
-                            repeats, step_repeats, timeline)
+                            repeats, step_repeats, timeline, trees)
                 row_s = time.perf_counter() - started
                 if method == "ar":
                     ar = m
@@ -572,7 +608,8 @@ def bench(pair: Pair, video_for, frames_list, max_new_tokens=64, k=5, repeats=3,
                     agrees = all(tokens == reference for tokens in m["outputs"])
                     plain_ar_s = plain_ar_s or (m["decode_s"] if path == "plain" and agrees else None)
                 rows.append({**make_row(path, frames, prompt, run_draft_prompt, run_drafter, method, shape, ratio, m,
-                                        ar, reference, plain_ar_s, pair.target), "row_s": row_s})
+                                        ar, reference, plain_ar_s, pair.target, tree_of(shape, trees)),
+                             "row_s": row_s})
                 if progress:
                     progress(report())
         if transformers_baselines:

@@ -252,7 +252,7 @@ def predicted_vs_measured(bench_result, table: CostTable | None = None, target: 
     Step costs come from the run's own "step_ms" when present (t_ar from the AR row of the same
     path and frame count), else from `table` (with `target` and `draft` shape names) at the row's
     contexts: "prompt_tokens", else `text_tokens + video_tokens`; the draft's likewise with
-    "draft_video_tokens". Trees are taken to be `MC_SIM_7B_63` (what the benchmark drafts).
+    "draft_video_tokens". A tree row's tree is the one it records (`row_tree`; `MC_SIM_7B_63` in older runs).
     Each output row: path, drafter, frames, method, draft, ratio, tokens_per_round, measured, predicted,
     source ("run" | "table" | None), measured_round_ms (decode time / rounds), predicted_round_ms.
     """
@@ -263,7 +263,7 @@ def predicted_vs_measured(bench_result, table: CostTable | None = None, target: 
     for r in result["rows"]:
         if r["method"] == "ar" or r.get("path") == "transformers":  # hf rows are timed end to end only
             continue
-        tree = MC_SIM_7B_63 if r.get("draft") == "tree" else None
+        tree = row_tree(r)
         acceptance = r.get("accepted_hist") or r["mean_accepted"]
         row = {"path": r.get("path"), "drafter": r.get("drafter"), "frames": r["frames"], "method": r["method"], "draft": r.get("draft"), "ratio": r.get("ratio"),
                "tokens_per_round": tokens_per_round(acceptance), "measured": r.get("speedup_vs_ar"),
@@ -317,7 +317,15 @@ def glue_ms(steps: dict, move_share: float = 1.0) -> float:
             + move_share * steps.get("target_move", 0.0))
 
 
-def round_breakdown(row: dict, tree: Tree = MC_SIM_7B_63) -> dict[str, float]:
+def row_tree(row: dict) -> Tree | None:
+    """The tree a bench row drafted: the rank paths it records under "tree", else `MC_SIM_7B_63` (runs
+    before rows recorded their tree all drafted it); None for chain and AR rows."""
+    if row.get("draft") != "tree":
+        return None
+    return Tree.from_paths(row["tree"]["paths"]) if row.get("tree") else MC_SIM_7B_63
+
+
+def round_breakdown(row: dict, tree: Tree | None = None) -> dict[str, float]:
     """A fast-path tree row's measured round (decode ms / rounds) split by the row's own step
     timings, in ms: "draft passes" (the catch-up feed and one pass per level, as `tree_round_ms`
     counts them), "verification", "draft picks", "acceptance", "KV move" (in the rounds that
@@ -331,7 +339,7 @@ def round_breakdown(row: dict, tree: Tree = MC_SIM_7B_63) -> dict[str, float]:
         raise ValueError(f"round_breakdown needs a tree row with rounds and step timings {needed}; got draft "
                          f"{row.get('draft')!r}, {row.get('rounds')} rounds, step_ms {sorted(steps)}.")
     acceptance = row.get("accepted_hist") or row["mean_accepted"]
-    parts = tree_round_parts(tree, steps["draft_step"], steps["verify"], steps, acceptance)
+    parts = tree_round_parts(tree or row_tree(row), steps["draft_step"], steps["verify"], steps, acceptance)
     parts["unexplained"] = 1000 * row["decode_s"] / row["rounds"] - sum(parts.values())
     return parts
 

@@ -26,8 +26,7 @@ from collections.abc import Sequence
 import matplotlib.pyplot as plt
 from matplotlib.lines import Line2D
 
-from .cost_model import draft_passes, load, round_breakdown, tokens_per_round
-from .trees import MC_SIM_7B_63
+from .cost_model import draft_passes, load, round_breakdown, row_tree, tokens_per_round
 
 PATH_COLOURS = {"plain": "tab:blue", "fast": "tab:orange", "eager": "tab:red", "sdpa": "tab:blue",
                 "transformers": "tab:gray"}
@@ -37,11 +36,14 @@ KIND_MARKERS = {"step": "o", "chain": "s", "tree": "^"}
 def run_label(row: dict) -> str:
     """How a bench row is named in a figure:
     {"method": "specvlm", "draft": "tree", "ratio": 0.9} -> "SpecVLM tree 90%";  {"method": "ar"} -> "AR";
-    with "drafter": "self" (the target drafting for itself) -> "self SpecVLM tree 90%"."""
+    with "drafter": "self" (the target drafting for itself) -> "self SpecVLM tree 90%"; a tree other than
+    mc_sim_7b_63 is named: {..., "tree": {"name": "grown", ...}} -> "SpecVLM tree (grown) 90%"."""
     names = {"ar": "AR", "sd": "SD", "specvlm": "SpecVLM"}
     label = names.get(row["method"], row["method"])
     if row.get("draft"):
         label += f" {row['draft']}"
+    if (row.get("tree") or {}).get("name", "mc_sim_7b_63") != "mc_sim_7b_63":
+        label += f" ({row['tree']['name']})"
     if row.get("ratio"):
         label += f" {row['ratio']:.0%}"
     return f"self {label}" if row.get("drafter") == "self" else label
@@ -321,36 +323,40 @@ BUDGET_COLOURS = {"draft passes": "tab:orange", "verification": "tab:blue", "dra
 
 
 def round_budget(result, draft_floor_ms: float, target: float = 2.5, method: str = "specvlm",
-                 ratio: float | None = None) -> dict:
+                 ratio: float | None = None, tree: str | None = None) -> dict:
     """The numbers `plot_round_budget` draws, for the first fast-path tree row of `method` (and
-    `ratio`, if given) that equals AR: {"row", "measured": `cost_model.round_breakdown` (ms per
-    round), "at floor": the same with every draft pass at `draft_floor_ms`, "allowed_ms": the
-    round at which the row would run `target` times its AR (AR's decode ms / (target x rounds),
-    the inverse of the row's `speedup_vs_ar`), "passes": draft passes per round}."""
+    `ratio`, and the tree named `tree`, e.g. "mc_sim_7b_63", if given) that equals AR: {"row",
+    "measured": `cost_model.round_breakdown` (ms per round), "at floor": the same with every draft
+    pass at `draft_floor_ms`, "allowed_ms": the round at which the row would run `target` times its
+    AR (AR's decode ms / (target x rounds), the inverse of the row's `speedup_vs_ar`), "passes":
+    draft passes per round of the row's tree}."""
     result = load(result)
     rows = bench_rows(result, "fast")
     row = next((r for r in rows if r["method"] == method and r.get("draft") == "tree"
-                and (ratio is None or r.get("ratio") == ratio) and r.get("speedup_vs_ar") is not None), None)
+                and (ratio is None or r.get("ratio") == ratio) and r.get("speedup_vs_ar") is not None
+                and (tree is None or (r.get("tree") or {}).get("name", "mc_sim_7b_63") == tree)), None)
     ar = next((r for r in rows if r["method"] == "ar" and row is not None and r["frames"] == row["frames"]), None)
     if row is None or ar is None:
-        raise ValueError(f"no fast-path tree row of method {method!r}{f' at ratio {ratio}' if ratio is not None else ''} "
-                         "that equals AR, with its AR row, in this result.")
+        raise ValueError(f"no fast-path tree row of method {method!r}{f' at ratio {ratio}' if ratio is not None else ''}"
+                         f"{f' with tree {tree!r}' if tree is not None else ''} that equals AR, with its AR row, in this "
+                         "result.")
     measured = round_breakdown(row)
-    passes = len(draft_passes(MC_SIM_7B_63))
+    passes = len(draft_passes(row_tree(row)))
     at_floor = {**measured, "draft passes": passes * draft_floor_ms}
     allowed = 1000 * ar["decode_s"] / (target * row["rounds"])
     return {"row": row, "measured": measured, "at floor": at_floor, "allowed_ms": allowed, "passes": passes}
 
 
 def plot_round_budget(result, draft_floor_ms: float, target: float = 2.5, method: str = "specvlm",
-                      ratio: float | None = None, floor_source: str = "", title: str | None = None):
+                      ratio: float | None = None, floor_source: str = "", title: str | None = None,
+                      tree: str | None = None):
     """A Figure with two bars of ms per round: the row `round_budget` picks, its measured round
     split by its step timings (`cost_model.round_breakdown`), and the same round with each draft
     pass at `draft_floor_ms` (bytes over copy bandwidth, from a profile: `floor_source` says which,
     in the bar's label); a dashed line at the round that would give `target` times the project's
     AR. A negative "unexplained" part (the step timings add up to more than the measured round)
     is drawn as nothing and written beside the bar."""
-    budget = round_budget(result, draft_floor_ms, target, method, ratio)
+    budget = round_budget(result, draft_floor_ms, target, method, ratio, tree)
     fig, ax = plt.subplots(figsize=(10, 3))
     source = f"\n({floor_source})" if floor_source else ""
     labels = ["measured", f"draft passes at their floor,\n{draft_floor_ms:.2f} ms each{source}"]

@@ -518,3 +518,24 @@ def test_when_ars_own_calls_disagree_no_row_gets_a_speedup(embedded, monkeypatch
     assert row["speedup_vs_plain_ar"] is None
     with pytest.raises(ValueError, match="paths must name"):
         bench(embedded, synthetic_video, [1], paths=())
+
+
+@pytest.mark.parametrize("path", ["plain", "fast"])
+def test_a_named_tree_adds_rows_that_record_their_tree_and_equal_ar(embedded, path):
+    from specvlm.bench import run_labels
+
+    grown = sv.Tree.from_paths([[0], [1], [0, 0], [0, 1], [0, 0, 0], [0, 0, 0, 0], [0, 0, 0, 0, 0], [0] * 6])
+    assert "specvlm-tree:grown-0.5" in run_labels(tree_names=("grown",))
+    result = bench(embedded, synthetic_video, [2], max_new_tokens=NEW_TOKENS, repeats=1, step_repeats=1,
+                   paths=(path,), only=["specvlm-tree-0.5", "specvlm-tree:grown-0.5"], trees={"grown": grown})
+    ar, default, named = result["rows"]
+    assert default["draft"] == named["draft"] == "tree" and default["tree"]["name"] == "mc_sim_7b_63"
+    assert named["tree"] == {"name": "grown", "nodes": 8, "depth": 6, "paths": [list(p) for p in grown.paths]}
+    assert named["equal_to_ar"] and named["speedup_vs_ar"] is not None
+    assert max(i for i, n in enumerate(named["accepted_hist"]) if n) <= 6  # the deeper tree: up to 6 per round
+    if path == "fast":
+        assert {"draft_feed", "draft_level", "draft_picks"} <= set(named["step_ms"])
+    with pytest.raises(ValueError, match="names .* sv.Tree"):
+        bench(embedded, synthetic_video, [2], trees={"a:b": grown})
+    with pytest.raises(ValueError, match="not among this call's rows"):
+        bench(embedded, synthetic_video, [2], only=["specvlm-tree:other-0.5"], trees={"grown": grown})

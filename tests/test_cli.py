@@ -80,6 +80,10 @@ def test_demo_refuses_bad_flags_before_loading(capsys, tmp, nothing_loads, argv,
     (["--only", "specvlm-tree-0.75"], r"argument --only: .*name no row"),  # needs --selection
     (["--only", "self-specvlm-tree-0.9"], r"argument --only: .*name no row"),  # needs --self
     (["--only", "self-sd-chain-0", "--self"], r"argument --only: .*name no row"),  # not a self row
+    (["--only", "specvlm-tree:grown-0.5"], r"argument --only: .*name no row"),  # needs --tree grown=...
+    (["--tree", "grown"], r"argument --tree: expected NAME=FILE"),
+    (["--tree", "a:b={tmp}/t.json"], r"argument --tree: expected NAME=FILE"),
+    (["--tree", "grown=/nowhere-specvlm/t.json"], r"argument --tree: /nowhere-specvlm/t.json: .*No such file"),
 ])
 def test_bench_refuses_bad_flags_before_loading(capsys, tmp, nothing_loads, argv, message):
     refused(capsys, main, ["bench", *(a.format(tmp=tmp) for a in argv)], message)
@@ -126,12 +130,15 @@ def test_flash_is_refused_before_building_where_it_cannot_run(capsys, nothing_lo
 
 
 def test_good_flags_reach_the_loader(tmp, nothing_loads):
+    tree = tmp / "tree.json"
+    tree.write_text('{"paths": [[0], [0, 0]]}')
     with pytest.raises(Loaded):
         main(["demo", "--frames", "2", "--ratio", "0", "--device", "cpu", "--clip", "bikes"])
     with pytest.raises(Loaded):
         main(["bench", "--frames", "1", "2", "--clip-seed", "0", "--dtype", "float32", "--out", str(tmp / "b.json")])
     for only in (["--only", "hf-generate", "--transformers"], ["--only", "specvlm-tree-0.75", "--selection"],
-                 ["--only", "self-specvlm-tree-0.9", "--self"], ["--widen", "llava-ov-7b", "llava-ov-0.5b"]):
+                 ["--only", "self-specvlm-tree-0.9", "--self"], ["--widen", "llava-ov-7b", "llava-ov-0.5b"],
+                 ["--tree", f"grown={tree}", "--only", "specvlm-tree:grown-0.5"]):
         with pytest.raises(Loaded):
             main(["bench", "--frames", "1", *only])
 

@@ -144,6 +144,18 @@ def test_tree_rows_use_their_wider_draft_passes():
     assert row["predicted_round_ms"] == pytest.approx(5 * 1.0 + 12.0)
 
 
+def test_a_tree_row_is_costed_with_the_tree_it_records():
+    bench = _bench()
+    tree = {**bench["rows"][1], "draft": "tree", "accepted_hist": [0, 1], "mean_accepted": 1.0,
+            "step_ms": {"draft_step": 1.0, "verify": 12.0}}
+    deep = {**tree, "tree": {"name": "deep", "paths": [[0] * d for d in range(1, 9)]}}
+    assert cm.row_tree(tree) == MC_SIM_7B_63 and cm.row_tree(deep) == chain(8)
+    assert cm.row_tree(bench["rows"][0]) is None and cm.row_tree(bench["rows"][1]) is None  # AR, a chain
+    default, eight = cm.predicted_vs_measured({"k": 5, "rows": [bench["rows"][0], tree, deep]})
+    assert default["predicted_round_ms"] == pytest.approx(5 * 1.0 + 12.0)
+    assert eight["predicted_round_ms"] == pytest.approx(8 * 1.0 + 12.0)  # one pass per level of its own tree
+
+
 def test_a_fast_runs_rounds_pay_one_launch_on_an_idle_device():
     assert cm.launch_ms({"draft_step": 1.5, "draft_step_synced": 2.25}) == pytest.approx(0.75)
     assert cm.launch_ms({"draft_step": 1.5}) == 0.0

@@ -37,6 +37,9 @@ def close_figures():
 
 def test_run_label():
     assert speed_plots.run_label({"method": "specvlm", "draft": "tree", "ratio": 0.9}) == "SpecVLM tree 90%"
+    assert speed_plots.run_label({"method": "specvlm", "draft": "tree", "ratio": 0.5,
+                                  "tree": {"name": "grown"}}) == "SpecVLM tree (grown) 50%"
+    assert speed_plots.run_label({"method": "sd", "draft": "tree", "tree": {"name": "mc_sim_7b_63"}}) == "SD tree"
     assert speed_plots.run_label({"method": "sd", "draft": "chain", "ratio": 0.0}) == "SD chain"
     assert speed_plots.run_label({"method": "ar", "draft": None, "ratio": 0.0}) == "AR"
     assert speed_plots.run_label({"method": "uniform", "draft": "tree", "ratio": 0.5}) == "uniform tree 50%"

@@ -1,0 +1,222 @@
+"""A static tree for one pair, built from the draft's measured ranks and chosen by the cost model.
+
+Medusa's construction of `mc_sim_7b_63`, with our own measurements:
+
+1. *Rank profile* (`draft_ranks`, `rank_profile`). Decode a clip with the target alone; feed
+   the draft (on its pruned video) the target's answer, teacher-forced, and record at every
+   answer token the rank of the target's token among the draft's: rank 0 is the draft's top-1.
+   p[r] is the share of tokens at rank r. This is what greedy tree verification tests: a node
+   of rank r is accepted exactly when the target's token is the draft's rank-r token there.
+2. *Expected acceptance* (`expected_accepted`). Taking ranks at different depths as
+   independent, a node with rank path (r1, ..., rd) is accepted with probability
+   p[r1] * ... * p[rd], and a round accepts, in expectation, the sum of that over the nodes.
+3. *The best tree of each size* (`grown_tree`): best-first from the root, adding the most
+   likely node whose parent and elder sibling are already in (so the result is a valid tree).
+4. *The size and depth* (`best_tree`): the tree with the most tokens per millisecond of round,
+   `(1 + expected_accepted) / round_ms`, where a round costs one draft pass per level and one
+   verification whose cost grows with the tree's size (`cost_model.tree_round_ms`).
+
+The independence assumption is the approximation; `expected_accepted` over a measured profile
+can be set beside the mean accepted length a benchmark measures for the same tree.
+"""
+
+from __future__ import annotations
+
+import argparse
+import heapq
+import json
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import torch
+
+from .cost_model import draft_passes
+from .trees import MC_SIM_7B_63, Tree
+
+
+@torch.no_grad()
+def draft_ranks(pair, prompt, method: str = "specvlm", ratio: float = 0.5, max_new_tokens: int = 64) -> torch.Tensor:
+    """Ranks [T-1] (long): at each token t >= 1 of the target's greedy answer (T tokens), how many
+    of the draft's logits beat the target's token, the draft having seen its pruned video and the
+    answer's tokens before t. The answer's first token comes from the target's prefill in
+    speculative decoding, so it is not ranked."""
+    from .decoding import generate_ar, positions, prefill_pruned, prefill_target, select_video_tokens
+
+    _, _, scores = prefill_target(pair.target, prompt, with_scores=method in ("specvlm", "top"))
+    answer = generate_ar(pair.target, prompt, max_new_tokens).tokens
+    if len(answer) < 2:
+        return torch.zeros(0, dtype=torch.long)
+    keep = select_video_tokens(method, prompt, ratio, scores)
+    _, cache = prefill_pruned(pair.draft, prompt, keep)
+    logits = pair.draft.step(answer[:-1], positions(prompt, 0, len(answer) - 1), cache)[0]  # row t-1 predicts t
+    target_tokens = torch.tensor(answer[1:], device=logits.device)
+    chosen = logits.gather(1, target_tokens[:, None])
+    return (logits > chosen).sum(1).cpu()
+
+
+def rank_profile(ranks, max_rank: int = 8) -> list[float]:
+    """p[r] for r < max_rank: the share of `ranks` (one tensor or a list of them) equal to r.
+    The rest (ranks >= max_rank) is never accepted by a tree that keeps ranks below max_rank.
+    rank_profile(torch.tensor([0, 0, 1, 9]), max_rank=3) -> [0.5, 0.25, 0.0]"""
+    ranks = torch.cat([torch.as_tensor(r).flatten() for r in ranks]) if isinstance(ranks, (list, tuple)) else ranks
+    if ranks.numel() == 0:
+        raise ValueError("no ranks to profile: the answers were shorter than two tokens.")
+    return [float((ranks == r).float().mean()) for r in range(max_rank)]
+
+
+def check_profile(profile: Sequence[float]) -> None:
+    if not profile or any(p < 0 for p in profile) or sum(profile) > 1 + 1e-9:
+        raise ValueError(f"a rank profile is a list of probabilities >= 0 with sum <= 1, got {list(profile)!r}.")
+
+
+def path_probability(path: Sequence[int], profile: Sequence[float]) -> float:
+    """p[r1] * ... * p[rd]; 0 for a rank beyond the profile. path_probability((0, 1), [0.5, 0.25]) -> 0.125"""
+    prob = 1.0
+    for rank in path:
+        prob *= profile[rank] if rank < len(profile) else 0.0
+    return prob
+
+
+def expected_accepted(tree: Tree, profile: Sequence[float]) -> float:
+    """Drafted tokens a round of `tree` accepts in expectation, ranks independent across depths:
+    the sum over nodes of their path probability. For a chain of k and p[0] = a this is
+    a + a^2 + ... + a^k. expected_accepted(Tree.from_paths([[0], [1], [0, 0]]), [0.5, 0.25]) -> 1.0"""
+    check_profile(profile)
+    return sum(path_probability(path, profile) for path in tree.paths)
+
+
+def grown_tree(profile: Sequence[float], nodes: int, max_depth: int) -> Tree:
+    """The tree of `nodes` rank paths (depth <= max_depth) grown best-first from the root: each
+    step adds the most likely path among the candidates, a candidate being the top-1 child of a
+    node in the tree (depth permitting) or the next-rank sibling of a node in it. With a
+    non-increasing profile these are the `nodes` most likely paths.
+    grown_tree([0.6, 0.3], nodes=3, max_depth=2).paths -> ((0,), (1,), (0, 0))"""
+    check_profile(profile)
+    if nodes < 1 or max_depth < 1:
+        raise ValueError(f"a tree needs nodes >= 1 and max_depth >= 1, got nodes={nodes}, max_depth={max_depth}.")
+    frontier = [(-path_probability((0,), profile), (0,))]
+    paths = []
+    while frontier and len(paths) < nodes:
+        _, path = heapq.heappop(frontier)
+        paths.append(path)
+        candidates = [path[:-1] + (path[-1] + 1,)]
+        if len(path) < max_depth:
+            candidates.append(path + (0,))
+        for candidate in candidates:
+            if candidate[-1] < len(profile):
+                heapq.heappush(frontier, (-path_probability(candidate, profile), candidate))
+    return Tree.from_paths(paths)
+
+
+def best_tree(profile: Sequence[float], round_ms: Callable[[Tree], float], sizes: Sequence[int],
+              depths: Sequence[int]) -> tuple[Tree, list[dict]]:
+    """The grown tree with the most expected tokens per ms of round over `sizes` x `depths`, and
+    every candidate as a dict (nodes, depth, expected_accepted, round_ms, tokens_per_ms), best first.
+    `round_ms(tree)` is the caller's cost model, e.g. from a benchmark's step timings."""
+    candidates = {}
+    for depth in depths:
+        for size in sizes:
+            tree = grown_tree(profile, size, depth)
+            candidates[tree] = None  # one entry per distinct tree
+    table = []
+    for tree in candidates:
+        accepted = expected_accepted(tree, profile)
+        ms = round_ms(tree)
+        table.append(dict(tree=tree, nodes=len(tree.paths), depth=tree.depth, expected_accepted=accepted,
+                          round_ms=ms, tokens_per_ms=(1 + accepted) / ms))
+    table.sort(key=lambda row: -row["tokens_per_ms"])
+    return table[0]["tree"], table
+
+
+def read_tree(path) -> Tree:
+    """The tree saved in a JSON file under "paths" (as `main` writes it)."""
+    return Tree.from_paths(json.loads(Path(path).read_text())["paths"])
+
+
+def round_model(row: dict, ar_row: dict, reference: Tree = MC_SIM_7B_63) -> Callable[[Tree], float]:
+    """round_ms(tree) from a fast-path bench row that drafted `reference` and its AR row: the
+    catch-up feed ("draft_feed") and one "draft_level" per further pass, the picks ("draft_picks")
+    scaled by passes, the acceptance and the KV move as timed, and a verification on a line
+    through the AR step (1 token) and the row's "verify" (the reference's tokens), extrapolated
+    beyond them. Every round is costed as if it fed wide and moved KV (an upper bound)."""
+    steps, t_ar = row["step_ms"], ar_row["step_ms"]["target_step"]
+    needed = ("draft_feed", "draft_level", "verify")
+    if any(name not in steps for name in needed):
+        raise ValueError(f"round_model needs a fast-path tree row with step timings {needed}; got {sorted(steps)}.")
+    reference_passes = len(draft_passes(reference))
+    slope = (steps["verify"] - t_ar) / (reference.num_nodes - 1)
+
+    def round_ms(tree: Tree) -> float:
+        passes = len(draft_passes(tree))
+        return (steps["draft_feed"] + (passes - 1) * steps["draft_level"] + t_ar + slope * (tree.num_nodes - 1)
+                + steps.get("draft_picks", 0.0) * passes / reference_passes
+                + steps.get("accept_synced", 0.0) + steps.get("target_move", 0.0))
+
+    return round_ms
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description="Grow a draft tree for the embedded pair from its measured ranks, "
+                                                 "sized by a fast-path bench run's step timings.")
+    parser.add_argument("--bench", type=Path, required=True, help="a bench JSON with a fast-path tree row and its AR")
+    parser.add_argument("--method", default="specvlm")
+    parser.add_argument("--ratio", type=float, default=0.5)
+    parser.add_argument("--frames", type=int, default=192)
+    parser.add_argument("--seeds", type=int, nargs="+", default=list(range(100, 112)),
+                        help="held-out synthetic clips (seeds below 10**5)")
+    parser.add_argument("--max-rank", type=int, default=8)
+    parser.add_argument("--sizes", type=int, nargs="+", default=list(range(4, 32)),
+                        help="drafted nodes to try (31 + root = 32 tokens: the verification's measured regime)")
+    parser.add_argument("--depths", type=int, nargs="+", default=list(range(2, 9)))
+    parser.add_argument("--out", type=Path, required=True)
+    args = parser.parse_args(argv)
+
+    from . import synthetic
+    from .models import load_pair
+    from .video import from_array
+
+    bench = json.loads(args.bench.read_text())
+    rows = [r for r in bench["rows"] if r.get("path") == "fast"]
+    row = next((r for r in rows if r["method"] == args.method and r.get("draft") == "tree"
+                and r.get("ratio") == args.ratio and (r.get("tree") or {}).get("name", "mc_sim_7b_63") == "mc_sim_7b_63"),
+               None)
+    ar_row = next((r for r in rows if r["method"] == "ar"), None)
+    if row is None or ar_row is None:
+        parser.error(f"--bench {args.bench}: no fast-path mc_sim_7b_63 tree row of {args.method} at ratio {args.ratio} "
+                     "with its AR row.")
+    round_ms = round_model(row, ar_row)
+    pair = load_pair("tiny")
+    ranks = []
+    for seed in args.seeds:
+        clip = synthetic.make_clip(seed, num_frames=args.frames)
+        prompt = pair.target.prepare(from_array(clip.frames, fps=8.0), "Describe the video.")
+        ranks.append(draft_ranks(pair, prompt, args.method, args.ratio))
+        print(f"clip {seed}: {len(ranks[-1])} ranked tokens", flush=True)
+    profile = rank_profile(ranks, args.max_rank)
+    best, table = best_tree(profile, round_ms, args.sizes, args.depths)
+    t_ar = ar_row["step_ms"]["target_step"]
+
+    def described(tree: Tree) -> dict:
+        accepted = expected_accepted(tree, profile)
+        return {"nodes": len(tree.paths), "depth": tree.depth, "expected_accepted": accepted,
+                "round_ms": round_ms(tree), "predicted_speedup": (1 + accepted) * t_ar / round_ms(tree)}
+
+    out = {"paths": [list(path) for path in best.paths], **described(best),
+           "mc_sim_7b_63": described(MC_SIM_7B_63),
+           "candidates": [{k: v for k, v in entry.items() if k != "tree"} for entry in table[:10]],
+           "profile": profile, "ranked_tokens": int(sum(len(r) for r in ranks)),
+           "rank_counts": [int((torch.cat(ranks) == r).sum()) for r in range(args.max_rank)],
+           "pair": pair.name, "method": args.method, "ratio": args.ratio, "frames": args.frames, "seeds": args.seeds,
+           "costs_from": {"bench": args.bench.name, "card": bench.get("card"), "code": bench.get("code")},
+           "assumptions": "ranks independent across depths; verification linear in tokens through the AR step and "
+                          "the bench row's mc_sim_7b_63 verification; every round feeds wide and moves KV",
+           "command": "python -m specvlm.tree_search " + " ".join(argv if argv is not None else sys.argv[1:])}
+    args.out.write_text(json.dumps(out, indent=1) + "\n")
+    print(json.dumps({k: out[k] for k in ("nodes", "depth", "expected_accepted", "round_ms", "predicted_speedup")}))
+    print("mc_sim_7b_63:", json.dumps(out["mc_sim_7b_63"]))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

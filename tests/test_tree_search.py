@@ -1,0 +1,103 @@
+"""Growing a draft tree from the draft's measured ranks (`tree_search`)."""
+
+import itertools
+import json
+
+import pytest
+import torch
+
+import specvlm as sv
+from specvlm import tree_search as ts
+from specvlm.decoding import generate_sd
+from specvlm.trees import MC_SIM_7B_63
+
+from .conftest import random_video
+
+
+def test_rank_profile_counts_each_rank_share():
+    assert ts.rank_profile(torch.tensor([0, 0, 1, 9]), max_rank=3) == [0.5, 0.25, 0.0]
+    assert ts.rank_profile([torch.tensor([0]), torch.tensor([1, 1, 0])], max_rank=2) == [0.5, 0.5]
+    with pytest.raises(ValueError, match="no ranks"):
+        ts.rank_profile(torch.zeros(0, dtype=torch.long))
+
+
+def test_expected_accepted_of_a_chain_is_the_geometric_sum():
+    a = 0.7
+    assert ts.expected_accepted(sv.chain(4), [a, 0.2]) == pytest.approx(a + a**2 + a**3 + a**4)
+    assert ts.expected_accepted(sv.Tree.from_paths([[0], [1], [0, 0]]), [0.5, 0.25]) == pytest.approx(1.0)
+    with pytest.raises(ValueError, match="probabilities"):
+        ts.expected_accepted(sv.chain(2), [0.8, 0.5])
+
+
+def all_paths(depth, ranks):
+    return [p for d in range(1, depth + 1) for p in itertools.product(range(ranks), repeat=d)]
+
+
+@pytest.mark.parametrize("nodes,depth", [(1, 1), (7, 3), (25, 5), (31, 4)])
+def test_grown_tree_holds_the_most_likely_paths(nodes, depth):
+    profile = [0.55, 0.2, 0.1, 0.05]
+    tree = ts.grown_tree(profile, nodes, depth)
+    assert len(tree.paths) == nodes and tree.depth <= depth
+    probabilities = sorted((ts.path_probability(p, profile) for p in all_paths(depth, len(profile))), reverse=True)
+    assert ts.expected_accepted(tree, profile) == pytest.approx(sum(probabilities[:nodes]))
+
+
+def test_grown_tree_follows_the_profile_shape():
+    assert ts.grown_tree([0.6, 0.3], nodes=3, max_depth=2).paths == ((0,), (1,), (0, 0))
+    assert ts.grown_tree([0.95, 0.01], nodes=4, max_depth=8) == sv.chain(4)  # a confident draft: a chain
+    assert ts.grown_tree([0.3, 0.3, 0.3], nodes=3, max_depth=8).depth == 1  # an unsure one: wide
+    with pytest.raises(ValueError, match="nodes >= 1"):
+        ts.grown_tree([0.5], nodes=0, max_depth=3)
+
+
+def test_best_tree_maximises_tokens_per_ms():
+    profile = [0.6, 0.25, 0.1]
+    per_pass, verify_per_node = 1.0, 0.05
+    cost = lambda tree: 10 + per_pass * tree.depth + verify_per_node * tree.num_nodes
+    best, table = ts.best_tree(profile, cost, sizes=[4, 8, 16, 31], depths=[2, 4, 6])
+    assert table[0]["tree"] == best
+    assert all(table[i]["tokens_per_ms"] >= table[i + 1]["tokens_per_ms"] for i in range(len(table) - 1))
+    assert table[0]["tokens_per_ms"] == pytest.approx((1 + ts.expected_accepted(best, profile)) / cost(best))
+    # drafting for free, the deepest and largest tree wins; at a high price per pass, a shallower one
+    free, _ = ts.best_tree(profile, lambda tree: 10.0, sizes=[4, 8, 16, 31], depths=[2, 4, 6])
+    assert len(free.paths) == 31
+    dear, _ = ts.best_tree(profile, lambda tree: 10 + 20 * tree.depth, sizes=[4, 8, 16, 31], depths=[2, 4, 6])
+    assert dear.depth < free.depth
+
+
+def test_round_model_reproduces_the_reference_tree_and_the_ar_step():
+    row = {"step_ms": {"draft_feed": 1.3, "draft_level": 1.2, "verify": 8.0, "draft_picks": 0.5,
+                       "accept_synced": 0.1, "target_move": 0.05}}
+    ar = {"step_ms": {"target_step": 7.0}}
+    round_ms = ts.round_model(row, ar)
+    assert round_ms(MC_SIM_7B_63) == pytest.approx(1.3 + 4 * 1.2 + 8.0 + 0.5 + 0.1 + 0.05)
+    assert round_ms(sv.chain(1)) == pytest.approx(1.3 + 7.0 + 0.04 + 0.5 / 5 + 0.15)  # 2 tokens: 1/25 of the way
+    with pytest.raises(ValueError, match="draft_feed"):
+        ts.round_model({"step_ms": {"verify": 8.0}}, ar)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_draft_ranks_predict_what_a_one_token_chain_accepts(noisy_pair, seed):
+    """A chain of one drafted token tests the draft's top-1 at one position per round: it is accepted
+    exactly where the measured rank there is 0 (a rank >= 1 would have been a rejection)."""
+    prompt = noisy_pair.target.prepare(random_video(seed, 4), "Describe the video.")
+    ranks = ts.draft_ranks(noisy_pair, prompt, "specvlm", 0.5, max_new_tokens=24)
+    result = generate_sd(noisy_pair, prompt, "specvlm", 0.5, k=1, max_new_tokens=24)
+    assert len(ranks) == len(result.tokens) - 1
+    position, checked = 1, 0  # the answer's token the next round drafts (token 0 came from the prefill)
+    for accepted in result.accepted:
+        if position < len(result.tokens):
+            assert accepted == int(ranks[position - 1] == 0), (position, ranks.tolist(), result.accepted)
+            checked += 1
+        position += accepted + 1
+    assert checked >= 5 and 0 < ranks.eq(0).float().mean() < 1  # the noisy draft is right sometimes, not always
+
+
+def test_read_tree_and_the_bench_command_line_refuse_a_bad_file(tmp_path):
+    good = tmp_path / "tree.json"
+    good.write_text(json.dumps({"paths": [[0], [1], [0, 0]]}))
+    assert ts.read_tree(good) == sv.Tree.from_paths([[0], [1], [0, 0]])
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"paths": [[0, 0]]}))
+    with pytest.raises(ValueError, match="has no parent"):
+        ts.read_tree(bad)
