@@ -277,7 +277,7 @@ class StaticLM:
         self.split_from = split_min_slots() if split_from is None else split_from
         self.cache: SlotCache | None = None
         self.steps: dict[tuple[int, int], object] = {}
-        self._move = None
+        self._moves: dict[int, object] = {}  # one compiled move per number of slots moved (a tree's depth)
         self._constants: dict[object, torch.Tensor] = {}
         # "manual": CUDA graphs captured by hand (`CapturedGraph`); "trees": torch.compile's own
         # (mode="reduce-overhead"); None: no CUDA graphs
@@ -308,7 +308,7 @@ class StaticLM:
         needed = round_up(capacity, 128)
         if (self.cache is None or self.cache.capacity < capacity or not self.cache.fits(prefilled)
                 or self.kernels(needed) != self.kernels(self.cache.capacity)):
-            self.cache, self.steps, self._move = None, {}, None
+            self.cache, self.steps, self._moves = None, {}, {}
             self.cache = SlotCache.like(prefilled, needed)
         self.cache.load(prefilled)
 
@@ -351,15 +351,16 @@ class StaticLM:
 
     def move(self, source: list[int], dest: list[int]) -> None:
         """`SlotCache.move` in every layer as one compiled function (on CUDA: one CUDA graph
-        instead of four eager kernels per layer, launched from the host every tree round)."""
+        instead of four eager kernels per layer, launched from the host every tree round), one
+        per number of slots moved: trees of different depths move paths of different lengths."""
         moves = to_device([source, dest], self.lm.device)
-        if self._move is None:
+        if len(source) not in self._moves:
             # captured with every slot copied onto itself: a move run twice is not the same move
-            self._move = self._compiled(functools.partial(move_slots, self.cache),
-                                        neutral=lambda moves: moves[[1, 1]])
+            self._moves[len(source)] = self._compiled(functools.partial(move_slots, self.cache),
+                                                      neutral=lambda moves: moves[[1, 1]])
         if self._graph_trees:
             torch.compiler.cudagraph_mark_step_begin()
-        self._move(moves)
+        self._moves[len(source)](moves)
 
     def extend(self, tokens: list[int], first_position: int, width: int):
         """Causal step: `tokens` at consecutive positions from `first_position`, padded to `width`."""
@@ -644,7 +645,7 @@ def capture_report(pair: Pair | None = None) -> dict:
                 "graphs": engine.graphs,
                 "capacity": engine.cache.capacity if engine.cache is not None else None,
                 "step_shapes": [list(shape) for shape in sorted(engine.steps)],
-                "compiled_move": engine._move is not None and engine.options is not None and not engine.spread,
+                "compiled_move": bool(engine._moves) and engine.options is not None and not engine.spread,
                 "spread": engine.spread,  # over several devices: steps ran uncompiled, whatever "compile" says
                 "fused_projections": is_fused(lm),  # q/k/v and gate/up as one matmul each (`fusion.py`)
             }

@@ -645,7 +645,26 @@ def test_captured_graphs_in_the_decoding_loops_give_the_eager_fast_paths_tokens_
     assert all(isinstance(step, fast.CapturedGraph) for step in engines["target"].steps.values())
     assert _FakeGraph.replays > 0
     if "tree" in kwargs:
-        assert isinstance(engines["target"]._move, fast.CapturedGraph)
+        assert all(isinstance(move, fast.CapturedGraph) for move in engines["target"]._moves.values())
+        assert engines["target"]._moves
+
+
+def test_trees_of_different_depths_share_an_engine_with_captured_graphs(fake_graphs):
+    """A captured graph keeps its first call's shapes: a tree of another depth accepts paths of
+    another length, whose KV move needs a graph of its own (one run of `bench --tree` drafts two trees)."""
+    pair = sv.load_pair("tiny", device="cpu")
+    prompt = pair.target.prepare(sv.from_array(synthetic.make_clip(3, num_frames=2).frames, fps=8.0),
+                                 "Describe the video.")
+    shallow = sv.Tree.from_paths([[0], [1], [0, 0], [1, 0]])
+    runs = {}
+    for tree in (SMALL_TREE, shallow, SMALL_TREE):
+        got = fast.generate_fast(pair, prompt, "specvlm", tree=tree, ratio=0.5, max_new_tokens=24,
+                                 compile={"backend": "eager"})
+        assert got.tokens == runs.setdefault(tree, got).tokens
+    assert runs[SMALL_TREE].tokens == runs[shallow].tokens == fast.generate_fast(
+        pair, prompt, "ar", max_new_tokens=24, compile={"backend": "eager"}).tokens
+    assert SMALL_TREE.depth != shallow.depth
+    assert sorted(fast._ENGINES[pair.target]["target"]._moves) == sorted({SMALL_TREE.depth, shallow.depth})
 
 
 def test_a_graph_captured_with_grad_enabled_compiles_nothing_again(fake_graphs, monkeypatch):
