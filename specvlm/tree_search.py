@@ -1,6 +1,7 @@
 """A static tree for one pair, built from the draft's measured ranks and chosen by the cost model.
 
-Medusa's construction of `mc_sim_7b_63`, with our own measurements:
+The construction Medusa describes for its sparse trees (greedy by path probability, from each rank's measured
+accuracy), with this pair's own measurements:
 
 1. *Rank profile* (`draft_ranks`, `rank_profile`). Decode a clip with the target alone; feed
    the draft (on its pruned video) the target's answer, teacher-forced, and record at every
@@ -14,7 +15,11 @@ Medusa's construction of `mc_sim_7b_63`, with our own measurements:
    likely node whose parent and elder sibling are already in (so the result is a valid tree).
 4. *The size and depth* (`best_tree`): the tree with the most tokens per millisecond of round,
    `(1 + expected_accepted) / round_ms`, where a round costs one draft pass per level and one
-   verification whose cost grows with the tree's size (`cost_model.tree_round_ms`).
+   verification whose cost grows with the tree's size (`round_model`, from a bench run's step timings).
+
+    python -m specvlm.tree_search --bench figures/bench_widened_7b_0.5b_192f_glue_nvidia-h100-80gb-hbm3.json \
+        --out figures/tree_grown_tiny_192f_specvlm50.json
+    python -m specvlm bench ... --tree grown=figures/tree_grown_tiny_192f_specvlm50.json --only specvlm-tree:grown-0.5
 
 The independence assumption is the approximation; `expected_accepted` over a measured profile
 can be set beside the mean accepted length a benchmark measures for the same tree.
