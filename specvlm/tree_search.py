@@ -3,16 +3,22 @@
 The construction Medusa describes for its sparse trees (greedy by path probability, from each rank's measured
 accuracy), with this pair's own measurements:
 
-1. *Rank profile* (`draft_ranks`, `rank_profile`). Decode a clip with the target alone; feed
-   the draft (on its pruned video) the target's answer, teacher-forced, and record at every
-   answer token the rank of the target's token among the draft's: rank 0 is the draft's top-1.
-   p[r] is the share of tokens at rank r. This is what greedy tree verification tests: a node
-   of rank r is accepted exactly when the target's token is the draft's rank-r token there.
-2. *Expected acceptance* (`expected_accepted`). Taking ranks at different depths as
-   independent, a node with rank path (r1, ..., rd) is accepted with probability
-   p[r1] * ... * p[rd], and a round accepts, in expectation, the sum of that over the nodes.
-3. *The best tree of each size* (`grown_tree`): best-first from the root, adding the most
-   likely node whose parent and elder sibling are already in (so the result is a valid tree).
+1. *Ranks* (`draft_ranks`). Decode a clip with the target alone; feed the draft (on its pruned
+   video) the target's answer, teacher-forced, and record at every answer token the rank of the
+   target's token among the draft's: rank 0 is the draft's top-1. Greedy tree verification tests
+   exactly this: a round that starts at token t accepts the tree's nodes along the rank path
+   (ranks[t], ranks[t+1], ...) for as long as that path is in the tree (`replay` decodes a whole
+   answer so, round by round, without running a model).
+2. *How likely a node is*, two ways:
+   - `rank_profile`: p[r], the share of tokens at rank r; taking ranks at different depths as
+     independent (Medusa's assumption), the node with rank path (r1, ..., rd) is accepted with
+     probability p[r1] * ... * p[rd];
+   - `path_frequencies`: the share of answer positions whose ranks begin with that path, as
+     measured: no assumption, but noisy for rare paths.
+   Either way a round accepts, on average over its starting token, the sum of that over the
+   tree's nodes (`expected_accepted`).
+3. *The best tree of each size* (`grown_tree`): best-first from the root, always adding the
+   likeliest child of a node already in (so the result is a valid tree).
 4. *The size and depth* (`best_tree`): the tree with the most tokens per millisecond of round,
    `(1 + expected_accepted) / round_ms`, where a round costs one draft pass per level and one
    verification whose cost grows with the tree's size (`round_model`, from a bench run's step timings).
@@ -21,8 +27,8 @@ accuracy), with this pair's own measurements:
         --out figures/tree_grown_tiny_192f_specvlm50.json
     python -m specvlm bench ... --tree grown=figures/tree_grown_tiny_192f_specvlm50.json --only specvlm-tree:grown-0.5
 
-The independence assumption is the approximation; `expected_accepted` over a measured profile
-can be set beside the mean accepted length a benchmark measures for the same tree.
+Independence misjudges depth wherever acceptance is correlated along a path (a draft right, or wrong,
+in runs of tokens): measured frequencies see that, at the price of noise for rare paths.
 """
 
 from __future__ import annotations
@@ -70,6 +76,24 @@ def rank_profile(ranks, max_rank: int = 8) -> list[float]:
     return [float((ranks == r).float().mean()) for r in range(max_rank)]
 
 
+def path_frequencies(ranks, max_depth: int) -> dict[tuple[int, ...], float]:
+    """{rank path: share of answer positions whose ranks begin with it}, for paths up to max_depth
+    long, from one rank sequence per answer (a position near an answer's end starts only the paths
+    that fit before it). path_frequencies([[0, 0, 1]], 2) -> {(0,): 2/3, (0, 0): 1/3, (0, 1): 1/3, (1,): 1/3}"""
+    counts: dict[tuple[int, ...], int] = {}
+    positions = 0
+    for answer in ranks:
+        answer = [int(r) for r in answer]
+        positions += len(answer)
+        for t in range(len(answer)):
+            for depth in range(1, min(max_depth, len(answer) - t) + 1):
+                path = tuple(answer[t:t + depth])
+                counts[path] = counts.get(path, 0) + 1
+    if positions == 0:
+        raise ValueError("no ranks to count: the answers were shorter than two tokens.")
+    return {path: n / positions for path, n in counts.items()}
+
+
 def check_profile(profile: Sequence[float]) -> None:
     if not profile or any(p < 0 for p in profile) or sum(profile) > 1 + 1e-9:
         raise ValueError(f"a rank profile is a list of probabilities >= 0 with sum <= 1, got {list(profile)!r}.")
@@ -83,50 +107,80 @@ def path_probability(path: Sequence[int], profile: Sequence[float]) -> float:
     return prob
 
 
-def expected_accepted(tree: Tree, profile: Sequence[float]) -> float:
-    """Drafted tokens a round of `tree` accepts in expectation, ranks independent across depths:
-    the sum over nodes of their path probability. For a chain of k and p[0] = a this is
-    a + a^2 + ... + a^k. expected_accepted(Tree.from_paths([[0], [1], [0, 0]]), [0.5, 0.25]) -> 1.0"""
-    check_profile(profile)
-    return sum(path_probability(path, profile) for path in tree.paths)
+def likelihood(profile_or_frequencies) -> Callable[[tuple[int, ...]], float]:
+    """path -> how likely its node is accepted: from a rank profile (a list: ranks independent) or
+    from measured path frequencies (a dict, `path_frequencies`)."""
+    if isinstance(profile_or_frequencies, dict):
+        return lambda path: profile_or_frequencies.get(tuple(path), 0.0)
+    check_profile(profile_or_frequencies)
+    return lambda path: path_probability(path, profile_or_frequencies)
 
 
-def grown_tree(profile: Sequence[float], nodes: int, max_depth: int) -> Tree:
-    """The tree of `nodes` rank paths (depth <= max_depth) grown best-first from the root: each
-    step adds the most likely path among the candidates, a candidate being the top-1 child of a
-    node in the tree (depth permitting) or the next-rank sibling of a node in it. With a
-    non-increasing profile these are the `nodes` most likely paths.
-    grown_tree([0.6, 0.3], nodes=3, max_depth=2).paths -> ((0,), (1,), (0, 0))"""
-    check_profile(profile)
+def expected_accepted(tree: Tree, profile_or_frequencies) -> float:
+    """Drafted tokens a round of `tree` accepts on average over its starting token: the sum over its
+    nodes of how likely each is (`likelihood`). For a chain of k and p[0] = a, with ranks
+    independent, this is a + a^2 + ... + a^k.
+    expected_accepted(Tree.from_paths([[0], [1], [0, 0]]), [0.5, 0.25]) -> 1.0"""
+    score = likelihood(profile_or_frequencies)
+    return sum(score(path) for path in tree.paths)
+
+
+def grown_tree(profile_or_frequencies, nodes: int, max_depth: int, max_rank: int = 8) -> Tree:
+    """The tree of at most `nodes` rank paths (depth <= max_depth, ranks < max_rank) grown best-first
+    from the root: each step adds the likeliest child (`likelihood`) of the root or of a node in the
+    tree; paths never seen (likelihood 0) are not added. These are the likeliest paths, since no
+    node is likelier than its parent. grown_tree([0.6, 0.3], nodes=3, max_depth=2).paths ->
+    ((0,), (1,), (0, 0))"""
     if nodes < 1 or max_depth < 1:
         raise ValueError(f"a tree needs nodes >= 1 and max_depth >= 1, got nodes={nodes}, max_depth={max_depth}.")
-    frontier = [(-path_probability((0,), profile), (0,))]
-    paths = []
+    score = likelihood(profile_or_frequencies)
+    frontier, paths = [], []
+
+    def push_children(parent: tuple[int, ...]) -> None:
+        if len(parent) < max_depth:
+            for rank in range(max_rank):
+                child = parent + (rank,)
+                if score(child) > 0:
+                    heapq.heappush(frontier, (-score(child), child))
+
+    push_children(())
     while frontier and len(paths) < nodes:
         _, path = heapq.heappop(frontier)
         paths.append(path)
-        candidates = [path[:-1] + (path[-1] + 1,)]
-        if len(path) < max_depth:
-            candidates.append(path + (0,))
-        for candidate in candidates:
-            if candidate[-1] < len(profile):
-                heapq.heappush(frontier, (-path_probability(candidate, profile), candidate))
+        push_children(path)
+    if not paths:
+        raise ValueError("no path has a likelihood above 0: nothing to grow a tree from.")
     return Tree.from_paths(paths)
 
 
-def best_tree(profile: Sequence[float], round_ms: Callable[[Tree], float], sizes: Sequence[int],
+def replay(ranks: Sequence[int], tree: Tree) -> list[int]:
+    """Accepted drafts per round when `tree` drafts the answer whose ranks are `ranks` (one per token
+    after the first, `draft_ranks`): greedy tree decoding round by round, without a model. A round
+    starting at token t accepts the longest tree path that (ranks[t], ranks[t+1], ...) begins with,
+    then the bonus token, so the next round starts after both. (Rounds near a length limit, where
+    decoding shortens its tree, are not modelled: the answer is taken to end at its EOS.)
+    replay([0, 0, 1, 0], chain(2)) -> [2, 1]"""
+    in_tree = set(tree.paths)
+    ranks = [int(r) for r in ranks]
+    accepted, t = [], 0
+    while t < len(ranks):
+        depth = 0
+        while depth < tree.depth and t + depth < len(ranks) and tuple(ranks[t:t + depth + 1]) in in_tree:
+            depth += 1
+        accepted.append(depth)
+        t += depth + 1
+    return accepted
+
+
+def best_tree(profile_or_frequencies, round_ms: Callable[[Tree], float], sizes: Sequence[int],
               depths: Sequence[int]) -> tuple[Tree, list[dict]]:
     """The grown tree with the most expected tokens per ms of round over `sizes` x `depths`, and
-    every candidate as a dict (nodes, depth, expected_accepted, round_ms, tokens_per_ms), best first.
-    `round_ms(tree)` is the caller's cost model, e.g. from a benchmark's step timings."""
-    candidates = {}
-    for depth in depths:
-        for size in sizes:
-            tree = grown_tree(profile, size, depth)
-            candidates[tree] = None  # one entry per distinct tree
+    every candidate as a dict (tree, nodes, depth, expected_accepted, round_ms, tokens_per_ms), best
+    first. `round_ms(tree)` is the caller's cost model, e.g. `round_model` of a benchmark row."""
+    candidates = {grown_tree(profile_or_frequencies, size, depth): None for depth in depths for size in sizes}
     table = []
-    for tree in candidates:
-        accepted = expected_accepted(tree, profile)
+    for tree in candidates:  # one entry per distinct tree
+        accepted = expected_accepted(tree, profile_or_frequencies)
         ms = round_ms(tree)
         table.append(dict(tree=tree, nodes=len(tree.paths), depth=tree.depth, expected_accepted=accepted,
                           round_ms=ms, tokens_per_ms=(1 + accepted) / ms))
@@ -161,6 +215,17 @@ def round_model(row: dict, ar_row: dict, reference: Tree = MC_SIM_7B_63) -> Call
     return round_ms
 
 
+def replayed(ranks, tree: Tree) -> dict:
+    """What `replay` gives for a tree over several answers' ranks: {"rounds", "tokens" (each answer's
+    first token, from the prefill, not counted), "tokens_per_round", "accepted_hist"}."""
+    from .cost_model import histogram
+
+    accepted = [a for answer in ranks for a in replay(answer, tree)]
+    tokens = sum(len(answer) for answer in ranks)
+    return {"rounds": len(accepted), "tokens": tokens, "tokens_per_round": tokens / len(accepted) if accepted else 0.0,
+            "accepted_hist": histogram(accepted) if accepted else []}
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description="Grow a draft tree for the embedded pair from its measured ranks, "
                                                  "sized by a fast-path bench run's step timings.")
@@ -169,7 +234,11 @@ def main(argv=None) -> int:
     parser.add_argument("--ratio", type=float, default=0.5)
     parser.add_argument("--frames", type=int, default=192)
     parser.add_argument("--seeds", type=int, nargs="+", default=list(range(100, 112)),
-                        help="held-out synthetic clips (seeds below 10**5)")
+                        help="held-out synthetic clips (seeds below 10**5) the tree is grown from")
+    parser.add_argument("--check-seeds", type=int, nargs="*", default=[],
+                        help="more clips, only replayed with the trees (e.g. the benchmark's), never used to choose")
+    parser.add_argument("--estimate", choices=("frequencies", "independent"), default="frequencies",
+                        help="how likely a node is: measured path frequencies, or a rank profile with ranks independent")
     parser.add_argument("--max-rank", type=int, default=8)
     parser.add_argument("--sizes", type=int, nargs="+", default=list(range(4, 32)),
                         help="drafted nodes to try (31 + root = 32 tokens: the verification's measured regime)")
@@ -192,34 +261,52 @@ def main(argv=None) -> int:
                      "with its AR row.")
     round_ms = round_model(row, ar_row)
     pair = load_pair("tiny")
-    ranks = []
-    for seed in args.seeds:
-        clip = synthetic.make_clip(seed, num_frames=args.frames)
-        prompt = pair.target.prepare(from_array(clip.frames, fps=8.0), "Describe the video.")
-        ranks.append(draft_ranks(pair, prompt, args.method, args.ratio))
-        print(f"clip {seed}: {len(ranks[-1])} ranked tokens", flush=True)
-    profile = rank_profile(ranks, args.max_rank)
-    best, table = best_tree(profile, round_ms, args.sizes, args.depths)
+
+    def ranks_of(seeds):
+        out = []
+        for seed in seeds:
+            clip = synthetic.make_clip(seed, num_frames=args.frames)
+            prompt = pair.target.prepare(from_array(clip.frames, fps=8.0), "Describe the video.")
+            out.append(draft_ranks(pair, prompt, args.method, args.ratio).tolist())
+            print(f"clip {seed}: {len(out[-1])} ranked tokens", flush=True)
+        return out
+
+    ranks, check_ranks = ranks_of(args.seeds), ranks_of(args.check_seeds)
+    profile = rank_profile([torch.tensor(r) for r in ranks], args.max_rank)
+    estimates = {"independent": profile, "frequencies": path_frequencies(ranks, max(args.depths))}
     t_ar = ar_row["step_ms"]["target_step"]
 
     def described(tree: Tree) -> dict:
-        accepted = expected_accepted(tree, profile)
+        accepted = expected_accepted(tree, estimates[args.estimate])
+        held_out = replayed(ranks, tree)
         return {"nodes": len(tree.paths), "depth": tree.depth, "expected_accepted": accepted,
-                "round_ms": round_ms(tree), "predicted_speedup": (1 + accepted) * t_ar / round_ms(tree)}
+                "round_ms": round_ms(tree), "predicted_speedup": (1 + accepted) * t_ar / round_ms(tree),
+                "replayed": held_out, "replayed_speedup": held_out["tokens_per_round"] * t_ar / round_ms(tree),
+                "check_replayed": replayed(check_ranks, tree) if check_ranks else None}
 
-    out = {"paths": [list(path) for path in best.paths], **described(best),
+    best, table = best_tree(estimates[args.estimate], round_ms, args.sizes, args.depths)
+    other = "independent" if args.estimate == "frequencies" else "frequencies"
+    other_best, _ = best_tree(estimates[other], round_ms, args.sizes, args.depths)
+    out = {"paths": [list(path) for path in best.paths], "estimate": args.estimate, **described(best),
            "mc_sim_7b_63": described(MC_SIM_7B_63),
+           other: {"paths": [list(path) for path in other_best.paths], **described(other_best)},
            "candidates": [{k: v for k, v in entry.items() if k != "tree"} for entry in table[:10]],
            "profile": profile, "ranked_tokens": int(sum(len(r) for r in ranks)),
-           "rank_counts": [int((torch.cat(ranks) == r).sum()) for r in range(args.max_rank)],
+           "rank_counts": [sum(r.count(rank) for r in ranks) for rank in range(args.max_rank)],
+           "ranks": dict(zip(map(str, args.seeds), ranks)), "check_ranks": dict(zip(map(str, args.check_seeds), check_ranks)),
            "pair": pair.name, "method": args.method, "ratio": args.ratio, "frames": args.frames, "seeds": args.seeds,
+           "check_seeds": args.check_seeds,
            "costs_from": {"bench": args.bench.name, "card": bench.get("card"), "code": bench.get("code")},
-           "assumptions": "ranks independent across depths; verification linear in tokens through the AR step and "
-                          "the bench row's mc_sim_7b_63 verification; every round feeds wide and moves KV",
+           "assumptions": ("ranks measured in float32 on the embedded pair (the widened pair's in bfloat16 can differ "
+                           "at near-ties); " + ("ranks independent across depths; " if args.estimate == "independent"
+                                                else "path frequencies as measured on these clips; ")
+                           + "verification linear in tokens through the AR step and the bench row's mc_sim_7b_63 "
+                             "verification; every round feeds wide and moves KV"),
            "command": "python -m specvlm.tree_search " + " ".join(argv if argv is not None else sys.argv[1:])}
     args.out.write_text(json.dumps(out, indent=1) + "\n")
-    print(json.dumps({k: out[k] for k in ("nodes", "depth", "expected_accepted", "round_ms", "predicted_speedup")}))
-    print("mc_sim_7b_63:", json.dumps(out["mc_sim_7b_63"]))
+    for name, entry in (("chosen", out), ("mc_sim_7b_63", out["mc_sim_7b_63"]), (other, out[other])):
+        print(name, json.dumps({k: entry[k] for k in ("nodes", "depth", "expected_accepted", "round_ms",
+                                                      "predicted_speedup", "replayed_speedup")}))
     return 0
 
 

@@ -93,6 +93,48 @@ def test_draft_ranks_predict_what_a_one_token_chain_accepts(noisy_pair, seed):
     assert checked >= 5 and 0 < ranks.eq(0).float().mean() < 1  # the noisy draft is right sometimes, not always
 
 
+def test_path_frequencies_count_where_the_ranks_begin_with_each_path():
+    freq = ts.path_frequencies([[0, 0, 1]], 2)
+    assert freq == pytest.approx({(0,): 2 / 3, (0, 0): 1 / 3, (0, 1): 1 / 3, (1,): 1 / 3})
+    ranks = [[0, 0, 0, 1, 0, 2], [1, 0, 0]]
+    tree = sv.Tree.from_paths([[0], [1], [0, 0], [0, 0, 0]])
+    freq = ts.path_frequencies(ranks, tree.depth)
+    # the expected acceptance over measured frequencies is the mean, over starting tokens, of what a round accepts
+    starts = [(answer, t) for answer in ranks for t in range(len(answer))]
+    in_tree = set(tree.paths)
+    accepted = [max([d for d in range(1, min(tree.depth, len(a) - t) + 1) if tuple(a[t:t + d]) in in_tree], default=0)
+                for a, t in starts]
+    assert ts.expected_accepted(tree, freq) == pytest.approx(sum(accepted) / len(starts))
+    grown = ts.grown_tree(freq, nodes=3, max_depth=3)
+    assert all(freq[path] > 0 for path in grown.paths) and grown.paths == ((0,), (1,), (0, 0))
+
+
+def test_replay_decodes_round_by_round_from_the_ranks():
+    assert ts.replay([0, 0, 1, 0], sv.chain(2)) == [2, 1]
+    assert ts.replay([1, 1, 1], sv.chain(3)) == [0, 0, 0]  # each rejection still commits the target's own token
+    assert ts.replay([1, 0, 0, 0], MC_SIM_7B_63) == [3]  # (1,), (1, 0), (1, 0, 0) are in the tree; (1, 0, 0, 0) is not
+    assert ts.replayed([[1, 0, 0, 0], [0]], MC_SIM_7B_63) == {"rounds": 2, "tokens": 5, "tokens_per_round": 2.5,
+                                                               "accepted_hist": [0, 1, 0, 1]}
+
+
+@pytest.mark.parametrize("seed", [0, 3])
+def test_replay_of_the_measured_ranks_gives_the_rounds_tree_decoding_gives(noisy_pair, seed):
+    """Greedy tree decoding tests the draft's ranks along the target's answer: replaying the
+    teacher-forced ranks through a tree must give the accepted count of every round (the last few
+    rounds before the token limit, which decoding drafts with a shorter chain, aside)."""
+    tree, limit = sv.Tree.from_paths([[0], [1], [2], [0, 0], [0, 1], [1, 0], [0, 0, 0], [0, 0, 1], [0, 0, 0, 0]]), 40
+    prompt = noisy_pair.target.prepare(random_video(seed, 4), "Describe the video.")
+    ranks = ts.draft_ranks(noisy_pair, prompt, "specvlm", 0.5, max_new_tokens=limit)
+    result = generate_sd(noisy_pair, prompt, "specvlm", 0.5, tree=tree, max_new_tokens=limit)
+    replayed, start, compared = ts.replay(ranks, tree), 0, 0
+    for got, want in zip(result.accepted, replayed):
+        if limit - (start + 1) <= tree.depth:
+            break
+        assert got == want, (start, ranks.tolist())
+        start, compared = start + got + 1, compared + 1
+    assert compared >= 5 and len(set(result.accepted[:compared])) > 1
+
+
 def test_read_tree_and_the_bench_command_line_refuse_a_bad_file(tmp_path):
     good = tmp_path / "tree.json"
     good.write_text(json.dumps({"paths": [[0], [1], [0, 0]]}))
