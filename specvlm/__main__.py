@@ -85,7 +85,7 @@ def named_tree(text: str):
                                          f"grown=figures/tree.json; got {text!r}")
     try:
         return name, read_tree(path)
-    except (OSError, ValueError, KeyError, TypeError) as error:
+    except (OSError, ValueError, TypeError) as error:
         raise argparse.ArgumentTypeError(f"{path}: {error}") from None
 
 

@@ -560,7 +560,7 @@ def bench(pair: Pair, video_for, frames_list, max_new_tokens=64, k=5, repeats=3,
                            universal, selection, tuple(trees))
         unknown = set(only) - set(known)
         if unknown:
-            raise ValueError(f"bench rows {sorted(unknown)} are not among this call's rows (see --self, --selection and "
+            raise ValueError(f"bench rows {sorted(unknown)} are not among this call's rows (see --self, --selection, --tree and "
                              f"--transformers; hf-assisted-padded only for a pair whose output layers differ in "
                              f"size): choose from {known}.")
     self_pair = Pair(pair.target, pair.target, name=f"{pair.name}: target drafting for itself") \
@@ -670,8 +670,11 @@ def table(result: dict) -> str:
         else:
             step = "-"
         draft_video = "-" if r["method"] == "ar" or r["draft_video_tokens"] is None else r["draft_video_tokens"]
+        shape = r["draft"] or "-"
+        if (r.get("tree") or {}).get("name", "mc_sim_7b_63") != "mc_sim_7b_63":
+            shape = f"tree:{r['tree']['name']}"  # a tree passed by name; "tree" alone is mc_sim_7b_63
         lines.append(f"{r.get('path', 'plain'):<5} {r['frames']:>6} {r['video_tokens']:>6} {r['method']:<8} "
-                     f"{r.get('drafter') or '-':<5} {r['draft'] or '-':<5} {r['ratio']:>5.2f} {draft_video:>6} "
+                     f"{r.get('drafter') or '-':<5} {shape:<5} {r['ratio']:>5.2f} {draft_video:>6} "
                      f"{r['mean_accepted']:>5.2f} {r['decode_s']:>9.3f} {r['tokens_per_s']:>7.1f} {speed:>6} "
                      f"{same_as_ar(r):>5} {step:>28}")
     return "\n".join(lines)

@@ -166,6 +166,7 @@ class CostTable:
     def __init__(self, result, path: str = "sdpa"):
         result = load(result)
         self.device, self.path, self.k = result["device"], path, result["k"]
+        self.tree_nodes = result.get("tree_nodes", MC_SIM_7B_63.num_nodes)  # tokens of the "tree" rows' verification
         self.curves = {}
         for r in result["rows"]:
             if r["path"] == path and r["ms"] is not None:
@@ -252,8 +253,9 @@ def predicted_vs_measured(bench_result, table: CostTable | None = None, target: 
     Step costs come from the run's own "step_ms" when present (t_ar from the AR row of the same
     path and frame count), else from `table` (with `target` and `draft` shape names) at the row's
     contexts: "prompt_tokens", else `text_tokens + video_tokens`; the draft's likewise with
-    "draft_video_tokens". A tree row's tree is the one it records (`row_tree`; `MC_SIM_7B_63` in older runs).
-    Each output row: path, drafter, frames, method, draft, ratio, tokens_per_round, measured, predicted,
+    "draft_video_tokens". A tree row's tree is the one it records (`row_tree`; `MC_SIM_7B_63` in older runs); a
+    table only predicts tree rows whose tree has as many tokens as its "tree" verification (`tree_nodes`).
+    Each output row: path, drafter, frames, method, draft, tree_name (tree rows), ratio, tokens_per_round, measured, predicted,
     source ("run" | "table" | None), measured_round_ms (decode time / rounds), predicted_round_ms.
     """
     result = load(bench_result)
@@ -265,14 +267,16 @@ def predicted_vs_measured(bench_result, table: CostTable | None = None, target: 
             continue
         tree = row_tree(r)
         acceptance = r.get("accepted_hist") or r["mean_accepted"]
-        row = {"path": r.get("path"), "drafter": r.get("drafter"), "frames": r["frames"], "method": r["method"], "draft": r.get("draft"), "ratio": r.get("ratio"),
+        row = {"path": r.get("path"), "drafter": r.get("drafter"), "frames": r["frames"], "method": r["method"], "draft": r.get("draft"),
+               "tree_name": (r.get("tree") or {}).get("name", "mc_sim_7b_63") if tree is not None else None,
+               "ratio": r.get("ratio"),
                "tokens_per_round": tokens_per_round(acceptance), "measured": r.get("speedup_vs_ar"),
                "predicted": None, "source": None, "predicted_round_ms": None,
                "measured_round_ms": 1000 * r["decode_s"] / r["rounds"] if r.get("rounds") else None}
         costs = _run_costs(r, ar_rows.get((r.get("path"), r["frames"])))
         if costs is not None:
             row["source"] = "run"
-        elif table is not None and target and draft:
+        elif table is not None and target and draft and (tree is None or tree.num_nodes == table.tree_nodes):
             context = r.get("prompt_tokens") or text_tokens + r["video_tokens"]
             draft_video = r.get("draft_video_tokens") or r["video_tokens"]
             draft_context = r.get("draft_prompt_tokens") or context - r["video_tokens"] + draft_video

@@ -23,9 +23,10 @@ accuracy), with this pair's own measurements:
    `(1 + expected_accepted) / round_ms`, where a round costs one draft pass per level and one
    verification whose cost grows with the tree's size (`round_model`, from a bench run's step timings).
 
-    python -m specvlm.tree_search --bench figures/bench_widened_7b_0.5b_192f_glue_nvidia-h100-80gb-hbm3.json \
-        --out figures/tree_grown_tiny_192f_specvlm50.json
-    python -m specvlm bench ... --tree grown=figures/tree_grown_tiny_192f_specvlm50.json --only specvlm-tree:grown-0.5
+    python -m specvlm.tree_search --bench figures/bench_widened_7b_0.5b_192f_grown_nvidia-h100-80gb-hbm3.json \
+        --check-seeds 4 --out figures/tree_measured_tiny_192f_specvlm50.json
+    python -m specvlm bench ... --tree measured=figures/tree_measured_tiny_192f_specvlm50.json \
+        --only specvlm-tree-0.5 specvlm-tree:measured-0.5
 
 Independence misjudges depth wherever acceptance is correlated along a path (a draft right, or wrong,
 in runs of tokens): measured frequencies see that, at the price of noise for rare paths.
@@ -73,7 +74,8 @@ def rank_profile(ranks, max_rank: int = 8) -> list[float]:
     ranks = torch.cat([torch.as_tensor(r).flatten() for r in ranks]) if isinstance(ranks, (list, tuple)) else ranks
     if ranks.numel() == 0:
         raise ValueError("no ranks to profile: the answers were shorter than two tokens.")
-    return [float((ranks == r).float().mean()) for r in range(max_rank)]
+    counts, total = [int((ranks == r).sum()) for r in range(max_rank)], ranks.numel()
+    return [n / total for n in counts]  # exact fractions: a float32 mean can sum past 1
 
 
 def path_frequencies(ranks, max_depth: int) -> dict[tuple[int, ...], float]:
@@ -173,11 +175,11 @@ def replay(ranks: Sequence[int], tree: Tree) -> list[int]:
 
 
 def best_tree(profile_or_frequencies, round_ms: Callable[[Tree], float], sizes: Sequence[int],
-              depths: Sequence[int]) -> tuple[Tree, list[dict]]:
+              depths: Sequence[int], max_rank: int = 8) -> tuple[Tree, list[dict]]:
     """The grown tree with the most expected tokens per ms of round over `sizes` x `depths`, and
     every candidate as a dict (tree, nodes, depth, expected_accepted, round_ms, tokens_per_ms), best
     first. `round_ms(tree)` is the caller's cost model, e.g. `round_model` of a benchmark row."""
-    candidates = {grown_tree(profile_or_frequencies, size, depth): None for depth in depths for size in sizes}
+    candidates = {grown_tree(profile_or_frequencies, size, depth, max_rank): None for depth in depths for size in sizes}
     table = []
     for tree in candidates:  # one entry per distinct tree
         accepted = expected_accepted(tree, profile_or_frequencies)
@@ -190,7 +192,10 @@ def best_tree(profile_or_frequencies, round_ms: Callable[[Tree], float], sizes: 
 
 def read_tree(path) -> Tree:
     """The tree saved in a JSON file under "paths" (as `main` writes it)."""
-    return Tree.from_paths(json.loads(Path(path).read_text())["paths"])
+    saved = json.loads(Path(path).read_text())
+    if not isinstance(saved, dict) or not isinstance(saved.get("paths"), list):
+        raise ValueError('no "paths" list of rank paths in it (expected {"paths": [[0], [1], [0, 0], ...]}).')
+    return Tree.from_paths(saved["paths"])
 
 
 def round_model(row: dict, ar_row: dict, reference: Tree = MC_SIM_7B_63) -> Callable[[Tree], float]:
@@ -198,7 +203,8 @@ def round_model(row: dict, ar_row: dict, reference: Tree = MC_SIM_7B_63) -> Call
     catch-up feed ("draft_feed") and one "draft_level" per further pass, the picks ("draft_picks")
     scaled by passes, the acceptance and the KV move as timed, and a verification on a line
     through the AR step (1 token) and the row's "verify" (the reference's tokens), extrapolated
-    beyond them. Every round is costed as if it fed wide and moved KV (an upper bound)."""
+    beyond them. Every round is costed as if it fed wide and moved KV; the launch on an idle
+    device (`cost_model.launch_ms`) is left out, the same for every tree."""
     steps, t_ar = row["step_ms"], ar_row["step_ms"]["target_step"]
     needed = ("draft_feed", "draft_level", "verify")
     if any(name not in steps for name in needed):
@@ -241,7 +247,8 @@ def main(argv=None) -> int:
                         help="how likely a node is: measured path frequencies, or a rank profile with ranks independent")
     parser.add_argument("--max-rank", type=int, default=8)
     parser.add_argument("--sizes", type=int, nargs="+", default=list(range(4, 32)),
-                        help="drafted nodes to try (31 + root = 32 tokens: the verification's measured regime)")
+                        help="drafted nodes to try (up to 31 + root = 32 tokens by default, near the 26 of the "
+                             "verification the costs come from)")
     parser.add_argument("--depths", type=int, nargs="+", default=list(range(2, 9)))
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args(argv)
@@ -253,12 +260,12 @@ def main(argv=None) -> int:
     bench = json.loads(args.bench.read_text())
     rows = [r for r in bench["rows"] if r.get("path") == "fast"]
     row = next((r for r in rows if r["method"] == args.method and r.get("draft") == "tree"
-                and r.get("ratio") == args.ratio and (r.get("tree") or {}).get("name", "mc_sim_7b_63") == "mc_sim_7b_63"),
-               None)
-    ar_row = next((r for r in rows if r["method"] == "ar"), None)
+                and r.get("drafter", "draft") == "draft" and r["frames"] == args.frames and r.get("ratio") == args.ratio
+                and (r.get("tree") or {}).get("name", "mc_sim_7b_63") == "mc_sim_7b_63"), None)
+    ar_row = next((r for r in rows if r["method"] == "ar" and r["frames"] == args.frames), None)
     if row is None or ar_row is None:
-        parser.error(f"--bench {args.bench}: no fast-path mc_sim_7b_63 tree row of {args.method} at ratio {args.ratio} "
-                     "with its AR row.")
+        parser.error(f"--bench {args.bench}: no fast-path mc_sim_7b_63 tree row of {args.method} drafted by the draft "
+                     f"at ratio {args.ratio} and {args.frames} frames, with its AR row.")
     round_ms = round_model(row, ar_row)
     pair = load_pair("tiny")
 
@@ -278,15 +285,15 @@ def main(argv=None) -> int:
 
     def described(tree: Tree) -> dict:
         accepted = expected_accepted(tree, estimates[args.estimate])
-        held_out = replayed(ranks, tree)
+        grown_from = replayed(ranks, tree)  # the answers the tree was chosen on: in-sample
         return {"nodes": len(tree.paths), "depth": tree.depth, "expected_accepted": accepted,
                 "round_ms": round_ms(tree), "predicted_speedup": (1 + accepted) * t_ar / round_ms(tree),
-                "replayed": held_out, "replayed_speedup": held_out["tokens_per_round"] * t_ar / round_ms(tree),
+                "replayed": grown_from, "replayed_speedup": grown_from["tokens_per_round"] * t_ar / round_ms(tree),
                 "check_replayed": replayed(check_ranks, tree) if check_ranks else None}
 
-    best, table = best_tree(estimates[args.estimate], round_ms, args.sizes, args.depths)
+    best, table = best_tree(estimates[args.estimate], round_ms, args.sizes, args.depths, args.max_rank)
     other = "independent" if args.estimate == "frequencies" else "frequencies"
-    other_best, _ = best_tree(estimates[other], round_ms, args.sizes, args.depths)
+    other_best, _ = best_tree(estimates[other], round_ms, args.sizes, args.depths, args.max_rank)
     out = {"paths": [list(path) for path in best.paths], "estimate": args.estimate, **described(best),
            "mc_sim_7b_63": described(MC_SIM_7B_63),
            other: {"paths": [list(path) for path in other_best.paths], **described(other_best)},

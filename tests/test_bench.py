@@ -11,7 +11,7 @@ import specvlm as sv
 from specvlm import synthetic
 from specvlm.__main__ import main
 from specvlm.bench import RUNS, SELF_RUNS, bench, median_ms, save, table
-from specvlm.cost_model import predicted_vs_measured
+from specvlm.cost_model import histogram, predicted_vs_measured
 
 
 def test_bench_rows_compare_every_method_with_ar(tiny_pair, tmp_path):
@@ -532,7 +532,11 @@ def test_a_named_tree_adds_rows_that_record_their_tree_and_equal_ar(embedded, pa
     assert default["draft"] == named["draft"] == "tree" and default["tree"]["name"] == "mc_sim_7b_63"
     assert named["tree"] == {"name": "grown", "nodes": 8, "depth": 6, "paths": [list(p) for p in grown.paths]}
     assert named["equal_to_ar"] and named["speedup_vs_ar"] is not None
-    assert max(i for i, n in enumerate(named["accepted_hist"]) if n) <= 6  # the deeper tree: up to 6 per round
+    prompt = embedded.target.prepare(synthetic_video(2), "Describe the video.")
+    drafted = sv.decoding.generate_sd(embedded, prompt, "specvlm", 0.5, tree=grown, max_new_tokens=NEW_TOKENS)
+    assert named["accepted_hist"] == histogram(drafted.accepted)  # the row drafted the named tree
+    assert named["accepted_hist"] != default["accepted_hist"]  # which accepts differently from mc_sim_7b_63 here
+    assert named["rounds"] == drafted.rounds
     if path == "fast":
         assert {"draft_feed", "draft_level", "draft_picks"} <= set(named["step_ms"])
     with pytest.raises(ValueError, match="names .* sv.Tree"):

@@ -154,6 +154,14 @@ def test_a_tree_row_is_costed_with_the_tree_it_records():
     default, eight = cm.predicted_vs_measured({"k": 5, "rows": [bench["rows"][0], tree, deep]})
     assert default["predicted_round_ms"] == pytest.approx(5 * 1.0 + 12.0)
     assert eight["predicted_round_ms"] == pytest.approx(8 * 1.0 + 12.0)  # one pass per level of its own tree
+    assert (default["tree_name"], eight["tree_name"]) == ("mc_sim_7b_63", "deep")
+    # a costs table's "tree" verification was timed for its own tree: it predicts only trees of that size
+    table = cm.CostTable(_result(lambda c: 1.0))
+    assert table.tree_nodes == MC_SIM_7B_63.num_nodes
+    no_steps = [{**r, "step_ms": {}, "video_tokens": 1000} for r in (tree, deep)]
+    default, eight = cm.predicted_vs_measured({"k": 5, "rows": no_steps}, table, "t", "d")
+    assert default["source"] == "table" and default["predicted_round_ms"] == pytest.approx(5 * 1.0 + 14.0)
+    assert eight["source"] is None and eight["predicted"] is None
 
 
 def test_a_fast_runs_rounds_pay_one_launch_on_an_idle_device():

@@ -84,9 +84,9 @@ def test_draft_ranks_predict_what_a_one_token_chain_accepts(noisy_pair, seed):
     ranks = ts.draft_ranks(noisy_pair, prompt, "specvlm", 0.5, max_new_tokens=24)
     result = generate_sd(noisy_pair, prompt, "specvlm", 0.5, k=1, max_new_tokens=24)
     assert len(ranks) == len(result.tokens) - 1
-    position, checked = 1, 0  # the answer's token the next round drafts (token 0 came from the prefill)
+    position, checked, limit = 1, 0, 24  # the answer's token the next round drafts (token 0 came from the prefill)
     for accepted in result.accepted:
-        if position < len(result.tokens):
+        if position < min(len(result.tokens), limit - 1):  # at the limit's last token a round drafts nothing
             assert accepted == int(ranks[position - 1] == 0), (position, ranks.tolist(), result.accepted)
             checked += 1
         position += accepted + 1
@@ -135,11 +135,62 @@ def test_replay_of_the_measured_ranks_gives_the_rounds_tree_decoding_gives(noisy
     assert compared >= 5 and len(set(result.accepted[:compared])) > 1
 
 
-def test_read_tree_and_the_bench_command_line_refuse_a_bad_file(tmp_path):
+def test_read_tree_reads_the_paths_and_refuses_a_file_without_a_tree(tmp_path):
     good = tmp_path / "tree.json"
     good.write_text(json.dumps({"paths": [[0], [1], [0, 0]]}))
     assert ts.read_tree(good) == sv.Tree.from_paths([[0], [1], [0, 0]])
-    bad = tmp_path / "bad.json"
-    bad.write_text(json.dumps({"paths": [[0, 0]]}))
-    with pytest.raises(ValueError, match="has no parent"):
-        ts.read_tree(bad)
+    for text, message in ((json.dumps({"paths": [[0, 0]]}), "has no parent"), (json.dumps({"nodes": 3}), '"paths" list'),
+                          (json.dumps([[0], [1]]), '"paths" list')):
+        bad = tmp_path / "bad.json"
+        bad.write_text(text)
+        with pytest.raises(ValueError, match=message):
+            ts.read_tree(bad)
+
+
+def test_rank_profile_sums_to_one_whatever_the_counts():
+    ranks = [torch.tensor(r) for r in ([0] * 145 + [1] * 42 + [2] * 8 + [3] * 7 + [4] * 3 + [5] * 3,)]
+    profile = ts.rank_profile(ranks, max_rank=6)
+    assert sum(profile) == pytest.approx(1.0) and ts.grown_tree(profile, 5, 3)  # accepted by check_profile
+
+
+def test_a_tree_with_gaps_between_sibling_ranks_decodes_losslessly_on_both_paths():
+    """A tree grown from measured frequencies can hold rank 5 without rank 4: both decoding paths must
+    still equal AR, and their rounds must be the replay of the draft's ranks."""
+    from specvlm import fast
+    from specvlm.decoding import generate_ar
+
+    tree = sv.Tree.from_paths([[0], [1], [5], [5, 0], [1, 3], [1, 3, 2], [0, 7], [0, 0], [0, 0, 0]])
+    pair = sv.load_pair("tiny", device="cpu")
+    for seed in (0, 4):
+        prompt = pair.target.prepare(sv.from_array(sv.synthetic.make_clip(seed, num_frames=2).frames, fps=8.0),
+                                     "Describe the video.")
+        reference = generate_ar(pair.target, prompt, 64).tokens
+        plain = generate_sd(pair, prompt, "specvlm", 0.5, tree=tree, max_new_tokens=64)
+        quick = fast.generate_fast(pair, prompt, "specvlm", 0.5, tree=tree, max_new_tokens=64, compile=False)
+        assert plain.tokens == quick.tokens == reference and plain.accepted == quick.accepted
+        assert reference[-1] in pair.target.eos_token_ids  # the answer ends before the limit: every round is a tree round
+        assert plain.accepted == ts.replay(ts.draft_ranks(pair, prompt, "specvlm", 0.5), tree)
+
+
+def test_the_command_line_grows_a_tree_from_a_bench_runs_costs(tmp_path, capsys):
+    steps = {"draft_step": 1.1, "draft_feed": 1.3, "draft_level": 1.2, "verify": 8.0, "draft_picks": 0.5,
+             "accept_synced": 0.1, "target_move": 0.05}
+    bench = tmp_path / "bench.json"
+    bench.write_text(json.dumps({"card": "a card", "rows": [
+        {"path": "fast", "method": "ar", "frames": 2, "step_ms": {"target_step": 7.0}},
+        {"path": "fast", "method": "specvlm", "draft": "tree", "drafter": "draft", "frames": 2, "ratio": 0.5,
+         "step_ms": steps}]}))
+    out = tmp_path / "tree.json"
+    assert ts.main(["--bench", str(bench), "--frames", "2", "--seeds", "0", "1", "--check-seeds", "2",
+                    "--sizes", "4", "8", "--depths", "2", "3", "--out", str(out)]) == 0
+    saved = json.loads(out.read_text())
+    tree = ts.read_tree(out)
+    assert len(tree.paths) in (4, 8) and tree.depth <= 3 and saved["estimate"] == "frequencies"
+    ranks = list(saved["ranks"].values())
+    assert saved["replayed"] == ts.replayed(ranks, tree) and len(saved["check_ranks"]["2"]) >= 1
+    assert saved["expected_accepted"] == pytest.approx(ts.expected_accepted(tree, ts.path_frequencies(ranks, 3)))
+    best = max(saved["candidates"], key=lambda c: c["tokens_per_ms"])
+    assert (best["nodes"], best["depth"]) == (len(tree.paths), tree.depth)
+    with pytest.raises(SystemExit):
+        ts.main(["--bench", str(bench), "--frames", "4", "--out", str(out)])
+    assert "no fast-path mc_sim_7b_63 tree row" in capsys.readouterr().err
