@@ -43,7 +43,7 @@ from pathlib import Path
 
 import torch
 
-from .cost_model import draft_passes
+from .cost_model import draft_passes, tree_round_ms
 from .trees import MC_SIM_7B_63, Tree
 
 
@@ -213,10 +213,10 @@ def round_model(row: dict, ar_row: dict, reference: Tree = MC_SIM_7B_63) -> Call
     slope = (steps["verify"] - t_ar) / (reference.num_nodes - 1)
 
     def round_ms(tree: Tree) -> float:
-        passes = len(draft_passes(tree))
-        return (steps["draft_feed"] + (passes - 1) * steps["draft_level"] + t_ar + slope * (tree.num_nodes - 1)
-                + steps.get("draft_picks", 0.0) * passes / reference_passes
+        glue = (steps.get("draft_picks", 0.0) * len(draft_passes(tree)) / reference_passes
                 + steps.get("accept_synced", 0.0) + steps.get("target_move", 0.0))
+        return tree_round_ms(tree, steps["draft_level"], t_ar + slope * (tree.num_nodes - 1), extra_ms=glue,
+                             t_feed=steps["draft_feed"], t_level=steps["draft_level"], wide_feed=1.0)
 
     return round_ms
 
