@@ -64,7 +64,7 @@ from datetime import date
 import torch
 import transformers
 
-from .cost_model import histogram
+from .cost_model import DEFAULT_TREE_NAME, histogram, tree_name
 from .decoding import Stopwatch, generate_ar, generate_sd, positions, prefill_pruned
 from .fusion import is_fused, unfuse_projections
 from .models import Pair
@@ -149,7 +149,7 @@ def tree_of(shape: str | None, trees: dict | None = None) -> Tree | None:
 
 def tree_record(shape: str, tree: Tree) -> dict:
     """What a tree row records of its tree: {"name", "nodes" (drafted, the root not counted), "depth", "paths"}."""
-    return {"name": "mc_sim_7b_63" if shape == "tree" else shape[len("tree:"):], "nodes": len(tree.paths),
+    return {"name": DEFAULT_TREE_NAME if shape == "tree" else shape[len("tree:"):], "nodes": len(tree.paths),
             "depth": tree.depth, "paths": [list(path) for path in tree.paths]}
 
 
@@ -671,7 +671,7 @@ def table(result: dict) -> str:
             step = "-"
         draft_video = "-" if r["method"] == "ar" or r["draft_video_tokens"] is None else r["draft_video_tokens"]
         shape = r["draft"] or "-"
-        if (r.get("tree") or {}).get("name", "mc_sim_7b_63") != "mc_sim_7b_63":
+        if tree_name(r) not in (None, DEFAULT_TREE_NAME):
             shape = f"tree:{r['tree']['name']}"  # a tree passed by name; "tree" alone is mc_sim_7b_63
         lines.append(f"{r.get('path', 'plain'):<5} {r['frames']:>6} {r['video_tokens']:>6} {r['method']:<8} "
                      f"{r.get('drafter') or '-':<5} {shape:<5} {r['ratio']:>5.2f} {draft_video:>6} "

@@ -268,7 +268,7 @@ def predicted_vs_measured(bench_result, table: CostTable | None = None, target: 
         tree = row_tree(r)
         acceptance = r.get("accepted_hist") or r["mean_accepted"]
         row = {"path": r.get("path"), "drafter": r.get("drafter"), "frames": r["frames"], "method": r["method"], "draft": r.get("draft"),
-               "tree_name": (r.get("tree") or {}).get("name", "mc_sim_7b_63") if tree is not None else None,
+               "tree_name": tree_name(r),
                "ratio": r.get("ratio"),
                "tokens_per_round": tokens_per_round(acceptance), "measured": r.get("speedup_vs_ar"),
                "predicted": None, "source": None, "predicted_round_ms": None,
@@ -327,6 +327,15 @@ def row_tree(row: dict) -> Tree | None:
     if row.get("draft") != "tree":
         return None
     return Tree.from_paths(row["tree"]["paths"]) if row.get("tree") else MC_SIM_7B_63
+
+
+DEFAULT_TREE_NAME = "mc_sim_7b_63"  # what every tree row drafted before rows named their tree
+
+
+def tree_name(row: dict) -> str | None:
+    """The name of the tree a bench row drafted ("mc_sim_7b_63" unless it records another); None for
+    chain and AR rows."""
+    return (row.get("tree") or {}).get("name", DEFAULT_TREE_NAME) if row.get("draft") == "tree" else None
 
 
 def round_breakdown(row: dict, tree: Tree | None = None) -> dict[str, float]:

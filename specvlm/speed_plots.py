@@ -26,7 +26,7 @@ from collections.abc import Sequence
 import matplotlib.pyplot as plt
 from matplotlib.lines import Line2D
 
-from .cost_model import draft_passes, load, round_breakdown, row_tree, tokens_per_round
+from .cost_model import DEFAULT_TREE_NAME, draft_passes, load, round_breakdown, row_tree, tokens_per_round, tree_name
 
 PATH_COLOURS = {"plain": "tab:blue", "fast": "tab:orange", "eager": "tab:red", "sdpa": "tab:blue",
                 "transformers": "tab:gray"}
@@ -42,7 +42,7 @@ def run_label(row: dict) -> str:
     label = names.get(row["method"], row["method"])
     if row.get("draft"):
         label += f" {row['draft']}"
-    if (row.get("tree") or {}).get("name", "mc_sim_7b_63") != "mc_sim_7b_63":
+    if tree_name(row) not in (None, DEFAULT_TREE_NAME):
         label += f" ({row['tree']['name']})"
     if row.get("ratio"):
         label += f" {row['ratio']:.0%}"
@@ -334,7 +334,7 @@ def round_budget(result, draft_floor_ms: float, target: float = 2.5, method: str
     rows = bench_rows(result, "fast")
     row = next((r for r in rows if r["method"] == method and r.get("draft") == "tree"
                 and (ratio is None or r.get("ratio") == ratio) and r.get("speedup_vs_ar") is not None
-                and (tree is None or (r.get("tree") or {}).get("name", "mc_sim_7b_63") == tree)), None)
+                and (tree is None or tree_name(r) == tree)), None)
     ar = next((r for r in rows if r["method"] == "ar" and row is not None and r["frames"] == row["frames"]), None)
     if row is None or ar is None:
         raise ValueError(f"no fast-path tree row of method {method!r}{f' at ratio {ratio}' if ratio is not None else ''}"

@@ -43,7 +43,7 @@ from pathlib import Path
 
 import torch
 
-from .cost_model import draft_passes, tree_round_ms
+from .cost_model import DEFAULT_TREE_NAME, draft_passes, tree_name, tree_round_ms
 from .trees import MC_SIM_7B_63, Tree
 
 
@@ -53,9 +53,9 @@ def draft_ranks(pair, prompt, method: str = "specvlm", ratio: float = 0.5, max_n
     of the draft's logits beat the target's token, the draft having seen its pruned video and the
     answer's tokens before t. The answer's first token comes from the target's prefill in
     speculative decoding, so it is not ranked."""
-    from .decoding import generate_ar, positions, prefill_pruned, prefill_target, select_video_tokens
+    from .decoding import SCORED_METHODS, generate_ar, positions, prefill_pruned, prefill_target, select_video_tokens
 
-    _, _, scores = prefill_target(pair.target, prompt, with_scores=method in ("specvlm", "top"))
+    scores = prefill_target(pair.target, prompt, with_scores=True)[2] if method in SCORED_METHODS else None
     answer = generate_ar(pair.target, prompt, max_new_tokens).tokens
     if len(answer) < 2:
         return torch.zeros(0, dtype=torch.long)
@@ -261,7 +261,7 @@ def main(argv=None) -> int:
     rows = [r for r in bench["rows"] if r.get("path") == "fast"]
     row = next((r for r in rows if r["method"] == args.method and r.get("draft") == "tree"
                 and r.get("drafter", "draft") == "draft" and r["frames"] == args.frames and r.get("ratio") == args.ratio
-                and (r.get("tree") or {}).get("name", "mc_sim_7b_63") == "mc_sim_7b_63"), None)
+                and tree_name(r) == DEFAULT_TREE_NAME), None)
     ar_row = next((r for r in rows if r["method"] == "ar" and r["frames"] == args.frames), None)
     if row is None or ar_row is None:
         parser.error(f"--bench {args.bench}: no fast-path mc_sim_7b_63 tree row of {args.method} drafted by the draft "
