@@ -753,12 +753,33 @@ def draft_tree(run: Run, tree: Tree, levels: DraftLevels) -> torch.Tensor:
     return tokens
 
 
+TOP_CHUNK = 128  # vocabulary entries per chunk in `top_indices`' first stage
+
+
+def top_indices(logits: torch.Tensor, k: int) -> torch.Tensor:
+    """logits [rows, V] -> [rows, k] long: the indices of each row's k largest logits, largest
+    first, as `logits.topk(k).indices` gives them (among equal logits the order may differ: both
+    leave it unspecified). In two small top-k's: the k largest of every chunk of TOP_CHUNK
+    logits, then the k largest of those. On a GPU, `topk` over a whole vocabulary of a few
+    rows runs several passes of kernels over it (a draft's picks took about 0.1 ms per tree
+    level at a 152k vocabulary); two top-k's over short rows take a few kernels."""
+    rows, vocab = logits.shape
+    chunks = -(-vocab // TOP_CHUNK)
+    if k > TOP_CHUNK or chunks * k >= vocab:  # nothing to gain from a first stage
+        return logits.topk(k).indices
+    padded = torch.nn.functional.pad(logits, (0, chunks * TOP_CHUNK - vocab), value=float("-inf"))
+    values, within = padded.view(rows, chunks, TOP_CHUNK).topk(k)  # [rows, chunks, k]
+    best = values.view(rows, chunks * k).topk(k).indices  # [rows, k]: candidate c is chunk c // k
+    index = best // k * TOP_CHUNK + within.view(rows, chunks * k).gather(1, best)
+    return index.clamp_(max=vocab - 1)  # a padding slot, picked only where fewer than k logits beat -inf
+
+
 def pick_level(draft: StaticLM, tree: Tree, levels: DraftLevels, depth: int, logits: torch.Tensor,
                tokens: torch.Tensor) -> None:
     """Write the tokens of the nodes at `depth` into `tokens` [N+1] (on the device, in place): each
     is the rank-th most likely token of its parent's row of `logits` [rows, V] (the root's for
-    depth 1, else the last level's passes). No copy to the host."""
-    top = logits.topk(levels.top[depth - 1]).indices  # [rows, top]
+    depth 1, else the last level's passes; `top_indices`). No copy to the host."""
+    top = top_indices(logits, levels.top[depth - 1])  # [rows, top]
     rows, nodes, ranks = draft.constant(("picks", tree, depth), lambda: levels.pick_index[depth - 1])
     tokens[nodes] = top[rows, ranks]
 

@@ -1,0 +1,196 @@
+"""Matrix products for a few rows: a draft step's projections as Triton kernels cut for them.
+
+A draft pass multiplies 1 to 16 rows (one token, a tree level, the catch-up feed) by each
+projection of every decoder layer. Such a product reads the whole weight and does almost no
+arithmetic, so it should cost the weight's bytes over the card's bandwidth. cuBLAS picks tiles
+made for many rows: on the H100, a 0.5B draft's down projection (896 x 4864) took a split-K
+kernel and a reduction kernel, 7.5 us for 8.7 MB that the bandwidth reads in 3 us, and the
+gate/up product a kernel of its own before the SiLU's (notebook 05, section 15's profile).
+
+Here every product is one kernel whose programs tile the output columns and, where there are
+too few column tiles to fill the card, split the inner axis too:
+
+    partial[s] = x[:, K_s] @ W[:, K_s]^T        (float32, one program per column tile and split s)
+    y = sum_s partial[s] (+ bias)                (torch operations that inductor fuses into the
+                                                  kernel that reads y next: the residual add, the
+                                                  rotary embedding, the cache write)
+
+The MLP's gate and up rows, stacked as `fusion.py` stacks them, are read by the same program,
+which writes silu(x Wg^T) * (x Wu^T) directly: one kernel where cuBLAS and inductor ran two.
+
+Rows are padded to 16 inside the kernel (Triton's `tl.dot` needs 16); the pad costs no memory
+traffic, only tensor-core work that the bytes hide. Only the rounding differs from `F.linear`
+(another order of summation), so the fast path uses these kernels for a *draft* only, whose
+proposals the target checks (`fusion.fuse_projections(lm, few_rows=True)`).
+
+Needs Triton, like `flash_decode.py`: on a CPU the kernels run in Triton's interpreter when
+$TRITON_INTERPRET=1 is set before import (the tests do).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from .flash_decode import INTERPRETED, triton
+
+if triton is not None:
+    import triton.language as tl
+
+MAX_ROWS = 16  # the most rows a kernel takes: wider products (a target's verification) go to F.linear
+TARGET_PROGRAMS = 264  # programs to aim for: two per SM of an H100
+
+
+def available(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether these kernels run for a model of `dtype` on `device`: a CUDA card of compute
+    capability 8.0+ in half precision, or a CPU in Triton's interpreter in float32 (tests)."""
+    device = torch.device(device)
+    if triton is None:
+        return False
+    if device.type == "cuda":
+        return torch.cuda.get_device_capability(device) >= (8, 0) and dtype in (torch.float16, torch.bfloat16)
+    return device.type == "cpu" and INTERPRETED and dtype == torch.float32
+
+
+@dataclass(frozen=True)
+class Launch:
+    """How a product is cut: `block_n` output columns per program (a multiple of 16), `block_k`
+    inner elements per loop step (a multiple of 16), `splits` parts of the inner axis (each a whole
+    number of steps), Triton's `num_warps`. Any launch gives the same product up to rounding."""
+
+    block_n: int
+    block_k: int
+    splits: int
+    num_warps: int = 4
+
+    def __post_init__(self):
+        if self.block_n < 16 or self.block_n % 16 or self.block_k < 16 or self.block_k % 16:
+            raise ValueError(f"a few-rows launch needs column and inner blocks that are multiples of 16; got {self}")
+        if self.splits < 1 or self.num_warps < 1 or self.num_warps & (self.num_warps - 1):
+            raise ValueError(f"a few-rows launch needs at least one split and a power of two of warps; got {self}")
+
+    @classmethod
+    def parse(cls, text: str) -> Launch:
+        """'16-256-4-4' -> Launch(16, 256, 4, 4): columns-inner-splits-warps."""
+        try:
+            numbers = [int(part) for part in text.split("-")]
+        except ValueError:
+            numbers = []
+        if len(numbers) != 4:
+            raise ValueError(f"a few-rows launch is columns-inner-splits-warps in whole numbers, got {text!r}")
+        return cls(*numbers)
+
+    @property
+    def name(self) -> str:
+        return f"{self.block_n}-{self.block_k}-{self.splits}-{self.num_warps}"
+
+
+def default_launch(columns: int, inner: int, gated: bool = False) -> Launch:
+    """Column tiles of 16 (32 for a gated product, whose programs read two rows of tiles), and as many
+    splits of the inner axis (steps of 128, at most 8 splits) as bring the programs to about
+    TARGET_PROGRAMS. A 0.5B draft: q/k/v (1152 x 896) 72 tiles x 4 splits; the down projection (896 x 4864)
+    56 x 5; gate/up (2 x 4864 x 896) 152 x 1."""
+    block_n, block_k = (32 if gated else 16), 128
+    tiles = -(-columns // block_n)
+    steps = -(-inner // block_k)
+    splits = 1 if gated else max(1, min(8, steps, round(TARGET_PROGRAMS / tiles)))
+    return Launch(block_n, block_k, splits)
+
+
+if triton is not None:
+
+    @triton.jit
+    def _few_rows_kernel(x_ptr, w_ptr, out_ptr, rows, columns, inner, per_split, stride_x, stride_w,
+                         GATED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+        tile = tl.program_id(0)
+        split = tl.program_id(1)
+        r = tl.arange(0, BLOCK_M)
+        c = tile * BLOCK_N + tl.arange(0, BLOCK_N)
+        acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+        up = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+        lo = split * per_split
+        hi = tl.minimum(lo + per_split, inner)
+        for k0 in range(lo, hi, BLOCK_K):
+            k = k0 + tl.arange(0, BLOCK_K)
+            x = tl.load(x_ptr + r[:, None] * stride_x + k[None, :], mask=(r < rows)[:, None] & (k < hi)[None, :], other=0.0)
+            w_mask = (c < columns)[:, None] & (k < hi)[None, :]
+            w = tl.load(w_ptr + c[:, None] * stride_w + k[None, :], mask=w_mask, other=0.0)
+            acc = tl.dot(x, tl.trans(w), acc)
+            if GATED:  # the up rows lie `columns` rows below the gate rows
+                u = tl.load(w_ptr + (c + columns)[:, None] * stride_w + k[None, :], mask=w_mask, other=0.0)
+                up = tl.dot(x, tl.trans(u), up)
+        if GATED:
+            acc = acc / (1.0 + tl.exp(-acc)) * up
+        where = split * rows * columns + r[:, None] * columns + c[None, :]
+        tl.store(out_ptr + where, acc.to(out_ptr.dtype.element_ty), mask=(r < rows)[:, None] & (c < columns)[None, :])
+
+
+def split_axis(inner: int, launch: Launch) -> tuple[int, int]:
+    """(elements per split, splits actually used) of an inner axis of `inner` elements: each split
+    a whole number of `block_k` steps, none empty. split_axis(4864, Launch(16, 128, 5)) -> (1024, 5);
+    split_axis(896, Launch(16, 128, 8)) -> (128, 7)."""
+    steps = -(-inner // launch.block_k)
+    per_split = -(-steps // launch.splits) * launch.block_k
+    return per_split, -(-inner // per_split)
+
+
+def _launch(x: torch.Tensor, weight: torch.Tensor, out: torch.Tensor, columns: int, launch: Launch,
+            gated: bool) -> None:
+    rows, inner = x.shape
+    per_split, splits = split_axis(inner, launch)
+    grid = (-(-columns // launch.block_n), splits)
+    _few_rows_kernel[grid](x, weight, out, rows, columns, inner, per_split, x.stride(0), weight.stride(0),
+                           GATED=gated, BLOCK_M=MAX_ROWS, BLOCK_N=launch.block_n, BLOCK_K=launch.block_k,
+                           num_warps=launch.num_warps)
+
+
+def _checked(x: torch.Tensor, weight: torch.Tensor, what: str) -> torch.Tensor:
+    if triton is None:
+        raise RuntimeError("few_rows needs Triton (it comes with CUDA builds of torch).")
+    rows = x.numel() // x.shape[-1]
+    if rows > MAX_ROWS or rows == 0:
+        raise ValueError(f"few_rows.{what} takes 1 to {MAX_ROWS} rows, got {rows}; use F.linear for more.")
+    if weight.shape[-1] != x.shape[-1] or weight.stride(-1) != 1:
+        raise ValueError(f"few_rows.{what} needs a weight [N, {x.shape[-1]}] with a contiguous last axis, "
+                         f"got {tuple(weight.shape)} with strides {weight.stride()}.")
+    return x.reshape(rows, x.shape[-1]).contiguous()
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+           launch: Launch | None = None) -> torch.Tensor:
+    """`F.linear(x, weight, bias)` for x [..., K] of at most MAX_ROWS rows, weight [N, K] ->
+    [..., N] in x's dtype. The kernel writes float32 partial products, one per split of K; their
+    sum, the bias and the cast are torch operations (fused into the next kernel when compiled)."""
+    flat = _checked(x, weight, "linear")
+    columns = weight.shape[0]
+    launch = launch or default_launch(columns, flat.shape[1])
+    splits = split_axis(flat.shape[1], launch)[1]
+    partial = torch.empty(splits, flat.shape[0], columns, dtype=torch.float32, device=x.device)
+    _launch(flat, weight, partial, columns, launch, gated=False)
+    out = partial.sum(0)
+    if bias is not None:
+        out = out + bias
+    return out.to(x.dtype).reshape(*x.shape[:-1], columns)
+
+
+def gated(x: torch.Tensor, stacked: torch.Tensor, launch: Launch | None = None) -> torch.Tensor:
+    """silu(x @ Wg^T) * (x @ Wu^T) for x [..., K] of at most MAX_ROWS rows and stacked = [Wg; Wu]
+    [2I, K] (the MLP's stacked weight, `fusion.py`) -> [..., I] in x's dtype, in one kernel."""
+    flat = _checked(x, stacked, "gated")
+    if stacked.shape[0] % 2:
+        raise ValueError(f"few_rows.gated needs the gate and up rows stacked, an even number; got {stacked.shape[0]}.")
+    columns = stacked.shape[0] // 2
+    launch = launch or default_launch(columns, flat.shape[1], gated=True)
+    if launch.splits != 1:
+        raise ValueError(f"few_rows.gated applies the SiLU inside its kernel, so its inner axis is not split; got {launch}.")
+    out = torch.empty(flat.shape[0], columns, dtype=x.dtype, device=x.device)
+    _launch(flat, stacked, out, columns, launch, gated=True)
+    return out.reshape(*x.shape[:-1], columns)
+
+
+def reference_gated(x: torch.Tensor, stacked: torch.Tensor) -> torch.Tensor:
+    """What `gated` computes, in torch operations (the MLP's own order: two products, SiLU, product)."""
+    gate, up = F.linear(x, stacked).chunk(2, dim=-1)
+    return F.silu(gate) * up
