@@ -48,7 +48,8 @@ needs to predict its speedup from this run alone:
   "kv_bytes"       target and draft KV bytes holding the text at the end (fast path: also the
                    "allocated" static buffers); "peak_memory_bytes" on CUDA (reset per row);
   "draft_fused"    whether the draft ran with its projections fused (`fusion.py`: the fast path
-                   on CUDA); the plain path and assisted generation get it unfused.
+                   on CUDA); the plain path and assisted generation get it unfused;
+  "draft_few_rows" whether those fused products of a few rows ran as `few_rows.py`'s kernels.
 """
 
 from __future__ import annotations
@@ -66,7 +67,7 @@ import transformers
 
 from .cost_model import DEFAULT_TREE_NAME, histogram, tree_name
 from .decoding import Stopwatch, generate_ar, generate_sd, positions, prefill_pruned
-from .fusion import is_fused, unfuse_projections
+from .fusion import is_fused, unfuse_projections, uses_few_rows
 from .models import Pair
 from .trees import MC_SIM_7B_63, Tree, tree_attention_bias
 
@@ -361,7 +362,8 @@ def measure(path: str, pair: Pair, prompt, draft_prompt, method: str, shape, rat
         raise RuntimeError(f"{method}: the profiled generation's tokens differ from the timed one's.")
     return {"res": res, "outputs": outputs, "decode_s": decode_s, "prefill_s": prefill_s, "peak": peak,
             "step_ms": steps["step_ms"],
-            "kv_bytes": kv, "timeline": profiled, "draft_fused": is_fused(pair.draft) if method != "ar" else None}
+            "kv_bytes": kv, "timeline": profiled, "draft_fused": is_fused(pair.draft) if method != "ar" else None,
+            "draft_few_rows": uses_few_rows(pair.draft) if method != "ar" else None}
 
 
 # ----------------------------------------------------------------------------------------
@@ -530,6 +532,7 @@ def make_row(path: str, frames: int, prompt, draft_prompt, drafter, method, shap
         "draft_prompt_tokens": len(draft_prompt.rows(res.kept)) if drafter else None,
         "step_ms": m["step_ms"], "kv_bytes": m["kv_bytes"], "peak_memory_bytes": m["peak"],
         "draft_fused": m.get("draft_fused"),  # the draft's projections stacked (`fusion.py`)
+        "draft_few_rows": m.get("draft_few_rows"),  # ... and run as `few_rows.py`'s kernels
         "divergence": first_divergence(target, prompt, differing, reference) if differing is not None else None,
         **({"tree": tree_record(shape, tree)} if tree is not None else {}),
         **({"timeline": m["timeline"]} if m.get("timeline") else {}),

@@ -58,11 +58,11 @@ from .decoding import (METHODS, SCORED_METHODS, Result, Stopwatch, check_max_new
                        check_ratio, check_speculation, prefill_pruned, prefill_target, select_video_tokens,
                        speculative_result)
 from .fusion import changes as fusion_changes
-from .fusion import fuse_projections, is_fused, unfuse_projections
+from .fusion import fuse_projections, is_fused, unfuse_projections, uses_few_rows
 from .models import Pair, Prompt, VideoLM, head_dim
 from .sampling import check_temperature
 from .timeline import phase
-from . import flash_decode, split_merge
+from . import few_rows, flash_decode, split_merge
 from .step_attention import (  # noqa: F401 (re-exported: fast.grouped_attention, fast.FLEX_MAX_QUERY, ...)
     ATTENTIONS, FLEX_ATTENTION, FLEX_BLOCK, FLEX_MAX_QUERY, FLEX_MIN_SLOTS, FLEX_ROWS, SPLIT_MIN_SLOTS, causal_pattern,
     flex_block_mask, flex_or_sdpa, float32_scores, grouped_attention, grouped_flex, merge_kernel,
@@ -505,7 +505,7 @@ def static_lm(lm: VideoLM, role: str, options: dict | None, attention: str | Non
         _TARGETS.add(lm.model)
         unfuse_projections(lm)
     elif fuse_draft(options, lm) and lm.model not in _TARGETS:
-        fuse_projections(lm)
+        fuse_projections(lm, few_rows=few_rows_draft(options, lm))
     elif os.environ.get("SPECVLM_FUSE_DRAFT") == "0":  # asked for transformers' own modules, even after a fused run
         unfuse_projections(lm)
     engines = _ENGINES.setdefault(lm, {})
@@ -575,6 +575,18 @@ def fuse_draft(options: dict | None, lm: VideoLM) -> bool:
     if choice:
         return choice == "1"
     return graphs_for(lm, options) is not None
+
+
+def few_rows_draft(options: dict | None, lm: VideoLM) -> bool:
+    """Whether a fused draft's products of a few rows run as `few_rows.py`'s Triton kernels:
+    $SPECVLM_FEW_ROWS "1" or "0" if set (an error where the kernels cannot run), else where its
+    steps replay as CUDA graphs and the kernels run on its card and dtype."""
+    choice = os.environ.get("SPECVLM_FEW_ROWS")
+    if choice not in (None, "", "0", "1"):
+        raise ValueError(f"SPECVLM_FEW_ROWS must be '0' or '1', got {choice!r}.")
+    if choice:
+        return choice == "1"
+    return graphs_for(lm, options) is not None and few_rows.available(lm.device, lm.dtype)
 
 
 CUDA_GRAPHS = ("manual", "trees")
@@ -648,6 +660,7 @@ def capture_report(pair: Pair | None = None) -> dict:
                 "compiled_move": bool(engine._moves) and engine.options is not None and not engine.spread,
                 "spread": engine.spread,  # over several devices: steps ran uncompiled, whatever "compile" says
                 "fused_projections": is_fused(lm),  # q/k/v and gate/up as one matmul each (`fusion.py`)
+                "few_rows": uses_few_rows(lm),  # their products of a few rows as Triton kernels (`few_rows.py`)
             }
     report["models"] = roles
     report["graph_breaks"] = sum(counters["graph_break"].values())

@@ -22,6 +22,12 @@ fast path fuses the *draft* only (`fast.static_lm`): its proposals are checked b
 output stays the target's own (lossless). A model the fast path has served as a target is never
 fused, and one fused as a draft is unfused (`unfuse_projections`) before it serves as a target.
 
+With `few_rows=True` the products of up to `few_rows.MAX_ROWS` rows (a draft's passes) run as
+`few_rows.py`'s Triton kernels instead of cuBLAS: the stacked q/k/v product, the output projection,
+the gate/up product with the SiLU gate inside (one kernel where there were two: the MLP's forward
+becomes `down(silu(gate) * up)` on the stacked weight) and the down projection. Products of more
+rows (a prefill) stay `F.linear`. Only the rounding changes, again.
+
 A fused model is for inference: the pre-hook refuses to run in training mode with gradients on, and
 no gradient reaches the projections' weights in any mode. `.to()` or `copy.deepcopy` give each
 projection its own copy again, and the forward then reads the stacked buffer, not the projections'
@@ -31,12 +37,44 @@ projections' weights (the source of truth) and ties them again; the fast path do
 
 from __future__ import annotations
 
+import types
+
 import torch
 import torch.nn.functional as F
 from torch import nn
+from transformers.activations import SiLUActivation
+
+from . import few_rows as kernels
 
 # module attribute -> the projections that read its input, in the stacked order
 GROUPS = {"self_attn": ("q_proj", "k_proj", "v_proj"), "mlp": ("gate_proj", "up_proj")}
+SILU = (nn.SiLU, SiLUActivation)  # the activations `few_rows.gated` computes (transformers' "silu" is the second)
+# module attribute -> the projection that reads the module's inner product (few_rows' kernels take it too)
+OUTPUTS = {"self_attn": "o_proj", "mlp": "down_proj"}
+
+
+def _few(x: torch.Tensor) -> bool:
+    """Whether `few_rows`' kernels take this input (at most MAX_ROWS rows; shapes are static under compile)."""
+    return x.numel() // x.shape[-1] <= kernels.MAX_ROWS
+
+
+class FewRowsLinear(nn.Linear):
+    """An output projection whose products of a few rows run as `few_rows.linear` (more rows: F.linear)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if _few(x):
+            return kernels.linear(x, self.weight, self.bias)
+        return F.linear(x, self.weight, self.bias)
+
+
+def gated_mlp_forward(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The MLP's forward in few-rows mode (its own `forward` for a Qwen2/LLaMA-style MLP with SiLU):
+    down(silu(x Wg^T) * (x Wu^T)), the gate/up product and its SiLU in one kernel."""
+    if module.training and torch.is_grad_enabled():
+        raise RuntimeError("fused projections are for inference: call fusion.unfuse_projections(lm) before training.")
+    if _few(x):
+        return module.down_proj(kernels.gated(x, module.fused_weight))
+    return module.down_proj(kernels.reference_gated(x, module.fused_weight))
 
 
 class FusedColumns(nn.Linear):
@@ -62,13 +100,20 @@ def stacked_projection(module: nn.Module, args: tuple, kwargs: dict):
     if module.training and torch.is_grad_enabled():
         raise RuntimeError("fused projections are for inference: their gradients would not reach the projections' "
                            "weights. Call fusion.unfuse_projections(lm) before training, or model.eval().")
+    if getattr(module, "gated_forward", False):  # few-rows mode: the MLP's own forward multiplies
+        return None
+
+    def stacked(x):
+        if getattr(module, "few_rows", False) and _few(x):
+            return kernels.linear(x, module.fused_weight, module.fused_bias)
+        return F.linear(x, module.fused_weight, module.fused_bias)
+
     if args:
-        return (F.linear(args[0], module.fused_weight, module.fused_bias), *args[1:]), kwargs
+        return (stacked(args[0]), *args[1:]), kwargs
     if "hidden_states" not in kwargs:
         raise TypeError(f"{type(module).__name__} was called without its input; fused projections need it "
                         "as the first argument or as hidden_states=.")
-    return args, {**kwargs, "hidden_states": F.linear(kwargs["hidden_states"], module.fused_weight,
-                                                      module.fused_bias)}
+    return args, {**kwargs, "hidden_states": stacked(kwargs["hidden_states"])}
 
 
 def fuse_module(module: nn.Module, names: tuple[str, ...]) -> bool:
@@ -126,10 +171,37 @@ def unfuse_module(module: nn.Module, names: tuple[str, ...]) -> bool:
                 linear.bias.data = linear.bias.data.clone()
             linear.__class__ = nn.Linear
             del linear.columns, linear.stacked_width
+    set_few_rows(module, False)
     for key in [key for key, hook in module._forward_pre_hooks.items() if hook is stacked_projection]:
         del module._forward_pre_hooks[key]
         module._forward_pre_hooks_with_kwargs.pop(key, None)
     del module.fused_weight, module.fused_bias
+    return True
+
+
+def set_few_rows(module: nn.Module, on: bool) -> bool:
+    """Turn `few_rows`' kernels on or off for a fused attention or MLP module (its stacked product
+    and its output projection; for an MLP whose activation is SiLU, also the gated forward).
+    Returns whether anything changed: False for a module already in that mode, one not fused, or
+    one whose output projection (or activation) the kernels do not compute."""
+    if on == bool(getattr(module, "few_rows", False)):
+        return False
+    output_name = next((name for attribute, name in OUTPUTS.items() if hasattr(module, name)), None)
+    output = getattr(module, output_name, None) if output_name else None
+    if on:
+        mlp = output_name == "down_proj"
+        if (getattr(module, "fused_weight", None) is None or type(output) is not nn.Linear
+                or (mlp and not isinstance(getattr(module, "act_fn", None), SILU))):
+            return False
+        output.__class__ = FewRowsLinear
+        if mlp:
+            module.forward = types.MethodType(gated_mlp_forward, module)
+            module.gated_forward = True
+    else:
+        output.__class__ = nn.Linear
+        module.__dict__.pop("forward", None)
+        module.__dict__.pop("gated_forward", None)
+    module.few_rows = on
     return True
 
 
@@ -145,13 +217,22 @@ def _count_change(lm, changed: int) -> int:
     return changed
 
 
-def fuse_projections(lm) -> int:
+def fuse_projections(lm, few_rows: bool = False) -> int:
     """Fuse q/k/v and gate/up in every decoder layer of `lm`'s language model (a `VideoLM`, or any
     object with `.language_model.layers`), in place. Returns how many modules changed (0 when all
-    were fused already: calling it again is harmless, and ties the weights again after a `.to()`).
+    were fused already, in the same mode: calling it again is harmless, and ties the weights again
+    after a `.to()`). `few_rows`: products of a few rows run as `few_rows.py`'s kernels (on a CUDA
+    card in half precision, or Triton's interpreter in float32; see `few_rows.available`).
     The vision tower is left alone: its attention reads its input's width, which the stacked
     product changes."""
-    return _count_change(lm, sum(fuse_module(module, names) for module, names in _groups(lm)))
+    if few_rows and not kernels.available(lm.device, lm.dtype):
+        raise ValueError(f"few_rows' kernels need Triton on a CUDA card (compute capability 8.0+) in half precision; "
+                         f"this model is {lm.dtype} on {lm.device}. Fuse without few_rows (SPECVLM_FEW_ROWS=0).")
+    changed = 0
+    for module, names in _groups(lm):
+        stacked = fuse_module(module, names)
+        changed += stacked | set_few_rows(module, few_rows)
+    return _count_change(lm, changed)
 
 
 def unfuse_projections(lm) -> int:
@@ -163,6 +244,11 @@ def unfuse_projections(lm) -> int:
 def is_fused(lm) -> bool:
     """Whether any decoder layer of `lm`'s language model computes its projections stacked."""
     return any(isinstance(module, FusedColumns) for module in lm.language_model.modules())
+
+
+def uses_few_rows(lm) -> bool:
+    """Whether any decoder layer of `lm`'s language model runs `few_rows.py`'s kernels."""
+    return any(getattr(module, "few_rows", False) for module in lm.language_model.modules())
 
 
 def _groups(lm):

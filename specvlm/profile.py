@@ -67,7 +67,7 @@ from .trees import MC_SIM_7B_63, Tree
 # attention, its matmuls as matmul (a kernel's name does not tell them from the weights').
 CATEGORIES = (
     ("attention", r"flash|fmha|sdpa|scaled_dot_product|flex|attention|cudnn|softmax|triton_tem_fused_(?!.*mm)"),
-    ("matmul", r"gemm|gemv|cutlass|cublas|nvjet|xmma|s16816|splitk|(^|[^a-z])(add|b)?mm([^a-z]|$)|matmul"),
+    ("matmul", r"gemm|gemv|cutlass|cublas|nvjet|xmma|s16816|splitk|few_rows|(^|[^a-z])(add|b)?mm([^a-z]|$)|matmul"),
     ("copy", r"index_copy|index_put|scatter|memcpy|memset|direct_copy|copy_kernel|CatArray|"
              r"aten::(copy_|cat|fill_|zero_|clone)$"),
     ("elementwise", r"triton_(poi|red|per)|elementwise|reduce|rms|norm|rotary|rope|silu|"
@@ -250,10 +250,11 @@ def kinds_for(shapes, kinds=None) -> dict:
 
 def profile_shapes(shapes, contexts, kinds=None, attention: str = "sdpa", device=None, dtype=None, k: int = 5,
                    tree: Tree = MC_SIM_7B_63, repeats: int = 20, fallback=False, progress=None,
-                   fuse: bool = False) -> dict:
+                   fuse: bool = False, few_rows: bool = False) -> dict:
     """`profile_step` for each shape, context (largest first) and kind; one model per shape,
     one bandwidth measurement. `fuse`: each model's q/k/v and gate/up projections stacked into one
-    matmul each first (`fusion.fuse_projections`, as the fast path does for a draft on CUDA).
+    matmul each first (`fusion.fuse_projections`, as the fast path does for a draft on CUDA);
+    `few_rows` (with `fuse`): their products of a few rows as `few_rows.py`'s kernels.
     JSON-ready: card, versions, date, dtype, bandwidth, fused, rows."""
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = resolved_dtype(dtype, device)
@@ -267,11 +268,11 @@ def profile_shapes(shapes, contexts, kinds=None, attention: str = "sdpa", device
     for shape in shapes:
         model = costs.build_lm(shape, device, dtype)
         if fuse:
-            fuse_projections(costs._BareLM(model))
+            fuse_projections(costs._BareLM(model), few_rows=few_rows)
         for context in sorted(contexts, reverse=True):  # largest first: flex reuses one engine
             for kind in plan[shape]:
                 query_len, kind_tree = queries[kind]
-                row = {"kind": kind, "fused": fuse, **profile_step(shape, context, query_len, "fast", attention, kind_tree, device,
+                row = {"kind": kind, "fused": fuse, "few_rows": fuse and few_rows, **profile_step(shape, context, query_len, "fast", attention, kind_tree, device,
                                                     dtype, repeats, model=model, bandwidth=bandwidth,
                                                     fallback=fallback)}
                 rows.append(row)
@@ -282,7 +283,7 @@ def profile_shapes(shapes, contexts, kinds=None, attention: str = "sdpa", device
     return {"card": card_name(device), "card_id": card_id(device), "dtype": str(dtype).removeprefix("torch."),
             "torch": torch.__version__,
             "transformers": transformers.__version__, "date": str(date.today()), "bandwidth_GBps": bandwidth / 1e9,
-            "attention": attention, "fused": fuse, "repeats": repeats, "k": k, "tree_nodes": tree.num_nodes,
+            "attention": attention, "fused": fuse, "few_rows": fuse and few_rows, "repeats": repeats, "k": k, "tree_nodes": tree.num_nodes,
             "weights": "random: matrices, embeddings, biases normal(0, 0.02), norms 1; KV cache random",
             "timing": "wall: median device-synchronised step outside the profiler, one at a time; queued: "
                       f"{QUEUED} steps in a row, per step; kernels: profiler, per step",
@@ -409,6 +410,8 @@ def main(argv=None) -> int:
     parser.add_argument("--repeats", type=positive_int, default=20)
     parser.add_argument("--fuse", action="store_true",
                         help="stack each model's q/k/v and gate/up projections into one matmul each (fusion.py)")
+    parser.add_argument("--few-rows", action="store_true",
+                        help="with --fuse: products of a few rows as few_rows.py's Triton kernels")
     parser.add_argument("--combo-kernels", action="store_true",
                         help="compile with inductor's combo kernels, which launch data-independent kernels as one "
                              "(torch._inductor.config.combo_kernels, set for the whole process)")
@@ -423,6 +426,8 @@ def main(argv=None) -> int:
     refusal = flash_refusal(args.device, args.dtype) if args.attention == "flash" else None
     if refusal:
         parser.error(f"argument --attention: {refusal}")
+    if args.few_rows and not args.fuse:
+        parser.error("--few-rows runs the fused projections' products as Triton kernels: give --fuse too.")
     if args.png and not args.out:
         parser.error("--png plots the JSON written by --out: give --out too.")
     dtype = getattr(torch, args.dtype) if args.dtype else None
@@ -432,7 +437,7 @@ def main(argv=None) -> int:
     if args.combo_kernels:
         inductor_config.combo_kernels = True
     result = profile_shapes(args.shapes, args.contexts, args.kinds, args.attention, args.device, dtype,
-                            repeats=args.repeats, fallback=fallback, fuse=args.fuse,
+                            repeats=args.repeats, fallback=fallback, fuse=args.fuse, few_rows=args.few_rows,
                             progress=lambda r: print(f"{r['shape']} {r['kind']} {r['context']}: "
                                                      f"{r['wall_us_per_step']:.0f} us, {r['kernels_per_step']:.0f} "
                                                      f"kernels/step", file=sys.stderr, flush=True))
