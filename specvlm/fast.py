@@ -580,13 +580,15 @@ def fuse_draft(options: dict | None, lm: VideoLM) -> bool:
 def few_rows_draft(options: dict | None, lm: VideoLM) -> bool:
     """Whether a fused draft's products of a few rows run as `few_rows.py`'s Triton kernels:
     $SPECVLM_FEW_ROWS "1" or "0" if set (an error where the kernels cannot run), else where its
-    steps replay as CUDA graphs and the kernels run on its card and dtype."""
+    steps replay as CUDA graphs on a card where the kernels run in its dtype (never Triton's
+    interpreter, which dynamo cannot trace)."""
     choice = os.environ.get("SPECVLM_FEW_ROWS")
     if choice not in (None, "", "0", "1"):
         raise ValueError(f"SPECVLM_FEW_ROWS must be '0' or '1', got {choice!r}.")
     if choice:
         return choice == "1"
-    return graphs_for(lm, options) is not None and few_rows.available(lm.device, lm.dtype)
+    return (graphs_for(lm, options) is not None and lm.device.type == "cuda"
+            and few_rows.available(lm.device, lm.dtype))
 
 
 CUDA_GRAPHS = ("manual", "trees")
