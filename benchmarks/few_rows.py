@@ -5,8 +5,7 @@ For each projection of a decoder layer (q/k/v stacked with their bias, the outpu
 MLP's gate/up stacked with the SiLU gate, the down projection) and each number of rows:
 
 - "cublas" and "few_rows": the product and what reads it next (a residual add; the SiLU gate for
-  cuBLAS's gate/up), compiled with `torch.compile` (inductor fuses the split sum, bias and add into
-  one kernel) and captured, for every decoder layer's own weight (so the L2 cache holds none of
+  cuBLAS's gate/up), compiled with `torch.compile` and captured, for every decoder layer's own weight (so the L2 cache holds none of
   them), in one CUDA graph;
 - "kernel <launch>": `few_rows`' kernel alone for each launch of the sweep, captured likewise,
   to choose `few_rows.default_launch`.
@@ -87,7 +86,9 @@ def measure(shape: str, name: str, rows: int, repeats: int, launches: list[fr.La
     out = []
 
     def record(variant: str, graph, first, launch=None):
+        """`first`: after the replays, the first layer's output (a captured graph writes its outputs only when replayed)."""
         us = replay_us(graph, repeats) / layers
+        first = first()
         out.append({**base, "variant": variant, **({"launch": launch.name} if launch else {}), "us": us,
                     "x_floor": us / base["floor_us"],
                     "max_abs_diff_vs_float32": (first.float() - exact).abs().max().item()})
@@ -105,22 +106,21 @@ def measure(shape: str, name: str, rows: int, repeats: int, launches: list[fr.La
 
     for variant, fn in (("cublas", cublas), ("few_rows", kernels)):
         graph, outs = captured(torch.compile(fn, dynamic=False))
-        first = outs[0] if gated else outs[0] - residual
-        record(variant, graph, first, None if variant == "cublas" else fr.default_launch(columns, inner, gated))
+        record(variant, graph, lambda: outs[0] if gated else outs[0] - residual,
+               None if variant == "cublas" else fr.default_launch(columns, inner, gated))
     for launch in launches:
         if gated and launch.splits != 1:
             continue
-        per_split, splits = fr.split_axis(inner, launch)
-        buffers = [torch.empty(splits, rows, columns, dtype=torch.bfloat16 if gated else torch.float32, device="cuda")
-                   for _ in weights]
+        buffers = [torch.empty(rows, columns, dtype=torch.bfloat16, device="cuda") for _ in weights]
+        counters = fr.counters_for(columns, "cuda")
         try:
-            graph, _ = captured(lambda: [fr._launch(x, w, b, columns, launch, gated) for w, b in zip(weights, buffers)])
+            graph, _ = captured(lambda: [fr._launch(x, w, b, out, columns, launch, gated, counters)
+                                         for w, b, out in zip(weights, biases, buffers)])
         except Exception as error:  # a launch the card cannot build: say so, go on
             out.append({**base, "variant": "kernel", "launch": launch.name, "error": str(error).splitlines()[0][:200]})
             print(out[-1], flush=True)
             continue
-        first = buffers[0][0] if gated else buffers[0].sum(0) + (0 if biases[0] is None else biases[0].float())
-        record("kernel", graph, first, launch)
+        record("kernel", graph, lambda: buffers[0], launch)
     return out
 
 

@@ -11,9 +11,9 @@ Here every product is one kernel whose programs tile the output columns and, whe
 too few column tiles to fill the card, split the inner axis too:
 
     partial[s] = x[:, K_s] @ W[:, K_s]^T        (float32, one program per column tile and split s)
-    y = sum_s partial[s] (+ bias)                (torch operations that inductor fuses into the
-                                                  kernel that reads y next: the residual add, the
-                                                  rotary embedding, the cache write)
+    y = sum_s partial[s] (+ bias)                (in the same kernel: the last program of a column
+                                                  tile to finish, counted by an atomic counter,
+                                                  sums the tile's partials in split order)
 
 The MLP's gate and up rows, stacked as `fusion.py` stacks them, are read by the same program,
 which writes silu(x Wg^T) * (x Wu^T) directly: one kernel where cuBLAS and inductor ran two.
@@ -100,8 +100,9 @@ def default_launch(columns: int, inner: int, gated: bool = False) -> Launch:
 if triton is not None:
 
     @triton.jit
-    def _few_rows_kernel(x_ptr, w_ptr, out_ptr, rows, columns, inner, per_split, stride_x, stride_w,
-                         GATED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    def _few_rows_kernel(x_ptr, w_ptr, bias_ptr, partial_ptr, counter_ptr, out_ptr, rows, columns, inner, per_split,
+                         stride_x, stride_w, SPLITS: tl.constexpr, GATED: tl.constexpr, HAS_BIAS: tl.constexpr,
+                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
         tile = tl.program_id(0)
         split = tl.program_id(1)
         r = tl.arange(0, BLOCK_M)
@@ -119,10 +120,26 @@ if triton is not None:
             if GATED:  # the up rows lie `columns` rows below the gate rows
                 u = tl.load(w_ptr + (c + columns)[:, None] * stride_w + k[None, :], mask=w_mask, other=0.0)
                 up = tl.dot(x, tl.trans(u), up)
-        if GATED:
-            acc = acc / (1.0 + tl.exp(-acc)) * up
-        where = split * rows * columns + r[:, None] * columns + c[None, :]
-        tl.store(out_ptr + where, acc.to(out_ptr.dtype.element_ty), mask=(r < rows)[:, None] & (c < columns)[None, :])
+        inside = (r < rows)[:, None] & (c < columns)[None, :]
+        here = r[:, None] * columns + c[None, :]
+        last = True
+        if SPLITS > 1:
+            # every split leaves its partial product; the last of a tile's splits to finish (the
+            # counter's acquire-release add orders the others' stores before its loads) sums them
+            # in split order, so the result does not depend on which finished last
+            tl.store(partial_ptr + split * rows * columns + here, acc, mask=inside)
+            last = tl.atomic_add(counter_ptr + tile, 1) == SPLITS - 1
+            if last:
+                acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+                for s in range(SPLITS):
+                    acc += tl.load(partial_ptr + s * rows * columns + here, mask=inside, other=0.0, cache_modifier=".cg")
+                tl.atomic_xchg(counter_ptr + tile, 0)  # ready for the next call (and the next replay of a graph)
+        if last:
+            if HAS_BIAS:
+                acc += tl.load(bias_ptr + c, mask=c < columns, other=0.0).to(tl.float32)[None, :]
+            if GATED:
+                acc = acc / (1.0 + tl.exp(-acc)) * up
+            tl.store(out_ptr + here, acc.to(out_ptr.dtype.element_ty), mask=inside)
 
 
 def split_axis(inner: int, launch: Launch) -> tuple[int, int]:
@@ -134,14 +151,26 @@ def split_axis(inner: int, launch: Launch) -> tuple[int, int]:
     return per_split, -(-inner // per_split)
 
 
-def _launch(x: torch.Tensor, weight: torch.Tensor, out: torch.Tensor, columns: int, launch: Launch,
-            gated: bool) -> None:
+def counters_for(columns: int, device) -> torch.Tensor:
+    """The int32 counters a product of `columns` output columns needs (one per column tile of the
+    narrowest launch), zero: each call leaves them zero again. A module that runs the kernels keeps
+    its own (`fusion.py`), so a compiled step allocates and clears nothing."""
+    return torch.zeros(-(-columns // 16), dtype=torch.int32, device=device)
+
+
+def _launch(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, out: torch.Tensor, columns: int,
+            launch: Launch, gated: bool, counters: torch.Tensor | None) -> None:
+    """One launch: out [rows, columns] = x [rows, K] @ weight[:columns]^T (+ bias), or the gated product."""
     rows, inner = x.shape
     per_split, splits = split_axis(inner, launch)
-    grid = (-(-columns // launch.block_n), splits)
-    _few_rows_kernel[grid](x, weight, out, rows, columns, inner, per_split, x.stride(0), weight.stride(0),
-                           GATED=gated, BLOCK_M=MAX_ROWS, BLOCK_N=launch.block_n, BLOCK_K=launch.block_k,
-                           num_warps=launch.num_warps)
+    tiles = -(-columns // launch.block_n)
+    if splits > 1 and (counters is None or counters.numel() < tiles or counters.dtype != torch.int32):
+        raise ValueError(f"a split product needs int32 counters for its {tiles} column tiles (few_rows.counters_for).")
+    partial = torch.empty(splits if splits > 1 else 0, rows, columns, dtype=torch.float32, device=x.device)
+    _few_rows_kernel[(tiles, splits)](
+        x, weight, out if bias is None else bias, partial, out if counters is None else counters, out, rows, columns,
+        inner, per_split, x.stride(0), weight.stride(0), SPLITS=splits, GATED=gated, HAS_BIAS=bias is not None,
+        BLOCK_M=MAX_ROWS, BLOCK_N=launch.block_n, BLOCK_K=launch.block_k, num_warps=launch.num_warps)
 
 
 def _checked(x: torch.Tensor, weight: torch.Tensor, what: str) -> torch.Tensor:
@@ -157,20 +186,19 @@ def _checked(x: torch.Tensor, weight: torch.Tensor, what: str) -> torch.Tensor:
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
-           launch: Launch | None = None) -> torch.Tensor:
+           launch: Launch | None = None, counters: torch.Tensor | None = None) -> torch.Tensor:
     """`F.linear(x, weight, bias)` for x [..., K] of at most MAX_ROWS rows, weight [N, K] ->
-    [..., N] in x's dtype. The kernel writes float32 partial products, one per split of K; their
-    sum, the bias and the cast are torch operations (fused into the next kernel when compiled)."""
+    [..., N] in x's dtype, in one kernel: each split of K writes a float32 partial product, and the
+    last split of each column tile to finish sums them (in split order), adds the bias and casts.
+    `counters`: `counters_for(N, device)`, kept by the caller (made here if None)."""
     flat = _checked(x, weight, "linear")
     columns = weight.shape[0]
     launch = launch or default_launch(columns, flat.shape[1])
-    splits = split_axis(flat.shape[1], launch)[1]
-    partial = torch.empty(splits, flat.shape[0], columns, dtype=torch.float32, device=x.device)
-    _launch(flat, weight, partial, columns, launch, gated=False)
-    out = partial.sum(0)
-    if bias is not None:
-        out = out + bias
-    return out.to(x.dtype).reshape(*x.shape[:-1], columns)
+    if counters is None:
+        counters = counters_for(columns, x.device)
+    out = torch.empty(flat.shape[0], columns, dtype=x.dtype, device=x.device)
+    _launch(flat, weight, bias, out, columns, launch, gated=False, counters=counters)
+    return out.reshape(*x.shape[:-1], columns)
 
 
 def gated(x: torch.Tensor, stacked: torch.Tensor, launch: Launch | None = None) -> torch.Tensor:
@@ -184,7 +212,7 @@ def gated(x: torch.Tensor, stacked: torch.Tensor, launch: Launch | None = None) 
     if launch.splits != 1:
         raise ValueError(f"few_rows.gated applies the SiLU inside its kernel, so its inner axis is not split; got {launch}.")
     out = torch.empty(flat.shape[0], columns, dtype=x.dtype, device=x.device)
-    _launch(flat, stacked, out, columns, launch, gated=True)
+    _launch(flat, stacked, None, out, columns, launch, gated=True, counters=None)
     return out.reshape(*x.shape[:-1], columns)
 
 

@@ -63,7 +63,7 @@ class FewRowsLinear(nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if _few(x):
-            return kernels.linear(x, self.weight, self.bias)
+            return kernels.linear(x, self.weight, self.bias, counters=self.few_rows_counters)
         return F.linear(x, self.weight, self.bias)
 
 
@@ -105,7 +105,7 @@ def stacked_projection(module: nn.Module, args: tuple, kwargs: dict):
 
     def stacked(x):
         if getattr(module, "few_rows", False) and _few(x):
-            return kernels.linear(x, module.fused_weight, module.fused_bias)
+            return kernels.linear(x, module.fused_weight, module.fused_bias, counters=module.few_rows_counters)
         return F.linear(x, module.fused_weight, module.fused_bias)
 
     if args:
@@ -194,11 +194,18 @@ def set_few_rows(module: nn.Module, on: bool) -> bool:
                 or (mlp and not isinstance(getattr(module, "act_fn", None), SILU))):
             return False
         output.__class__ = FewRowsLinear
+        device = module.fused_weight.device
+        output.register_buffer("few_rows_counters", kernels.counters_for(output.out_features, device), persistent=False)
         if mlp:
             module.forward = types.MethodType(gated_mlp_forward, module)
             module.gated_forward = True
+        else:
+            module.register_buffer("few_rows_counters", kernels.counters_for(module.fused_weight.shape[0], device),
+                                   persistent=False)
     else:
         output.__class__ = nn.Linear
+        for owner in (output, module):
+            owner._buffers.pop("few_rows_counters", None)
         module.__dict__.pop("forward", None)
         module.__dict__.pop("gated_forward", None)
     module.few_rows = on

@@ -25,10 +25,13 @@ def test_linear_equals_f_linear(rows, columns, inner, launch):
     generator = torch.Generator().manual_seed(rows * columns + inner)
     x = torch.randn(1, rows, inner, generator=generator)
     weight, bias = torch.randn(columns, inner, generator=generator), torch.randn(columns, generator=generator)
+    counters = few_rows.counters_for(columns, "cpu")
     for b in (bias, None):
-        out = few_rows.linear(x, weight, b, launch)
+        out = few_rows.linear(x, weight, b, launch, counters)
         assert out.shape == (1, rows, columns) and out.dtype == x.dtype
         torch.testing.assert_close(out, F.linear(x, weight, b), rtol=1e-5, atol=1e-4)
+        assert not counters.any()  # left zero for the next call
+        assert torch.equal(few_rows.linear(x, weight, b, launch, counters), out)  # the splits summed in one order
 
 
 @pytest.mark.parametrize("rows", [1, 5, 16])
@@ -44,6 +47,8 @@ def test_gated_equals_the_mlps_gate(rows):
 
 def test_bad_inputs_are_refused_with_what_to_do():
     x, weight = torch.randn(17, 32), torch.randn(8, 32)
+    with pytest.raises(ValueError, match="needs int32 counters for its 1 column tiles"):
+        few_rows._launch(x[:2], weight, None, torch.empty(2, 8), 8, few_rows.Launch(16, 16, 2), False, None)
     with pytest.raises(ValueError, match="takes 1 to 16 rows, got 17; use F.linear"):
         few_rows.linear(x, weight)
     with pytest.raises(ValueError, match=r"needs a weight \[N, 32\]"):
@@ -141,6 +146,8 @@ def test_a_few_rows_draft_is_lossless_and_runs_the_kernels(embedded, monkeypatch
     assert kernels.accepted == cublas.accepted
     layers = len(pair.draft.language_model.layers)
     assert calls["gated"] >= layers and calls["linear"] == 3 * calls["gated"]  # q/k/v, output and down per gate
+    counters = [b for name, b in pair.draft.model.named_buffers() if name.endswith("few_rows_counters")]
+    assert len(counters) == 3 * layers and not any(c.any() for c in counters)
 
 
 def test_few_rows_setting_is_checked(embedded, monkeypatch):
