@@ -62,7 +62,7 @@ from .fusion import fuse_projections, is_fused, unfuse_projections, uses_few_row
 from .models import Pair, Prompt, VideoLM, head_dim
 from .sampling import check_temperature
 from .timeline import phase
-from . import few_rows, flash_decode, split_merge
+from . import flash_decode, split_merge
 from .step_attention import (  # noqa: F401 (re-exported: fast.grouped_attention, fast.FLEX_MAX_QUERY, ...)
     ATTENTIONS, FLEX_ATTENTION, FLEX_BLOCK, FLEX_MAX_QUERY, FLEX_MIN_SLOTS, FLEX_ROWS, SPLIT_MIN_SLOTS, causal_pattern,
     flex_block_mask, flex_or_sdpa, float32_scores, grouped_attention, grouped_flex, merge_kernel,
@@ -505,7 +505,7 @@ def static_lm(lm: VideoLM, role: str, options: dict | None, attention: str | Non
         _TARGETS.add(lm.model)
         unfuse_projections(lm)
     elif fuse_draft(options, lm) and lm.model not in _TARGETS:
-        fuse_projections(lm, few_rows=few_rows_draft(options, lm))
+        fuse_projections(lm, few_rows=few_rows_draft())
     elif os.environ.get("SPECVLM_FUSE_DRAFT") == "0":  # asked for transformers' own modules, even after a fused run
         unfuse_projections(lm)
     engines = _ENGINES.setdefault(lm, {})
@@ -577,18 +577,16 @@ def fuse_draft(options: dict | None, lm: VideoLM) -> bool:
     return graphs_for(lm, options) is not None
 
 
-def few_rows_draft(options: dict | None, lm: VideoLM) -> bool:
-    """Whether a fused draft's products of a few rows run as `few_rows.py`'s Triton kernels:
-    $SPECVLM_FEW_ROWS "1" or "0" if set (an error where the kernels cannot run), else where its
-    steps replay as CUDA graphs on a card where the kernels run in its dtype (never Triton's
-    interpreter, which dynamo cannot trace)."""
+def few_rows_draft() -> bool:
+    """Whether a fused draft's products of a few rows run as `few_rows.py`'s Triton kernels: only
+    where $SPECVLM_FEW_ROWS is "1" (an error where the kernels cannot run). Off by default: on the
+    H100 they shortened the draft step in the benchmark and lengthened it in the profile, each by a
+    few percent (notebook 05, section 18). Under "1" a draft compiled on a CPU would reach Triton's
+    interpreter, which dynamo cannot trace: use it uncompiled there (tests) or on CUDA."""
     choice = os.environ.get("SPECVLM_FEW_ROWS")
     if choice not in (None, "", "0", "1"):
         raise ValueError(f"SPECVLM_FEW_ROWS must be '0' or '1', got {choice!r}.")
-    if choice:
-        return choice == "1"
-    return (graphs_for(lm, options) is not None and lm.device.type == "cuda"
-            and few_rows.available(lm.device, lm.dtype))
+    return choice == "1"
 
 
 CUDA_GRAPHS = ("manual", "trees")
@@ -768,33 +766,12 @@ def draft_tree(run: Run, tree: Tree, levels: DraftLevels) -> torch.Tensor:
     return tokens
 
 
-TOP_CHUNK = 128  # vocabulary entries per chunk in `top_indices`' first stage
-
-
-def top_indices(logits: torch.Tensor, k: int) -> torch.Tensor:
-    """logits [rows, V] -> [rows, k] long: the indices of each row's k largest logits, largest
-    first, as `logits.topk(k).indices` gives them (among equal logits the order may differ: both
-    leave it unspecified). In two small top-k's: the k largest of every chunk of TOP_CHUNK
-    logits, then the k largest of those. On a GPU, `topk` over a whole vocabulary of a few
-    rows runs several passes of kernels over it (a draft's picks took about 0.1 ms per tree
-    level at a 152k vocabulary); two top-k's over short rows take a few kernels."""
-    rows, vocab = logits.shape
-    chunks = -(-vocab // TOP_CHUNK)
-    if k > TOP_CHUNK or chunks * k >= vocab:  # nothing to gain from a first stage
-        return logits.topk(k).indices
-    padded = torch.nn.functional.pad(logits, (0, chunks * TOP_CHUNK - vocab), value=float("-inf"))
-    values, within = padded.view(rows, chunks, TOP_CHUNK).topk(k)  # [rows, chunks, k]
-    best = values.view(rows, chunks * k).topk(k).indices  # [rows, k]: candidate c is chunk c // k
-    index = best // k * TOP_CHUNK + within.view(rows, chunks * k).gather(1, best)
-    return index.clamp_(max=vocab - 1)  # a padding slot, picked only where fewer than k logits beat -inf
-
-
 def pick_level(draft: StaticLM, tree: Tree, levels: DraftLevels, depth: int, logits: torch.Tensor,
                tokens: torch.Tensor) -> None:
     """Write the tokens of the nodes at `depth` into `tokens` [N+1] (on the device, in place): each
     is the rank-th most likely token of its parent's row of `logits` [rows, V] (the root's for
-    depth 1, else the last level's passes; `top_indices`). No copy to the host."""
-    top = top_indices(logits, levels.top[depth - 1])  # [rows, top]
+    depth 1, else the last level's passes). No copy to the host."""
+    top = logits.topk(levels.top[depth - 1]).indices  # [rows, top]
     rows, nodes, ranks = draft.constant(("picks", tree, depth), lambda: levels.pick_index[depth - 1])
     tokens[nodes] = top[rows, ranks]
 

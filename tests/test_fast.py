@@ -136,26 +136,6 @@ def test_tree_mask_equals_the_plain_paths(tree):
     assert torch.equal(visibility_bias(torch.tensor(prefix), tree.mask, capacity, torch.float32), expected)
 
 
-@pytest.mark.parametrize("vocab", [640, 151936, 1000, 129, 7])
-@pytest.mark.parametrize("rows", [1, 4])
-def test_top_indices_are_topks_in_two_stages(vocab, rows):
-    """The same indices as `topk` (distinct logits), largest first, for vocabularies that fill no
-    whole number of chunks, and in bfloat16 the same values (equal logits may come in any order)."""
-    generator = torch.Generator().manual_seed(vocab + rows)
-    logits = torch.randperm(rows * vocab, generator=generator).view(rows, vocab).float()  # distinct
-    for k in (1, 2, 4):
-        assert torch.equal(fast.top_indices(logits, k), logits.topk(k).indices)
-        rounded = torch.randn(rows, vocab, generator=generator).bfloat16()
-        assert torch.equal(rounded.gather(1, fast.top_indices(rounded, k)), rounded.topk(k).values)
-
-
-def test_top_indices_stay_inside_the_vocabulary():
-    logits = torch.full((2, 300), float("-inf"))
-    logits[0, 299], logits[1, 5] = 1.0, 2.0
-    top = fast.top_indices(logits, 3)
-    assert top[:, 0].tolist() == [299, 5] and int(top.max()) < 300
-
-
 def test_draft_levels_example():
     levels = DraftLevels.of(Tree.from_paths([[0], [1], [0, 0], [0, 0, 0]]))
     assert levels.nodes == ((1,), (3,)) and levels.offsets == (0, 1) and levels.width == 1

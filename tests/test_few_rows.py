@@ -152,7 +152,7 @@ def test_a_few_rows_draft_is_lossless_and_runs_the_kernels(embedded, monkeypatch
 
 def test_few_rows_setting_is_checked(embedded, monkeypatch):
     monkeypatch.delenv("SPECVLM_FEW_ROWS", raising=False)
-    assert not fast.few_rows_draft(None, embedded.draft)  # default: only where steps replay as CUDA graphs
+    assert not fast.few_rows_draft()  # off by default
     monkeypatch.setenv("SPECVLM_FEW_ROWS", "yes")
     with pytest.raises(ValueError, match="SPECVLM_FEW_ROWS must be '0' or '1'"):
-        fast.few_rows_draft(None, embedded.draft)
+        fast.few_rows_draft()
