@@ -89,8 +89,9 @@ class Launch:
 def default_launch(columns: int, inner: int, gated: bool = False) -> Launch:
     """Column tiles of 32, inner steps of 128, and the inner axis split into 8 parts or one per step (none for
     a gated product, whose SiLU needs whole sums; its programs read two tiles, gate and up, with 2
-    warps). The best or within a few percent of the best of 108 launches timed on an H100 for every
-    product of a 0.5B draft at 1 and 8 rows (notebook 05, section 18). For that draft: q/k/v
+    warps). Within 7% of the best of the launches an H100 timed for each product of a 0.5B draft at 1
+    and 8 rows (108 for q/k/v, output and down, 27 for gate/up), with the first version of the
+    kernel, which left the sums of the splits to torch (notebook 05, section 18). For that draft: q/k/v
     (1152 x 896) 36 tiles x 7 splits; down (896 x 4864) 28 x 8; gate/up (2 x 4864 x 896) 152 x 1."""
     if gated:
         return Launch(32, 128, 1, 2)
@@ -128,6 +129,7 @@ if triton is not None:
             # counter's acquire-release add orders the others' stores before its loads) sums them
             # in split order, so the result does not depend on which finished last
             tl.store(partial_ptr + split * rows * columns + here, acc, mask=inside)
+            tl.debug_barrier()  # every thread's stores issued before the one thread's release below
             last = tl.atomic_add(counter_ptr + tile, 1) == SPLITS - 1
             if last:
                 acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
@@ -164,8 +166,10 @@ def _launch(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, ou
     rows, inner = x.shape
     per_split, splits = split_axis(inner, launch)
     tiles = -(-columns // launch.block_n)
-    if splits > 1 and (counters is None or counters.numel() < tiles or counters.dtype != torch.int32):
-        raise ValueError(f"a split product needs int32 counters for its {tiles} column tiles (few_rows.counters_for).")
+    if splits > 1 and (counters is None or counters.numel() < tiles or counters.dtype != torch.int32
+                       or counters.device != x.device):
+        raise ValueError(f"a split product needs int32 counters for its {tiles} column tiles on {x.device} "
+                         "(few_rows.counters_for).")
     partial = torch.empty(splits if splits > 1 else 0, rows, columns, dtype=torch.float32, device=x.device)
     _few_rows_kernel[(tiles, splits)](
         x, weight, out if bias is None else bias, partial, out if counters is None else counters, out, rows, columns,
@@ -173,15 +177,22 @@ def _launch(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, ou
         BLOCK_M=MAX_ROWS, BLOCK_N=launch.block_n, BLOCK_K=launch.block_k, num_warps=launch.num_warps)
 
 
-def _checked(x: torch.Tensor, weight: torch.Tensor, what: str) -> torch.Tensor:
+def _checked(x: torch.Tensor, weight: torch.Tensor, what: str, bias: torch.Tensor | None = None) -> torch.Tensor:
     if triton is None:
         raise RuntimeError("few_rows needs Triton (it comes with CUDA builds of torch).")
-    rows = x.numel() // x.shape[-1]
-    if rows > MAX_ROWS or rows == 0:
-        raise ValueError(f"few_rows.{what} takes 1 to {MAX_ROWS} rows, got {rows}; use F.linear for more.")
+    rows = x.numel() // max(1, x.shape[-1])
+    if rows > MAX_ROWS or rows == 0 or x.shape[-1] == 0:
+        raise ValueError(f"few_rows.{what} takes 1 to {MAX_ROWS} rows of a non-empty axis, got input {tuple(x.shape)}; "
+                         "use F.linear.")
     if weight.shape[-1] != x.shape[-1] or weight.stride(-1) != 1:
         raise ValueError(f"few_rows.{what} needs a weight [N, {x.shape[-1]}] with a contiguous last axis, "
                          f"got {tuple(weight.shape)} with strides {weight.stride()}.")
+    if weight.dtype != x.dtype or weight.device != x.device:
+        raise ValueError(f"few_rows.{what} needs its input and weight in one dtype on one device, got "
+                         f"{x.dtype} on {x.device} and {weight.dtype} on {weight.device}.")
+    if bias is not None and (bias.shape != weight.shape[:1] or not bias.is_contiguous() or bias.device != x.device):
+        raise ValueError(f"few_rows.{what} needs a contiguous bias [{weight.shape[0]}] on {x.device}, "
+                         f"got {tuple(bias.shape)} on {bias.device}.")
     return x.reshape(rows, x.shape[-1]).contiguous()
 
 
@@ -191,7 +202,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     [..., N] in x's dtype, in one kernel: each split of K writes a float32 partial product, and the
     last split of each column tile to finish sums them (in split order), adds the bias and casts.
     `counters`: `counters_for(N, device)`, kept by the caller (made here if None)."""
-    flat = _checked(x, weight, "linear")
+    flat = _checked(x, weight, "linear", bias)
     columns = weight.shape[0]
     launch = launch or default_launch(columns, flat.shape[1])
     if counters is None:

@@ -37,7 +37,7 @@ projections' weights (the source of truth) and ties them again; the fast path do
 
 from __future__ import annotations
 
-import types
+import functools
 
 import torch
 import torch.nn.functional as F
@@ -54,8 +54,8 @@ OUTPUTS = {"self_attn": "o_proj", "mlp": "down_proj"}
 
 
 def _few(x: torch.Tensor) -> bool:
-    """Whether `few_rows`' kernels take this input (at most MAX_ROWS rows; shapes are static under compile)."""
-    return x.numel() // x.shape[-1] <= kernels.MAX_ROWS
+    """Whether `few_rows`' kernels take this input (1 to MAX_ROWS rows; shapes are static under compile)."""
+    return x.shape[-1] > 0 and 0 < x.numel() // x.shape[-1] <= kernels.MAX_ROWS
 
 
 class FewRowsLinear(nn.Linear):
@@ -181,7 +181,8 @@ def unfuse_module(module: nn.Module, names: tuple[str, ...]) -> bool:
 
 def set_few_rows(module: nn.Module, on: bool) -> bool:
     """Turn `few_rows`' kernels on or off for a fused attention or MLP module (its stacked product
-    and its output projection; for an MLP whose activation is SiLU, also the gated forward).
+    and its output projection; an MLP only where its activation is SiLU and its gate/up have no
+    bias, which its gated forward computes).
     Returns whether anything changed: False for a module already in that mode, one not fused, or
     one whose output projection (or activation) the kernels do not compute."""
     if on == bool(getattr(module, "few_rows", False)):
@@ -191,13 +192,13 @@ def set_few_rows(module: nn.Module, on: bool) -> bool:
     if on:
         mlp = output_name == "down_proj"
         if (getattr(module, "fused_weight", None) is None or type(output) is not nn.Linear
-                or (mlp and not isinstance(getattr(module, "act_fn", None), SILU))):
-            return False
+                or (mlp and (not isinstance(getattr(module, "act_fn", None), SILU) or module.fused_bias is not None))):
+            return False  # the gated kernel computes silu(x Wg^T) * (x Wu^T): no bias, no other activation
         output.__class__ = FewRowsLinear
         device = module.fused_weight.device
         output.register_buffer("few_rows_counters", kernels.counters_for(output.out_features, device), persistent=False)
         if mlp:
-            module.forward = types.MethodType(gated_mlp_forward, module)
+            module.forward = functools.partial(gated_mlp_forward, module)  # pickles, and deepcopy rebinds it
             module.gated_forward = True
         else:
             module.register_buffer("few_rows_counters", kernels.counters_for(module.fused_weight.shape[0], device),
@@ -233,7 +234,8 @@ def fuse_projections(lm, few_rows: bool = False) -> int:
     The vision tower is left alone: its attention reads its input's width, which the stacked
     product changes."""
     if few_rows and not kernels.available(lm.device, lm.dtype):
-        raise ValueError(f"few_rows' kernels need Triton on a CUDA card (compute capability 8.0+) in half precision; "
+        raise ValueError(f"few_rows' kernels need Triton on a CUDA card (compute capability 8.0+) in half precision, or "
+                         f"float32 on a CPU in Triton's interpreter ($TRITON_INTERPRET=1 before importing specvlm); "
                          f"this model is {lm.dtype} on {lm.device}. Fuse without few_rows (SPECVLM_FEW_ROWS=0).")
     changed = 0
     for module, names in _groups(lm):

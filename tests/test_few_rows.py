@@ -31,7 +31,7 @@ def test_linear_equals_f_linear(rows, columns, inner, launch):
         assert out.shape == (1, rows, columns) and out.dtype == x.dtype
         torch.testing.assert_close(out, F.linear(x, weight, b), rtol=1e-5, atol=1e-4)
         assert not counters.any()  # left zero for the next call
-        assert torch.equal(few_rows.linear(x, weight, b, launch, counters), out)  # the splits summed in one order
+        assert torch.equal(few_rows.linear(x, weight, b, launch, counters), out)  # a second call, the same bits
 
 
 @pytest.mark.parametrize("rows", [1, 5, 16])
@@ -49,8 +49,14 @@ def test_bad_inputs_are_refused_with_what_to_do():
     x, weight = torch.randn(17, 32), torch.randn(8, 32)
     with pytest.raises(ValueError, match="needs int32 counters for its 1 column tiles"):
         few_rows._launch(x[:2], weight, None, torch.empty(2, 8), 8, few_rows.Launch(16, 16, 2), False, None)
-    with pytest.raises(ValueError, match="takes 1 to 16 rows, got 17; use F.linear"):
+    with pytest.raises(ValueError, match=r"takes 1 to 16 rows of a non-empty axis, got input \(17, 32\)"):
         few_rows.linear(x, weight)
+    with pytest.raises(ValueError, match="non-empty axis"):
+        few_rows.linear(torch.randn(2, 0), torch.randn(8, 0))
+    with pytest.raises(ValueError, match="one dtype on one device"):
+        few_rows.linear(x[:2], weight.double())
+    with pytest.raises(ValueError, match=r"contiguous bias \[8\]"):
+        few_rows.linear(x[:2], weight, torch.randn(9))
     with pytest.raises(ValueError, match=r"needs a weight \[N, 32\]"):
         few_rows.linear(x[:2], torch.randn(8, 31))
     with pytest.raises(ValueError, match="gate and up rows stacked"):
@@ -107,7 +113,7 @@ def test_few_rows_mode_switches_on_and_off_and_keeps_the_weights(embedded):
     assert not layer.mlp._forward_pre_hooks and not layer.self_attn._forward_pre_hooks
     after = draft.model.state_dict()
     assert after.keys() == before.keys() and all(torch.equal(after[name], before[name]) for name in before)
-    with pytest.raises(ValueError, match="SPECVLM_FEW_ROWS=0"):
+    with pytest.raises(ValueError, match="TRITON_INTERPRET=1 before importing specvlm"):
         half = copy.deepcopy(embedded.draft)
         half.model.to(torch.bfloat16)
         fusion.fuse_projections(half, few_rows=True)
@@ -156,3 +162,36 @@ def test_few_rows_setting_is_checked(embedded, monkeypatch):
     monkeypatch.setenv("SPECVLM_FEW_ROWS", "yes")
     with pytest.raises(ValueError, match="SPECVLM_FEW_ROWS must be '0' or '1'"):
         fast.few_rows_draft()
+
+
+def test_a_few_rows_model_copies_pickles_and_computes_as_before(embedded, tmp_path):
+    """deepcopy and torch.save/load keep the mode and give the same logits for a step of a few rows
+    (the MLP's gated forward is rebound to the copy, not to the original)."""
+    draft = copy.deepcopy(embedded.draft)
+    fusion.fuse_projections(draft, few_rows=True)
+    layer = draft.language_model.layers[0]
+    x = torch.randn(1, 3, layer.mlp.gate_proj.in_features, generator=torch.Generator().manual_seed(0))
+    expected = layer.mlp(x)
+    torch.testing.assert_close(expected, layer.mlp.down_proj(few_rows.reference_gated(x, layer.mlp.fused_weight)))
+    copied = copy.deepcopy(layer.mlp)
+    assert copied.forward.args[0] is copied
+    torch.save(layer.mlp, tmp_path / "mlp.pt")
+    loaded = torch.load(tmp_path / "mlp.pt", weights_only=False)
+    for other in (copied, loaded):
+        assert other.few_rows and type(other.down_proj) is fusion.FewRowsLinear
+        assert torch.equal(other(x), expected)
+
+
+def test_an_mlp_with_biases_keeps_cublas(embedded):
+    """The gated kernel has no bias: an MLP whose gate/up have one is fused, but left out of few-rows
+    mode (its forward stays transformers' own), so its outputs stay right."""
+    from transformers import LlamaConfig
+    from transformers.models.llama.modeling_llama import LlamaMLP
+
+    mlp = LlamaMLP(LlamaConfig(hidden_size=32, intermediate_size=48, mlp_bias=True)).eval()
+    x = torch.randn(2, 32, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        expected = mlp(x)
+        assert fusion.fuse_module(mlp, fusion.GROUPS["mlp"]) and mlp.fused_bias is not None
+        assert not fusion.set_few_rows(mlp, True) and "forward" not in vars(mlp)
+        torch.testing.assert_close(mlp(x), expected, rtol=1e-5, atol=1e-5)
