@@ -21,8 +21,9 @@ which writes silu(x Wg^T) * (x Wu^T) directly: one kernel where cuBLAS and induc
 Rows are padded to 16 inside the kernel (Triton's `tl.dot` needs 16); the pad costs no memory
 traffic, only tensor-core work that the bytes hide. Only the rounding differs from `F.linear`
 (another order of summation), so the fast path uses these kernels for a *draft* only, whose
-proposals the target checks (`fusion.fuse_projections(lm, few_rows=True)`). On an H100 they beat
-cuBLAS product by product but moved a whole draft step by a few percent only, shorter in the
+proposals the target checks (`fusion.fuse_projections(lm, few_rows=True)`). On an H100 their first
+version (the sums left to torch) beat cuBLAS product by product, timed alone, but both versions
+moved a whole draft step by a few percent only, shorter in the
 benchmark and longer in the profile (notebook 05, section 18), so the fast path runs them only
 where $SPECVLM_FEW_ROWS=1.
 
