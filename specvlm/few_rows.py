@@ -38,7 +38,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .flash_decode import INTERPRETED, triton
+from .flash_decode import INTERPRETED, dashed_numbers, triton
 
 if triton is not None:
     import triton.language as tl
@@ -77,10 +77,7 @@ class Launch:
     @classmethod
     def parse(cls, text: str) -> Launch:
         """'16-256-4-4' -> Launch(16, 256, 4, 4): columns-inner-splits-warps."""
-        try:
-            numbers = [int(part) for part in text.split("-")]
-        except ValueError:
-            numbers = []
+        numbers = dashed_numbers(text)
         if len(numbers) != 4:
             raise ValueError(f"a few-rows launch is columns-inner-splits-warps in whole numbers, got {text!r}")
         return cls(*numbers)

@@ -77,6 +77,14 @@ def split_size(capacity: int, kv_heads: int, block: int = BLOCK_N, programs: int
     return -(-wanted // block) * block
 
 
+def dashed_numbers(text: str) -> list[int]:
+    """'64-256-64-8' -> [64, 256, 64, 8]; [] where a part is not a whole number (a launch's text)."""
+    try:
+        return [int(part) for part in text.split("-")]
+    except ValueError:
+        return []
+
+
 @dataclass(frozen=True)
 class Launch:
     """How `flash_decode` cuts its work: `block_rows` stacked rows per program (a power of two, at
@@ -105,10 +113,7 @@ class Launch:
     @classmethod
     def parse(cls, text: str) -> Launch:
         """'64-256-64-8-2' -> Launch(64, 256, 64, 8, 2): rows-programs-tile-warps[-stages]."""
-        try:
-            numbers = [int(part) for part in text.split("-")]
-        except ValueError:
-            numbers = []
+        numbers = dashed_numbers(text)
         if len(numbers) not in (4, 5):
             raise ValueError(f"a flash launch is rows-programs-tile-warps[-stages] in whole numbers, got {text!r}")
         return cls(*numbers)
