@@ -38,23 +38,14 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .flash_decode import INTERPRETED, dashed_numbers, triton
+# `available`: where these kernels run is where flash-decoding's do (Triton's half-precision dot on a
+# CUDA card of compute capability 8.0+, or its interpreter in float32 on a CPU)
+from .flash_decode import available, dashed_numbers, triton
 
 if triton is not None:
     import triton.language as tl
 
 MAX_ROWS = 16  # the most rows a kernel takes: wider products (a target's verification) go to F.linear
-
-
-def available(device: torch.device, dtype: torch.dtype) -> bool:
-    """Whether these kernels run for a model of `dtype` on `device`: a CUDA card of compute
-    capability 8.0+ in half precision, or a CPU in Triton's interpreter in float32 (tests)."""
-    device = torch.device(device)
-    if triton is None:
-        return False
-    if device.type == "cuda":
-        return torch.cuda.get_device_capability(device) >= (8, 0) and dtype in (torch.float16, torch.bfloat16)
-    return device.type == "cpu" and INTERPRETED and dtype == torch.float32
 
 
 @dataclass(frozen=True)
