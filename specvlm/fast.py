@@ -580,9 +580,8 @@ def fuse_draft(options: dict | None, lm: VideoLM) -> bool:
 def few_rows_draft() -> bool:
     """Whether a fused draft's products of a few rows run as `few_rows.py`'s Triton kernels: only
     where $SPECVLM_FEW_ROWS is "1" (for a draft the fast path fuses, `fuse_draft`; an error where
-    the kernels cannot run). Off by default: on the
-    H100 they shortened the draft step in the benchmark and lengthened it in the profile, each by a
-    few percent (notebook 05, section 18). Under "1" a draft compiled on a CPU would reach Triton's
+    the kernels cannot run). Off by default: on the H100 they shortened the draft step in the
+    benchmark and lengthened it in the profile, each by a few percent (notebook 05, section 18). Under "1" a draft compiled on a CPU would reach Triton's
     interpreter, which dynamo cannot trace: use it uncompiled there (tests) or on CUDA."""
     choice = os.environ.get("SPECVLM_FEW_ROWS")
     if choice not in (None, "", "0", "1"):

@@ -69,9 +69,8 @@ class FewRowsLinear(nn.Linear):
 
 def gated_mlp_forward(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """The MLP's forward in few-rows mode (its own `forward` for a Qwen2/LLaMA-style MLP with SiLU):
-    down(silu(x Wg^T) * (x Wu^T)), the gate/up product and its SiLU in one kernel."""
-    if module.training and torch.is_grad_enabled():
-        raise RuntimeError("fused projections are for inference: call fusion.unfuse_projections(lm) before training.")
+    down(silu(x Wg^T) * (x Wu^T)), the gate/up product and its SiLU in one kernel. (The module's
+    `stacked_projection` pre-hook still runs first: it refuses training and passes x through.)"""
     if _few(x):
         return module.down_proj(kernels.gated(x, module.fused_weight))
     return module.down_proj(kernels.reference_gated(x, module.fused_weight))
@@ -187,7 +186,7 @@ def set_few_rows(module: nn.Module, on: bool) -> bool:
     one whose output projection (or activation) the kernels do not compute."""
     if on == bool(getattr(module, "few_rows", False)):
         return False
-    output_name = next((name for attribute, name in OUTPUTS.items() if hasattr(module, name)), None)
+    output_name = next((name for name in OUTPUTS.values() if hasattr(module, name)), None)
     output = getattr(module, output_name, None) if output_name else None
     if on:
         mlp = output_name == "down_proj"
