@@ -341,6 +341,9 @@ def main(argv=None):
     parser.add_argument("--distill", type=float, default=0.0,
                         help="draft only: weight in [0, 1] of the KL divergence from the target's next-token distribution "
                              "(on the whole video) against the caption's cross-entropy (0: captions alone)")
+    parser.add_argument("--draft-from-target", action="store_true",
+                        help="start the draft as the (init) target cut to the draft's head dimension (`cut.cut_draft`), "
+                             "not as the shipped or a fresh draft")
     parser.add_argument("--decay-fraction", type=float, default=1.0,
                         help="share of this run's steps over which the learning rate decays to 0 (0: constant)")
     args = parser.parse_args(argv)
@@ -362,8 +365,13 @@ def main(argv=None):
 
     target, draft, processor = build_pair(args.seed, args.init)
     fresh_draft = args.init is None or not (args.init / "draft").exists()
+    if args.draft_from_target:
+        from .cut import cut_draft
+
+        draft, fresh_draft = cut_draft(target, DRAFT["head_dim"]), False
     stage = sum('"stage"' in line for line in earlier.splitlines())
-    log({"stage": stage, "init": str(args.init) if args.init else None})
+    log({"stage": stage, "init": str(args.init) if args.init else None,
+         **({"draft": f"cut from the target, head dimension {DRAFT['head_dim']}"} if args.draft_from_target else {})})
     # a stage continued from saved models draws fresh clips: training seeds never repeat
     weights = args.frame_weights or (list(FRAME_WEIGHTS) if tuple(args.frames) == FRAMES else [1.0] * len(args.frames))
     batches = Batches(processor, args.tokens_per_batch, args.seed + 1000 * stage, args.workers, args.frames, weights)
