@@ -250,6 +250,9 @@ def main(argv=None) -> int:
                         help="drafted nodes to try (up to 31 + root = 32 tokens by default, near the 26 of the "
                              "verification the costs come from)")
     parser.add_argument("--depths", type=int, nargs="+", default=list(range(2, 9)))
+    parser.add_argument("--ranks", default=None, metavar="FILE:DRAFT",
+                        help="take the ranks of --seeds and --check-seeds from a benchmarks/draft_ranks.py JSON (the "
+                             "entry of DRAFT in it) instead of measuring the embedded pair's here")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args(argv)
 
@@ -267,9 +270,22 @@ def main(argv=None) -> int:
         parser.error(f"--bench {args.bench}: no fast-path mc_sim_7b_63 tree row of {args.method} drafted by the draft "
                      f"at ratio {args.ratio} and {args.frames} frames, with its AR row.")
     round_ms = round_model(row, ar_row)
-    pair = load_pair("tiny")
+    if args.ranks:
+        file, _, name = args.ranks.rpartition(":")
+        measured = json.loads(Path(file).read_text())
+        entry = measured.get("drafts", {}).get(name)
+        missing = [s for s in args.seeds + args.check_seeds if entry is None or str(s) not in entry["ranks"]]
+        if missing or (measured["frames"], measured["method"], measured["ratio"]) != (args.frames, args.method, args.ratio):
+            parser.error(f"--ranks {args.ranks}: no draft {name!r} ranked at {args.frames} frames, {args.method} "
+                         f"{args.ratio} for every seed asked (missing: {missing or 'none'}).")
+        pair_name = f"embedded target, draft {name} ({entry['folder'] or name}), ranked on {measured['device']}"
+    else:
+        pair = load_pair("tiny")
+        pair_name = pair.name
 
     def ranks_of(seeds):
+        if args.ranks:
+            return [entry["ranks"][str(seed)] for seed in seeds]
         out = []
         for seed in seeds:
             clip = synthetic.make_clip(seed, num_frames=args.frames)
@@ -301,11 +317,11 @@ def main(argv=None) -> int:
            "profile": profile, "ranked_tokens": int(sum(len(r) for r in ranks)),
            "rank_counts": [sum(r.count(rank) for r in ranks) for rank in range(args.max_rank)],
            "ranks": dict(zip(map(str, args.seeds), ranks)), "check_ranks": dict(zip(map(str, args.check_seeds), check_ranks)),
-           "pair": pair.name, "method": args.method, "ratio": args.ratio, "frames": args.frames, "seeds": args.seeds,
+           "pair": pair_name, "method": args.method, "ratio": args.ratio, "frames": args.frames, "seeds": args.seeds,
            "check_seeds": args.check_seeds,
            "costs_from": {"bench": args.bench.name, "card": bench.get("card"), "code": bench.get("code")},
-           "assumptions": ("ranks measured in float32 on the embedded pair (the widened pair's in bfloat16 can differ "
-                           "at near-ties); " + ("ranks independent across depths; " if args.estimate == "independent"
+           "assumptions": (f"ranks measured in float32 on the {pair_name if args.ranks else 'embedded pair'} (the "
+                           "widened pair's in bfloat16 can differ at near-ties); " + ("ranks independent across depths; " if args.estimate == "independent"
                                                 else "path frequencies as measured on these clips; ")
                            + "verification linear in tokens through the AR step and the bench row's mc_sim_7b_63 "
                              "verification; every round feeds wide and moves KV"),
