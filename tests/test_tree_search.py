@@ -194,3 +194,39 @@ def test_the_command_line_grows_a_tree_from_a_bench_runs_costs(tmp_path, capsys)
     with pytest.raises(SystemExit):
         ts.main(["--bench", str(bench), "--frames", "4", "--out", str(out)])
     assert "no fast-path mc_sim_7b_63 tree row" in capsys.readouterr().err
+
+
+def test_the_command_line_grows_a_tree_from_ranks_measured_elsewhere(tmp_path, capsys):
+    """`--ranks FILE:DRAFT` (benchmarks/draft_ranks.py's JSON): the tree is grown from that draft's ranks, with
+    nothing measured here, and a draft or seed missing from the file is refused."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    ranks_file = tmp_path / "ranks.json"
+    script = Path(__file__).parents[1] / "benchmarks" / "draft_ranks.py"
+    subprocess.run([sys.executable, str(script), "--frames", "2", "--seeds", "0-1", "--check-seeds", "2",
+                    "--drafts", "shipped", "cut", "--device", "cpu", "--out", str(ranks_file)], check=True)
+    measured = json.loads(ranks_file.read_text())
+    assert set(measured["drafts"]) == {"shipped", "cut"} and measured["frames"] == 2
+    for entry in measured["drafts"].values():
+        ranks = [entry["ranks"][s] for s in ("0", "1")]
+        assert entry["mc_sim_7b_63"] == ts.replayed(ranks, ts.MC_SIM_7B_63)
+        assert entry["rank_profile"] == ts.rank_profile([torch.tensor(r) for r in ranks], 8)
+    bench = tmp_path / "bench.json"
+    bench.write_text(json.dumps({"card": "a card", "rows": [
+        {"path": "fast", "method": "ar", "frames": 2, "step_ms": {"target_step": 7.0}},
+        {"path": "fast", "method": "specvlm", "draft": "tree", "drafter": "draft", "frames": 2, "ratio": 0.5,
+         "step_ms": {"draft_step": 1.1, "draft_feed": 1.3, "draft_level": 1.2, "verify": 8.0}}]}))
+    out = tmp_path / "tree.json"
+    common = ["--bench", str(bench), "--frames", "2", "--seeds", "0", "1", "--sizes", "4", "6", "--depths", "2", "3",
+              "--out", str(out)]
+    assert ts.main([*common, "--check-seeds", "2", "--ranks", f"{ranks_file}:cut"]) == 0
+    saved = json.loads(out.read_text())
+    assert saved["ranks"] == {s: measured["drafts"]["cut"]["ranks"][s] for s in ("0", "1")}
+    assert saved["check_ranks"] == {"2": measured["drafts"]["cut"]["ranks"]["2"]}
+    assert "draft cut" in saved["pair"] and "draft cut" in saved["assumptions"]
+    for bad in (f"{ranks_file}:other", f"{ranks_file}:cut"):
+        with pytest.raises(SystemExit):
+            ts.main([*common, "--check-seeds", "3", "--ranks", bad])
+        assert "--ranks" in capsys.readouterr().err
