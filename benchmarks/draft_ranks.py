@@ -3,7 +3,7 @@ synthetic clips, for several drafts in one process: how often each drafts the ta
 and the tokens per round `MC_SIM_7B_63` would replay to. On a GPU in float32 (the notebook's pair, run faster):
 
     python benchmarks/draft_ranks.py --frames 192 --seeds 100-111 --check-seeds 4 \\
-        --drafts shipped cut=cut runs/cut/draft --out $OUT/draft_ranks.json
+        --drafts shipped cut trained=runs/cut/draft --out $OUT/draft_ranks.json
 
 A draft is `shipped` (the embedded draft), `cut` (`specvlm.tiny.cut.cut_draft` of the target, untrained) or
 NAME=FOLDER (a saved draft)."""
@@ -34,6 +34,10 @@ parser.add_argument("--ratio", type=float, default=0.5)
 parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
 parser.add_argument("--out", type=Path, required=True)
 args = parser.parse_args()
+for spec in args.drafts:
+    name, _, folder = spec.partition("=")
+    if not name or (not folder and name not in ("shipped", "cut")):
+        parser.error(f"--drafts {spec!r}: give 'shipped', 'cut' or NAME=FOLDER.")
 
 target = load_lm(embedded_paths()[0], device=args.device, dtype=torch.float32)
 result = {"frames": args.frames, "method": args.method, "ratio": args.ratio, "seeds": args.seeds,

@@ -4,8 +4,10 @@ widened target (widened once), so the drafts share the card, the process and the
     python benchmarks/drafts_ab.py specvlm/tiny/draft_cut,specvlm/tiny/draft --target specvlm/tiny/target \\
         --widen llava-ov-7b llava-ov-0.5b --clip synthetic --clip-seed 4 --frames 192 --paths fast --only specvlm-tree-0.5
 
-writes $OUT/bench_draft_<folder name>.json for each draft folder, in the order given, each with its AR row."""
-import os, sys
+writes $OUT/bench_draft_<index>_<folder name>.json for each draft folder, in the order given, each with its AR row
+and a "drafts_ab" record: the draft's folder, its place in the order, and every folder of the run. Every draft
+but the first is widened beside the first's widened target, so its JSON's "command" alone does not reproduce it."""
+import json, os, sys
 from pathlib import Path
 
 import torch
@@ -21,7 +23,7 @@ original = cli.bench_pair
 
 def bench_pair(args):
     """The first draft's pair as `bench` builds it; later drafts widened beside the same widened target."""
-    named = lambda pair: f"{pair.name}, draft {Path(args.draft).name}"
+    named = lambda pair: f"{pair.name}, draft {args.draft}"
     if "pair" not in widened:
         pair, stand_in = widened["pair"] = original(args)
         return Pair(pair.target, pair.draft, named(pair)), stand_in
@@ -32,7 +34,10 @@ def bench_pair(args):
 
 
 cli.bench_pair = bench_pair
-for folder in drafts:
-    out = os.path.join(os.environ["OUT"], f"bench_draft_{Path(folder).name}.json")
+for index, folder in enumerate(drafts):
+    out = Path(os.environ["OUT"]) / f"bench_draft_{index}_{Path(folder).name}.json"
     print("== draft", folder, flush=True)
-    cli.main(["bench", *argv, "--draft", folder, "--out", out])
+    cli.main(["bench", *argv, "--draft", folder, "--out", str(out)])
+    result = json.loads(out.read_text())
+    result["drafts_ab"] = {"draft": folder, "index": index, "drafts": drafts}
+    out.write_text(json.dumps(result, indent=1))

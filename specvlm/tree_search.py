@@ -272,12 +272,22 @@ def main(argv=None) -> int:
     round_ms = round_model(row, ar_row)
     if args.ranks:
         file, _, name = args.ranks.rpartition(":")
-        measured = json.loads(Path(file).read_text())
+        if not file or not name:
+            parser.error(f"--ranks {args.ranks}: give FILE:DRAFT, a benchmarks/draft_ranks.py JSON and a draft in it.")
+        try:
+            measured = json.loads(Path(file).read_text())
+            held = (measured["frames"], measured["method"], measured["ratio"])
+        except (OSError, ValueError, KeyError, TypeError) as error:
+            parser.error(f"--ranks {args.ranks}: cannot read a benchmarks/draft_ranks.py JSON there ({error!r}).")
+        if held != (args.frames, args.method, args.ratio):
+            parser.error(f"--ranks {args.ranks}: the file holds {held[0]} frames, {held[1]} {held[2]}; "
+                         f"asked for {args.frames} frames, {args.method} {args.ratio}.")
         entry = measured.get("drafts", {}).get(name)
-        missing = [s for s in args.seeds + args.check_seeds if entry is None or str(s) not in entry["ranks"]]
-        if missing or (measured["frames"], measured["method"], measured["ratio"]) != (args.frames, args.method, args.ratio):
-            parser.error(f"--ranks {args.ranks}: no draft {name!r} ranked at {args.frames} frames, {args.method} "
-                         f"{args.ratio} for every seed asked (missing: {missing or 'none'}).")
+        if entry is None:
+            parser.error(f"--ranks {args.ranks}: no draft {name!r} in the file (it has {sorted(measured.get('drafts', {}))}).")
+        missing = [s for s in args.seeds + args.check_seeds if str(s) not in entry["ranks"]]
+        if missing:
+            parser.error(f"--ranks {args.ranks}: draft {name!r} was not ranked on every clip asked (missing: {missing}).")
         pair_name = f"embedded target, draft {name} ({entry['folder'] or name}), ranked on {measured['device']}"
     else:
         pair = load_pair("tiny")
@@ -320,7 +330,8 @@ def main(argv=None) -> int:
            "pair": pair_name, "method": args.method, "ratio": args.ratio, "frames": args.frames, "seeds": args.seeds,
            "check_seeds": args.check_seeds,
            "costs_from": {"bench": args.bench.name, "card": bench.get("card"), "code": bench.get("code")},
-           "assumptions": (f"ranks measured in float32 on the {pair_name if args.ranks else 'embedded pair'} (the "
+           "assumptions": (f"ranks measured in {measured.get('dtype', 'float32') if args.ranks else 'float32'} on the "
+                           f"{pair_name if args.ranks else 'embedded pair'} (the "
                            "widened pair's in bfloat16 can differ at near-ties); " + ("ranks independent across depths; " if args.estimate == "independent"
                                                 else "path frequencies as measured on these clips; ")
                            + "verification linear in tokens through the AR step and the bench row's mc_sim_7b_63 "

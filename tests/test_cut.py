@@ -34,14 +34,19 @@ def test_kept_rotary_dims_pair_each_kept_frequency_with_its_partner():
 
 
 def test_value_basis_spans_a_low_rank_projection_and_its_bias():
+    """The basis covers the weight's directions and the bias's own one: the bias counts as a column."""
     torch.manual_seed(0)
-    columns = torch.randn(8, 3)
-    weight, bias = columns @ torch.randn(3, 16), columns @ torch.randn(3)
+    columns = torch.linalg.qr(torch.randn(8, 3))[0]
+    weight, bias = columns[:, :2] @ torch.randn(2, 16), 2.0 * columns[:, 2]  # the bias lies outside the weight's span
     basis = value_basis(weight, bias, 3)
-    assert basis.shape == (8, 3)
-    assert torch.allclose(basis.T @ basis, torch.eye(3), atol=1e-5)
-    assert torch.allclose(basis @ basis.T @ weight, weight, atol=1e-4)
-    assert torch.allclose(basis @ basis.T @ bias, bias, atol=1e-4)
+    assert basis.shape == (8, 3) and basis.dtype == torch.float64
+    assert torch.allclose(basis.T @ basis, torch.eye(3, dtype=torch.float64), atol=1e-8)
+    project = lambda x: basis @ (basis.T @ x.double())
+    assert torch.allclose(project(weight), weight.double(), atol=1e-5)
+    assert torch.allclose(project(bias), bias.double(), atol=1e-5)
+    assert not torch.allclose(value_basis(weight, None, 3) @ (value_basis(weight, None, 3).T @ bias.double()), bias.double(), atol=1e-2)
+    with pytest.raises(ValueError, match="fewer than 9 directions"):
+        value_basis(weight, bias, 9)
 
 
 def test_cut_draft_has_the_draft_shape_and_leaves_the_target_alone(target):

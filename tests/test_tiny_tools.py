@@ -74,3 +74,10 @@ def test_training_refuses_a_distillation_weight_outside_0_1(tmp_path, capsys):
     with pytest.raises(SystemExit):
         train.main(["--out", str(tmp_path), "--distill", "1.5"])
     assert "--distill must lie in [0, 1]" in capsys.readouterr().err
+
+
+def test_training_cuts_a_draft_only_from_a_trained_target(tmp_path, capsys):
+    for argv in (["--draft-from-target"], ["--draft-from-target", "--init", "specvlm/tiny", "--target-steps", "10"]):
+        with pytest.raises(SystemExit):
+            train.main(["--out", str(tmp_path), *argv])
+        assert "--draft-from-target cuts the draft from a trained target" in capsys.readouterr().err

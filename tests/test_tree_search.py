@@ -226,7 +226,16 @@ def test_the_command_line_grows_a_tree_from_ranks_measured_elsewhere(tmp_path, c
     assert saved["ranks"] == {s: measured["drafts"]["cut"]["ranks"][s] for s in ("0", "1")}
     assert saved["check_ranks"] == {"2": measured["drafts"]["cut"]["ranks"]["2"]}
     assert "draft cut" in saved["pair"] and "draft cut" in saved["assumptions"]
-    for bad in (f"{ranks_file}:other", f"{ranks_file}:cut"):
+    refused = {f"{ranks_file}:other": ("--check-seeds", "2", "no draft 'other'"),  # a draft the file lacks
+               f"{ranks_file}:cut": ("--check-seeds", "3", "missing: [3]"),  # a seed it lacks
+               str(ranks_file): ("--check-seeds", "2", "FILE:DRAFT"),  # no draft named
+               f"{tmp_path / 'absent.json'}:cut": ("--check-seeds", "2", "cannot read")}
+    for bad, (flag, seed, message) in refused.items():
         with pytest.raises(SystemExit):
-            ts.main([*common, "--check-seeds", "3", "--ranks", bad])
-        assert "--ranks" in capsys.readouterr().err
+            ts.main([*common, flag, seed, "--ranks", bad])
+        assert message in capsys.readouterr().err, bad
+    other_length = tmp_path / "ranks_3_frames.json"
+    other_length.write_text(json.dumps({**measured, "frames": 3}))
+    with pytest.raises(SystemExit):  # ranked at another length than asked
+        ts.main([*common, "--check-seeds", "2", "--ranks", f"{other_length}:cut"])
+    assert "holds 3 frames" in capsys.readouterr().err

@@ -29,6 +29,8 @@ import copy
 
 import torch
 
+from ..models import head_dim
+
 
 def kept_rotary_dims(head_dim: int, cut_head_dim: int) -> torch.Tensor:
     """Indices [cut_head_dim] into a head of `head_dim` whose rotary pairs the cut head keeps, in the
@@ -41,26 +43,30 @@ def kept_rotary_dims(head_dim: int, cut_head_dim: int) -> torch.Tensor:
 
 
 def value_basis(value_weight: torch.Tensor, value_bias: torch.Tensor | None, dims: int) -> torch.Tensor:
-    """An orthonormal basis [d, dims] of the `dims` directions of a KV head's values that carry the most:
-    the leading left singular vectors of its projection [d, hidden] with the bias [d] as one more column."""
+    """An orthonormal basis [d, dims] (float64) of the `dims` directions of a KV head's values that carry the
+    most: the leading left singular vectors of its projection [d, hidden] with the bias [d] as one more column."""
     stacked = value_weight if value_bias is None else torch.cat([value_weight, value_bias[:, None]], 1)
-    return torch.linalg.svd(stacked.double(), full_matrices=False)[0][:, :dims].to(value_weight.dtype)
+    if min(stacked.shape) < dims:
+        raise ValueError(f"a value projection of shape {tuple(value_weight.shape)} has fewer than {dims} directions.")
+    return torch.linalg.svd(stacked.double(), full_matrices=False)[0][:, :dims]
 
 
 def _cut_attention(attention, config, cut_head_dim: int, query_scale: float) -> dict[str, torch.Tensor]:
-    """The cut attention's parameters, from one target layer's `self_attn`."""
-    d, heads, kv_heads = config.head_dim, config.num_attention_heads, config.num_key_value_heads
+    """The cut attention's parameters (float64), from one target layer's `self_attn`."""
+    d, heads, kv_heads = head_dim(config), config.num_attention_heads, config.num_key_value_heads
     kept = kept_rotary_dims(d, cut_head_dim)
+    weight = lambda module: module.weight.double()
+    bias = lambda module: None if module.bias is None else module.bias.double()
     state = {}
     for name, scale in (("q_proj", query_scale), ("k_proj", 1.0)):
         projection = getattr(attention, name)
         count = heads if name == "q_proj" else kv_heads
-        state[f"{name}.weight"] = scale * projection.weight.reshape(count, d, -1)[:, kept].reshape(count * cut_head_dim, -1)
+        state[f"{name}.weight"] = scale * weight(projection).reshape(count, d, -1)[:, kept].reshape(count * cut_head_dim, -1)
         if projection.bias is not None:
-            state[f"{name}.bias"] = scale * projection.bias.reshape(count, d)[:, kept].flatten()
+            state[f"{name}.bias"] = scale * bias(projection).reshape(count, d)[:, kept].flatten()
     v, o = attention.v_proj, attention.o_proj
-    v_weight, v_bias = v.weight.reshape(kv_heads, d, -1), None if v.bias is None else v.bias.reshape(kv_heads, d)
-    o_weight = o.weight.reshape(o.weight.shape[0], heads, d)
+    v_weight, v_bias = weight(v).reshape(kv_heads, d, -1), None if v.bias is None else bias(v).reshape(kv_heads, d)
+    o_weight = weight(o).reshape(o.weight.shape[0], heads, d)
     group = heads // kv_heads
     bases = [value_basis(v_weight[g], None if v_bias is None else v_bias[g], cut_head_dim) for g in range(kv_heads)]
     state["v_proj.weight"] = torch.cat([basis.T @ v_weight[g] for g, basis in enumerate(bases)])
@@ -68,7 +74,7 @@ def _cut_attention(attention, config, cut_head_dim: int, query_scale: float) -> 
         state["v_proj.bias"] = torch.cat([basis.T @ v_bias[g] for g, basis in enumerate(bases)])
     state["o_proj.weight"] = torch.stack([o_weight[:, h] @ bases[h // group] for h in range(heads)], 1).flatten(1)
     if o.bias is not None:
-        state["o_proj.bias"] = o.bias.clone()
+        state["o_proj.bias"] = bias(o)
     return state
 
 
@@ -79,20 +85,21 @@ def cut_draft(target, cut_head_dim: int = 64, query_scale: float = 1.0):
     embeddings over whole heads (Qwen2's)."""
     text = target.config.text_config
     rope = getattr(text, "rope_parameters", None) or {}
-    if rope.get("rope_type", "default") != "default" or getattr(text, "partial_rotary_factor", 1.0) != 1.0:
+    partial = rope.get("partial_rotary_factor", getattr(text, "partial_rotary_factor", 1.0))
+    if rope.get("rope_type", "default") != "default" or partial != 1.0:
         raise ValueError(f"cut_draft needs default rotary embeddings over whole heads, got {rope or text}.")
-    if cut_head_dim >= text.head_dim:
-        raise ValueError(f"the cut head ({cut_head_dim}) must be smaller than the target's ({text.head_dim}).")
+    if cut_head_dim >= head_dim(text):
+        raise ValueError(f"the cut head ({cut_head_dim}) must be smaller than the target's ({head_dim(text)}).")
     config = copy.deepcopy(target.config)
     config.text_config.head_dim = cut_head_dim
-    draft = type(target)(config).to(target.dtype)
+    draft = type(target)(config).to(device=target.device, dtype=target.dtype)
     state = {name: value.clone() for name, value in target.state_dict().items()}
     layers = target.model.language_model.layers
     prefix = next(name for name in state if name.endswith("layers.0.self_attn.q_proj.weight")
                   and "language_model" in name).removesuffix("0.self_attn.q_proj.weight")
     for index, layer in enumerate(layers):
         for name, value in _cut_attention(layer.self_attn, text, cut_head_dim, query_scale).items():
-            state[f"{prefix}{index}.self_attn.{name}"] = value
+            state[f"{prefix}{index}.self_attn.{name}"] = value.to(target.dtype)
     draft.load_state_dict(state, strict=True)
     draft.generation_config = copy.deepcopy(target.generation_config)
     return draft.eval()

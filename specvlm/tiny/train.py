@@ -349,6 +349,9 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if not 0 <= args.distill <= 1:
         parser.error(f"--distill must lie in [0, 1] (a weight), got {args.distill}")
+    if args.draft_from_target and (args.init is None or args.target_steps):
+        parser.error("--draft-from-target cuts the draft from a trained target: give --init FOLDER (with the trained "
+                     f"target) and --target-steps 0 (got --init {args.init}, --target-steps {args.target_steps}).")
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     torch.manual_seed(args.seed)
