@@ -17,8 +17,8 @@ halves each attention head:
 
 A query-key product over half the dimensions is about half as large; the cut head's own softmax scale,
 1/sqrt(d/f) instead of 1/sqrt(d), gives back a factor sqrt(f) of it. `query_scale` can rescale the queries
-further: sqrt(1/f) makes the kept terms exactly the target's logits (the tests use it); the default, 1.0,
-drafted best for the embedded pair (notebook 05, section 19).
+further: sqrt(1/f) makes the kept terms exactly the target's logits (the tests use it); the default, 1.0, leaves
+the target's query weights as they are.
 
     draft = cut_draft(target_model)   # a LlavaOnevisionForConditionalGeneration with head_dim 64
 """
@@ -29,7 +29,7 @@ import copy
 
 import torch
 
-from ..models import head_dim
+from .. import models
 
 
 def kept_rotary_dims(head_dim: int, cut_head_dim: int) -> torch.Tensor:
@@ -53,7 +53,7 @@ def value_basis(value_weight: torch.Tensor, value_bias: torch.Tensor | None, dim
 
 def _cut_attention(attention, config, cut_head_dim: int, query_scale: float) -> dict[str, torch.Tensor]:
     """The cut attention's parameters (float64), from one target layer's `self_attn`."""
-    d, heads, kv_heads = head_dim(config), config.num_attention_heads, config.num_key_value_heads
+    d, heads, kv_heads = models.head_dim(config), config.num_attention_heads, config.num_key_value_heads
     kept = kept_rotary_dims(d, cut_head_dim)
     weight = lambda module: module.weight.double()
     bias = lambda module: None if module.bias is None else module.bias.double()
@@ -88,8 +88,8 @@ def cut_draft(target, cut_head_dim: int = 64, query_scale: float = 1.0):
     partial = rope.get("partial_rotary_factor", getattr(text, "partial_rotary_factor", 1.0))
     if rope.get("rope_type", "default") != "default" or partial != 1.0:
         raise ValueError(f"cut_draft needs default rotary embeddings over whole heads, got {rope or text}.")
-    if cut_head_dim >= head_dim(text):
-        raise ValueError(f"the cut head ({cut_head_dim}) must be smaller than the target's ({head_dim(text)}).")
+    if cut_head_dim >= models.head_dim(text):
+        raise ValueError(f"the cut head ({cut_head_dim}) must be smaller than the target's ({models.head_dim(text)}).")
     config = copy.deepcopy(target.config)
     config.text_config.head_dim = cut_head_dim
     draft = type(target)(config).to(device=target.device, dtype=target.dtype)
