@@ -1,12 +1,16 @@
-"""Run on a GPU: `python -m specvlm bench --widen ...` once per draft in one process, every draft beside the same
-widened target (widened once), so the drafts share the card, the process and the target:
+"""Run on a GPU: `python -m specvlm bench --widen ...` once per draft (and per clip) in one process, every draft
+beside the same widened target (widened once), so the drafts and clips share the card, the process and the target:
 
     python benchmarks/drafts_ab.py specvlm/tiny/draft_cut,specvlm/tiny/draft --target specvlm/tiny/target \\
         --widen llava-ov-7b llava-ov-0.5b --clip synthetic --clip-seed 4 --frames 192 --paths fast --only specvlm-tree-0.5
 
 writes $OUT/bench_draft_<index>_<folder name>.json for each draft folder, in the order given, each with its AR row
 and a "drafts_ab" record: the draft's folder, its place in the order, and every folder of the run. Every draft
-but the first is widened beside the first's widened target, so its JSON's "command" alone does not reproduce it."""
+but the first is widened beside the first's widened target, so its JSON's "command" alone does not reproduce it.
+
+`--clip-seeds 4 1 2` (in place of `--clip-seed`) benchmarks each draft on each synthetic clip in turn, widening each
+draft once; the files are then named bench_draft_<index>_<folder name>_seed<seed>.json. The clips of a 192-frame run
+all have the same prompt length, so the fast path's graphs are captured once per draft and reused."""
 import json, os, sys
 from pathlib import Path
 
@@ -17,27 +21,40 @@ from specvlm.models import Pair, load_lm
 from specvlm.widen import widen_model
 
 drafts, argv = sys.argv[1].split(","), sys.argv[2:]
-widened = {}
+clip_seeds = [None]
+if "--clip-seeds" in argv:
+    at = argv.index("--clip-seeds")
+    end = next((i for i in range(at + 1, len(argv)) if argv[i].startswith("--")), len(argv))
+    clip_seeds, argv = [int(s) for s in argv[at + 1:end]], argv[:at] + argv[end:]
+    if not clip_seeds or "--clip-seed" in argv:
+        sys.exit("--clip-seeds takes one or more seeds, in place of --clip-seed.")
+widened = {}  # "pair": the first draft's pair as bench builds it; each draft folder: its widened pair
 original = cli.bench_pair
 
 
 def bench_pair(args):
-    """The first draft's pair as `bench` builds it; later drafts widened beside the same widened target."""
+    """The first draft's pair as `bench` builds it; later drafts widened beside the same widened target; each draft
+    widened once, whatever the clip."""
     named = lambda pair: f"{pair.name}, draft {args.draft}"
     if "pair" not in widened:
-        pair, stand_in = widened["pair"] = original(args)
-        return Pair(pair.target, pair.draft, named(pair)), stand_in
-    (pair, stand_in), base = widened["pair"], load_lm(args.draft, device="cpu")
-    dtype = getattr(torch, args.dtype) if args.dtype else None
-    draft = widen_model(base.model, args.widen[1], args.device, dtype, seed=1)  # the seed widen_pair gives a draft
-    return Pair(pair.target, type(base)(draft, base.processor), named(pair)), stand_in
+        widened["pair"] = widened[args.draft] = original(args)
+    elif args.draft not in widened:
+        (pair, stand_in), base = widened["pair"], load_lm(args.draft, device="cpu")
+        dtype = getattr(torch, args.dtype) if args.dtype else None
+        draft = widen_model(base.model, args.widen[1], args.device, dtype, seed=1)  # the seed widen_pair gives a draft
+        widened[args.draft] = Pair(pair.target, type(base)(draft, base.processor), pair.name), stand_in
+    pair, stand_in = widened[args.draft]
+    return Pair(pair.target, pair.draft, named(pair)), stand_in
 
 
 cli.bench_pair = bench_pair
 for index, folder in enumerate(drafts):
-    out = Path(os.environ["OUT"]) / f"bench_draft_{index}_{Path(folder).name}.json"
-    print("== draft", folder, flush=True)
-    cli.main(["bench", *argv, "--draft", folder, "--out", str(out)])
-    result = json.loads(out.read_text())
-    result["drafts_ab"] = {"draft": folder, "index": index, "drafts": drafts}
-    out.write_text(json.dumps(result, indent=1))
+    for seed in clip_seeds:
+        name = f"bench_draft_{index}_{Path(folder).name}" + ("" if seed is None else f"_seed{seed}")
+        out = Path(os.environ["OUT"]) / f"{name}.json"
+        print("== draft", folder, "" if seed is None else f"clip seed {seed}", flush=True)
+        cli.main(["bench", *argv, "--draft", folder, "--out", str(out),
+                  *([] if seed is None else ["--clip-seed", str(seed)])])
+        result = json.loads(out.read_text())
+        result["drafts_ab"] = {"draft": folder, "index": index, "drafts": drafts, "clip_seeds": clip_seeds}
+        out.write_text(json.dumps(result, indent=1))
