@@ -46,6 +46,13 @@ also times the rest of its round (`glue_ms`: the draft's token picks between pas
 acceptance, the target's KV move), added likewise; `round_breakdown` splits a measured round
 into all of these and what they leave unexplained.
 
+A run's answer is finite, and `predicted_vs_measured` counts what its two sides really paid for.
+The speculative side pays `rounds` rounds, whose histogram also counts the last round's tokens
+past the answer's end (verified, then dropped). The AR reference pays one pass per token after
+the prefill's, plus, on the fast path, the pass it queued after the end token (`ar_passes`).
+So a finished run's predicted speedup is `ar_passes * t_ar / (rounds * round_ms)`: the rate
+above times `ar_passes / committed`, where `committed = tokens per round * rounds`.
+
 Not modelled: prefill, scoring and selection (decode time only, as the benchmark measures),
 a chain round's picks and acceptance, the short last rounds near `max_new_tokens`.
 """
@@ -84,6 +91,17 @@ def tokens_per_round(acceptance) -> float:
     if not counts or any(c < 0 for c in counts) or sum(counts) == 0:
         raise ValueError(f"a histogram needs non-negative counts and at least one round, got {counts}.")
     return sum(a * c for a, c in enumerate(counts)) / sum(counts) + 1
+
+
+def ar_passes(new_tokens: int, max_new_tokens: int, path: str | None = None) -> int:
+    """Target passes the AR reference runs for an answer of `new_tokens` tokens (the first from
+    the prefill): one per later token; on the fast path (`fast._generate_ar`, which queues each
+    step before it reads the token that step feeds on) also the step queued after the last
+    token, which runs and is dropped, unless `max_new_tokens` stopped it from being queued.
+    ar_passes(33, 64, "fast") -> 33;  ar_passes(33, 64, "plain") -> 32;  ar_passes(64, 64, "fast") -> 63"""
+    if new_tokens < 1 or max_new_tokens < new_tokens:
+        raise ValueError(f"an answer has 1..max_new_tokens tokens, got {new_tokens} of {max_new_tokens}.")
+    return new_tokens - 1 + (path == "fast" and 1 < new_tokens < max_new_tokens)
 
 
 def chain_round_ms(k: int, t_draft: float, t_verify: float) -> float:
@@ -256,7 +274,10 @@ def predicted_vs_measured(bench_result, table: CostTable | None = None, target: 
     "draft_video_tokens". A tree row's tree is the one it records (`row_tree`; `MC_SIM_7B_63` in older runs); a
     table only predicts tree rows whose tree has as many tokens as its "tree" verification (`tree_nodes`).
     Each output row: path, drafter, frames, method, draft, tree_name (tree rows), ratio, tokens_per_round, measured, predicted,
-    source ("run" | "table" | None), measured_round_ms (decode time / rounds), predicted_round_ms.
+    source ("run" | "table" | None), measured_round_ms (decode time / rounds), predicted_round_ms, and
+    finished_share: `ar_passes / committed` (see the module's docstring), by which the rate
+    `speedup(acceptance, round_ms, t_ar)` is scaled to this finished answer when the row has an
+    "accepted_hist", "rounds" and "new_tokens" and the result its "max_new_tokens" (else 1.0).
     """
     result = load(bench_result)
     k = result.get("k", 5)
@@ -292,9 +313,21 @@ def predicted_vs_measured(bench_result, table: CostTable | None = None, target: 
             else:
                 round_ms = sum(tree_round_parts(tree, t_draft, t_verify, steps, acceptance).values())
             row["predicted_round_ms"] = round_ms
-            row["predicted"] = speedup(acceptance, round_ms, t_ar)
+            row["finished_share"] = finished_share(r, result.get("max_new_tokens"))
+            row["predicted"] = speedup(acceptance, round_ms, t_ar) * row["finished_share"]
         out.append(row)
     return out
+
+
+def finished_share(row: dict, max_new_tokens: int | None) -> float:
+    """AR passes over committed tokens for one bench row's finished answer (module docstring):
+    the share of the rate's tokens the run really paid AR passes for. 1.0 when the row lacks
+    its histogram, rounds or token count, or the result its `max_new_tokens`."""
+    hist, rounds, new_tokens = row.get("accepted_hist"), row.get("rounds"), row.get("new_tokens")
+    if not (hist and rounds and new_tokens and max_new_tokens):
+        return 1.0
+    committed = tokens_per_round(hist) * rounds
+    return ar_passes(new_tokens, max_new_tokens, row.get("path")) / committed
 
 
 def launch_ms(steps: dict) -> float:

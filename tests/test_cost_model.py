@@ -196,6 +196,35 @@ def test_a_fast_tree_round_adds_its_picks_acceptance_and_move():
     assert row["predicted_round_ms"] == pytest.approx(5 * 1.0 + 10.0)  # a chain round has no tree glue
 
 
+def test_ar_passes_of_each_path():
+    assert cm.ar_passes(33, 64, "fast") == 33  # the step queued after the end token runs too
+    assert cm.ar_passes(33, 64, "plain") == 32
+    assert cm.ar_passes(64, 64, "fast") == 63  # the limit stops the last step from being queued
+    assert cm.ar_passes(1, 64, "fast") == 0  # the prefill's token was the end
+    with pytest.raises(ValueError, match="1..max_new_tokens"):
+        cm.ar_passes(65, 64, "fast")
+
+
+def test_a_finished_run_is_predicted_from_the_passes_both_sides_paid_for():
+    """6 rounds commit 5 + 5 * 6 = 35 tokens by their histogram, but the answer has 33, the first
+    from the prefill: the fast AR ran 33 passes, the speculative side 6 rounds."""
+    ar = {"path": "fast", "frames": 8, "method": "ar", "draft": None, "ratio": 0.0, "mean_accepted": 0.0,
+          "speedup_vs_ar": 1.0, "decode_s": 0.33, "rounds": 0, "new_tokens": 33, "video_tokens": 1000,
+          "step_ms": {"target_step": 10.0}}
+    tree = {**ar, "method": "specvlm", "draft": "tree", "ratio": 0.5, "speedup_vs_ar": 2.75, "decode_s": 0.12,
+            "rounds": 6, "accepted_hist": [0, 0, 0, 0, 1, 5], "mean_accepted": 29 / 6,
+            "step_ms": {"draft_step": 1.0, "verify": 15.0}}
+    (rate,) = cm.predicted_vs_measured({"k": 5, "rows": [ar, tree]})
+    assert rate["finished_share"] == 1.0 and rate["predicted"] == pytest.approx(35 / 6 * 10 / 20)
+    (row,) = cm.predicted_vs_measured({"k": 5, "max_new_tokens": 64, "rows": [ar, tree]})
+    assert row["predicted_round_ms"] == pytest.approx(5 * 1.0 + 15.0)
+    assert row["finished_share"] == pytest.approx(33 / 35)
+    assert row["predicted"] == pytest.approx(33 * 10 / (6 * 20))
+    plain = [{**r, "path": "plain"} for r in (ar, tree)]
+    (row,) = cm.predicted_vs_measured({"k": 5, "max_new_tokens": 64, "rows": plain})
+    assert row["predicted"] == pytest.approx(32 * 10 / (6 * 20))
+
+
 def test_predicted_vs_measured_degrades_without_step_timings():
     (row,) = cm.predicted_vs_measured(_bench(step_ms=False))
     assert row["source"] is None and row["predicted"] is None and row["measured"] == 3.5

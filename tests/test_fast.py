@@ -395,6 +395,27 @@ def test_ar_drops_the_step_queued_past_an_end_token(embedded, embedded_prompt):
     assert result.target_cache_len == len(embedded_prompt.input_ids[0]) + stop
 
 
+@pytest.mark.parametrize("end_early", [True, False], ids=["end token", "limit"])
+def test_ar_passes_counts_the_fast_ar_steps(embedded, embedded_prompt, end_early, monkeypatch):
+    """`cost_model.ar_passes` is the number of target steps `_generate_ar` really runs: with an
+    end token before the limit, one more than the tokens after the prefill's."""
+    from specvlm import cost_model
+
+    target = embedded.target
+    tokens = decoding.generate_ar(target, embedded_prompt, 30).tokens
+    stop = next(i for i in range(3, len(tokens)) if tokens[i] not in tokens[:i])
+    ending = copy.copy(target)
+    if end_early:
+        ending.eos_token_ids = frozenset({tokens[stop]})
+    steps = []
+    extend = fast.StaticLM.extend
+    monkeypatch.setattr(fast.StaticLM, "extend", lambda self, *a, **k: steps.append(1) or extend(self, *a, **k))
+    result = fast.generate_fast(sv.Pair(ending, ending, name="ar"), embedded_prompt, method="ar",
+                                max_new_tokens=30 if end_early else stop + 1, compile=False)
+    assert result.tokens == tokens[:stop + 1]
+    assert len(steps) == cost_model.ar_passes(stop + 1, 30 if end_early else stop + 1, "fast") == stop + end_early
+
+
 @pytest.mark.parametrize("tree", [None, MC_SIM_7B_63], ids=["chain", "tree"])
 def test_an_end_token_mid_round(embedded, embedded_prompt, tree):
     """Declare a token that first appears at index 7 or later an end token: generation stops
