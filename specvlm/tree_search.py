@@ -257,7 +257,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
 
     from . import synthetic
-    from .models import load_pair
+    from .models import DEFAULT_QUESTION, load_pair
     from .video import from_array
 
     bench = json.loads(args.bench.read_text())
@@ -299,7 +299,7 @@ def main(argv=None) -> int:
         out = []
         for seed in seeds:
             clip = synthetic.make_clip(seed, num_frames=args.frames)
-            prompt = pair.target.prepare(from_array(clip.frames, fps=8.0), "Describe the video.")
+            prompt = pair.target.prepare(from_array(clip.frames, fps=8.0), DEFAULT_QUESTION)
             out.append(draft_ranks(pair, prompt, args.method, args.ratio).tolist())
             print(f"clip {seed}: {len(out[-1])} ranked tokens", flush=True)
         return out
