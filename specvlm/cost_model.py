@@ -93,15 +93,23 @@ def tokens_per_round(acceptance) -> float:
     return sum(a * c for a, c in enumerate(counts)) / sum(counts) + 1
 
 
-def ar_passes(new_tokens: int, max_new_tokens: int, path: str | None = None) -> int:
+def ar_passes(new_tokens: int, max_new_tokens: int, queued_ahead: bool) -> int:
     """Target passes the AR reference runs for an answer of `new_tokens` tokens (the first from
-    the prefill): one per later token; on the fast path (`fast._generate_ar`, which queues each
-    step before it reads the token that step feeds on) also the step queued after the last
-    token, which runs and is dropped, unless `max_new_tokens` stopped it from being queued.
-    ar_passes(33, 64, "fast") -> 33;  ar_passes(33, 64, "plain") -> 32;  ar_passes(64, 64, "fast") -> 63"""
+    the prefill): one per later token; and when it queues each step before it reads the token
+    that step feeds on (`queued_ahead`: the fast path's `_generate_ar` since it queues), also the
+    step queued after the end token, which runs and is dropped, unless `max_new_tokens` kept it
+    from being queued.
+    ar_passes(33, 64, True) -> 33;  ar_passes(33, 64, False) -> 32;  ar_passes(64, 64, True) -> 63"""
     if new_tokens < 1 or max_new_tokens < new_tokens:
         raise ValueError(f"an answer has 1..max_new_tokens tokens, got {new_tokens} of {max_new_tokens}.")
-    return new_tokens - 1 + (path == "fast" and 1 < new_tokens < max_new_tokens)
+    return new_tokens - 1 + (queued_ahead and 1 < new_tokens < max_new_tokens)
+
+
+def ar_queued_ahead(ar_row: dict) -> bool:
+    """Whether a bench AR row's decoding queued its steps ahead (`ar_passes`): the fast path's, in
+    runs whose AR row times its step both queued and synced ("target_step_synced" came with the
+    queued AR; earlier fast-path runs waited for each token)."""
+    return ar_row.get("path") == "fast" and "target_step_synced" in (ar_row.get("step_ms") or {})
 
 
 def chain_round_ms(k: int, t_draft: float, t_verify: float) -> float:
@@ -275,9 +283,8 @@ def predicted_vs_measured(bench_result, table: CostTable | None = None, target: 
     table only predicts tree rows whose tree has as many tokens as its "tree" verification (`tree_nodes`).
     Each output row: path, drafter, frames, method, draft, tree_name (tree rows), ratio, tokens_per_round, measured, predicted,
     source ("run" | "table" | None), measured_round_ms (decode time / rounds), predicted_round_ms, and
-    finished_share: `ar_passes / committed` (see the module's docstring), by which the rate
-    `speedup(acceptance, round_ms, t_ar)` is scaled to this finished answer when the row has an
-    "accepted_hist", "rounds" and "new_tokens" and the result its "max_new_tokens" (else 1.0).
+    finished_share: `ar_passes / committed` (see the module's docstring and `finished_share`), by
+    which the rate `speedup(acceptance, round_ms, t_ar)` is scaled to this finished answer.
     """
     result = load(bench_result)
     k = result.get("k", 5)
@@ -292,7 +299,7 @@ def predicted_vs_measured(bench_result, table: CostTable | None = None, target: 
                "tree_name": tree_name(r),
                "ratio": r.get("ratio"),
                "tokens_per_round": tokens_per_round(acceptance), "measured": r.get("speedup_vs_ar"),
-               "predicted": None, "source": None, "predicted_round_ms": None,
+               "predicted": None, "source": None, "predicted_round_ms": None, "finished_share": None,
                "measured_round_ms": 1000 * r["decode_s"] / r["rounds"] if r.get("rounds") else None}
         costs = _run_costs(r, ar_rows.get((r.get("path"), r["frames"])))
         if costs is not None:
@@ -313,21 +320,27 @@ def predicted_vs_measured(bench_result, table: CostTable | None = None, target: 
             else:
                 round_ms = sum(tree_round_parts(tree, t_draft, t_verify, steps, acceptance).values())
             row["predicted_round_ms"] = round_ms
-            row["finished_share"] = finished_share(r, result.get("max_new_tokens"))
-            row["predicted"] = speedup(acceptance, round_ms, t_ar) * row["finished_share"]
+            row["finished_share"] = finished_share(r, ar_rows.get((r.get("path"), r["frames"])), result.get("max_new_tokens"))
+            if row["finished_share"] is not None:
+                row["predicted"] = speedup(acceptance, round_ms, t_ar) * row["finished_share"]
         out.append(row)
     return out
 
 
-def finished_share(row: dict, max_new_tokens: int | None) -> float:
+def finished_share(row: dict, ar_row: dict | None, max_new_tokens: int | None) -> float | None:
     """AR passes over committed tokens for one bench row's finished answer (module docstring):
-    the share of the rate's tokens the run really paid AR passes for. 1.0 when the row lacks
-    its histogram, rounds or token count, or the result its `max_new_tokens`."""
-    hist, rounds, new_tokens = row.get("accepted_hist"), row.get("rounds"), row.get("new_tokens")
+    the share of the rate's tokens the AR reference really paid passes for, counted from the AR
+    row (`ar_passes`, `ar_queued_ahead`). 1.0 when the row lacks its histogram or rounds, the AR
+    row its token count, or the result its `max_new_tokens`; None when they contradict each other
+    (an answer longer than `max_new_tokens`)."""
+    hist, rounds = row.get("accepted_hist"), row.get("rounds")
+    new_tokens = (ar_row or {}).get("new_tokens")
     if not (hist and rounds and new_tokens and max_new_tokens):
         return 1.0
+    if not 1 <= new_tokens <= max_new_tokens:
+        return None
     committed = tokens_per_round(hist) * rounds
-    return ar_passes(new_tokens, max_new_tokens, row.get("path")) / committed
+    return ar_passes(new_tokens, max_new_tokens, ar_queued_ahead(ar_row)) / committed
 
 
 def launch_ms(steps: dict) -> float:

@@ -197,12 +197,16 @@ def test_a_fast_tree_round_adds_its_picks_acceptance_and_move():
 
 
 def test_ar_passes_of_each_path():
-    assert cm.ar_passes(33, 64, "fast") == 33  # the step queued after the end token runs too
-    assert cm.ar_passes(33, 64, "plain") == 32
-    assert cm.ar_passes(64, 64, "fast") == 63  # the limit stops the last step from being queued
-    assert cm.ar_passes(1, 64, "fast") == 0  # the prefill's token was the end
+    assert cm.ar_passes(33, 64, queued_ahead=True) == 33  # the step queued after the end token runs too
+    assert cm.ar_passes(33, 64, queued_ahead=False) == 32
+    assert cm.ar_passes(64, 64, queued_ahead=True) == 63  # the limit kept the last step from being queued
+    assert cm.ar_passes(63, 64, queued_ahead=True) == 63
+    assert cm.ar_passes(1, 64, queued_ahead=True) == 0  # the prefill's token was the end
     with pytest.raises(ValueError, match="1..max_new_tokens"):
-        cm.ar_passes(65, 64, "fast")
+        cm.ar_passes(65, 64, queued_ahead=True)
+    assert cm.ar_queued_ahead({"path": "fast", "step_ms": {"target_step": 7.0, "target_step_synced": 7.1}})
+    assert not cm.ar_queued_ahead({"path": "fast", "step_ms": {"target_step": 7.0}})  # a run from before the queued AR
+    assert not cm.ar_queued_ahead({"path": "plain", "step_ms": {"target_step": 7.0, "target_step_synced": 7.1}})
 
 
 def test_a_finished_run_is_predicted_from_the_passes_both_sides_paid_for():
@@ -210,7 +214,7 @@ def test_a_finished_run_is_predicted_from_the_passes_both_sides_paid_for():
     from the prefill: the fast AR ran 33 passes, the speculative side 6 rounds."""
     ar = {"path": "fast", "frames": 8, "method": "ar", "draft": None, "ratio": 0.0, "mean_accepted": 0.0,
           "speedup_vs_ar": 1.0, "decode_s": 0.33, "rounds": 0, "new_tokens": 33, "video_tokens": 1000,
-          "step_ms": {"target_step": 10.0}}
+          "step_ms": {"target_step": 10.0, "target_step_synced": 10.5}}
     tree = {**ar, "method": "specvlm", "draft": "tree", "ratio": 0.5, "speedup_vs_ar": 2.75, "decode_s": 0.12,
             "rounds": 6, "accepted_hist": [0, 0, 0, 0, 1, 5], "mean_accepted": 29 / 6,
             "step_ms": {"draft_step": 1.0, "verify": 15.0}}
@@ -223,6 +227,14 @@ def test_a_finished_run_is_predicted_from_the_passes_both_sides_paid_for():
     plain = [{**r, "path": "plain"} for r in (ar, tree)]
     (row,) = cm.predicted_vs_measured({"k": 5, "max_new_tokens": 64, "rows": plain})
     assert row["predicted"] == pytest.approx(32 * 10 / (6 * 20))
+    waited = {**ar, "step_ms": {"target_step": 10.0}}  # a fast AR that waited for each token: no step past the end
+    (row,) = cm.predicted_vs_measured({"k": 5, "max_new_tokens": 64, "rows": [waited, tree]})
+    assert row["predicted"] == pytest.approx(32 * 10 / (6 * 20))
+    (row,) = cm.predicted_vs_measured({"k": 5, "max_new_tokens": 32, "rows": [ar, tree]})  # contradicts the answer
+    assert row["finished_share"] is None and row["predicted"] is None and row["measured"] == 2.75
+    mean_only = {**tree, "accepted_hist": None}
+    (row,) = cm.predicted_vs_measured({"k": 5, "max_new_tokens": 64, "rows": [ar, mean_only]})
+    assert row["finished_share"] == 1.0
 
 
 def test_predicted_vs_measured_degrades_without_step_timings():

@@ -413,7 +413,7 @@ def test_ar_passes_counts_the_fast_ar_steps(embedded, embedded_prompt, end_early
     result = fast.generate_fast(sv.Pair(ending, ending, name="ar"), embedded_prompt, method="ar",
                                 max_new_tokens=30 if end_early else stop + 1, compile=False)
     assert result.tokens == tokens[:stop + 1]
-    assert len(steps) == cost_model.ar_passes(stop + 1, 30 if end_early else stop + 1, "fast") == stop + end_early
+    assert len(steps) == cost_model.ar_passes(stop + 1, 30 if end_early else stop + 1, queued_ahead=True) == stop + end_early
 
 
 @pytest.mark.parametrize("tree", [None, MC_SIM_7B_63], ids=["chain", "tree"])
