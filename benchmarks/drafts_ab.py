@@ -26,8 +26,10 @@ if "--clip-seeds" in argv:
     at = argv.index("--clip-seeds")
     end = next((i for i in range(at + 1, len(argv)) if argv[i].startswith("--")), len(argv))
     clip_seeds, argv = [int(s) for s in argv[at + 1:end]], argv[:at] + argv[end:]
-    if not clip_seeds or "--clip-seed" in argv:
-        sys.exit("--clip-seeds takes one or more seeds, in place of --clip-seed.")
+    if not clip_seeds or "--clip-seed" in argv or len(set(clip_seeds)) < len(clip_seeds):
+        sys.exit("--clip-seeds takes one or more different seeds, in place of --clip-seed.")
+    if "--clip" in argv and argv[argv.index("--clip") + 1:][:1] != ["synthetic"]:
+        sys.exit("--clip-seeds picks synthetic clips: give --clip synthetic (or leave --clip out).")
 widened = {}  # "pair": the first draft's pair as bench builds it; each draft folder: its widened pair
 original = cli.bench_pair
 
@@ -56,5 +58,6 @@ for index, folder in enumerate(drafts):
         cli.main(["bench", *argv, "--draft", folder, "--out", str(out),
                   *([] if seed is None else ["--clip-seed", str(seed)])])
         result = json.loads(out.read_text())
-        result["drafts_ab"] = {"draft": folder, "index": index, "drafts": drafts, "clip_seeds": clip_seeds}
+        result["drafts_ab"] = {"draft": folder, "index": index, "drafts": drafts,
+                               "clip_seeds": None if seed is None else clip_seeds}
         out.write_text(json.dumps(result, indent=1))
