@@ -10,7 +10,8 @@ but the first is widened beside the first's widened target, so its JSON's "comma
 
 `--clip-seeds 4 1 2` (in place of `--clip-seed`) benchmarks each draft on each synthetic clip in turn, widening each
 draft once; the files are then named bench_draft_<index>_<folder name>_seed<seed>.json. The clips of a 192-frame run
-all have the same prompt length, so the fast path's graphs are captured once per draft and reused."""
+all have the same prompt length, so the fast path's graphs are captured once per draft and reused. Each file's
+"drafts_ab" record then also lists the run's clip seeds ("clip_seeds"; None without the option)."""
 import json, os, sys
 from pathlib import Path
 
@@ -25,6 +26,8 @@ clip_seeds = [None]
 if "--clip-seeds" in argv:
     at = argv.index("--clip-seeds")
     end = next((i for i in range(at + 1, len(argv)) if argv[i].startswith("--")), len(argv))
+    if not all(s.isdigit() for s in argv[at + 1:end]) or any(a.startswith(("--clip=", "--clip-seed=")) for a in argv):
+        sys.exit("--clip-seeds takes seeds (integers >= 0), with --clip and --clip-seed written apart from their values.")
     clip_seeds, argv = [int(s) for s in argv[at + 1:end]], argv[:at] + argv[end:]
     if not clip_seeds or "--clip-seed" in argv or len(set(clip_seeds)) < len(clip_seeds):
         sys.exit("--clip-seeds takes one or more different seeds, in place of --clip-seed.")
