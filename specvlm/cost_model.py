@@ -301,7 +301,8 @@ def predicted_vs_measured(bench_result, table: CostTable | None = None, target: 
                "tokens_per_round": tokens_per_round(acceptance), "measured": r.get("speedup_vs_ar"),
                "predicted": None, "source": None, "predicted_round_ms": None, "finished_share": None,
                "measured_round_ms": 1000 * r["decode_s"] / r["rounds"] if r.get("rounds") else None}
-        costs = _run_costs(r, ar_rows.get((r.get("path"), r["frames"])))
+        ar_row = ar_rows.get((r.get("path"), r["frames"]))
+        costs = _run_costs(r, ar_row)
         if costs is not None:
             row["source"] = "run"
         elif table is not None and target and draft and (tree is None or tree.num_nodes == table.tree_nodes):
@@ -320,7 +321,7 @@ def predicted_vs_measured(bench_result, table: CostTable | None = None, target: 
             else:
                 round_ms = sum(tree_round_parts(tree, t_draft, t_verify, steps, acceptance).values())
             row["predicted_round_ms"] = round_ms
-            row["finished_share"] = finished_share(r, ar_rows.get((r.get("path"), r["frames"])), result.get("max_new_tokens"))
+            row["finished_share"] = finished_share(r, ar_row, result.get("max_new_tokens"))
             if row["finished_share"] is not None:
                 row["predicted"] = speedup(acceptance, round_ms, t_ar) * row["finished_share"]
         out.append(row)
