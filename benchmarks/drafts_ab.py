@@ -12,7 +12,7 @@ but the first is widened beside the first's widened target, so its JSON's "comma
 draft once; the files are then named bench_draft_<index>_<folder name>_seed<seed>.json. The clips of a 192-frame run
 all have the same prompt length, so the fast path's graphs are captured once per draft and reused. Each file's
 "drafts_ab" record then also lists the run's clip seeds ("clip_seeds"; None without the option)."""
-import json, os, sys
+import argparse, json, os, sys
 from pathlib import Path
 
 import torch
@@ -21,18 +21,20 @@ from specvlm import __main__ as cli
 from specvlm.models import Pair, load_lm
 from specvlm.widen import widen_model
 
-drafts, argv = sys.argv[1].split(","), sys.argv[2:]
+drafts = sys.argv[1].split(",")
+options = argparse.ArgumentParser(prog="drafts_ab.py", add_help=False)  # only what this script reads; bench parses the rest
+options.add_argument("--clip-seeds", type=cli.non_negative_int, nargs="+", default=None)
+options.add_argument("--clip", default="synthetic")
+options.add_argument("--clip-seed", default=None)
+known, argv = options.parse_known_args(sys.argv[2:])
+argv += ["--clip", known.clip] + ([] if known.clip_seed is None else ["--clip-seed", known.clip_seed])
 clip_seeds = [None]
-if "--clip-seeds" in argv:
-    at = argv.index("--clip-seeds")
-    end = next((i for i in range(at + 1, len(argv)) if argv[i].startswith("--")), len(argv))
-    if not all(s.isdigit() for s in argv[at + 1:end]) or any(a.startswith(("--clip=", "--clip-seed=")) for a in argv):
-        sys.exit("--clip-seeds takes seeds (integers >= 0), with --clip and --clip-seed written apart from their values.")
-    clip_seeds, argv = [int(s) for s in argv[at + 1:end]], argv[:at] + argv[end:]
-    if not clip_seeds or "--clip-seed" in argv or len(set(clip_seeds)) < len(clip_seeds):
-        sys.exit("--clip-seeds takes one or more different seeds, in place of --clip-seed.")
-    if "--clip" in argv and argv[argv.index("--clip") + 1:][:1] != ["synthetic"]:
-        sys.exit("--clip-seeds picks synthetic clips: give --clip synthetic (or leave --clip out).")
+if known.clip_seeds is not None:
+    if known.clip_seed is not None or len(set(known.clip_seeds)) < len(known.clip_seeds):
+        options.error("--clip-seeds takes one or more different seeds, in place of --clip-seed.")
+    if known.clip != "synthetic":
+        options.error("--clip-seeds picks synthetic clips: give --clip synthetic (or leave --clip out).")
+    clip_seeds = known.clip_seeds
 widened = {}  # "pair": the first draft's pair as bench builds it; each draft folder: its widened pair
 original = cli.bench_pair
 
