@@ -11,7 +11,12 @@ but the first is widened beside the first's widened target, so its JSON's "comma
 `--clip-seeds 4 1 2` (in place of `--clip-seed`) benchmarks each draft on each synthetic clip in turn, widening each
 draft once; the files are then named bench_draft_<index>_<folder name>_seed<seed>.json. The clips of a 192-frame run
 all have the same prompt length, so the fast path's graphs are captured once per draft and reused. Each file's
-"drafts_ab" record then also lists the run's clip seeds ("clip_seeds"; None without the option)."""
+"drafts_ab" record then also lists the run's clip seeds ("clip_seeds"; None without the option).
+
+A draft entry may carry the project's settings for its runs, FOLDER@SPECVLM_NAME=VALUE@...: the same folder twice,
+e.g. `specvlm/tiny/draft_cut@SPECVLM_DRAFT_GRAPH=1,specvlm/tiny/draft_cut@SPECVLM_DRAFT_GRAPH=0`, compares a setting
+in one process on compiled code both share (a setting that changes the draft's weights, SPECVLM_FEW_ROWS or
+SPECVLM_FUSE_DRAFT, compiles anew). The record's "settings" lists them."""
 import argparse, json, os, sys
 from pathlib import Path
 
@@ -21,7 +26,19 @@ from specvlm import __main__ as cli
 from specvlm.models import Pair, load_lm
 from specvlm.widen import widen_model
 
-drafts = sys.argv[1].split(",")
+
+
+def draft_entry(text: str) -> tuple[str, dict[str, str]]:
+    """"FOLDER" or "FOLDER@SPECVLM_NAME=VALUE@...": a draft folder and the project's settings its runs take."""
+    folder, *pairs = text.split("@")
+    settings = dict(pair.split("=", 1) for pair in pairs if "=" in pair)
+    if len(settings) < len(pairs) or not all(name.startswith("SPECVLM_") for name in settings):
+        sys.exit(f"drafts_ab.py: a draft entry is FOLDER or FOLDER@SPECVLM_NAME=VALUE@..., got {text!r}.")
+    return folder, settings
+
+
+entries = [draft_entry(text) for text in sys.argv[1].split(",")]
+drafts = [folder for folder, _ in entries]
 options = argparse.ArgumentParser(prog="drafts_ab.py", add_help=False)  # only what this script reads; bench parses the rest
 options.add_argument("--clip-seeds", type=cli.non_negative_int, nargs="+", default=None)
 options.add_argument("--clip", default="synthetic")
@@ -55,7 +72,9 @@ def bench_pair(args):
 
 
 cli.bench_pair = bench_pair
-for index, folder in enumerate(drafts):
+for index, (folder, settings) in enumerate(entries):
+    saved = {name: os.environ.get(name) for name in settings}
+    os.environ.update(settings)
     for seed in clip_seeds:
         name = f"bench_draft_{index}_{Path(folder).name}" + ("" if seed is None else f"_seed{seed}")
         out = Path(os.environ["OUT"]) / f"{name}.json"
@@ -64,5 +83,7 @@ for index, folder in enumerate(drafts):
                   *([] if seed is None else ["--clip-seed", str(seed)])])
         result = json.loads(out.read_text())
         result["drafts_ab"] = {"draft": folder, "index": index, "drafts": drafts,
-                               "clip_seeds": None if seed is None else clip_seeds}
+                               "clip_seeds": None if seed is None else clip_seeds, "settings": settings}
         out.write_text(json.dumps(result, indent=1))
+    for name, value in saved.items():
+        os.environ.pop(name) if value is None else os.environ.__setitem__(name, value)

@@ -593,7 +593,7 @@ class _FakeGraph:
         pool = _FAKE_POOLS[id(owner.pool)]
         for other in pool[pool.index(owner) + 1:]:
             if isinstance(other.output, torch.Tensor):
-                other.output.fill_(float("nan"))
+                _spoil(other.output)
         with torch.no_grad():  # a real replay runs no Python at all: no dynamo guard to check
             out = owner.fn(*owner.static)
         if isinstance(out, torch.Tensor):
@@ -602,6 +602,11 @@ class _FakeGraph:
 
 
 _FAKE_POOLS: dict[int, list] = {}
+
+
+def _spoil(tensor: torch.Tensor) -> None:
+    """Garbage that no later step can use unnoticed: NaN logits, token ids -1 (an embedding refuses them)."""
+    tensor.fill_(float("nan") if tensor.is_floating_point() else -1)
 SMALL_TREE = Tree.from_paths([[0], [1], [0, 0], [0, 1], [1, 0], [0, 0, 0]])
 
 
@@ -633,7 +638,7 @@ def fake_graphs(monkeypatch):
         self.graph.owner = self
         _FAKE_POOLS.setdefault(id(self.pool), []).append(self)
         if isinstance(self.output, torch.Tensor):
-            self.output.fill_(float("nan"))  # a captured graph has not run yet
+            _spoil(self.output)  # a captured graph has not run yet
 
     monkeypatch.setattr(fast.CapturedGraph, "_capture", fake_capture)
     fast._ENGINES.clear()
@@ -668,6 +673,9 @@ def test_captured_graphs_in_the_decoding_loops_give_the_eager_fast_paths_tokens_
     if "tree" in kwargs:
         assert all(isinstance(move, fast.CapturedGraph) for move in engines["target"]._moves.values())
         assert engines["target"]._moves
+        whole = fast._ENGINES[pair.draft]["draft"]._tree_drafts  # the draft phase: one graph per feed width
+        assert sorted(width for _, width in whole) == [1, SMALL_TREE.depth + 1] and all(isinstance(g, fast.CapturedGraph)
+                                                                     for g in whole.values())
 
 
 def test_trees_of_different_depths_share_an_engine_with_captured_graphs(fake_graphs):
