@@ -8,7 +8,7 @@ writes $OUT/bench_draft_<index>_<folder name>.json for each draft folder, in the
 and a "drafts_ab" record: the draft's folder, its place in the order, and every folder of the run. Every draft
 but the first is widened beside the first's widened target, so its JSON's "command" alone does not reproduce it.
 
-`--clip-seeds 4 1 2` (in place of `--clip-seed`) benchmarks each draft on each synthetic clip in turn, widening each
+`--clip-seeds 4 1 2` (in place of `--clip-seed`) benchmarks every draft on each synthetic clip in turn, widening each
 draft once; the files are then named bench_draft_<index>_<folder name>_seed<seed>.json. The clips of a 192-frame run
 all have the same prompt length, so the fast path's graphs are captured once per draft and reused. Each file's
 "drafts_ab" record then also lists the run's clip seeds ("clip_seeds"; None without the option).
@@ -72,18 +72,18 @@ def bench_pair(args):
 
 
 cli.bench_pair = bench_pair
-for index, (folder, settings) in enumerate(entries):
-    saved = {name: os.environ.get(name) for name in settings}
-    os.environ.update(settings)
-    for seed in clip_seeds:
+for seed in clip_seeds:  # clip after clip, every draft on each: a run cut short still compares them on its clips
+    for index, (folder, settings) in enumerate(entries):
+        saved = {name: os.environ.get(name) for name in settings}
+        os.environ.update(settings)
         name = f"bench_draft_{index}_{Path(folder).name}" + ("" if seed is None else f"_seed{seed}")
         out = Path(os.environ["OUT"]) / f"{name}.json"
-        print("== draft", folder, "" if seed is None else f"clip seed {seed}", flush=True)
+        print("== draft", folder, "" if seed is None else f"clip seed {seed}", settings or "", flush=True)
         cli.main(["bench", *argv, "--draft", folder, "--out", str(out),
                   *([] if seed is None else ["--clip-seed", str(seed)])])
         result = json.loads(out.read_text())
         result["drafts_ab"] = {"draft": folder, "index": index, "drafts": drafts,
                                "clip_seeds": None if seed is None else clip_seeds, "settings": settings}
         out.write_text(json.dumps(result, indent=1))
-    for name, value in saved.items():
-        os.environ.pop(name) if value is None else os.environ.__setitem__(name, value)
+        for setting, value in saved.items():
+            os.environ.pop(setting) if value is None else os.environ.__setitem__(setting, value)
