@@ -380,12 +380,10 @@ class StaticLM:
         $SPECVLM_DRAFT_GRAPH "1" or "0" if set, else where the steps are CUDA graphs captured by hand
         (then the phase is one graph: no launches, copies or host work between its passes). Never
         under torch.compile's own CUDA graphs ("trees"), which replay one compiled function at a time."""
-        choice = os.environ.get("SPECVLM_DRAFT_GRAPH")
-        if choice not in (None, "", "0", "1"):
-            raise ValueError(f"SPECVLM_DRAFT_GRAPH must be '0' or '1', got {choice!r}.")
+        choice = draft_graph_choice()
         if self.graphs == "trees":
             return False
-        return choice == "1" if choice else self.graphs == "manual"
+        return self.graphs == "manual" if choice is None else choice
 
     def tree_draft(self, tree: Tree, levels: DraftLevels, feed: list[int], first_position: int,
                    width: int) -> torch.Tensor:
@@ -629,6 +627,14 @@ def fuse_draft(options: dict | None, lm: VideoLM) -> bool:
     if choice:
         return choice == "1"
     return graphs_for(lm, options) is not None
+
+
+def draft_graph_choice() -> bool | None:
+    """$SPECVLM_DRAFT_GRAPH: True for "1", False for "0", None when unset (`StaticLM.drafts_trees_whole`)."""
+    choice = os.environ.get("SPECVLM_DRAFT_GRAPH")
+    if choice not in (None, "", "0", "1"):
+        raise ValueError(f"SPECVLM_DRAFT_GRAPH must be '0' or '1', got {choice!r}.")
+    return choice == "1" if choice else None
 
 
 def few_rows_draft() -> bool:
@@ -928,6 +934,7 @@ def generate_fast(pair: Pair, prompt: Prompt, method: str = "specvlm", ratio: fl
     check_max_new_tokens(max_new_tokens)
     check_ratio(ratio)
     attention = fast_attention(attention)
+    draft_graph_choice()  # a bad $SPECVLM_DRAFT_GRAPH, refused before any prefill
     if method == "ar":
         return _generate_ar(pair.target, prompt, max_new_tokens, compile, fast_attention(attention, "target"))
     check_speculation(prompt, draft_prompt, ratio, mass, k, tree, max_new_tokens, seed)

@@ -355,6 +355,28 @@ def test_another_clip(embedded):
     assert_same(embedded, prompt, method="specvlm", ratio=0.9, tree=MC_SIM_7B_63, max_new_tokens=16)
 
 
+@pytest.mark.parametrize("which,clip,tree,method,ratio,attention", [
+    ("embedded", "bikes", MC_SIM_7B_63, "specvlm", 0.5, "sdpa"), ("embedded", "bigbuckbunny", SMALL_TREE, "random", 0.9, "flex"),
+    ("embedded", "bikes", FLAT_TREE, "specvlm", 0.9, "grouped"), ("embedded", "bigbuckbunny", chain(3), "uniform", 0.75, "sdpa"),
+    ("noisy_pair", "bikes", MC_SIM_7B_63, "sd", 0.0, "flex"), ("self_pair", "bigbuckbunny", SMALL_TREE, "top", 0.5, "sdpa"),
+])
+def test_the_draft_phase_as_one_function_gives_the_plain_paths_tokens(request, which, clip, tree, method, ratio,
+                                                                        attention, monkeypatch):
+    """$SPECVLM_DRAFT_GRAPH=1 on a CPU: the draft phase runs as `fast.draft_phase` (the function a CUDA
+    graph holds on a GPU), building every level's inputs on the device; the same tokens, accepted
+    counts and cache lengths as the plain path, and it ran for both feed widths (one token, depth + 1)."""
+    monkeypatch.setenv("SPECVLM_DRAFT_GRAPH", "1")
+    pair = request.getfixturevalue(which)
+    fast._ENGINES.pop(pair.draft, None)  # a fresh draft engine: its phases are this run's
+    prompt = pair.target.prepare(sv.sample_video(clip, 3))
+    result = assert_same(pair, prompt, method=method, ratio=ratio, tree=tree, max_new_tokens=24, attention=attention)
+    assert any(result.accepted[:-1])  # some round fed the draft more than one token
+    assert {width for _, width in fast._ENGINES[pair.draft]["draft"]._tree_drafts} == {1, tree.depth + 1}
+    monkeypatch.setenv("SPECVLM_DRAFT_GRAPH", "2")
+    with pytest.raises(ValueError, match="SPECVLM_DRAFT_GRAPH must be '0' or '1'"):
+        fast.generate_fast(pair, prompt, method=method, ratio=ratio, tree=tree, max_new_tokens=4, compile=False)
+
+
 @pytest.mark.parametrize("which", ["tiny_pair", "self_pair", "noisy_pair"])
 def test_random_pairs(request, which):
     pair = request.getfixturevalue(which)
