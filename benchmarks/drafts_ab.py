@@ -14,9 +14,10 @@ all have the same prompt length, so the fast path's graphs are captured once per
 "drafts_ab" record then also lists the run's clip seeds ("clip_seeds"; None without the option).
 
 A draft entry may carry the project's settings for its runs, FOLDER@SPECVLM_NAME=VALUE@...: the same folder twice,
-e.g. `specvlm/tiny/draft_cut@SPECVLM_DRAFT_GRAPH=1,specvlm/tiny/draft_cut@SPECVLM_DRAFT_GRAPH=0`, compares a setting
-in one process on compiled code both share (a setting that changes the draft's weights, SPECVLM_FEW_ROWS or
-SPECVLM_FUSE_DRAFT, compiles anew). The record's "settings" lists them."""
+e.g. `specvlm/tiny/draft_cut,specvlm/tiny/draft_cut@SPECVLM_DRAFT_VOCAB=32768`, compares a setting
+in one process beside one widened target (a setting that changes what the draft's steps compute, such as
+SPECVLM_FEW_ROWS, SPECVLM_FUSE_DRAFT or SPECVLM_DRAFT_VOCAB, compiles the draft's steps anew). The record's "settings"
+lists them."""
 import argparse, json, os, sys
 from pathlib import Path
 

@@ -35,9 +35,7 @@ needs to predict its speedup from this run alone:
                    {"target_step"} (1 token) on AR rows, {"draft_step"} (1 token) and {"verify"}
                    (k + 1 tokens, or the tree's nodes with its mask) on speculative rows; on the
                    fast path's tree rows also {"draft_feed"} (the draft catching up on depth + 1
-                   tokens) and {"draft_level"} (one tree level, with its mask), and where the
-                   draft phase runs as one graph (`StaticLM.drafts_trees_whole`) {"draft_phase"} and
-                   {"draft_phase_narrow"} (that phase after a wide or a one-token feed). Plain-path passes
+                   tokens) and {"draft_level"} (one tree level, with its mask). Plain-path passes
                    are timed one at a time; fast-path passes `QUEUED` in a row without waiting
                    for the device (per pass: what a pass costs inside a round), plus
                    {"draft_step_synced"} / {"target_step_synced"}, one pass on an idle device (the
@@ -291,11 +289,6 @@ def fast_steps(pair: Pair, prompt, draft_prompt, res, shape, k: int, repeats: in
         nodes = len(levels.nodes[0])
         steps["draft_level"] = queued_ms(lambda: draft.step([token] * nodes, [draft_prompt.next_position + 1] * nodes,
                                                             level_pattern, start=draft_start), draft_reset)
-        if draft.drafts_trees_whole:  # the round's draft phase as `fast.draft_tree` runs it: one call, one graph
-            phase = lambda feed: lambda: draft.tree_draft(tree, levels, [token] * feed, draft_prompt.next_position,
-                                                          feed if feed > 1 else 1)
-            steps["draft_phase"] = queued_ms(phase(tree.depth + 1), draft_reset)
-            steps["draft_phase_narrow"] = queued_ms(phase(1), draft_reset)
         draft_logits = draft_step().clone()  # the picks' input: the draft's logits, float32, on its device
         draft_reset()
         steps.update(round_glue(target, draft, tree, levels, verify, reset, draft_logits, start, repeats))

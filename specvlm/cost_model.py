@@ -410,19 +410,11 @@ def tree_round_parts(tree: Tree, t_draft: float, t_verify: float, steps: dict, a
     passes): "draft passes" (`tree_round_ms`'s, the wide catch-up feed in the rounds after one
     that accepted a token), "verification", "draft picks", "acceptance", "KV move" (in the rounds
     that accepted a token), "launch" (`launch_ms`). Their sum is the round `predicted_vs_measured`
-    predicts; `round_breakdown` adds what a measured round leaves unexplained.
-    Where the run timed its draft phase as one graph ({"draft_phase", "draft_phase_narrow"}:
-    `fast.StaticLM.tree_draft`), "draft passes" is that phase, after a wide or a one-token feed in
-    the same shares, and "draft picks" is 0 (they run inside it)."""
+    predicts; `round_breakdown` adds what a measured round leaves unexplained."""
     share = wide_feed_share(acceptance)  # rounds that accepted a token: they feed wide and move their KV
-    whole = "draft_phase" in steps and "draft_phase_narrow" in steps  # picks included: one graph
-    if whole:
-        passes = share * steps["draft_phase"] + (1 - share) * steps["draft_phase_narrow"]
-    else:
-        passes = tree_round_ms(tree, t_draft, 0.0, t_feed=steps.get("draft_feed"), t_level=steps.get("draft_level"),
-                               wide_feed=share)
-    return {"draft passes": passes,
-            "verification": t_verify, "draft picks": 0.0 if whole else steps.get("draft_picks", 0.0),
+    return {"draft passes": tree_round_ms(tree, t_draft, 0.0, t_feed=steps.get("draft_feed"),
+                                          t_level=steps.get("draft_level"), wide_feed=share),
+            "verification": t_verify, "draft picks": steps.get("draft_picks", 0.0),
             "acceptance": steps.get("accept_synced", 0.0), "KV move": share * steps.get("target_move", 0.0),
             "launch": launch_ms(steps)}
 

@@ -278,7 +278,6 @@ class StaticLM:
         self.cache: SlotCache | None = None
         self.steps: dict[tuple[int, int], object] = {}
         self._moves: dict[int, object] = {}  # one compiled move per number of slots moved (a tree's depth)
-        self._tree_drafts: dict[tuple, object] = {}  # one whole draft phase per (tree, feed width): `tree_draft`
         self._constants: dict[object, torch.Tensor] = {}
         # "manual": CUDA graphs captured by hand (`CapturedGraph`); "trees": torch.compile's own
         # (mode="reduce-overhead"); None: no CUDA graphs
@@ -309,7 +308,7 @@ class StaticLM:
         needed = round_up(capacity, 128)
         if (self.cache is None or self.cache.capacity < capacity or not self.cache.fits(prefilled)
                 or self.kernels(needed) != self.kernels(self.cache.capacity)):
-            self.cache, self.steps, self._moves, self._tree_drafts = None, {}, {}, {}
+            self.cache, self.steps, self._moves = None, {}, {}
             self.cache = SlotCache.like(prefilled, needed)
         self.cache.load(prefilled)
 
@@ -368,54 +367,6 @@ class StaticLM:
         pattern = self.constant(("causal", width), lambda: causal_pattern(width))
         return self.step(tokens, list(range(first_position, first_position + len(tokens))), pattern)
 
-    def compiled_step(self, shape: tuple[int, int]):
-        """The step function of `shape` (q, S) as compiled, without a CUDA graph of its own: for a
-        function that runs several steps and is captured as one graph (`tree_draft`)."""
-        fn = self._step_fn(shape)
-        return fn.fn if isinstance(fn, CapturedGraph) else fn
-
-    @property
-    def drafts_trees_whole(self) -> bool:
-        """Whether `fast.draft_tree` runs a tree round's draft phase as one function (`tree_draft`):
-        $SPECVLM_DRAFT_GRAPH "1" or "0" if set, else where the steps are CUDA graphs captured by hand
-        (then the phase is one graph: no launches, copies or host work between its passes). Never
-        under torch.compile's own CUDA graphs ("trees"), which replay one compiled function at a time."""
-        choice = draft_graph_choice()
-        if self.graphs == "trees":
-            return False
-        return self.graphs == "manual" if choice is None else choice
-
-    def tree_draft(self, tree: Tree, levels: DraftLevels, feed: list[int], first_position: int,
-                   width: int) -> torch.Tensor:
-        """A tree round's whole draft phase in one call (`draft_phase`): feed the committed tokens
-        `feed` (at positions first_position.., written from slot `length`, padded to `width`), then
-        expand `tree` level by level. Returns the node tokens [N+1] on the device (root first: the
-        last of `feed`); afterwards `length` is past the feed (the levels' slots are garbage).
-        One function per (tree, width), captured as one CUDA graph under manual graphs; its
-        output is a static buffer that the next call of any of this model's steps may overwrite."""
-        count, write = len(feed), self.length
-        base = write + count
-        if not 0 < count <= width:
-            raise ValueError(f"a feed of width {width} cannot take {count} tokens")
-        if max(write + width, base + levels.patterns.shape[-1]) > self.cache.capacity:
-            raise RuntimeError(f"static cache overflow: a tree draft from slot {write} needs "
-                               f"{max(width, count + levels.patterns.shape[-1])} slots of {self.cache.capacity}")
-        key = (tree, width)
-        if key not in self._tree_drafts:
-            fn = functools.partial(draft_phase, self, tree, levels, width)
-            self._tree_drafts[key] = self._captured(fn) if self.options is not None and self.graphs == "manual" else fn
-        pad = width - count
-        last = first_position + count - 1
-        inputs = (list(feed) + [feed[-1]] * pad + list(range(first_position, last + 1)) + [last] * pad
-                  + [write, write, count - 1, base])
-        if self.attention != "sdpa":
-            use_flex(self.lm)
-        tokens = self._tree_drafts[key](to_device(inputs, self.lm.device))
-        if self.attention != "sdpa" and self.options is not None:
-            restore_output_capture()
-        self.length = base
-        return tokens
-
     def kernels(self, capacity: int) -> tuple[str, bool]:
         """(attention, split) for the steps on a cache of `capacity` slots: `attention`, but
         "grouped" for "flex" at most `grouped_up_to` slots (a short draft cache, FLEX_MIN_SLOTS);
@@ -456,12 +407,9 @@ class StaticLM:
             return fn
         if self.graphs != "manual":
             return torch.compile(fn, **self.options)
-        return self._captured(torch.compile(fn, **{**self.options, "mode": "default"}), neutral)
-
-    def _captured(self, fn, neutral=None) -> CapturedGraph:
         if self._pool is None:
             self._pool = torch.cuda.graph_pool_handle()  # one memory pool for all of this model's graphs
-        return CapturedGraph(fn, self._pool, neutral)
+        return CapturedGraph(torch.compile(fn, **{**self.options, "mode": "default"}), self._pool, neutral)
 
 
 class CapturedGraph:
@@ -629,14 +577,6 @@ def fuse_draft(options: dict | None, lm: VideoLM) -> bool:
     return graphs_for(lm, options) is not None
 
 
-def draft_graph_choice() -> bool | None:
-    """$SPECVLM_DRAFT_GRAPH: True for "1", False for "0", None when unset (`StaticLM.drafts_trees_whole`)."""
-    choice = os.environ.get("SPECVLM_DRAFT_GRAPH")
-    if choice not in (None, "", "0", "1"):
-        raise ValueError(f"SPECVLM_DRAFT_GRAPH must be '0' or '1', got {choice!r}.")
-    return choice == "1" if choice else None
-
-
 def few_rows_draft() -> bool:
     """Whether a fused draft's products of a few rows run as `few_rows.py`'s Triton kernels: only
     where $SPECVLM_FEW_ROWS is "1" (for a draft the fast path fuses, `fuse_draft`; an error where
@@ -721,8 +661,6 @@ def capture_report(pair: Pair | None = None) -> dict:
                 "spread": engine.spread,  # over several devices: steps ran uncompiled, whatever "compile" says
                 "fused_projections": is_fused(lm),  # q/k/v and gate/up as one matmul each (`fusion.py`)
                 "few_rows": uses_few_rows(lm),  # their products of a few rows as Triton kernels (`few_rows.py`)
-                # tree rounds' draft phases run as one function each (`StaticLM.tree_draft`): how many
-                "tree_drafts": len(engine._tree_drafts),
             }
     report["models"] = roles
     report["graph_breaks"] = sum(counters["graph_break"].values())
@@ -812,12 +750,6 @@ def draft_tree(run: Run, tree: Tree, levels: DraftLevels) -> torch.Tensor:
     there, so the host queues every level without waiting. Afterwards the draft's cache is
     back at the committed text."""
     draft = run.draft
-    if draft.drafts_trees_whole:
-        feed = run.out[run.draft_seen:]
-        width = 1 if len(feed) == 1 else run.feed_width
-        tokens = draft.tree_draft(tree, levels, feed, run.draft_prompt.next_position + run.draft_seen, width)
-        run.draft_seen = len(run.out)
-        return tokens
     tokens = to_device([run.out[-1]] + [0] * (tree.num_nodes - 1), draft.lm.device)
     root_position = run.draft_prompt.next_position + len(run.out) - 1
     logits = run.draft_feed()[None]  # [1, V]: the root's
@@ -831,35 +763,6 @@ def draft_tree(run: Run, tree: Tree, levels: DraftLevels) -> torch.Tensor:
         pattern = draft.constant((tree, depth), lambda: levels.patterns[depth - 1])
         logits = draft.step(tokens[expand], [root_position + depth] * len(expand), pattern, start=base)
     draft.length = base
-    return tokens
-
-
-def draft_phase(draft: StaticLM, tree: Tree, levels: DraftLevels, width: int, inputs: torch.Tensor) -> torch.Tensor:
-    """`draft_tree`'s passes and picks as one function of device tensors, which `StaticLM.tree_draft`
-    captures as one CUDA graph: the catch-up feed, then one pass per level, each level's tokens
-    picked from the last pass's logits (`pick_level`) and its inputs built on the device.
-
-    inputs: [2 * width + 4] long = the feed's step inputs as `StaticLM.step` builds them (tokens
-    [width], positions [width], write slot, mask start; padding repeats the last token and
-    position), then the feed's row of the root (the last committed token) and `base`, the first
-    slot after the root. Level i (depth i+1) writes from base + offsets[i] at position
-    root + i + 1 and sees everything before base. Returns the node tokens [N+1], root first."""
-    feed = draft.constant(("causal", width), lambda: causal_pattern(width))
-    root_row, base = inputs[2 * width + 2].view(1), inputs[2 * width + 3].view(1)
-    root_position = inputs[2 * width - 1].view(1)  # the feed's last position: padding repeats it
-    logits = draft.compiled_step((width, width))(inputs[:2 * width + 2], feed)[0].index_select(0, root_row)
-    tokens = torch.cat([inputs.index_select(0, root_row), inputs.new_zeros(tree.num_nodes - 1)])
-    for depth in range(1, tree.depth + 1):
-        pick_level(draft, tree, levels, depth, logits, tokens)
-        if depth > len(levels.nodes):
-            break
-        expand = draft.constant(("expand", tree, depth), lambda: levels.expand_index[depth - 1])
-        pattern = draft.constant((tree, depth), lambda: levels.patterns[depth - 1])
-        rows = pattern.shape[0]
-        fed = tokens[expand]
-        step_inputs = torch.cat([fed, fed[-1:].expand(rows - len(expand)), (root_position + depth).expand(rows),
-                                 base + levels.offsets[depth - 1], base])
-        logits = draft.compiled_step(tuple(pattern.shape))(step_inputs, pattern)[0]
     return tokens
 
 
@@ -934,7 +837,6 @@ def generate_fast(pair: Pair, prompt: Prompt, method: str = "specvlm", ratio: fl
     check_max_new_tokens(max_new_tokens)
     check_ratio(ratio)
     attention = fast_attention(attention)
-    draft_graph_choice()  # a bad $SPECVLM_DRAFT_GRAPH, refused before any prefill
     if method == "ar":
         return _generate_ar(pair.target, prompt, max_new_tokens, compile, fast_attention(attention, "target"))
     check_speculation(prompt, draft_prompt, ratio, mass, k, tree, max_new_tokens, seed)

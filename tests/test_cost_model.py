@@ -196,21 +196,6 @@ def test_a_fast_tree_round_adds_its_picks_acceptance_and_move():
     assert row["predicted_round_ms"] == pytest.approx(5 * 1.0 + 10.0)  # a chain round has no tree glue
 
 
-def test_a_draft_phase_run_as_one_graph_replaces_its_passes_and_picks():
-    bench = _bench()
-    steps = {"draft_step": 1.0, "verify": 12.0, "draft_feed": 3.0, "draft_level": 2.0, "draft_picks": 0.5,
-             "accept_synced": 0.25, "draft_phase": 6.0, "draft_phase_narrow": 4.0}
-    tree = {**bench["rows"][1], "draft": "tree", "accepted_hist": [5, 5, 10], "mean_accepted": 1.25, "step_ms": steps}
-    (row,) = cm.predicted_vs_measured({"k": 5, "rows": [bench["rows"][0], tree]})
-    # three rounds in four feed wide (they follow one that accepted a token); picks run inside the phase
-    assert row["predicted_round_ms"] == pytest.approx(0.75 * 6.0 + 0.25 * 4.0 + 12.0 + 0.25)
-    parts = cm.tree_round_parts(MC_SIM_7B_63, 1.0, 12.0, steps, [5, 5, 10])
-    assert parts["draft picks"] == 0.0 and parts["draft passes"] == pytest.approx(5.5)
-    del steps["draft_phase_narrow"]  # half a timing: the passes and picks as timed one by one
-    (row,) = cm.predicted_vs_measured({"k": 5, "rows": [bench["rows"][0], tree]})
-    assert row["predicted_round_ms"] == pytest.approx(0.75 * 3.0 + 0.25 * 1.0 + 4 * 2.0 + 12.0 + 0.5 + 0.25)
-
-
 def test_ar_passes_of_each_path():
     assert cm.ar_passes(33, 64, queued_ahead=True) == 33  # the step queued after the end token runs too
     assert cm.ar_passes(33, 64, queued_ahead=False) == 32
