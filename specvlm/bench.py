@@ -50,6 +50,8 @@ needs to predict its speedup from this run alone:
   "draft_fused"    whether the draft ran with its projections fused (`fusion.py`: the fast path
                    on CUDA); the plain path and assisted generation get it unfused;
   "draft_few_rows" whether those fused products of a few rows ran as `few_rows.py`'s kernels.
+  "draft_vocab"    on the fast path, the number of tokens the draft proposed from ($SPECVLM_DRAFT_VOCAB,
+                   `draft_vocab.py`; None: its whole vocabulary).
 """
 
 from __future__ import annotations
@@ -363,7 +365,16 @@ def measure(path: str, pair: Pair, prompt, draft_prompt, method: str, shape, rat
     return {"res": res, "outputs": outputs, "decode_s": decode_s, "prefill_s": prefill_s, "peak": peak,
             "step_ms": steps["step_ms"],
             "kv_bytes": kv, "timeline": profiled, "draft_fused": is_fused(pair.draft) if method != "ar" else None,
-            "draft_few_rows": uses_few_rows(pair.draft) if method != "ar" else None}
+            "draft_few_rows": uses_few_rows(pair.draft) if method != "ar" else None,
+            "draft_vocab": draft_vocab_size(pair.draft) if path == "fast" and method != "ar" else None}
+
+
+def draft_vocab_size(draft) -> int | None:
+    """The size of the draft vocabulary the fast path drafts from ($SPECVLM_DRAFT_VOCAB), None for the whole."""
+    from .fast import draft_vocabulary
+
+    vocabulary = draft_vocabulary(draft)
+    return None if vocabulary is None else len(vocabulary)
 
 
 # ----------------------------------------------------------------------------------------
@@ -533,6 +544,7 @@ def make_row(path: str, frames: int, prompt, draft_prompt, drafter, method, shap
         "step_ms": m["step_ms"], "kv_bytes": m["kv_bytes"], "peak_memory_bytes": m["peak"],
         "draft_fused": m.get("draft_fused"),  # the draft's projections stacked (`fusion.py`)
         "draft_few_rows": m.get("draft_few_rows"),  # ... and run as `few_rows.py`'s kernels
+        "draft_vocab": m.get("draft_vocab"),  # the fast path's draft vocabulary, in tokens (None: whole)
         "divergence": first_divergence(target, prompt, differing, reference) if differing is not None else None,
         **({"tree": tree_record(shape, tree)} if tree is not None else {}),
         **({"timeline": m["timeline"]} if m.get("timeline") else {}),

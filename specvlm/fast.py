@@ -57,6 +57,7 @@ from .acceptance import chain_accept, tree_accept
 from .decoding import (METHODS, SCORED_METHODS, Result, Stopwatch, check_max_new_tokens, check_pair, check_prompt,
                        check_ratio, check_speculation, prefill_pruned, prefill_target, select_video_tokens,
                        speculative_result)
+from .draft_vocab import check_vocabulary, first_tokens, output_head, output_rows
 from .fusion import changes as fusion_changes
 from .fusion import fuse_projections, is_fused, unfuse_projections, uses_few_rows
 from .models import Pair, Prompt, VideoLM, head_dim
@@ -222,11 +223,12 @@ class DraftLevels:
 
 @torch.no_grad()
 def step_logits(lm: VideoLM, cache: SlotCache, inputs: torch.Tensor, pattern: torch.Tensor,
-                attention: str = "sdpa", split: bool = False) -> torch.Tensor:
+                attention: str = "sdpa", split: bool = False, head=None) -> torch.Tensor:
     """One forward of fixed shape: the function that gets compiled (one graph per shape).
 
     inputs: [2q + 2] long on the device = token ids [q], positions [q], write slot, mask start;
-    pattern: [q, S] bool (see `visibility_bias`). Returns logits [1, q, V] (float32).
+    pattern: [q, S] bool (see `visibility_bias`). Returns logits [1, q, V] (float32; through
+    `head` where given, a draft's output layer cut to its vocabulary: V is then its rows).
     attention "flex" passes the same visibility as a BlockMask (`flex_block_mask`) to steps of at
     most FLEX_MAX_QUERY tokens (a draft step, a chain verification) and as the bias, for
     `grouped_attention` (or, with `split`, `split_attention`), to wider ones (a tree verification);
@@ -246,7 +248,7 @@ def step_logits(lm: VideoLM, cache: SlotCache, inputs: torch.Tensor, pattern: to
             attention_kwargs = {"grouped": True}
             if split:  # `StaticLM.kernels` says so only under "flex" or "flash"
                 attention_kwargs["split"] = (inputs[2 * q + 1], pattern.shape[1])
-    return lm.forward(embeds, lm.position_ids_for(inputs[q:2 * q]), cache, mask, **attention_kwargs)
+    return lm.forward(embeds, lm.position_ids_for(inputs[q:2 * q]), cache, mask, head=head, **attention_kwargs)
 
 
 class StaticLM:
@@ -258,7 +260,7 @@ class StaticLM:
     logits up to rounding."""
 
     def __init__(self, lm: VideoLM, options: dict | None, attention: str = "sdpa", grouped_up_to: int = 0,
-                 split_from: int | None = None):
+                 split_from: int | None = None, vocabulary: torch.Tensor | None = None):
         if attention not in ATTENTIONS:
             raise ValueError(f"unknown attention {attention!r}; choose one of {ATTENTIONS}.")
         split_merge.check_choice()  # a bad $SPECVLM_SPLIT_MERGE, refused before any prefill
@@ -272,6 +274,9 @@ class StaticLM:
                              f"{sorted(map(str, set(lm.layer_devices)))}) is not there (or Triton is missing); "
                              "use 'flex' or 'grouped'.")
         self.lm, self.options, self.attention = lm, options, attention
+        # a draft's vocabulary (`draft_vocab.py`): its steps' logits cover only these token ids, in this order
+        self.vocabulary = None if vocabulary is None else vocabulary.to(lm.device)
+        self.head = None if vocabulary is None else output_head(lm, vocabulary)
         self.grouped_up_to = grouped_up_to  # under "flex": a cache of at most this many slots takes "grouped"
         # under "flex" or "flash": wide steps on a cache of at least this many slots take `split_attention` (0: never)
         self.split_from = split_min_slots() if split_from is None else split_from
@@ -362,6 +367,10 @@ class StaticLM:
             torch.compiler.cudagraph_mark_step_begin()
         self._moves[len(source)](moves)
 
+    def token_ids(self, indices: torch.Tensor) -> torch.Tensor:
+        """The token ids of indices into this model's logits (the same where it has no `vocabulary`)."""
+        return indices if self.vocabulary is None else self.vocabulary[indices]
+
     def extend(self, tokens: list[int], first_position: int, width: int):
         """Causal step: `tokens` at consecutive positions from `first_position`, padded to `width`."""
         pattern = self.constant(("causal", width), lambda: causal_pattern(width))
@@ -393,7 +402,7 @@ class StaticLM:
         if shape not in self.steps:
             attention, split = self.kernels(self.cache.capacity)
             self.steps[shape] = self._compiled(functools.partial(step_logits, self.lm, self.cache,
-                                                                 attention=attention, split=split))
+                                                                 attention=attention, split=split, head=self.head))
         return self.steps[shape]
 
     def _compiled(self, fn, neutral=None):
@@ -490,11 +499,13 @@ _ENGINES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 _TARGETS: weakref.WeakSet = weakref.WeakSet()  # the nn.Modules the fast path has served as targets
 
 
-def static_lm(lm: VideoLM, role: str, options: dict | None, attention: str | None = None) -> StaticLM:
+def static_lm(lm: VideoLM, role: str, options: dict | None, attention: str | None = None,
+              vocabulary: torch.Tensor | None = None) -> StaticLM:
     """The `StaticLM` kept for `lm` in `role` ("target" or "draft": a model drafting for itself
     needs two caches). Made anew when the compile options, the CUDA-graph mode, the role's attention
     (`fast_attention`), the slot bounds that pick a kernel by the cache's length (`flex_min_slots`, drafts
-    only; `split_min_slots`) or the weights' storage (fusion, `.to()`) change.
+    only; `split_min_slots`), the weights' storage (fusion, `.to()`) or a draft's vocabulary
+    (`vocabulary`, else `draft_vocabulary`'s from $SPECVLM_DRAFT_VOCAB; a target's is always whole) change.
 
     Fusion (`fusion.py`): a draft's projections are fused where `fuse_draft` says so, unless the
     model has served as a target, and unfused where $SPECVLM_FUSE_DRAFT is "0" (a draft fused by
@@ -512,12 +523,27 @@ def static_lm(lm: VideoLM, role: str, options: dict | None, attention: str | Non
     weights = weight_storage(lm)
     engine = engines.get(role)
     grouped_up_to = flex_min_slots() if role == "draft" else 0
+    vocabulary = None if role == "target" else draft_vocabulary(lm, vocabulary)
+    same_vocabulary = engine is not None and (
+        engine.vocabulary is None if vocabulary is None
+        else engine.vocabulary is not None and torch.equal(engine.vocabulary.cpu(), vocabulary.cpu()))
     if (engine is None or engine.options != options or engine.attention != attention
             or engine.graphs != graphs_for(lm, options) or engine.weights != weights
-            or engine.grouped_up_to != grouped_up_to or engine.split_from != split_min_slots()):
-        engines[role] = StaticLM(lm, options, attention, grouped_up_to)
+            or engine.grouped_up_to != grouped_up_to or engine.split_from != split_min_slots() or not same_vocabulary):
+        engines[role] = StaticLM(lm, options, attention, grouped_up_to, vocabulary=vocabulary)
         engines[role].weights = weights
     return engines[role]
+
+
+def draft_vocabulary(draft: VideoLM, vocabulary: torch.Tensor | None = None) -> torch.Tensor | None:
+    """The token ids a draft proposes from on the fast path (`draft_vocab.py`), sorted: `vocabulary`
+    where given (checked), else `draft_vocab.first_tokens(draft, N)` where $SPECVLM_DRAFT_VOCAB is a
+    whole number N (0 or unset: the whole vocabulary, None)."""
+    if vocabulary is not None:
+        check_vocabulary(vocabulary, output_rows(draft))
+        return vocabulary.to(torch.long)
+    size = _slots_setting("SPECVLM_DRAFT_VOCAB", 0, "tokens")
+    return first_tokens(draft, size) if size else None
 
 
 def flex_min_slots() -> int:
@@ -535,10 +561,10 @@ def split_min_slots() -> int:
     return _slots_setting("SPECVLM_SPLIT_MIN_SLOTS", SPLIT_MIN_SLOTS)
 
 
-def _slots_setting(name: str, default: int) -> int:
+def _slots_setting(name: str, default: int, unit: str = "slots") -> int:
     value = os.environ.get(name) or str(default)
     if not value.isdigit():
-        raise ValueError(f"{name} must be a whole number of slots (0 turns it off), got {value!r}.")
+        raise ValueError(f"{name} must be a whole number of {unit} (0 turns it off), got {value!r}.")
     return int(value)
 
 
@@ -717,7 +743,7 @@ def chain_round(run: Run, k: int) -> int:
         if k:
             logits = run.draft_feed()
             for i in range(k):
-                drafted.append(logits.argmax(-1, keepdim=True))  # [1], on the device
+                drafted.append(run.draft.token_ids(logits.argmax(-1, keepdim=True)))  # [1], on the device
                 if i < k - 1:
                     logits = run.draft.extend(drafted[-1], run.draft_prompt.next_position + run.draft_seen + i, 1)[-1]
     # 2. target: the last committed token and the proposals in one pass (padded to a fixed width)
@@ -771,7 +797,7 @@ def pick_level(draft: StaticLM, tree: Tree, levels: DraftLevels, depth: int, log
     """Write the tokens of the nodes at `depth` into `tokens` [N+1] (on the device, in place): each
     is the rank-th most likely token of its parent's row of `logits` [rows, V] (the root's for
     depth 1, else the last level's passes). No copy to the host."""
-    top = logits.topk(levels.top[depth - 1]).indices  # [rows, top]
+    top = draft.token_ids(logits.topk(levels.top[depth - 1]).indices)  # [rows, top]
     rows, nodes, ranks = draft.constant(("picks", tree, depth), lambda: levels.pick_index[depth - 1])
     tokens[nodes] = top[rows, ranks]
 
@@ -815,7 +841,7 @@ def tree_round(run: Run, tree: Tree, levels: DraftLevels) -> int:
 def generate_fast(pair: Pair, prompt: Prompt, method: str = "specvlm", ratio: float = 0.9, k: int = 5,
                   tree: Tree | None = None, max_new_tokens: int = 64, mass: float = 0.4, seed: int = 0,
                   draft_prompt: Prompt | None = None, compile=None, temperature: float = 0.0,
-                  attention: str | None = None) -> Result:
+                  attention: str | None = None, draft_vocab: torch.Tensor | None = None) -> Result:
     """`decoding.generate_ar` (method="ar") or `decoding.generate_sd` on static caches with
     fixed-shape steps: the same tokens and accepted counts, greedy only. `compile`: None ->
     compiled on CUDA only; True / False; or a torch.compile mode string. `attention`: "sdpa",
@@ -825,7 +851,11 @@ def generate_fast(pair: Pair, prompt: Prompt, method: str = "specvlm", ratio: fl
     (`flash_decode` for short steps, wide ones as under "flex"; a CUDA card with Triton) or
     "grouped" (`grouped_attention` for every step), or "target/draft" (e.g. "flex/flash"); None ->
     $SPECVLM_FAST_ATTENTION or "sdpa". `prompt` is a `Prompt` (`pair.target.prepare(video, question)`),
-    not a `Video`; `ratio` is checked for every method, "ar" included."""
+    not a `Video`; `ratio` is checked for every method, "ar" included. `draft_vocab`: sorted token ids
+    the draft proposes from (`draft_vocab.py`: its output layer keeps only their rows), None ->
+    $SPECVLM_DRAFT_VOCAB's (`draft_vocabulary`; unset: the whole vocabulary); the tokens are the
+    target's own either way, the accepted counts the plain path's only where every token the draft
+    would propose lies inside it."""
     check_pair(pair, "generate_fast")
     check_prompt(prompt, "generate_fast")
     check_temperature(temperature)
@@ -841,6 +871,7 @@ def generate_fast(pair: Pair, prompt: Prompt, method: str = "specvlm", ratio: fl
         return _generate_ar(pair.target, prompt, max_new_tokens, compile, fast_attention(attention, "target"))
     check_speculation(prompt, draft_prompt, ratio, mass, k, tree, max_new_tokens, seed)
     target, draft = pair.target, pair.draft
+    draft_vocab = draft_vocabulary(draft, draft_vocab)  # checked before any prefill
     options = compile_options(compile, target.device)
     depth = k if tree is None else tree.depth
     levels = DraftLevels.of(tree) if tree is not None else None
@@ -856,7 +887,7 @@ def generate_fast(pair: Pair, prompt: Prompt, method: str = "specvlm", ratio: fl
     keep = select_video_tokens(method, prompt, ratio, scores, mass, seed)
     watch.lap("select")
     draft_prompt = draft_prompt or prompt
-    fast_draft = static_lm(draft, "draft", options, attention)  # first: it may fuse the draft (`fusion.py`)
+    fast_draft = static_lm(draft, "draft", options, attention, draft_vocab)  # first: it may fuse the draft (`fusion.py`)
     _, draft_cache = prefill_pruned(draft, draft_prompt, keep)
     draft_prefix = draft_cache.get_seq_length()
     feed_width = 2 if tree is None else depth + 1

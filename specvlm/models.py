@@ -128,10 +128,11 @@ class VideoLM:
         return DynamicCache(config=self.language_model.config)
 
     @torch.no_grad()
-    def forward(self, embeds, position_ids, cache, attention_mask=None, logits_rows=slice(None), **kwargs):
+    def forward(self, embeds, position_ids, cache, attention_mask=None, logits_rows=slice(None), head=None, **kwargs):
         """Run the language model on `embeds` [1, q, D] at `position_ids`, appending to
-        `cache`; return logits [1, q', V] for `logits_rows` of the q rows. Extra keyword
-        arguments reach the attention functions (see `attention.py`)."""
+        `cache`; return logits [1, q', V] for `logits_rows` of the q rows, through `head` in
+        place of the output layer where given (`draft_vocab.output_head`: V is then its rows).
+        Extra keyword arguments reach the attention functions (see `attention.py`)."""
         hidden = self.language_model(
             inputs_embeds=embeds,
             position_ids=position_ids.to(self.device),
@@ -140,7 +141,7 @@ class VideoLM:
             use_cache=True,
             **kwargs,
         ).last_hidden_state
-        return self.model.lm_head(hidden[:, logits_rows]).float()
+        return (self.model.lm_head if head is None else head)(hidden[:, logits_rows]).float()
 
     def step(self, token_ids, positions, cache, attention_mask=None):
         """Logits [1, q, V] for new tokens `token_ids` (list or [q]) at absolute `positions` [q]."""

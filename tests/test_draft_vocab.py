@@ -1,0 +1,132 @@
+"""A draft vocabulary (`draft_vocab.py`) on the fast path: the output layer's rows, the ids it keeps,
+the target's own tokens whatever it keeps, and clear errors."""
+
+import pytest
+import torch
+
+import specvlm as sv
+from specvlm import decoding, draft_vocab, fast, synthetic
+from specvlm.trees import MC_SIM_7B_63, Tree
+
+from .test_fast import _FakeGraph, fake_graphs  # noqa: F401 (a fixture)
+
+SMALL_TREE = Tree.from_paths([[0], [1], [0, 0], [0, 1], [1, 0], [0, 0, 0]])
+
+
+@pytest.fixture(scope="module")
+def embedded():
+    return sv.load_pair("tiny", device="cpu")
+
+
+def test_first_tokens_keeps_the_lowest_ids_and_every_special_token(embedded):
+    draft = embedded.draft
+    specials = set(draft.tokenizer.all_special_ids) | set(draft.eos_token_ids)
+    ids = draft_vocab.first_tokens(draft, 10)
+    assert ids.dtype == torch.long and ids.tolist() == sorted(set(range(10)) | specials)
+    assert draft_vocab.first_tokens(draft, 10**6).tolist() == list(range(draft_vocab.output_rows(draft)))
+    for size in (0, -3, 2.5, True, "8"):
+        with pytest.raises(ValueError, match="at least one token"):
+            draft_vocab.first_tokens(draft, size)
+
+
+def test_the_cut_output_layer_scores_exactly_its_tokens(embedded):
+    draft = embedded.draft
+    ids = torch.tensor([0, 5, 17, 200, 511])
+    head = draft_vocab.output_head(draft, ids)
+    hidden = torch.randn(1, 3, head.in_features, generator=torch.Generator().manual_seed(0))
+    full = draft.model.get_output_embeddings()
+    assert head.weight.shape == (5, full.in_features) and not head.weight.requires_grad
+    with torch.no_grad():  # the same products, up to the rounding of a matmul of another size
+        torch.testing.assert_close(head(hidden), full(hidden)[..., ids], rtol=1e-6, atol=1e-6)
+    assert head.weight.data_ptr() != full.weight.data_ptr()  # a copy: the draft's own layer is untouched
+
+
+@pytest.mark.parametrize("ids,message", [
+    ([3, 1, 2], "sorted"), ([1, 1, 2], "distinct"), ([-1, 2], r"\[0, 512\)"), ([0, 512], r"\[0, 512\)"),
+    (torch.tensor([], dtype=torch.long), "at least one"), ([[1, 2]], "1-D"), ([0.0, 1.0], "integer"),
+])
+def test_bad_vocabularies_are_refused_before_any_prefill(embedded, ids, message, monkeypatch):
+    calls = []
+    monkeypatch.setattr(fast, "prefill_target", lambda *a, **k: calls.append(a))
+    prompt = embedded.target.prepare(sv.sample_video("bikes", 2))
+    with pytest.raises(ValueError, match=message):
+        fast.generate_fast(embedded, prompt, tree=SMALL_TREE, compile=False, draft_vocab=torch.as_tensor(ids))
+    assert not calls
+
+
+@pytest.mark.parametrize("clip,method,ratio,tree,k", [
+    ("bikes", "specvlm", 0.5, MC_SIM_7B_63, 5), ("bigbuckbunny", "specvlm", 0.9, SMALL_TREE, 5),
+    ("bikes", "uniform", 0.75, None, 3), ("bigbuckbunny", "sd", 0.0, None, 5),
+])
+def test_a_vocabulary_holding_every_token_changes_nothing(embedded, clip, method, ratio, tree, k):
+    """The embedded pair's 512 rows all kept: the plain path's tokens and accepted counts."""
+    prompt = embedded.target.prepare(sv.sample_video(clip, 3))
+    ids = draft_vocab.first_tokens(embedded.draft, 512)
+    reference = decoding.generate_sd(embedded, prompt, method=method, ratio=ratio, tree=tree, k=k, max_new_tokens=24)
+    result = fast.generate_fast(embedded, prompt, method=method, ratio=ratio, tree=tree, k=k, max_new_tokens=24,
+                                compile=False, draft_vocab=ids)
+    assert (result.tokens, result.accepted) == (reference.tokens, reference.accepted)
+    assert fast._ENGINES[embedded.draft]["draft"].head.out_features == 512
+
+
+@pytest.mark.parametrize("size", [1, 20, 100, 300])
+@pytest.mark.parametrize("clip,frames", [("bikes", 3), ("bigbuckbunny", 4)])
+def test_a_smaller_vocabulary_keeps_the_targets_tokens(embedded, size, clip, frames):
+    """Kept rows that leave out tokens the target writes: every method still gives AR's tokens. With
+    one row and the special tokens kept, the draft can propose no token of the answer but its end, so
+    no round accepts more than that one."""
+    prompt = embedded.target.prepare(sv.sample_video(clip, frames))
+    ar = decoding.generate_ar(embedded.target, prompt, 24)
+    ids = draft_vocab.first_tokens(embedded.draft, size)
+    for method, tree in (("specvlm", MC_SIM_7B_63), ("specvlm", None), ("random", SMALL_TREE)):
+        result = fast.generate_fast(embedded, prompt, method=method, ratio=0.5, tree=tree, k=4, max_new_tokens=24,
+                                    compile=False, draft_vocab=ids)
+        assert result.tokens == ar.tokens, (size, method, tree)
+        if size == 1:
+            assert set(ar.tokens[:-1]).isdisjoint(ids.tolist()) and sum(result.accepted) <= 1
+
+
+def test_the_setting_picks_the_first_tokens(embedded, monkeypatch):
+    prompt = embedded.target.prepare(sv.sample_video("bikes", 2))
+    monkeypatch.setenv("SPECVLM_DRAFT_VOCAB", "40")
+    result = fast.generate_fast(embedded, prompt, tree=SMALL_TREE, max_new_tokens=12, compile=False)
+    engine = fast._ENGINES[embedded.draft]["draft"]
+    assert torch.equal(engine.vocabulary, draft_vocab.first_tokens(embedded.draft, 40))
+    assert result.tokens == decoding.generate_ar(embedded.target, prompt, 12).tokens
+    assert fast._ENGINES[embedded.target]["target"].head is None  # a target keeps its whole output layer
+    monkeypatch.setenv("SPECVLM_DRAFT_VOCAB", "0")  # the whole vocabulary again: a new engine
+    fast.generate_fast(embedded, prompt, tree=SMALL_TREE, max_new_tokens=4, compile=False)
+    assert fast._ENGINES[embedded.draft]["draft"] is not engine
+    assert fast._ENGINES[embedded.draft]["draft"].vocabulary is None
+    monkeypatch.setenv("SPECVLM_DRAFT_VOCAB", "half")
+    with pytest.raises(ValueError, match="SPECVLM_DRAFT_VOCAB must be a whole number of tokens"):
+        fast.generate_fast(embedded, prompt, tree=SMALL_TREE, max_new_tokens=4, compile=False)
+
+
+def test_qwen_pair_with_a_draft_vocabulary(tmp_path_factory):
+    target, draft = sv.make_tiny_pair(tmp_path_factory.mktemp("vocab_qwen"), seed=0, family="qwen2_5_vl")
+    pair = sv.load_pair(str(target), str(draft), device="cpu")
+    prompt = pair.target.prepare(sv.sample_video("bikes", 6))
+    ar = decoding.generate_ar(pair.target, prompt, 12)
+    for size in (64, draft_vocab.output_rows(pair.draft)):
+        ids = draft_vocab.first_tokens(pair.draft, size)
+        for tree in (MC_SIM_7B_63, None):
+            result = fast.generate_fast(pair, prompt, method="specvlm", ratio=0.5, tree=tree, k=3,
+                                        max_new_tokens=12, compile=False, draft_vocab=ids)
+            assert result.tokens == ar.tokens
+
+
+def test_captured_graphs_with_a_draft_vocabulary_give_the_eager_tokens(fake_graphs):  # noqa: F811
+    pair = sv.load_pair("tiny", device="cpu")
+    prompt = pair.target.prepare(sv.from_array(synthetic.make_clip(3, num_frames=2).frames, fps=8.0),
+                                 "Describe the video.")
+    ids = draft_vocab.first_tokens(pair.draft, 100)
+    options = dict(method="specvlm", ratio=0.5, max_new_tokens=24, draft_vocab=ids)
+    for kwargs in ({"tree": SMALL_TREE}, {"k": 3}):
+        eager = fast.generate_fast(pair, prompt, compile=False, **options, **kwargs)
+        fast._ENGINES.clear()
+        got = fast.generate_fast(pair, prompt, compile={"backend": "eager"}, **options, **kwargs)
+        assert (got.tokens, got.accepted) == (eager.tokens, eager.accepted)
+        engine = fast._ENGINES[pair.draft]["draft"]
+        assert engine.steps and all(isinstance(step, fast.CapturedGraph) for step in engine.steps.values())
+    assert _FakeGraph.replays > 0
