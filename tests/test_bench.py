@@ -368,6 +368,17 @@ def test_bench_runs_only_the_named_rows_and_always_ar(embedded):
         bench(self_pair, synthetic_video, [1], only=["sd-chain-0"])
 
 
+def test_fast_rows_record_the_draft_vocabulary_they_drafted_from(embedded, monkeypatch):
+    monkeypatch.setenv("SPECVLM_DRAFT_VOCAB", "100")
+    result = bench(embedded, synthetic_video, [1], max_new_tokens=6, repeats=1, step_repeats=1, paths=("plain", "fast"),
+                   only=["specvlm-tree-0.5"])
+    vocab = {(r["path"], r["method"]): r["draft_vocab"] for r in result["rows"]}
+    assert vocab == {("plain", "ar"): None, ("plain", "specvlm"): None, ("fast", "ar"): None, ("fast", "specvlm"): 100}
+    assert all(r["equal_to_ar"] for r in result["rows"])
+    monkeypatch.delenv("SPECVLM_DRAFT_VOCAB")
+    assert sv.bench.draft_vocab_size(embedded.draft) is None
+
+
 def test_median_ms_queues_calls_and_divides_by_their_number(monkeypatch):
     log = []
 
