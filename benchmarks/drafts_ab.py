@@ -13,6 +13,10 @@ draft once; the files are then named bench_draft_<index>_<folder name>_seed<seed
 all have the same prompt length, so the fast path's graphs are captured once per draft and reused. Each file's
 "drafts_ab" record then also lists the run's clip seeds ("clip_seeds"; None without the option).
 
+`--baselines-on 4` (with `--clip-seeds` and `--only`) also runs transformers' rows on that one clip, for every draft
+entry, so each entry's rows there meet them in one run: `--baselines`, by default `hf-generate hf-assisted-padded`
+(the padded row exists for pairs whose output layers differ in size, as the widened 7B/0.5B's do).
+
 A draft entry may carry the project's settings for its runs, FOLDER@SPECVLM_NAME=VALUE@...: the same folder twice,
 e.g. `specvlm/tiny/draft_cut,specvlm/tiny/draft_cut@SPECVLM_DRAFT_VOCAB=32768`, compares a setting
 in one process beside one widened target (a setting that changes what the draft's steps compute, such as
@@ -44,7 +48,14 @@ options = argparse.ArgumentParser(prog="drafts_ab.py", add_help=False)  # only w
 options.add_argument("--clip-seeds", type=cli.non_negative_int, nargs="+", default=None)
 options.add_argument("--clip", default="synthetic")
 options.add_argument("--clip-seed", default=None)
+options.add_argument("--baselines-on", type=cli.non_negative_int, default=None)
+options.add_argument("--only", nargs="+", default=None)
+options.add_argument("--baselines", nargs="+", default=["hf-generate", "hf-assisted-padded"])
 known, argv = options.parse_known_args(sys.argv[2:])
+if known.baselines_on is not None and (known.clip_seeds is None or known.baselines_on not in known.clip_seeds
+                                       or known.only is None or "--transformers" in argv):
+    options.error("--baselines-on SEED adds transformers' rows to one of --clip-seeds, beside an --only list "
+                  "(in place of --transformers).")
 argv += ["--clip", known.clip] + ([] if known.clip_seed is None else ["--clip-seed", known.clip_seed])
 clip_seeds = [None]
 if known.clip_seeds is not None:
@@ -80,8 +91,10 @@ for seed in clip_seeds:  # clip after clip, every draft on each: a run cut short
         name = f"bench_draft_{index}_{Path(folder).name}" + ("" if seed is None else f"_seed{seed}")
         out = Path(os.environ["OUT"]) / f"{name}.json"
         print("== draft", folder, "" if seed is None else f"clip seed {seed}", settings or "", flush=True)
+        only = known.only and known.only + (known.baselines if seed == known.baselines_on else [])
         cli.main(["bench", *argv, "--draft", folder, "--out", str(out),
-                  *([] if seed is None else ["--clip-seed", str(seed)])])
+                  *([] if seed is None else ["--clip-seed", str(seed)]), *(["--only", *only] if only else []),
+                  *(["--transformers"] if seed is not None and seed == known.baselines_on else [])])
         result = json.loads(out.read_text())
         result["drafts_ab"] = {"draft": folder, "index": index, "drafts": drafts,
                                "clip_seeds": None if seed is None else clip_seeds, "settings": settings}
