@@ -10,7 +10,8 @@ but the first is widened beside the first's widened target, so its JSON's "comma
 
 `--clip-seeds 4 1 2` (in place of `--clip-seed`) benchmarks every draft on each synthetic clip in turn, widening each
 draft once; the files are then named bench_draft_<index>_<folder name>_seed<seed>.json. The clips of a 192-frame run
-all have the same prompt length, so the fast path's graphs are captured once per draft and reused. Each file's
+all have the same prompt length, so each draft's fast-path graphs are captured for its first clip and reused (an
+engine that another entry's settings replaced in between is made anew; dynamo keeps its compiled code). Each file's
 "drafts_ab" record then also lists the run's clip seeds ("clip_seeds"; None without the option).
 
 `--baselines-on 4` (with `--clip-seeds` and `--only`) also runs transformers' rows on that one clip, for every draft
@@ -20,25 +21,43 @@ entry, so each entry's rows there meet them in one run: `--baselines`, by defaul
 A draft entry may carry the project's settings for its runs, FOLDER@SPECVLM_NAME=VALUE@...: the same folder twice,
 e.g. `specvlm/tiny/draft_cut,specvlm/tiny/draft_cut@SPECVLM_DRAFT_VOCAB=32768`, compares a setting
 in one process beside one widened target (a setting that changes what the draft's steps compute, such as
-SPECVLM_FEW_ROWS, SPECVLM_FUSE_DRAFT or SPECVLM_DRAFT_VOCAB, compiles the draft's steps anew). The record's "settings"
-lists them."""
+SPECVLM_FEW_ROWS, SPECVLM_FUSE_DRAFT or SPECVLM_DRAFT_VOCAB, compiles the draft's steps once more). Settings are the
+ones a bench command records (`specvlm.__main__.FAST_PATH_ENVIRONMENT`), checked before anything runs; the record's
+"settings" lists them. The script exits with the largest of its bench runs' exit codes (1: a row unequal to AR)."""
 import argparse, json, os, sys
 from pathlib import Path
 
 import torch
 
 from specvlm import __main__ as cli
+from specvlm import fast, split_merge
 from specvlm.models import Pair, load_lm
 from specvlm.widen import widen_model
 
+SETTINGS = [name for name in cli.FAST_PATH_ENVIRONMENT if name.startswith("SPECVLM_")]
 
 
 def draft_entry(text: str) -> tuple[str, dict[str, str]]:
-    """"FOLDER" or "FOLDER@SPECVLM_NAME=VALUE@...": a draft folder and the project's settings its runs take."""
+    """"FOLDER" or "FOLDER@SPECVLM_NAME=VALUE@...": a draft folder and the project's settings its runs take,
+    each checked as the fast path reads it."""
     folder, *pairs = text.split("@")
     settings = dict(pair.split("=", 1) for pair in pairs if "=" in pair)
-    if len(settings) < len(pairs) or not all(name.startswith("SPECVLM_") for name in settings):
-        sys.exit(f"drafts_ab.py: a draft entry is FOLDER or FOLDER@SPECVLM_NAME=VALUE@..., got {text!r}.")
+    if len(settings) < len(pairs) or not set(settings) <= set(SETTINGS):
+        sys.exit(f"drafts_ab.py: a draft entry is FOLDER or FOLDER@NAME=VALUE@... with NAME one of {SETTINGS}, "
+                 f"got {text!r}.")
+    saved = {name: os.environ.get(name) for name in settings}
+    os.environ.update(settings)
+    try:
+        fast.fast_attention(None), fast.few_rows_draft(), fast.flex_min_slots(), fast.split_min_slots()
+        fast.draft_vocab_setting(), split_merge.check_choice()
+        fast.cuda_graphs({"mode": "reduce-overhead"}, torch.device("cuda"))
+        if os.environ.get("SPECVLM_FUSE_DRAFT"):
+            fast.fuse_draft(None, None)  # a value set is read before any model is
+    except ValueError as error:
+        sys.exit(f"drafts_ab.py: draft entry {text!r}: {error}")
+    finally:
+        for setting, value in saved.items():
+            os.environ.pop(setting) if value is None else os.environ.__setitem__(setting, value)
     return folder, settings
 
 
@@ -53,9 +72,11 @@ options.add_argument("--only", nargs="+", default=None)
 options.add_argument("--baselines", nargs="+", default=["hf-generate", "hf-assisted-padded"])
 known, argv = options.parse_known_args(sys.argv[2:])
 if known.baselines_on is not None and (known.clip_seeds is None or known.baselines_on not in known.clip_seeds
-                                       or known.only is None or "--transformers" in argv):
+                                       or known.only is None or any(a.startswith("--tr") for a in argv)):
     options.error("--baselines-on SEED adds transformers' rows to one of --clip-seeds, beside an --only list "
                   "(in place of --transformers).")
+if known.baselines_on is None and "--baselines" in sys.argv[2:]:
+    options.error("--baselines names the rows --baselines-on SEED adds: give both.")
 argv += ["--clip", known.clip] + ([] if known.clip_seed is None else ["--clip-seed", known.clip_seed])
 clip_seeds = [None]
 if known.clip_seeds is not None:
@@ -84,6 +105,7 @@ def bench_pair(args):
 
 
 cli.bench_pair = bench_pair
+codes = []
 for seed in clip_seeds:  # clip after clip, every draft on each: a run cut short still compares them on its clips
     for index, (folder, settings) in enumerate(entries):
         saved = {name: os.environ.get(name) for name in settings}
@@ -92,12 +114,13 @@ for seed in clip_seeds:  # clip after clip, every draft on each: a run cut short
         out = Path(os.environ["OUT"]) / f"{name}.json"
         print("== draft", folder, "" if seed is None else f"clip seed {seed}", settings or "", flush=True)
         only = known.only and known.only + (known.baselines if seed == known.baselines_on else [])
-        cli.main(["bench", *argv, "--draft", folder, "--out", str(out),
+        codes.append(cli.main(["bench", *argv, "--draft", folder, "--out", str(out),
                   *([] if seed is None else ["--clip-seed", str(seed)]), *(["--only", *only] if only else []),
-                  *(["--transformers"] if seed is not None and seed == known.baselines_on else [])])
+                  *(["--transformers"] if seed is not None and seed == known.baselines_on else [])]) or 0)
         result = json.loads(out.read_text())
         result["drafts_ab"] = {"draft": folder, "index": index, "drafts": drafts,
                                "clip_seeds": None if seed is None else clip_seeds, "settings": settings}
         out.write_text(json.dumps(result, indent=1))
         for setting, value in saved.items():
             os.environ.pop(setting) if value is None else os.environ.__setitem__(setting, value)
+sys.exit(max(codes, default=0))

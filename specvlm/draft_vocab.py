@@ -20,6 +20,8 @@ bytes and their earliest merges, and always adds the special tokens, the end tok
 """
 from __future__ import annotations
 
+import numbers
+
 import torch
 from torch import nn
 
@@ -31,8 +33,11 @@ def first_tokens(lm: VideoLM, size: int) -> torch.Tensor:
     sorted, as a long tensor on the CPU. first_tokens(draft, 4) -> tensor([0, 1, 2, 3, <specials>])
     where the specials lie above 3. `size` is capped by the output layer's rows."""
     rows = output_rows(lm)
-    if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+    if isinstance(size, bool) or not isinstance(size, numbers.Integral):
+        raise ValueError(f"a draft vocabulary's size is a whole number of tokens, got {size!r}.")
+    if size < 1:
         raise ValueError(f"a draft vocabulary needs at least one token, got size={size!r}.")
+    size = int(size)
     special = set(lm.tokenizer.all_special_ids) | set(lm.eos_token_ids)
     ids = sorted(set(range(min(size, rows))) | {i for i in special if 0 <= i < rows})
     return torch.tensor(ids, dtype=torch.long)

@@ -275,8 +275,9 @@ class StaticLM:
                              "use 'flex' or 'grouped'.")
         self.lm, self.options, self.attention = lm, options, attention
         # a draft's vocabulary (`draft_vocab.py`): its steps' logits cover only these token ids, in this order
-        self.vocabulary = None if vocabulary is None else vocabulary.to(lm.device)
         self.head = None if vocabulary is None else output_head(lm, vocabulary)
+        # on the device of the logits the picks map back (the output layer's, for a model spread over several)
+        self.vocabulary = None if vocabulary is None else vocabulary.to(self.head.weight.device)
         self.grouped_up_to = grouped_up_to  # under "flex": a cache of at most this many slots takes "grouped"
         # under "flex" or "flash": wide steps on a cache of at least this many slots take `split_attention` (0: never)
         self.split_from = split_min_slots() if split_from is None else split_from
@@ -524,6 +525,9 @@ def static_lm(lm: VideoLM, role: str, options: dict | None, attention: str | Non
     engine = engines.get(role)
     grouped_up_to = flex_min_slots() if role == "draft" else 0
     vocabulary = None if role == "target" else draft_vocabulary(lm, vocabulary)
+    if vocabulary is not None:  # its cut output layer is a copy: made anew when the layer's weights change
+        output = lm.model.get_output_embeddings().weight
+        weights = (*weights, output.data_ptr(), output._version)
     same_vocabulary = engine is not None and (
         engine.vocabulary is None if vocabulary is None
         else engine.vocabulary is not None and torch.equal(engine.vocabulary.cpu(), vocabulary.cpu()))
@@ -542,8 +546,13 @@ def draft_vocabulary(draft: VideoLM, vocabulary: torch.Tensor | None = None) -> 
     if vocabulary is not None:
         check_vocabulary(vocabulary, output_rows(draft))
         return vocabulary.to(torch.long)
-    size = _slots_setting("SPECVLM_DRAFT_VOCAB", 0, "tokens")
+    size = draft_vocab_setting()
     return first_tokens(draft, size) if size else None
+
+
+def draft_vocab_setting() -> int:
+    """$SPECVLM_DRAFT_VOCAB: the draft vocabulary's size, 0 (or unset) for the whole vocabulary."""
+    return _slots_setting("SPECVLM_DRAFT_VOCAB", 0, "tokens")
 
 
 def flex_min_slots() -> int:
@@ -867,14 +876,18 @@ def generate_fast(pair: Pair, prompt: Prompt, method: str = "specvlm", ratio: fl
     check_max_new_tokens(max_new_tokens)
     check_ratio(ratio)
     attention = fast_attention(attention)
+    draft_vocab = draft_vocabulary(pair.draft, draft_vocab)  # checked before any prefill, for every method
     if method == "ar":
         return _generate_ar(pair.target, prompt, max_new_tokens, compile, fast_attention(attention, "target"))
     check_speculation(prompt, draft_prompt, ratio, mass, k, tree, max_new_tokens, seed)
     target, draft = pair.target, pair.draft
-    draft_vocab = draft_vocabulary(draft, draft_vocab)  # checked before any prefill
+    levels = DraftLevels.of(tree) if tree is not None else None
+    if draft_vocab is not None and levels is not None and len(draft_vocab) < max(levels.top):
+        raise ValueError(f"the tree ranks up to {max(levels.top)} of the draft's tokens at a node, and its vocabulary "
+                         f"has {len(draft_vocab)}: give the draft a vocabulary of at least {max(levels.top)} tokens "
+                         "or a narrower tree.")
     options = compile_options(compile, target.device)
     depth = k if tree is None else tree.depth
-    levels = DraftLevels.of(tree) if tree is not None else None
     watch = Stopwatch(target.device)
 
     fast_target = static_lm(target, "target", options, attention)  # first: it may unfuse the target (`fusion.py`)

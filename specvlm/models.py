@@ -141,7 +141,9 @@ class VideoLM:
             use_cache=True,
             **kwargs,
         ).last_hidden_state
-        return (self.model.lm_head if head is None else head)(hidden[:, logits_rows]).float()
+        if head is None:
+            return self.model.lm_head(hidden[:, logits_rows]).float()
+        return head(hidden[:, logits_rows].to(head.weight.device)).float()  # no accelerate hook moves it there
 
     def step(self, token_ids, positions, cache, attention_mask=None):
         """Logits [1, q, V] for new tokens `token_ids` (list or [q]) at absolute `positions` [q]."""

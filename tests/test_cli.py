@@ -200,3 +200,15 @@ def test_profile_compiles_with_combo_kernels_when_asked(tmp, monkeypatch):
     result = json.loads((tmp / "combo_test-card.json").read_text())
     assert seen == [True] and result["combo_kernels"] is True
     assert "--combo-kernels" in result["command"]
+
+
+def test_a_bench_command_records_every_fast_path_setting_the_code_reads():
+    """Each $SPECVLM_* setting the package reads (but the commit name) is in the recorded prefix, so a
+    JSON's "command" reproduces its run."""
+    from pathlib import Path
+
+    from specvlm.__main__ import FAST_PATH_ENVIRONMENT
+
+    package = Path(sv.__file__).parent
+    read = {name for path in package.glob("*.py") for name in re.findall(r"SPECVLM_[A-Z_]+", path.read_text())}
+    assert read - {"SPECVLM_CODE"} == {name for name in FAST_PATH_ENVIRONMENT if name.startswith("SPECVLM_")}

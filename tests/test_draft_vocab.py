@@ -1,6 +1,7 @@
 """A draft vocabulary (`draft_vocab.py`) on the fast path: the output layer's rows, the ids it keeps,
 the target's own tokens whatever it keeps, and clear errors."""
 
+import numpy as np
 import pytest
 import torch
 
@@ -24,7 +25,11 @@ def test_first_tokens_keeps_the_lowest_ids_and_every_special_token(embedded):
     ids = draft_vocab.first_tokens(draft, 10)
     assert ids.dtype == torch.long and ids.tolist() == sorted(set(range(10)) | specials)
     assert draft_vocab.first_tokens(draft, 10**6).tolist() == list(range(draft_vocab.output_rows(draft)))
-    for size in (0, -3, 2.5, True, "8"):
+    assert torch.equal(draft_vocab.first_tokens(draft, np.int64(10)), ids)
+    for size in (2.5, True, "8"):
+        with pytest.raises(ValueError, match="whole number of tokens"):
+            draft_vocab.first_tokens(draft, size)
+    for size in (0, -3):
         with pytest.raises(ValueError, match="at least one token"):
             draft_vocab.first_tokens(draft, size)
 
@@ -67,6 +72,82 @@ def test_a_vocabulary_holding_every_token_changes_nothing(embedded, clip, method
                                 compile=False, draft_vocab=ids)
     assert (result.tokens, result.accepted) == (reference.tokens, reference.accepted)
     assert fast._ENGINES[embedded.draft]["draft"].head.out_features == 512
+
+
+class _MaskedOutput(torch.nn.Module):
+    """An output layer whose logits outside `ids` are -inf: the whole vocabulary's draft restricted by a
+    mask, the plain path's equivalent of a cut output layer."""
+
+    def __init__(self, layer, ids):
+        super().__init__()
+        self.layer, self.outside = layer, torch.ones(layer.weight.shape[0], dtype=torch.bool)
+        self.outside[ids] = False
+
+    def forward(self, hidden):
+        return self.layer(hidden).masked_fill(self.outside, float("-inf"))
+
+
+@pytest.mark.parametrize("clip,tree,k", [("bikes", MC_SIM_7B_63, 5), ("bigbuckbunny", None, 4),
+                                         ("bikes", SMALL_TREE, 5), ("bigbuckbunny", MC_SIM_7B_63, 5)])
+def test_a_scattered_vocabulary_maps_every_pick_back_to_its_token(embedded, clip, tree, k, monkeypatch):
+    """Kept ids that are not 0..N-1 (every third id, the specials and the answer's own tokens): index j
+    of the cut logits is token ids[j]. The fast path's draft then proposes what the plain path's draft
+    proposes with every other logit masked to -inf, round for round; a draft that did not map its
+    picks back would propose other tokens and be accepted far less."""
+    prompt = embedded.target.prepare(sv.sample_video(clip, 3))
+    options = dict(method="specvlm", ratio=0.5, tree=tree, k=k, max_new_tokens=24)
+    answer = decoding.generate_ar(embedded.target, prompt, 24).tokens
+    specials = set(embedded.draft.tokenizer.all_special_ids) | set(embedded.draft.eos_token_ids)
+    ids = torch.tensor(sorted(set(answer) | specials | set(range(1, 512, 3))))
+    assert not torch.equal(ids, torch.arange(len(ids)))
+    result = fast.generate_fast(embedded, prompt, compile=False, draft_vocab=ids, **options)
+    monkeypatch.setattr(embedded.draft.model, "lm_head", _MaskedOutput(embedded.draft.model.lm_head, ids))
+    masked = decoding.generate_sd(embedded, prompt, **options)
+    assert result.tokens == masked.tokens == answer
+    assert result.accepted == masked.accepted and sum(result.accepted) > 0
+
+
+def test_a_target_drafting_for_itself_from_part_of_its_vocabulary_keeps_its_whole_output(embedded):
+    self_pair = sv.Pair(embedded.target, embedded.target, name="self")
+    prompt = self_pair.target.prepare(sv.sample_video("bikes", 3))
+    answer = decoding.generate_ar(embedded.target, prompt, 24).tokens
+    ids = draft_vocab.first_tokens(self_pair.draft, 300)
+    result = fast.generate_fast(self_pair, prompt, tree=MC_SIM_7B_63, max_new_tokens=24, compile=False, draft_vocab=ids)
+    assert result.tokens == answer
+    engines = fast._ENGINES[embedded.target]
+    assert engines["target"].head is None and engines["draft"].head.out_features == len(ids)
+
+
+def test_a_cut_output_layer_follows_the_drafts_weights(embedded):
+    """The cut layer is a copy: weights changed in place (a training step, load_state_dict) make a
+    new engine, whose cut layer holds them."""
+    prompt = embedded.target.prepare(sv.sample_video("bikes", 2))
+    ids = draft_vocab.first_tokens(embedded.draft, 200)
+    fast.generate_fast(embedded, prompt, tree=SMALL_TREE, max_new_tokens=6, compile=False, draft_vocab=ids)
+    engine = fast._ENGINES[embedded.draft]["draft"]
+    output = embedded.draft.model.get_output_embeddings().weight
+    saved = output.detach().clone()
+    try:
+        with torch.no_grad():
+            output.mul_(2.0)
+        fast.generate_fast(embedded, prompt, tree=SMALL_TREE, max_new_tokens=6, compile=False, draft_vocab=ids)
+        renewed = fast._ENGINES[embedded.draft]["draft"]
+        assert renewed is not engine and torch.equal(renewed.head.weight, output.detach()[ids])
+    finally:
+        with torch.no_grad():
+            output.copy_(saved)
+
+
+def test_a_vocabulary_narrower_than_the_trees_picks_is_refused_before_any_prefill(embedded, monkeypatch):
+    calls = []
+    monkeypatch.setattr(fast, "prefill_target", lambda *a, **k: calls.append(a))
+    prompt = embedded.target.prepare(sv.sample_video("bikes", 2))
+    top = max(fast.DraftLevels.of(MC_SIM_7B_63).top)
+    with pytest.raises(ValueError, match=f"ranks up to {top} of the draft's tokens at a node, and its vocabulary has 2"):
+        fast.generate_fast(embedded, prompt, tree=MC_SIM_7B_63, compile=False, draft_vocab=torch.tensor([2, 5]))
+    with pytest.raises(ValueError, match="sorted"):  # AR drafts nothing, but a bad vocabulary is still an error
+        fast.generate_fast(embedded, prompt, method="ar", compile=False, draft_vocab=torch.tensor([5, 2]))
+    assert not calls
 
 
 @pytest.mark.parametrize("size", [1, 20, 100, 300])
