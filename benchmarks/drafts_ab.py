@@ -22,7 +22,8 @@ A draft entry may carry the project's settings for its runs, FOLDER@SPECVLM_NAME
 e.g. `specvlm/tiny/draft_cut,specvlm/tiny/draft_cut@SPECVLM_DRAFT_VOCAB=32768`, compares a setting
 in one process beside one widened target (a setting that changes what the draft's steps compute, such as
 SPECVLM_FEW_ROWS, SPECVLM_FUSE_DRAFT or SPECVLM_DRAFT_VOCAB, compiles the draft's steps once more). Settings are the
-ones a bench command records (`specvlm.__main__.FAST_PATH_ENVIRONMENT`), checked before anything runs; the record's
+ones a bench command records (`specvlm.__main__.FAST_PATH_ENVIRONMENT`) but SPECVLM_SPLIT_MERGE, which is read at
+import, checked before anything runs; the record's
 "settings" lists them. The script exits with the largest of its bench runs' exit codes (1: a row unequal to AR)."""
 import argparse, json, os, sys
 from pathlib import Path
@@ -30,11 +31,12 @@ from pathlib import Path
 import torch
 
 from specvlm import __main__ as cli
-from specvlm import fast, split_merge
+from specvlm import fast
 from specvlm.models import Pair, load_lm
 from specvlm.widen import widen_model
 
-SETTINGS = [name for name in cli.FAST_PATH_ENVIRONMENT if name.startswith("SPECVLM_")]
+# SPECVLM_SPLIT_MERGE is read when specvlm.split_merge is imported: set it for the whole process, not per entry
+SETTINGS = [name for name in cli.FAST_PATH_ENVIRONMENT if name.startswith("SPECVLM_") and name != "SPECVLM_SPLIT_MERGE"]
 
 
 def draft_entry(text: str) -> tuple[str, dict[str, str]]:
@@ -49,7 +51,7 @@ def draft_entry(text: str) -> tuple[str, dict[str, str]]:
     os.environ.update(settings)
     try:
         fast.fast_attention(None), fast.few_rows_draft(), fast.flex_min_slots(), fast.split_min_slots()
-        fast.draft_vocab_setting(), split_merge.check_choice()
+        fast.draft_vocab_setting()
         fast.cuda_graphs({"mode": "reduce-overhead"}, torch.device("cuda"))
         if os.environ.get("SPECVLM_FUSE_DRAFT"):
             fast.fuse_draft(None, None)  # a value set is read before any model is
@@ -72,7 +74,7 @@ options.add_argument("--only", nargs="+", default=None)
 options.add_argument("--baselines", nargs="+", default=["hf-generate", "hf-assisted-padded"])
 known, argv = options.parse_known_args(sys.argv[2:])
 if known.baselines_on is not None and (known.clip_seeds is None or known.baselines_on not in known.clip_seeds
-                                       or known.only is None or any(a.startswith("--tr") for a in argv)):
+                                       or known.only is None or any(a == "--transformers" or a.startswith("--tra") for a in argv)):
     options.error("--baselines-on SEED adds transformers' rows to one of --clip-seeds, beside an --only list "
                   "(in place of --transformers).")
 if known.baselines_on is None and "--baselines" in sys.argv[2:]:

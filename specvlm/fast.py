@@ -276,8 +276,8 @@ class StaticLM:
         self.lm, self.options, self.attention = lm, options, attention
         # a draft's vocabulary (`draft_vocab.py`): its steps' logits cover only these token ids, in this order
         self.head = None if vocabulary is None else output_head(lm, vocabulary)
-        # on the device of the logits the picks map back (the output layer's, for a model spread over several)
-        self.vocabulary = None if vocabulary is None else vocabulary.to(self.head.weight.device)
+        # where `step` returns the logits the picks map back: `lm.device` (the cut layer's output is moved there)
+        self.vocabulary = None if vocabulary is None else vocabulary.to(lm.device)
         self.grouped_up_to = grouped_up_to  # under "flex": a cache of at most this many slots takes "grouped"
         # under "flex" or "flash": wide steps on a cache of at least this many slots take `split_attention` (0: never)
         self.split_from = split_min_slots() if split_from is None else split_from
@@ -526,6 +526,7 @@ def static_lm(lm: VideoLM, role: str, options: dict | None, attention: str | Non
     grouped_up_to = flex_min_slots() if role == "draft" else 0
     vocabulary = None if role == "target" else draft_vocabulary(lm, vocabulary)
     if vocabulary is not None:  # its cut output layer is a copy: made anew when the layer's weights change
+        # (in place through autograd-visible ops, `load_state_dict`, `.to()`; writes through `.data` go unseen)
         output = lm.model.get_output_embeddings().weight
         weights = (*weights, output.data_ptr(), output._version)
     same_vocabulary = engine is not None and (
