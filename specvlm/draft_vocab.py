@@ -3,9 +3,9 @@
 A draft's output layer reads one row of weights per token of the vocabulary at every pass, and its
 tree picks take a top-k over all of them. For a small draft with a large vocabulary, such as
 LLaVA-OneVision 0.5B's, that layer is a large share of the weights a pass reads (notebook 05, section
-21, computes it), and most of its tokens are rare. A draft that keeps only the rows of a frequent part of the vocabulary (FR-Spec, Zhao et
-al. 2025; EAGLE-3's draft vocabulary) reads a fraction of that layer and picks from a fraction of the
-logits. It can no longer propose the other tokens, so a round whose target token lies outside it
+21, computes it), and most of its tokens are rare. A draft that keeps only the rows of a frequent part
+of the vocabulary (FR-Spec, Zhao et al. 2025; EAGLE-3's draft vocabulary) reads a fraction of that
+layer and picks from a fraction of the logits. It can no longer propose the other tokens, so a round whose target token lies outside it
 stops there; the target still checks every proposal and adds its own next token, so the output is
 the target's own either way.
 
