@@ -25,7 +25,7 @@ SPECVLM_FEW_ROWS, SPECVLM_FUSE_DRAFT or SPECVLM_DRAFT_VOCAB, compiles the draft'
 ones a bench command records (`specvlm.__main__.FAST_PATH_ENVIRONMENT`) but SPECVLM_SPLIT_MERGE, which is read at
 import, checked before anything runs; the record's
 "settings" lists them. The script exits with the largest of its bench runs' exit codes (1: a row unequal to AR)."""
-import argparse, json, os, sys
+import argparse, contextlib, json, os, sys
 from pathlib import Path
 
 import torch
@@ -39,6 +39,18 @@ from specvlm.widen import widen_model
 SETTINGS = [name for name in cli.FAST_PATH_ENVIRONMENT if name.startswith("SPECVLM_") and name != "SPECVLM_SPLIT_MERGE"]
 
 
+@contextlib.contextmanager
+def applied(settings: dict[str, str]):
+    """The environment with `settings` set, restored afterwards."""
+    saved = {name: os.environ.get(name) for name in settings}
+    os.environ.update(settings)
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            os.environ.pop(name) if value is None else os.environ.__setitem__(name, value)
+
+
 def draft_entry(text: str) -> tuple[str, dict[str, str]]:
     """"FOLDER" or "FOLDER@SPECVLM_NAME=VALUE@...": a draft folder and the project's settings its runs take,
     each checked as the fast path reads it."""
@@ -47,19 +59,15 @@ def draft_entry(text: str) -> tuple[str, dict[str, str]]:
     if len(settings) < len(pairs) or not set(settings) <= set(SETTINGS):
         sys.exit(f"drafts_ab.py: a draft entry is FOLDER or FOLDER@NAME=VALUE@... with NAME one of {SETTINGS}, "
                  f"got {text!r}.")
-    saved = {name: os.environ.get(name) for name in settings}
-    os.environ.update(settings)
     try:
-        fast.fast_attention(None), fast.few_rows_draft(), fast.flex_min_slots(), fast.split_min_slots()
-        fast.draft_vocab_setting()
-        fast.cuda_graphs({"mode": "reduce-overhead"}, torch.device("cuda"))
-        if os.environ.get("SPECVLM_FUSE_DRAFT"):
-            fast.fuse_draft(None, None)  # a value set is read before any model is
+        with applied(settings):
+            fast.fast_attention(None), fast.few_rows_draft(), fast.flex_min_slots(), fast.split_min_slots()
+            fast.draft_vocab_setting()
+            fast.cuda_graphs({"mode": "reduce-overhead"}, torch.device("cuda"))
+            if os.environ.get("SPECVLM_FUSE_DRAFT"):
+                fast.fuse_draft(None, None)  # a value set is read before any model is
     except ValueError as error:
         sys.exit(f"drafts_ab.py: draft entry {text!r}: {error}")
-    finally:
-        for setting, value in saved.items():
-            os.environ.pop(setting) if value is None else os.environ.__setitem__(setting, value)
     return folder, settings
 
 
@@ -110,19 +118,18 @@ cli.bench_pair = bench_pair
 codes = []
 for seed in clip_seeds:  # clip after clip, every draft on each: a run cut short still compares them on its clips
     for index, (folder, settings) in enumerate(entries):
-        saved = {name: os.environ.get(name) for name in settings}
-        os.environ.update(settings)
         name = f"bench_draft_{index}_{Path(folder).name}" + ("" if seed is None else f"_seed{seed}")
         out = Path(os.environ["OUT"]) / f"{name}.json"
         print("== draft", folder, "" if seed is None else f"clip seed {seed}", settings or "", flush=True)
         only = known.only and known.only + (known.baselines if seed == known.baselines_on else [])
-        codes.append(cli.main(["bench", *argv, "--draft", folder, "--out", str(out),
-                  *([] if seed is None else ["--clip-seed", str(seed)]), *(["--only", *only] if only else []),
-                  *(["--transformers"] if seed is not None and seed == known.baselines_on else [])]) or 0)
+        with applied(settings):
+            codes.append(cli.main(["bench", *argv, "--draft", folder, "--out", str(out),
+                                   *([] if seed is None else ["--clip-seed", str(seed)]),
+                                   *(["--only", *only] if only else []),
+                                   *(["--transformers"] if seed is not None and seed == known.baselines_on else [])])
+                         or 0)
         result = json.loads(out.read_text())
         result["drafts_ab"] = {"draft": folder, "index": index, "drafts": drafts,
                                "clip_seeds": None if seed is None else clip_seeds, "settings": settings}
         out.write_text(json.dumps(result, indent=1))
-        for setting, value in saved.items():
-            os.environ.pop(setting) if value is None else os.environ.__setitem__(setting, value)
 sys.exit(max(codes, default=0))

@@ -553,7 +553,7 @@ def draft_vocabulary(draft: VideoLM, vocabulary: torch.Tensor | None = None) -> 
 
 def draft_vocab_setting() -> int:
     """$SPECVLM_DRAFT_VOCAB: the draft vocabulary's size, 0 (or unset) for the whole vocabulary."""
-    return _slots_setting("SPECVLM_DRAFT_VOCAB", 0, "tokens")
+    return _whole_number_setting("SPECVLM_DRAFT_VOCAB", 0, "tokens")
 
 
 def flex_min_slots() -> int:
@@ -561,17 +561,17 @@ def flex_min_slots() -> int:
     $SPECVLM_FLEX_MIN_SLOTS if set (0: never), else FLEX_MIN_SLOTS (`step_attention.py` has the
     measurement). Drafts only (`static_lm`): a target's one-token and chain steps keep one kernel
     whatever its capacity."""
-    return _slots_setting("SPECVLM_FLEX_MIN_SLOTS", FLEX_MIN_SLOTS)
+    return _whole_number_setting("SPECVLM_FLEX_MIN_SLOTS", FLEX_MIN_SLOTS)
 
 
 def split_min_slots() -> int:
     """Under "flex" or "flash", steps wider than FLEX_MAX_QUERY on a cache of at least this many slots take
     `split_attention`: $SPECVLM_SPLIT_MIN_SLOTS if set (0: never), else SPLIT_MIN_SLOTS. Only
     speculative runs have such steps, so AR's kernels never depend on it."""
-    return _slots_setting("SPECVLM_SPLIT_MIN_SLOTS", SPLIT_MIN_SLOTS)
+    return _whole_number_setting("SPECVLM_SPLIT_MIN_SLOTS", SPLIT_MIN_SLOTS)
 
 
-def _slots_setting(name: str, default: int, unit: str = "slots") -> int:
+def _whole_number_setting(name: str, default: int, unit: str = "slots") -> int:
     value = os.environ.get(name) or str(default)
     if not value.isdigit():
         raise ValueError(f"{name} must be a whole number of {unit} (0 turns it off), got {value!r}.")
