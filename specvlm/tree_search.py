@@ -43,7 +43,7 @@ from pathlib import Path
 
 import torch
 
-from .cost_model import DEFAULT_TREE_NAME, draft_passes, tree_name, tree_round_ms
+from .cost_model import DEFAULT_TREE_NAME, draft_passes, row_tree, tree_name, tree_round_ms
 from .trees import MC_SIM_7B_63, Tree
 
 
@@ -198,8 +198,9 @@ def read_tree(path) -> Tree:
     return Tree.from_paths(saved["paths"])
 
 
-def round_model(row: dict, ar_row: dict, reference: Tree = MC_SIM_7B_63) -> Callable[[Tree], float]:
-    """round_ms(tree) from a fast-path bench row that drafted `reference` and its AR row: the
+def round_model(row: dict, ar_row: dict, reference: Tree | None = None) -> Callable[[Tree], float]:
+    """round_ms(tree) from a fast-path bench row that drafted `reference` (None: the tree the row
+    records, `cost_model.row_tree`) and its AR row: the
     catch-up feed ("draft_feed") and one "draft_level" per further pass, the picks ("draft_picks")
     scaled by passes, the acceptance and the KV move as timed, and a verification on a line
     through the AR step (1 token) and the row's "verify" (the reference's tokens), extrapolated
@@ -209,6 +210,9 @@ def round_model(row: dict, ar_row: dict, reference: Tree = MC_SIM_7B_63) -> Call
     needed = ("draft_feed", "draft_level", "verify")
     if any(name not in steps for name in needed):
         raise ValueError(f"round_model needs a fast-path tree row with step timings {needed}; got {sorted(steps)}.")
+    reference = reference or row_tree(row)
+    if reference is None:
+        raise ValueError("round_model needs a tree row (its \"draft\" is \"tree\") or the tree it drafted, as `reference`.")
     reference_passes = len(draft_passes(reference))
     slope = (steps["verify"] - t_ar) / (reference.num_nodes - 1)
 
@@ -236,6 +240,9 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description="Grow a draft tree for the embedded pair from its measured ranks, "
                                                  "sized by a fast-path bench run's step timings.")
     parser.add_argument("--bench", type=Path, required=True, help="a bench JSON with a fast-path tree row and its AR")
+    parser.add_argument("--bench-tree", default=DEFAULT_TREE_NAME, metavar="NAME",
+                        help="the tree of the --bench row the round costs come from (a tree row records its tree's "
+                             "name; default %(default)s)")
     parser.add_argument("--method", default="specvlm")
     parser.add_argument("--ratio", type=float, default=0.5)
     parser.add_argument("--frames", type=int, default=192)
@@ -264,10 +271,10 @@ def main(argv=None) -> int:
     rows = [r for r in bench["rows"] if r.get("path") == "fast"]
     row = next((r for r in rows if r["method"] == args.method and r.get("draft") == "tree"
                 and r.get("drafter", "draft") == "draft" and r["frames"] == args.frames and r.get("ratio") == args.ratio
-                and tree_name(r) == DEFAULT_TREE_NAME), None)
+                and tree_name(r) == args.bench_tree), None)
     ar_row = next((r for r in rows if r["method"] == "ar" and r["frames"] == args.frames), None)
     if row is None or ar_row is None:
-        parser.error(f"--bench {args.bench}: no fast-path mc_sim_7b_63 tree row of {args.method} drafted by the draft "
+        parser.error(f"--bench {args.bench}: no fast-path {args.bench_tree} tree row of {args.method} drafted by the draft "
                      f"at ratio {args.ratio} and {args.frames} frames, with its AR row.")
     round_ms = round_model(row, ar_row)
     if args.ranks:
@@ -329,13 +336,14 @@ def main(argv=None) -> int:
            "ranks": dict(zip(map(str, args.seeds), ranks)), "check_ranks": dict(zip(map(str, args.check_seeds), check_ranks)),
            "pair": pair_name, "method": args.method, "ratio": args.ratio, "frames": args.frames, "seeds": args.seeds,
            "check_seeds": args.check_seeds,
-           "costs_from": {"bench": args.bench.name, "card": bench.get("card"), "code": bench.get("code")},
+           "costs_from": {"bench": args.bench.name, "tree": args.bench_tree, "card": bench.get("card"),
+                          "code": bench.get("code")},
            "assumptions": (f"ranks measured in {measured.get('dtype', 'float32') if args.ranks else 'float32'} on the "
                            f"{pair_name if args.ranks else 'embedded pair'} (the "
                            "widened pair's in bfloat16 can differ at near-ties); " + ("ranks independent across depths; " if args.estimate == "independent"
                                                 else "path frequencies as measured on these clips; ")
-                           + "verification linear in tokens through the AR step and the bench row's mc_sim_7b_63 "
-                             "verification; every round feeds wide and moves KV"),
+                           + "verification linear in tokens through the AR step and the bench row's "
+                           + f"{args.bench_tree} verification; every round feeds wide and moves KV"),
            "command": "python -m specvlm.tree_search " + " ".join(argv if argv is not None else sys.argv[1:])}
     args.out.write_text(json.dumps(out, indent=1) + "\n")
     for name, entry in (("chosen", out), ("mc_sim_7b_63", out["mc_sim_7b_63"]), (other, out[other])):

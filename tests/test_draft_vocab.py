@@ -211,3 +211,27 @@ def test_captured_graphs_with_a_draft_vocabulary_give_the_eager_tokens(fake_grap
         engine = fast._ENGINES[pair.draft]["draft"]
         assert engine.steps and all(isinstance(step, fast.CapturedGraph) for step in engine.steps.values())
     assert _FakeGraph.replays > 0
+
+
+def test_a_draft_vocabulary_with_the_few_rows_kernels_keeps_the_tokens_and_the_rounds(embedded, monkeypatch):
+    """$SPECVLM_FEW_ROWS=1 (a fused draft's products as Triton kernels) with a scattered vocabulary: the
+    cut output layer stays a plain product after them, and the tokens and accepted counts are those of the
+    fused draft with cuBLAS's products and the same vocabulary."""
+    import copy
+
+    from specvlm import fusion
+
+    pair = sv.models.Pair(embedded.target, copy.deepcopy(embedded.draft), name="embedded copy")
+    prompt = embedded.target.prepare(sv.sample_video("bikes", 3))
+    answer = decoding.generate_ar(embedded.target, prompt, 20).tokens
+    specials = set(pair.draft.tokenizer.all_special_ids) | set(pair.draft.eos_token_ids)
+    ids = torch.tensor(sorted(set(answer) | specials | set(range(2, 512, 3))))
+    options = dict(method="specvlm", ratio=0.5, tree=MC_SIM_7B_63, max_new_tokens=20, compile=False, draft_vocab=ids)
+    monkeypatch.setenv("SPECVLM_FUSE_DRAFT", "1")
+    monkeypatch.setenv("SPECVLM_FEW_ROWS", "0")
+    cublas = fast.generate_fast(pair, prompt, **options)
+    monkeypatch.setenv("SPECVLM_FEW_ROWS", "1")
+    kernels = fast.generate_fast(pair, prompt, **options)
+    assert fusion.uses_few_rows(pair.draft)
+    assert kernels.tokens == cublas.tokens == answer
+    assert kernels.accepted == cublas.accepted and sum(kernels.accepted) > 0

@@ -66,14 +66,27 @@ def test_best_tree_maximises_tokens_per_ms():
 
 
 def test_round_model_reproduces_the_reference_tree_and_the_ar_step():
-    row = {"step_ms": {"draft_feed": 1.3, "draft_level": 1.2, "verify": 8.0, "draft_picks": 0.5,
-                       "accept_synced": 0.1, "target_move": 0.05}}
+    row = {"draft": "tree", "step_ms": {"draft_feed": 1.3, "draft_level": 1.2, "verify": 8.0, "draft_picks": 0.5,
+                                        "accept_synced": 0.1, "target_move": 0.05}}
     ar = {"step_ms": {"target_step": 7.0}}
-    round_ms = ts.round_model(row, ar)
+    round_ms = ts.round_model(row, ar)  # a row without its tree drafted mc_sim_7b_63
     assert round_ms(MC_SIM_7B_63) == pytest.approx(1.3 + 4 * 1.2 + 8.0 + 0.5 + 0.1 + 0.05)
     assert round_ms(sv.chain(1)) == pytest.approx(1.3 + 7.0 + 0.04 + 0.5 / 5 + 0.15)  # 2 tokens: 1/25 of the way
     with pytest.raises(ValueError, match="draft_feed"):
-        ts.round_model({"step_ms": {"verify": 8.0}}, ar)
+        ts.round_model({"draft": "tree", "step_ms": {"verify": 8.0}}, ar)
+    with pytest.raises(ValueError, match="needs a tree row"):
+        ts.round_model({"draft": "chain", "step_ms": row["step_ms"]}, ar)
+
+
+def test_round_model_takes_the_tree_a_row_records():
+    """A row that drafted another tree (3 nodes, depth 2: the feed and one level) costs its verification
+    at its own node count: the line through the AR step runs through it, not through mc_sim_7b_63's."""
+    small = sv.Tree.from_paths([[0], [1], [0, 0]])
+    row = {"draft": "tree", "tree": {"name": "small", "paths": [list(p) for p in small.paths]},
+           "step_ms": {"draft_feed": 1.3, "draft_level": 1.2, "verify": 7.6, "draft_picks": 0.2}}
+    round_ms = ts.round_model(row, {"step_ms": {"target_step": 7.0}})
+    assert round_ms(small) == pytest.approx(1.3 + 1.2 + 7.6 + 0.2)
+    assert round_ms(MC_SIM_7B_63) == pytest.approx(1.3 + 4 * 1.2 + (7.0 + 0.2 * 25) + 0.2 * 5 / 2)  # 0.6 ms over 3 nodes
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
@@ -194,6 +207,29 @@ def test_the_command_line_grows_a_tree_from_a_bench_runs_costs(tmp_path, capsys)
     with pytest.raises(SystemExit):
         ts.main(["--bench", str(bench), "--frames", "4", "--out", str(out)])
     assert "no fast-path mc_sim_7b_63 tree row" in capsys.readouterr().err
+
+
+def test_the_command_line_takes_round_costs_from_a_row_of_another_tree(tmp_path, capsys):
+    """`--bench-tree NAME`: the costs come from the row that drafted the tree named NAME, its verification
+    set against its own node count."""
+    small = [[0], [1], [0, 0]]
+    steps = {"draft_feed": 1.3, "draft_level": 1.2, "verify": 7.6, "draft_picks": 0.2}
+    bench = tmp_path / "bench.json"
+    bench.write_text(json.dumps({"card": "a card", "rows": [
+        {"path": "fast", "method": "ar", "frames": 2, "step_ms": {"target_step": 7.0}},
+        {"path": "fast", "method": "specvlm", "draft": "tree", "drafter": "draft", "frames": 2, "ratio": 0.5,
+         "tree": {"name": "small", "paths": small}, "step_ms": steps}]}))
+    out = tmp_path / "tree.json"
+    common = ["--bench", str(bench), "--frames", "2", "--seeds", "0", "1", "--sizes", "4", "--depths", "2",
+              "--out", str(out)]
+    with pytest.raises(SystemExit):  # the default asks for an mc_sim_7b_63 row, which this run lacks
+        ts.main(common)
+    assert "no fast-path mc_sim_7b_63 tree row" in capsys.readouterr().err
+    assert ts.main([*common, "--bench-tree", "small"]) == 0
+    saved = json.loads(out.read_text())
+    row = json.loads(bench.read_text())["rows"][1]
+    assert saved["costs_from"]["tree"] == "small" and "small verification" in saved["assumptions"]
+    assert saved["round_ms"] == pytest.approx(ts.round_model(row, {"step_ms": {"target_step": 7.0}})(ts.read_tree(out)))
 
 
 def test_the_command_line_grows_a_tree_from_ranks_measured_elsewhere(tmp_path, capsys):
