@@ -51,7 +51,9 @@ needs to predict its speedup from this run alone:
                    on CUDA); the plain path and assisted generation get it unfused;
   "draft_few_rows" whether those fused products of a few rows ran as `few_rows.py`'s kernels.
   "draft_vocab"    on the fast path, the number of tokens the draft proposed from ($SPECVLM_DRAFT_VOCAB,
-                   `draft_vocab.py`; None: its whole vocabulary).
+                   `draft_vocab.py`; None: its whole vocabulary);
+  "draft_picks_kernel"  on the fast path, how a tree level's tokens were picked ($SPECVLM_PICKS): "torch"
+                   (`torch.topk`) or "triton" (`top_k.py`).
 """
 
 from __future__ import annotations
@@ -345,6 +347,8 @@ def measure(path: str, pair: Pair, prompt, draft_prompt, method: str, shape, rat
             max_new_tokens: int, repeats: int, step_repeats: int, timeline: bool = False, trees: dict | None = None) -> dict:
     """One method on one path: timed generations, then its isolated passes and memory; with
     `timeline` (fast path only) one more generation under the profiler (`timeline.profile_decode`)."""
+    from .fast import picks_kernel
+
     device = pair.target.device
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -366,7 +370,8 @@ def measure(path: str, pair: Pair, prompt, draft_prompt, method: str, shape, rat
             "step_ms": steps["step_ms"],
             "kv_bytes": kv, "timeline": profiled, "draft_fused": is_fused(pair.draft) if method != "ar" else None,
             "draft_few_rows": uses_few_rows(pair.draft) if method != "ar" else None,
-            "draft_vocab": draft_vocab_size(pair.draft) if path == "fast" and method != "ar" else None}
+            "draft_vocab": draft_vocab_size(pair.draft) if path == "fast" and method != "ar" else None,
+            "draft_picks_kernel": picks_kernel() if path == "fast" and method != "ar" else None}
 
 
 def draft_vocab_size(draft) -> int | None:
@@ -545,6 +550,7 @@ def make_row(path: str, frames: int, prompt, draft_prompt, drafter, method, shap
         "draft_fused": m.get("draft_fused"),  # the draft's projections stacked (`fusion.py`)
         "draft_few_rows": m.get("draft_few_rows"),  # ... and run as `few_rows.py`'s kernels
         "draft_vocab": m.get("draft_vocab"),  # the fast path's draft vocabulary, in tokens (None: whole)
+        "draft_picks_kernel": m.get("draft_picks_kernel"),  # its tree levels' top-k: "torch" or "triton"
         "divergence": first_divergence(target, prompt, differing, reference) if differing is not None else None,
         **({"tree": tree_record(shape, tree)} if tree is not None else {}),
         **({"timeline": m["timeline"]} if m.get("timeline") else {}),

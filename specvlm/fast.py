@@ -63,7 +63,7 @@ from .fusion import fuse_projections, is_fused, unfuse_projections, uses_few_row
 from .models import Pair, Prompt, VideoLM, head_dim
 from .sampling import check_temperature
 from .timeline import phase
-from . import flash_decode, split_merge
+from . import flash_decode, split_merge, top_k
 from .step_attention import (  # noqa: F401 (re-exported: fast.grouped_attention, fast.FLEX_MAX_QUERY, ...)
     ATTENTIONS, FLEX_ATTENTION, FLEX_BLOCK, FLEX_MAX_QUERY, FLEX_MIN_SLOTS, FLEX_ROWS, SPLIT_MIN_SLOTS, causal_pattern,
     flex_block_mask, flex_or_sdpa, float32_scores, grouped_attention, grouped_flex, merge_kernel,
@@ -625,6 +625,21 @@ def few_rows_draft() -> bool:
     return choice == "1"
 
 
+def picks_kernel(device: torch.device | None = None) -> str:
+    """How a tree level's tokens are picked from the draft's logits (`pick_level`): $SPECVLM_PICKS,
+    "torch" (default: `torch.topk`) or "triton" (`top_k.py`'s two kernels, a few microseconds where
+    `torch.topk` takes tens on an H100); read at every pick, so it may change between runs. With a
+    `device`, "triton" is an error where the kernels cannot run there."""
+    choice = os.environ.get("SPECVLM_PICKS") or "torch"
+    if choice not in ("torch", "triton"):
+        raise ValueError(f"SPECVLM_PICKS must be 'torch' or 'triton', got {choice!r}.")
+    if choice == "triton" and device is not None and not top_k.available(device):
+        raise ValueError("SPECVLM_PICKS=triton runs Triton kernels on a CUDA card of compute capability 8.0 or newer "
+                         "(or, on a CPU, in Triton's interpreter: TRITON_INTERPRET=1 before importing specvlm), and "
+                         f"the draft's logits lie on {device} (or Triton is missing); set SPECVLM_PICKS=torch or unset it.")
+    return choice
+
+
 CUDA_GRAPHS = ("manual", "trees")
 
 
@@ -806,8 +821,13 @@ def pick_level(draft: StaticLM, tree: Tree, levels: DraftLevels, depth: int, log
                tokens: torch.Tensor) -> None:
     """Write the tokens of the nodes at `depth` into `tokens` [N+1] (on the device, in place): each
     is the rank-th most likely token of its parent's row of `logits` [rows, V] (the root's for
-    depth 1, else the last level's passes). No copy to the host."""
-    top = draft.token_ids(logits.topk(levels.top[depth - 1]).indices)  # [rows, top]
+    depth 1, else the last level's passes), by `torch.topk` or `top_k.top_k_indices` ($SPECVLM_PICKS,
+    `picks_kernel`). No copy to the host."""
+    k = levels.top[depth - 1]
+    if picks_kernel(logits.device) == "triton":
+        top = top_k.top_k_indices(logits, k, ids=draft.vocabulary)  # [rows, k], ties lowest index first
+    else:
+        top = draft.token_ids(logits.topk(k).indices)  # [rows, k]
     rows, nodes, ranks = draft.constant(("picks", tree, depth), lambda: levels.pick_index[depth - 1])
     tokens[nodes] = top[rows, ranks]
 
@@ -883,6 +903,9 @@ def generate_fast(pair: Pair, prompt: Prompt, method: str = "specvlm", ratio: fl
     check_speculation(prompt, draft_prompt, ratio, mass, k, tree, max_new_tokens, seed)
     target, draft = pair.target, pair.draft
     levels = DraftLevels.of(tree) if tree is not None else None
+    if picks_kernel(pair.draft.device) == "triton" and levels is not None and max(levels.top) > top_k.MAX_K:
+        raise ValueError(f"the tree ranks up to {max(levels.top)} of the draft's tokens at a node, and SPECVLM_PICKS="
+                         f"triton picks at most {top_k.MAX_K}: set SPECVLM_PICKS=torch or take a narrower tree.")
     if draft_vocab is not None and levels is not None and len(draft_vocab) < max(levels.top):
         raise ValueError(f"the tree ranks up to {max(levels.top)} of the draft's tokens at a node, and its vocabulary "
                          f"has {len(draft_vocab)}: give the draft a vocabulary of at least {max(levels.top)} tokens "

@@ -1,0 +1,196 @@
+"""`top_k`: the Triton top-k of a few rows (run on the CPU in Triton's interpreter, which conftest
+turns on) against `torch.topk` and a stable sort, and the fast path's tree picks through it
+($SPECVLM_PICKS=triton): the same tokens and accepted counts, and the kernels really run."""
+
+import pytest
+import torch
+
+import specvlm as sv
+from specvlm import decoding, fast, synthetic, top_k
+from specvlm.__main__ import recorded_environment
+from specvlm.bench import bench
+from specvlm.trees import MC_SIM_7B_63
+
+pytestmark = pytest.mark.skipif(not top_k.available(torch.device("cpu")), reason="needs Triton's interpreter")
+
+
+def stable_top(x: torch.Tensor, k: int) -> torch.Tensor:
+    """The reference order: values descending, equal values lowest index first."""
+    return torch.sort(-x.float(), dim=-1, stable=True).indices[:, :k]
+
+
+@pytest.mark.parametrize("rows", [1, 3, 8, 16])
+@pytest.mark.parametrize("columns,k", [(columns, k) for columns in (7, 1000, 4097, 32768) for k in (1, 2, 4, 8)
+                                       if k <= columns])  # V less than a chunk, one, two and one column, sixteen
+def test_distinct_values_give_torch_topks_indices(rows, columns, k):
+    x = torch.randn(rows, columns, generator=torch.Generator().manual_seed(rows * columns + k))
+    got = top_k.top_k_indices(x, k)
+    expected = x.topk(k)
+    assert got.dtype == torch.long and got.shape == (rows, k)
+    assert torch.equal(got, expected.indices)
+    assert torch.equal(x.gather(1, got), expected.values)
+
+
+def test_the_docstrings_example():
+    x = torch.tensor([[1.0, 3.0, 3.0, 0.0]])
+    assert top_k.top_k_indices(x, 2).tolist() == [[1, 2]]
+    assert top_k.top_k_indices(x, 2, ids=torch.tensor([5, 6, 7, 8])).tolist() == [[6, 7]]
+
+
+@pytest.mark.parametrize("columns,block", [(40, 16), (300, 16), (40, top_k.BLOCK), (3 * top_k.BLOCK + 5, top_k.BLOCK)])
+def test_ties_go_to_the_lowest_index_within_and_across_chunks(columns, block):
+    """A handful of integer values: every pick is a tie, most of them between chunks."""
+    x = torch.randint(0, 4, (5, columns), generator=torch.Generator().manual_seed(columns)).float()
+    x[1] = 0.0  # one value everywhere: the first k columns
+    x[2, -1] = 9.0  # the largest in the last, partial chunk
+    x[3, 3::block] = 9.0  # tied maxima in every chunk, at the same offset
+    for k in (1, 5, 16):
+        got = top_k.top_k_indices(x, k, block=block)
+        assert torch.equal(got, stable_top(x, k)), k
+    assert top_k.top_k_indices(x, 3, block=block)[1].tolist() == [0, 1, 2]
+
+
+def test_infinities_and_nans_keep_the_picks_real_columns():
+    """-inf logits (a masked vocabulary) are ranked like any value, lowest index first; a NaN ranks as -inf."""
+    x = torch.full((3, 50), float("-inf"))
+    x[0, [7, 30]] = torch.tensor([1.0, 2.0])
+    x[1, 10] = float("nan")
+    x[1, 20] = float("inf")
+    x[2] = float("nan")
+    x[2, [30, 40]] = torch.tensor([1.0, float("-inf")])
+    assert top_k.top_k_indices(x, 4, block=16).tolist() == [[30, 7, 0, 1], [20, 0, 1, 2], [30, 0, 1, 2]]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_equals_the_float32_reference(dtype):
+    x = (torch.randn(4, 5000, generator=torch.Generator().manual_seed(3)) * 4).to(dtype)  # rounding makes ties
+    assert len(x[0].unique()) < 5000
+    assert torch.equal(top_k.top_k_indices(x, 8), top_k.top_k_indices(x.float(), 8))
+    assert torch.equal(top_k.top_k_indices(x, 8), stable_top(x, 8))
+
+
+def test_ids_map_the_columns_and_strided_rows_are_read():
+    x = torch.randn(3, 3000, generator=torch.Generator().manual_seed(4))
+    ids = torch.randperm(100_000, generator=torch.Generator().manual_seed(5))[:3000]
+    index = top_k.top_k_indices(x, 6)
+    assert torch.equal(top_k.top_k_indices(x, 6, ids=ids), ids[index])
+    wide = torch.randn(3, 4000)
+    wide[:, :3000] = x
+    assert torch.equal(top_k.top_k_indices(wide[:, :3000], 6), index)  # rows 4000 apart
+    assert torch.equal(top_k.top_k_indices(x.T.contiguous().T, 6), index)  # columns apart: copied
+
+
+def test_bad_inputs_are_refused_with_what_to_do():
+    x = torch.randn(2, 10)
+    with pytest.raises(ValueError, match=r"logits \[rows, V\] with rows and V at least 1, got \(10,\)"):
+        top_k.top_k_indices(x[0], 2)
+    with pytest.raises(ValueError, match=r"got \(0, 10\)"):
+        top_k.top_k_indices(x[:0], 2)
+    with pytest.raises(ValueError, match=r"1 to min\(MAX_K=16, V=10\) per row, got k=0"):
+        top_k.top_k_indices(x, 0)
+    with pytest.raises(ValueError, match="V=3.*got k=4"):
+        top_k.top_k_indices(x[:, :3], 4)
+    with pytest.raises(ValueError, match="got k=17; use torch.topk"):
+        top_k.top_k_indices(torch.randn(2, 100), top_k.MAX_K + 1)
+    with pytest.raises(ValueError, match=r"a long tensor \[10\] on cpu; got torch.int64 \(9,\)"):
+        top_k.top_k_indices(x, 2, ids=torch.arange(9))
+    with pytest.raises(ValueError, match=r"got torch.int32 \(10,\)"):
+        top_k.top_k_indices(x, 2, ids=torch.arange(10, dtype=torch.int32))
+    with pytest.raises(ValueError, match="got torch.float64"):
+        top_k.top_k_indices(x.double(), 2)
+    with pytest.raises(ValueError, match="power of two"):
+        top_k.top_k_indices(x, 2, block=1000)
+
+
+def test_only_a_recent_card_or_the_interpreter(monkeypatch):
+    assert top_k.available(torch.device("cpu"), torch.bfloat16)
+    assert not top_k.available(torch.device("cpu"), torch.float64)
+    monkeypatch.setattr(top_k, "INTERPRETED", False)
+    assert not top_k.available(torch.device("cpu"))
+    monkeypatch.setenv("SPECVLM_PICKS", "triton")
+    with pytest.raises(ValueError, match="set SPECVLM_PICKS=torch or unset it"):
+        fast.picks_kernel(torch.device("cpu"))
+    assert fast.picks_kernel() == "triton"  # no device: the setting only
+
+
+# ----------------------------------------------------------------------------------------
+# the fast path's picks
+
+
+@pytest.fixture(scope="module")
+def embedded():
+    return sv.load_pair("tiny", device="cpu")
+
+
+def counting(monkeypatch) -> list:
+    calls = []
+
+    def counted(logits, k, ids=None, original=top_k.top_k_indices, **kwargs):
+        calls.append(ids)
+        return original(logits, k, ids, **kwargs)
+
+    monkeypatch.setattr(top_k, "top_k_indices", counted)
+    return calls
+
+
+@pytest.mark.parametrize("clip", ["bikes", "bigbuckbunny"])
+def test_triton_picks_give_torchs_tokens_and_accepted_counts(embedded, clip, monkeypatch):
+    prompt = embedded.target.prepare(sv.sample_video(clip, 3))
+    options = dict(method="specvlm", ratio=0.5, tree=MC_SIM_7B_63, max_new_tokens=16, compile=False)
+    monkeypatch.setenv("SPECVLM_PICKS", "torch")
+    calls = counting(monkeypatch)
+    torch_picks = fast.generate_fast(embedded, prompt, **options)
+    assert not calls
+    monkeypatch.setenv("SPECVLM_PICKS", "triton")  # read at every pick: it may change between runs
+    triton_picks = fast.generate_fast(embedded, prompt, **options)
+    assert triton_picks.tokens == torch_picks.tokens == decoding.generate_ar(embedded.target, prompt, 16).tokens
+    assert triton_picks.accepted == torch_picks.accepted and sum(triton_picks.accepted) > 0
+    assert calls and len(calls) % MC_SIM_7B_63.depth == 0  # every tree round picks each level once
+    assert all(ids is None for ids in calls)  # the whole vocabulary: the columns are the token ids
+
+
+def test_triton_picks_map_a_scattered_vocabulary_back_to_its_tokens(embedded, monkeypatch):
+    """Kept ids that are not 0..N-1 (as in test_draft_vocab): the kernel's ids mapping gives what
+    torch.topk and `StaticLM.token_ids` give, round for round."""
+    prompt = embedded.target.prepare(sv.sample_video("bikes", 3))
+    answer = decoding.generate_ar(embedded.target, prompt, 16).tokens
+    specials = set(embedded.draft.tokenizer.all_special_ids) | set(embedded.draft.eos_token_ids)
+    ids = torch.tensor(sorted(set(answer) | specials | set(range(1, 512, 3))))
+    options = dict(method="specvlm", ratio=0.5, tree=MC_SIM_7B_63, max_new_tokens=16, compile=False, draft_vocab=ids)
+    monkeypatch.setenv("SPECVLM_PICKS", "torch")
+    torch_picks = fast.generate_fast(embedded, prompt, **options)
+    calls = counting(monkeypatch)
+    monkeypatch.setenv("SPECVLM_PICKS", "triton")
+    triton_picks = fast.generate_fast(embedded, prompt, **options)
+    assert triton_picks.tokens == torch_picks.tokens == answer
+    assert triton_picks.accepted == torch_picks.accepted and sum(triton_picks.accepted) > 0
+    assert calls and all(torch.equal(got, ids) for got in calls)
+
+
+def test_a_bad_setting_is_refused_before_any_prefill(embedded, monkeypatch):
+    calls = []
+    monkeypatch.setattr(fast, "prefill_target", lambda *a, **k: calls.append(a))
+    prompt = embedded.target.prepare(sv.sample_video("bikes", 2))
+    monkeypatch.setenv("SPECVLM_PICKS", "cuda")
+    with pytest.raises(ValueError, match="SPECVLM_PICKS must be 'torch' or 'triton', got 'cuda'"):
+        fast.generate_fast(embedded, prompt, tree=MC_SIM_7B_63, compile=False)
+    monkeypatch.setenv("SPECVLM_PICKS", "triton")
+    wide = sv.Tree.from_paths([[rank] for rank in range(top_k.MAX_K + 1)])
+    with pytest.raises(ValueError, match="ranks up to 17 .* picks at most 16"):
+        fast.generate_fast(embedded, prompt, tree=wide, compile=False)
+    monkeypatch.setattr(top_k, "INTERPRETED", False)
+    with pytest.raises(ValueError, match="Triton's interpreter"):
+        fast.generate_fast(embedded, prompt, k=3, compile=False)
+    assert not calls
+
+
+def test_fast_rows_record_their_picks_kernel(embedded, monkeypatch):
+    monkeypatch.setenv("SPECVLM_PICKS", "triton")
+    video_for = lambda frames: sv.from_array(synthetic.make_clip(0, num_frames=frames).frames, fps=8.0)
+    result = bench(embedded, video_for, [1], max_new_tokens=6, repeats=1, step_repeats=1, paths=("plain", "fast"),
+                   only=["specvlm-tree-0.5"])
+    picks = {(r["path"], r["method"]): r["draft_picks_kernel"] for r in result["rows"]}
+    assert picks == {("plain", "ar"): None, ("plain", "specvlm"): None, ("fast", "ar"): None,
+                     ("fast", "specvlm"): "triton"}
+    assert all(r["equal_to_ar"] for r in result["rows"])
+    assert "SPECVLM_PICKS=triton " in recorded_environment()
