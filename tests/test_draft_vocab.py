@@ -19,6 +19,13 @@ def embedded():
     return sv.load_pair("tiny", device="cpu")
 
 
+def scattered_vocabulary(draft, answer, first: int = 1) -> torch.Tensor:
+    """Sorted kept ids that are not 0..N-1: the answer's own tokens, the special tokens and every third id
+    from `first`."""
+    specials = set(draft.tokenizer.all_special_ids) | set(draft.eos_token_ids)
+    return torch.tensor(sorted(set(answer) | specials | set(range(first, 512, 3))))
+
+
 def test_first_tokens_keeps_the_lowest_ids_and_every_special_token(embedded):
     draft = embedded.draft
     specials = set(draft.tokenizer.all_special_ids) | set(draft.eos_token_ids)
@@ -97,8 +104,7 @@ def test_a_scattered_vocabulary_maps_every_pick_back_to_its_token(embedded, clip
     prompt = embedded.target.prepare(sv.sample_video(clip, 3))
     options = dict(method="specvlm", ratio=0.5, tree=tree, k=k, max_new_tokens=24)
     answer = decoding.generate_ar(embedded.target, prompt, 24).tokens
-    specials = set(embedded.draft.tokenizer.all_special_ids) | set(embedded.draft.eos_token_ids)
-    ids = torch.tensor(sorted(set(answer) | specials | set(range(1, 512, 3))))
+    ids = scattered_vocabulary(embedded.draft, answer)
     assert not torch.equal(ids, torch.arange(len(ids)))
     result = fast.generate_fast(embedded, prompt, compile=False, draft_vocab=ids, **options)
     monkeypatch.setattr(embedded.draft.model, "lm_head", _MaskedOutput(embedded.draft.model.lm_head, ids))
@@ -224,8 +230,7 @@ def test_a_draft_vocabulary_with_the_few_rows_kernels_keeps_the_tokens_and_the_r
     pair = sv.models.Pair(embedded.target, copy.deepcopy(embedded.draft), name="embedded copy")
     prompt = embedded.target.prepare(sv.sample_video("bikes", 3))
     answer = decoding.generate_ar(embedded.target, prompt, 20).tokens
-    specials = set(pair.draft.tokenizer.all_special_ids) | set(pair.draft.eos_token_ids)
-    ids = torch.tensor(sorted(set(answer) | specials | set(range(2, 512, 3))))
+    ids = scattered_vocabulary(pair.draft, answer, first=2)
     options = dict(method="specvlm", ratio=0.5, tree=MC_SIM_7B_63, max_new_tokens=20, compile=False, draft_vocab=ids)
     monkeypatch.setenv("SPECVLM_FUSE_DRAFT", "1")
     monkeypatch.setenv("SPECVLM_FEW_ROWS", "0")

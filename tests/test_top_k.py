@@ -11,6 +11,8 @@ from specvlm.__main__ import recorded_environment
 from specvlm.bench import bench
 from specvlm.trees import MC_SIM_7B_63
 
+from .test_draft_vocab import scattered_vocabulary
+
 pytestmark = pytest.mark.skipif(not top_k.available(torch.device("cpu")), reason="needs Triton's interpreter")
 
 
@@ -154,8 +156,7 @@ def test_triton_picks_map_a_scattered_vocabulary_back_to_its_tokens(embedded, mo
     torch.topk and `StaticLM.token_ids` give, round for round."""
     prompt = embedded.target.prepare(sv.sample_video("bikes", 3))
     answer = decoding.generate_ar(embedded.target, prompt, 16).tokens
-    specials = set(embedded.draft.tokenizer.all_special_ids) | set(embedded.draft.eos_token_ids)
-    ids = torch.tensor(sorted(set(answer) | specials | set(range(1, 512, 3))))
+    ids = scattered_vocabulary(embedded.draft, answer)
     options = dict(method="specvlm", ratio=0.5, tree=MC_SIM_7B_63, max_new_tokens=16, compile=False, draft_vocab=ids)
     monkeypatch.setenv("SPECVLM_PICKS", "torch")
     torch_picks = fast.generate_fast(embedded, prompt, **options)
