@@ -44,7 +44,7 @@ def host_us(fn, calls: int = 100) -> float:
 def measure(vocab: int, rows: int, k: int, mapped: bool, repeats: int) -> list[dict]:
     generator = torch.Generator("cuda").manual_seed(rows * 1000 + k)
     logits = torch.randn(rows, vocab, generator=generator, device="cuda")
-    ids = torch.randperm(152000, generator=generator, device="cuda")[:vocab].sort().values if mapped else None
+    ids = torch.randperm(max(vocab, 152000), generator=generator, device="cuda")[:vocab].sort().values if mapped else None
     variants = {
         "torch.topk": lambda: (logits.topk(k).indices if ids is None else ids[logits.topk(k).indices]),
         "top_k": lambda: top_k.top_k_indices(logits, k, ids=ids),

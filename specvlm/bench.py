@@ -52,8 +52,8 @@ needs to predict its speedup from this run alone:
   "draft_few_rows" whether those fused products of a few rows ran as `few_rows.py`'s kernels.
   "draft_vocab"    on the fast path, the number of tokens the draft proposed from ($SPECVLM_DRAFT_VOCAB,
                    `draft_vocab.py`; None: its whole vocabulary);
-  "draft_picks_kernel"  on the fast path, how a tree level's tokens were picked ($SPECVLM_PICKS): "torch"
-                   (`torch.topk`) or "triton" (`top_k.py`).
+  "draft_picks_kernel"  on the fast path's tree rows, how a tree level's tokens were picked ($SPECVLM_PICKS):
+                   "torch" (`torch.topk`) or "triton" (`top_k.py`); None elsewhere (a chain picks by argmax).
 """
 
 from __future__ import annotations
@@ -317,7 +317,7 @@ def round_glue(target, draft, tree, levels, verify, reset, draft_logits: torch.T
     `draft_logits` (a draft step's output, [1, V]); `verify()` runs one verification from slot
     `start`, `reset()` sets the target's write position back there. Every cache's write position
     ends where it started."""
-    from .fast import accept_round, path_moves, pick_level, to_target
+    from .fast import accept_round, path_moves, pick_level, picks_kernel, to_target
 
     device, draft_device = target.lm.device, draft_logits.device
     queued_ms = functools.partial(median_ms, device, repeats=repeats, queued=QUEUED)
@@ -327,9 +327,11 @@ def round_glue(target, draft, tree, levels, verify, reset, draft_logits: torch.T
     logits = [torch.randn(n, vocab, generator=generator, device=draft_device).to(draft_logits.dtype) for n in rows]
     tokens = torch.zeros(tree.num_nodes, dtype=torch.long, device=draft_device)  # as `fast.draft_tree` keeps them
 
+    kernel = picks_kernel(draft_device)
+
     def picks():
         for depth, level_logits in enumerate(logits[:tree.depth], start=1):
-            pick_level(draft, tree, levels, depth, level_logits, tokens)
+            pick_level(draft, tree, levels, depth, level_logits, tokens, kernel)
 
     glue = {"draft_picks": queued_ms(picks, lambda: None)}
     verify_logits = verify().clone()  # a static output buffer: the next step may overwrite it
@@ -371,7 +373,7 @@ def measure(path: str, pair: Pair, prompt, draft_prompt, method: str, shape, rat
             "kv_bytes": kv, "timeline": profiled, "draft_fused": is_fused(pair.draft) if method != "ar" else None,
             "draft_few_rows": uses_few_rows(pair.draft) if method != "ar" else None,
             "draft_vocab": draft_vocab_size(pair.draft) if path == "fast" and method != "ar" else None,
-            "draft_picks_kernel": picks_kernel() if path == "fast" and method != "ar" else None}
+            "draft_picks_kernel": picks_kernel() if path == "fast" and tree_of(shape, trees) is not None else None}
 
 
 def draft_vocab_size(draft) -> int | None:

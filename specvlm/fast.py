@@ -628,8 +628,8 @@ def few_rows_draft() -> bool:
 def picks_kernel(device: torch.device | None = None) -> str:
     """How a tree level's tokens are picked from the draft's logits (`pick_level`): $SPECVLM_PICKS,
     "torch" (default: `torch.topk`) or "triton" (`top_k.py`'s two kernels, a few microseconds where
-    `torch.topk` takes tens on an H100); read at every pick, so it may change between runs. With a
-    `device`, "triton" is an error where the kernels cannot run there."""
+    `torch.topk` takes tens on an H100); `generate_fast` reads it once per generation, so it may
+    change between runs. With a `device`, "triton" is an error where the kernels cannot run there."""
     choice = os.environ.get("SPECVLM_PICKS") or "torch"
     if choice not in ("torch", "triton"):
         raise ValueError(f"SPECVLM_PICKS must be 'torch' or 'triton', got {choice!r}.")
@@ -739,6 +739,7 @@ class Run:
     feed_width: int  # the most committed tokens the draft may have to catch up on
     draft_seen: int = 0
     draft_prefix: int = 0  # draft cache slots before the first generated token
+    picks: str = "torch"  # how tree levels pick their tokens (`picks_kernel`), read once per generation
     # the last tree round's KV move (source, dest slots), not queued yet: the next round queues its
     # draft passes first, so the host launches the move while the device runs them
     target_move: tuple[list[int], list[int]] | None = None
@@ -806,7 +807,7 @@ def draft_tree(run: Run, tree: Tree, levels: DraftLevels) -> torch.Tensor:
     logits = run.draft_feed()[None]  # [1, V]: the root's
     base = draft.length
     for depth in range(1, tree.depth + 1):
-        pick_level(draft, tree, levels, depth, logits, tokens)
+        pick_level(draft, tree, levels, depth, logits, tokens, run.picks)
         if depth > len(levels.nodes):
             break
         expand = draft.constant(("expand", tree, depth), lambda: levels.expand_index[depth - 1])
@@ -818,13 +819,13 @@ def draft_tree(run: Run, tree: Tree, levels: DraftLevels) -> torch.Tensor:
 
 
 def pick_level(draft: StaticLM, tree: Tree, levels: DraftLevels, depth: int, logits: torch.Tensor,
-               tokens: torch.Tensor) -> None:
+               tokens: torch.Tensor, kernel: str = "torch") -> None:
     """Write the tokens of the nodes at `depth` into `tokens` [N+1] (on the device, in place): each
     is the rank-th most likely token of its parent's row of `logits` [rows, V] (the root's for
-    depth 1, else the last level's passes), by `torch.topk` or `top_k.top_k_indices` ($SPECVLM_PICKS,
-    `picks_kernel`). No copy to the host."""
+    depth 1, else the last level's passes), by `torch.topk` (`kernel` "torch") or
+    `top_k.top_k_indices` ("triton", as `picks_kernel` returns it). No copy to the host."""
     k = levels.top[depth - 1]
-    if picks_kernel(logits.device) == "triton":
+    if kernel == "triton":
         top = top_k.top_k_indices(logits, k, ids=draft.vocabulary)  # [rows, k], ties lowest index first
     else:
         top = draft.token_ids(logits.topk(k).indices)  # [rows, k]
@@ -898,12 +899,15 @@ def generate_fast(pair: Pair, prompt: Prompt, method: str = "specvlm", ratio: fl
     check_ratio(ratio)
     attention = fast_attention(attention)
     draft_vocab = draft_vocabulary(pair.draft, draft_vocab)  # checked before any prefill, for every method
+    picks = picks_kernel()  # likewise
     if method == "ar":
         return _generate_ar(pair.target, prompt, max_new_tokens, compile, fast_attention(attention, "target"))
     check_speculation(prompt, draft_prompt, ratio, mass, k, tree, max_new_tokens, seed)
     target, draft = pair.target, pair.draft
     levels = DraftLevels.of(tree) if tree is not None else None
-    if picks_kernel(pair.draft.device) == "triton" and levels is not None and max(levels.top) > top_k.MAX_K:
+    if levels is not None:
+        picks_kernel(pair.draft.device)  # only trees pick by top-k: the kernels must run where the draft does
+    if picks == "triton" and levels is not None and max(levels.top) > top_k.MAX_K:
         raise ValueError(f"the tree ranks up to {max(levels.top)} of the draft's tokens at a node, and SPECVLM_PICKS="
                          f"triton picks at most {top_k.MAX_K}: set SPECVLM_PICKS=torch or take a narrower tree.")
     if draft_vocab is not None and levels is not None and len(draft_vocab) < max(levels.top):
@@ -933,7 +937,8 @@ def generate_fast(pair: Pair, prompt: Prompt, method: str = "specvlm", ratio: fl
     del draft_cache
     watch.lap("draft_prefill")
 
-    run = Run(fast_target, fast_draft, prompt, draft_prompt, [first], depth + 1, feed_width, draft_prefix=draft_prefix)
+    run = Run(fast_target, fast_draft, prompt, draft_prompt, [first], depth + 1, feed_width, draft_prefix=draft_prefix,
+              picks=picks)
     accepted = []
     with phase("decode"):
         while len(run.out) < max_new_tokens and not target.eos_token_ids.intersection(run.out):

@@ -30,6 +30,7 @@ $TRITON_INTERPRET=1 is set before import (the tests do), as `flash_decode.py`'s 
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import torch
@@ -43,6 +44,7 @@ except ImportError:  # a build of torch without Triton: `available` says no
 BLOCK = 2048  # columns per program of the first kernel: 75 chunks of a 152k vocabulary
 NUM_WARPS = 4
 MAX_K = 16  # the most picks per row: each is a round of two reductions in both kernels
+MAX_CANDIDATES = 8192  # the most (chunks x k) one program of the merge holds: 152k columns at k=16 make 1,200
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 # Triton decides when a kernel is defined, so this is read once, at import
@@ -70,7 +72,7 @@ if triton is not None:
         chunk = tl.program_id(1)
         cols = chunk * BLOCK + tl.arange(0, BLOCK)
         alive = cols < columns
-        x = tl.load(x_ptr + row * stride + cols, mask=alive, other=float("-inf")).to(tl.float32)
+        x = tl.load(x_ptr + row.to(tl.int64) * stride + cols, mask=alive, other=float("-inf")).to(tl.float32)
         x = tl.where(x == x, x, float("-inf"))  # NaN
         out = (row * tl.num_programs(1) + chunk) * K
         for i in tl.static_range(K):
@@ -123,12 +125,17 @@ def top_k_indices(logits: torch.Tensor, k: int, ids: torch.Tensor | None = None,
     if logits.stride(1) != 1:
         logits = logits.contiguous()
     chunks = -(-columns // block)
+    if chunks * k > MAX_CANDIDATES:
+        raise ValueError(f"top_k_indices merges at most {MAX_CANDIDATES} candidates per row, and {chunks} chunks of "
+                         f"{block} columns x k={k} make {chunks * k}: take a larger block.")
     values = torch.empty(rows, chunks * k, dtype=torch.float32, device=logits.device)
     picked = torch.empty(rows, chunks * k, dtype=torch.int32, device=logits.device)
     out = torch.empty(rows, k, dtype=torch.long, device=logits.device)
-    _chunk_top_k[(rows, chunks)](logits, values, picked, columns, logits.stride(0), K=k, BLOCK=block,
-                                 num_warps=NUM_WARPS)
-    _merge_top_k[(rows,)](values, picked, out if ids is None else ids.contiguous(), out, columns,
-                          CANDIDATES=chunks * k, K=k, BLOCK_C=triton.next_power_of_2(chunks * k),
-                          HAS_IDS=ids is not None, num_warps=NUM_WARPS)
+    with torch.cuda.device(logits.device) if logits.device.type == "cuda" else contextlib.nullcontext():
+        # Triton launches on the current device: a draft on another card than the target's
+        _chunk_top_k[(rows, chunks)](logits, values, picked, columns, logits.stride(0), K=k, BLOCK=block,
+                                     num_warps=NUM_WARPS)
+        _merge_top_k[(rows,)](values, picked, out if ids is None else ids.contiguous(), out, columns,
+                              CANDIDATES=chunks * k, K=k, BLOCK_C=triton.next_power_of_2(chunks * k),
+                              HAS_IDS=ids is not None, num_warps=NUM_WARPS)
     return out

@@ -102,6 +102,8 @@ def test_bad_inputs_are_refused_with_what_to_do():
         top_k.top_k_indices(x.double(), 2)
     with pytest.raises(ValueError, match="power of two"):
         top_k.top_k_indices(x, 2, block=1000)
+    with pytest.raises(ValueError, match="4097 chunks of 16 columns x k=2 make 8194: take a larger block"):
+        top_k.top_k_indices(torch.randn(1, 16 * 4097), 2, block=16)
 
 
 def test_only_a_recent_card_or_the_interpreter(monkeypatch):
@@ -143,7 +145,7 @@ def test_triton_picks_give_torchs_tokens_and_accepted_counts(embedded, clip, mon
     calls = counting(monkeypatch)
     torch_picks = fast.generate_fast(embedded, prompt, **options)
     assert not calls
-    monkeypatch.setenv("SPECVLM_PICKS", "triton")  # read at every pick: it may change between runs
+    monkeypatch.setenv("SPECVLM_PICKS", "triton")  # read once per generation: it may change between runs
     triton_picks = fast.generate_fast(embedded, prompt, **options)
     assert triton_picks.tokens == torch_picks.tokens == decoding.generate_ar(embedded.target, prompt, 16).tokens
     assert triton_picks.accepted == torch_picks.accepted and sum(triton_picks.accepted) > 0
@@ -181,17 +183,28 @@ def test_a_bad_setting_is_refused_before_any_prefill(embedded, monkeypatch):
         fast.generate_fast(embedded, prompt, tree=wide, compile=False)
     monkeypatch.setattr(top_k, "INTERPRETED", False)
     with pytest.raises(ValueError, match="Triton's interpreter"):
-        fast.generate_fast(embedded, prompt, k=3, compile=False)
+        fast.generate_fast(embedded, prompt, tree=MC_SIM_7B_63, compile=False)
+    monkeypatch.setenv("SPECVLM_PICKS", "cuda")
+    with pytest.raises(ValueError, match="SPECVLM_PICKS must be"):  # checked for AR too, as every setting is
+        fast.generate_fast(embedded, prompt, method="ar", compile=False)
     assert not calls
+
+
+def test_a_chain_never_picks_by_top_k_so_the_setting_does_not_stop_it(embedded, monkeypatch):
+    prompt = embedded.target.prepare(sv.sample_video("bikes", 2))
+    monkeypatch.setenv("SPECVLM_PICKS", "triton")
+    monkeypatch.setattr(top_k, "INTERPRETED", False)  # the kernels could not run here
+    result = fast.generate_fast(embedded, prompt, k=3, max_new_tokens=8, compile=False)
+    assert result.tokens == decoding.generate_ar(embedded.target, prompt, 8).tokens
 
 
 def test_fast_rows_record_their_picks_kernel(embedded, monkeypatch):
     monkeypatch.setenv("SPECVLM_PICKS", "triton")
     video_for = lambda frames: sv.from_array(synthetic.make_clip(0, num_frames=frames).frames, fps=8.0)
     result = bench(embedded, video_for, [1], max_new_tokens=6, repeats=1, step_repeats=1, paths=("plain", "fast"),
-                   only=["specvlm-tree-0.5"])
-    picks = {(r["path"], r["method"]): r["draft_picks_kernel"] for r in result["rows"]}
-    assert picks == {("plain", "ar"): None, ("plain", "specvlm"): None, ("fast", "ar"): None,
-                     ("fast", "specvlm"): "triton"}
+                   only=["specvlm-tree-0.5", "specvlm-chain-0.9"])
+    picks = {(r["path"], r["method"], r["draft"]): r["draft_picks_kernel"] for r in result["rows"]}
+    assert picks == {("plain", "ar", None): None, ("plain", "specvlm", "tree"): None, ("plain", "specvlm", "chain"): None,
+                     ("fast", "ar", None): None, ("fast", "specvlm", "tree"): "triton", ("fast", "specvlm", "chain"): None}
     assert all(r["equal_to_ar"] for r in result["rows"])
     assert "SPECVLM_PICKS=triton " in recorded_environment()
