@@ -240,7 +240,8 @@ def bench(args) -> int:
     if args.widen:
         facts["widened_to"] = {"target": args.widen[0], "draft": args.widen[1]}
     # saved after every row, so a run cut short by a time limit still says where and how it ran
-    result = run(pair, video_for, args.frames, args.max_new_tokens, args.k, args.repeats, paths=args.paths,
+    result = run(pair, video_for, args.frames, args.max_new_tokens, args.k, args.repeats, question=args.question,
+                 paths=args.paths,
                  transformers_baselines=args.transformers, self_speculation=args.self_speculation,
                  step_repeats=args.step_repeats, stand_in=stand_in, only=args.only, timeline=args.timeline,
                  selection=args.selection, trees=dict(args.tree or []),
@@ -311,6 +312,7 @@ def costs(args) -> int:
 
 
 def main(argv=None) -> int:
+    from .models import DEFAULT_QUESTION
     from .video import SAMPLE_CLIPS
 
     parser = argparse.ArgumentParser(prog="python -m specvlm", description=__doc__.splitlines()[0])
@@ -329,7 +331,7 @@ def main(argv=None) -> int:
     d.add_argument("--ratio", type=ratio, default=0.9, help="share of the draft's video tokens to prune")
     d.add_argument("--k", type=positive_int, default=5, help="draft tokens per round")
     d.add_argument("--max-new-tokens", type=positive_int, default=48)
-    d.add_argument("--question", type=question, default="Describe the video.")
+    d.add_argument("--question", type=question, default=DEFAULT_QUESTION)
     d.add_argument("--device", type=device, default=None, help="cpu or cuda (default: cuda when available)")
     b = commands.add_parser("bench", help="decode time of AR, SD and SpecVLM (chain and tree) on one pair")
     b.add_argument("--target", default="tiny")
@@ -341,6 +343,7 @@ def main(argv=None) -> int:
     b.add_argument("--frames", type=positive_int, nargs="+", default=[16, 64])
     b.add_argument("--k", type=positive_int, default=5)
     b.add_argument("--max-new-tokens", type=positive_int, default=64)
+    b.add_argument("--question", type=question, default=DEFAULT_QUESTION, help="asked of every clip (default: %(default)s)")
     b.add_argument("--repeats", type=positive_int, default=3)
     b.add_argument("--paths", nargs="+", choices=("plain", "fast"), default=["plain"],
                    help="plain: dynamic caches; fast: static caches and CUDA graphs (fast.py)")

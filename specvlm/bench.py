@@ -72,7 +72,7 @@ import transformers
 from .cost_model import DEFAULT_TREE_NAME, histogram, tree_name
 from .decoding import Stopwatch, generate_ar, generate_sd, positions, prefill_pruned
 from .fusion import is_fused, unfuse_projections, uses_few_rows
-from .models import Pair
+from .models import DEFAULT_QUESTION, Pair
 from .trees import MC_SIM_7B_63, Tree, tree_attention_bias
 
 RUNS = (
@@ -559,7 +559,7 @@ def make_row(path: str, frames: int, prompt, draft_prompt, drafter, method, shap
     }
 
 
-def bench(pair: Pair, video_for, frames_list, max_new_tokens=64, k=5, repeats=3, question="Describe the video.",
+def bench(pair: Pair, video_for, frames_list, max_new_tokens=64, k=5, repeats=3, question=DEFAULT_QUESTION,
           paths=("plain",), transformers_baselines: bool = False, self_speculation: bool = False,
           step_repeats: int = 5, stand_in: bool | None = None, progress=None, only=None,
           timeline: bool = False, selection: bool = False, trees: dict[str, Tree] | None = None) -> dict:
@@ -593,7 +593,7 @@ def bench(pair: Pair, video_for, frames_list, max_new_tokens=64, k=5, repeats=3,
     paths = tuple(sorted(dict.fromkeys(paths), key=lambda path: path != "plain"))  # the plain AR is the reference
     rows = []
     header = {**run_facts(pair, stand_in, max_new_tokens, k, repeats, step_repeats, self_speculation, selection),
-              "reference": f"AR on the {paths[0]} path"}
+              "question": question, "reference": f"AR on the {paths[0]} path"}
 
     def report(done=(), partial=True) -> dict:  # the result so far: every fact of the run, its rows
         fast = {}

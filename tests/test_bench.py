@@ -135,10 +135,11 @@ def test_round_glue_times_what_a_tree_round_runs_and_leaves_the_caches_where_the
     seen = {"depths": [], "dtypes": set(), "accepted": 0, "moves": []}
     pick, accept, move = fast.pick_level, fast.accept_round, fast.StaticLM.move
 
-    def pick_spy(draft, tree, levels, depth, logits, tokens):
+    def pick_spy(draft, tree, levels, depth, logits, tokens, kernel):
         seen["depths"].append(depth)
         seen["dtypes"].add(logits.dtype)
-        return pick(draft, tree, levels, depth, logits, tokens)
+        assert kernel == "torch"  # $SPECVLM_PICKS unset: the default, as the round itself picks
+        return pick(draft, tree, levels, depth, logits, tokens, kernel)
 
     def accept_spy(tree, tokens, logits):
         seen["accepted"] += 1
@@ -554,3 +555,18 @@ def test_a_named_tree_adds_rows_that_record_their_tree_and_equal_ar(embedded, pa
         bench(embedded, synthetic_video, [2], trees={"a:b": grown})
     with pytest.raises(ValueError, match="not among this call's rows"):
         bench(embedded, synthetic_video, [2], only=["specvlm-tree:other-0.5"], trees={"grown": grown})
+
+
+def test_bench_asks_every_prompt_the_question_it_is_given_and_records_it(embedded, monkeypatch):
+    asked = []
+    for model in (embedded.target, embedded.draft):
+        prepare = model.prepare
+        monkeypatch.setattr(model, "prepare", lambda video, question, prepare=prepare: asked.append(question)
+                            or prepare(video, question))
+    result = bench(embedded, synthetic_video, [1], max_new_tokens=4, repeats=1, step_repeats=1,
+                   only=["specvlm-chain-0.9"], question="What moves in the video?")
+    assert result["question"] == "What moves in the video?"
+    assert asked and set(asked) == {"What moves in the video?"}
+    assert all(r["equal_to_ar"] for r in result["rows"])
+    default = bench(embedded, synthetic_video, [1], max_new_tokens=4, repeats=1, step_repeats=1, only=["ar"])
+    assert default["question"] == sv.models.DEFAULT_QUESTION

@@ -82,6 +82,7 @@ def test_demo_refuses_bad_flags_before_loading(capsys, tmp, nothing_loads, argv,
     (["--only", "self-sd-chain-0", "--self"], r"argument --only: .*name no row"),  # not a self row
     (["--only", "specvlm-tree:grown-0.5"], r"argument --only: .*name no row"),  # needs --tree grown=...
     (["--tree", "grown"], r"argument --tree: expected NAME=FILE"),
+    (["--question", "  "], r"argument --question: expected a question about the video"),
     (["--tree", "a:b={tmp}/t.json"], r"argument --tree: expected NAME=FILE"),
     (["--tree", "grown=/nowhere-specvlm/t.json"], r"argument --tree: /nowhere-specvlm/t.json: .*No such file"),
 ])
@@ -185,6 +186,19 @@ def test_bench_compiles_with_combo_kernels_only_when_asked(tmp, monkeypatch, fla
     result = json.loads(out.read_text())
     assert seen == [bool(flag)] and result["combo_kernels"] is bool(flag)
     assert ("--combo-kernels" in result["command"]) is bool(flag)
+
+
+def test_bench_passes_its_question_on_and_records_it(tmp, monkeypatch):
+    from specvlm import bench as bench_module
+
+    seen = {}
+    monkeypatch.setattr(bench_module, "bench", lambda *args, **kwargs: seen.update(kwargs) or {"card": "Test Card", "rows": []})
+    monkeypatch.setattr(bench_module, "table", lambda result: "")
+    out = tmp / "b.json"
+    assert main(["bench", "--frames", "1", "--device", "cpu", "--question", "What moves?", "--out", str(out)]) == 0
+    assert seen["question"] == "What moves?" and "--question 'What moves?'" in json.loads(out.read_text())["command"]
+    assert main(["bench", "--frames", "1", "--device", "cpu", "--out", str(out)]) == 0
+    assert seen["question"] == "Describe the video."
 
 
 def test_profile_compiles_with_combo_kernels_when_asked(tmp, monkeypatch):
