@@ -899,14 +899,13 @@ def generate_fast(pair: Pair, prompt: Prompt, method: str = "specvlm", ratio: fl
     check_ratio(ratio)
     attention = fast_attention(attention)
     draft_vocab = draft_vocabulary(pair.draft, draft_vocab)  # checked before any prefill, for every method
-    picks = picks_kernel()  # likewise
+    # likewise; only trees pick by top-k, so only they need the kernels where the draft runs
+    picks = picks_kernel(pair.draft.device if tree is not None and method != "ar" else None)
     if method == "ar":
         return _generate_ar(pair.target, prompt, max_new_tokens, compile, fast_attention(attention, "target"))
     check_speculation(prompt, draft_prompt, ratio, mass, k, tree, max_new_tokens, seed)
     target, draft = pair.target, pair.draft
     levels = DraftLevels.of(tree) if tree is not None else None
-    if levels is not None:
-        picks_kernel(pair.draft.device)  # only trees pick by top-k: the kernels must run where the draft does
     if picks == "triton" and levels is not None and max(levels.top) > top_k.MAX_K:
         raise ValueError(f"the tree ranks up to {max(levels.top)} of the draft's tokens at a node, and SPECVLM_PICKS="
                          f"triton picks at most {top_k.MAX_K}: set SPECVLM_PICKS=torch or take a narrower tree.")
