@@ -54,6 +54,8 @@ needs to predict its speedup from this run alone:
                    `draft_vocab.py`; None: its whole vocabulary);
   "draft_picks_kernel"  on the fast path's tree rows, how a tree level's tokens were picked ($SPECVLM_PICKS):
                    "torch" (`torch.topk`) or "triton" (`top_k.py`); None elsewhere (a chain picks by argmax).
+  "draft_l2_prefetch"  on the fast path, whether the draft's decoder layers prefetched their weights into
+                   L2 ($SPECVLM_L2_PREFETCH, `l2_prefetch.py`); None for AR and the plain path.
 """
 
 from __future__ import annotations
@@ -72,6 +74,7 @@ import transformers
 from .cost_model import DEFAULT_TREE_NAME, histogram, tree_name
 from .decoding import Stopwatch, generate_ar, generate_sd, positions, prefill_pruned
 from .fusion import is_fused, unfuse_projections, uses_few_rows
+from .l2_prefetch import attached as l2_prefetching
 from .models import DEFAULT_QUESTION, Pair
 from .trees import MC_SIM_7B_63, Tree, tree_attention_bias
 
@@ -373,7 +376,8 @@ def measure(path: str, pair: Pair, prompt, draft_prompt, method: str, shape, rat
             "kv_bytes": kv, "timeline": profiled, "draft_fused": is_fused(pair.draft) if method != "ar" else None,
             "draft_few_rows": uses_few_rows(pair.draft) if method != "ar" else None,
             "draft_vocab": draft_vocab_size(pair.draft) if path == "fast" and method != "ar" else None,
-            "draft_picks_kernel": picks_kernel() if path == "fast" and tree_of(shape, trees) is not None else None}
+            "draft_picks_kernel": picks_kernel() if path == "fast" and tree_of(shape, trees) is not None else None,
+            "draft_l2_prefetch": l2_prefetching(pair.draft) if path == "fast" and method != "ar" else None}
 
 
 def draft_vocab_size(draft) -> int | None:
@@ -553,6 +557,7 @@ def make_row(path: str, frames: int, prompt, draft_prompt, drafter, method, shap
         "draft_few_rows": m.get("draft_few_rows"),  # ... and run as `few_rows.py`'s kernels
         "draft_vocab": m.get("draft_vocab"),  # the fast path's draft vocabulary, in tokens (None: whole)
         "draft_picks_kernel": m.get("draft_picks_kernel"),  # its tree levels' top-k: "torch" or "triton"
+        "draft_l2_prefetch": m.get("draft_l2_prefetch"),  # its decoder layers prefetched their weights into L2
         "divergence": first_divergence(target, prompt, differing, reference) if differing is not None else None,
         **({"tree": tree_record(shape, tree)} if tree is not None else {}),
         **({"timeline": m["timeline"]} if m.get("timeline") else {}),

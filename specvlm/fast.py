@@ -63,7 +63,7 @@ from .fusion import fuse_projections, is_fused, unfuse_projections, uses_few_row
 from .models import Pair, Prompt, VideoLM, head_dim
 from .sampling import check_temperature
 from .timeline import phase
-from . import flash_decode, split_merge, top_k
+from . import flash_decode, l2_prefetch, split_merge, top_k
 from .step_attention import (  # noqa: F401 (re-exported: fast.grouped_attention, fast.FLEX_MAX_QUERY, ...)
     ATTENTIONS, FLEX_ATTENTION, FLEX_BLOCK, FLEX_MAX_QUERY, FLEX_MIN_SLOTS, FLEX_ROWS, SPLIT_MIN_SLOTS, causal_pattern,
     flex_block_mask, flex_or_sdpa, float32_scores, grouped_attention, grouped_flex, merge_kernel,
@@ -290,6 +290,7 @@ class StaticLM:
         self.graphs = graphs_for(lm, options)
         self._pool = None
         self.weights: tuple[int, ...] | None = None  # `weight_storage` when `static_lm` made it
+        self.l2_prefetch = False  # whether its decoder layers prefetch their weights (`l2_prefetch.attach`)
 
     @property
     def _graph_trees(self) -> bool:
@@ -520,6 +521,11 @@ def static_lm(lm: VideoLM, role: str, options: dict | None, attention: str | Non
         fuse_projections(lm, few_rows=few_rows_draft())
     elif os.environ.get("SPECVLM_FUSE_DRAFT") == "0":  # asked for transformers' own modules, even after a fused run
         unfuse_projections(lm)
+    prefetch = role == "draft" and l2_prefetch_draft() and is_fused(lm)
+    if prefetch:
+        l2_prefetch.attach(lm.language_model.layers)
+    else:
+        l2_prefetch.detach(lm.language_model.layers)
     engines = _ENGINES.setdefault(lm, {})
     weights = weight_storage(lm)
     engine = engines.get(role)
@@ -534,9 +540,10 @@ def static_lm(lm: VideoLM, role: str, options: dict | None, attention: str | Non
         else engine.vocabulary is not None and torch.equal(engine.vocabulary.cpu(), vocabulary.cpu()))
     if (engine is None or engine.options != options or engine.attention != attention
             or engine.graphs != graphs_for(lm, options) or engine.weights != weights
-            or engine.grouped_up_to != grouped_up_to or engine.split_from != split_min_slots() or not same_vocabulary):
+            or engine.grouped_up_to != grouped_up_to or engine.split_from != split_min_slots() or not same_vocabulary
+            or engine.l2_prefetch != prefetch):
         engines[role] = StaticLM(lm, options, attention, grouped_up_to, vocabulary=vocabulary)
-        engines[role].weights = weights
+        engines[role].weights, engines[role].l2_prefetch = weights, prefetch
     return engines[role]
 
 
@@ -622,6 +629,16 @@ def few_rows_draft() -> bool:
     choice = os.environ.get("SPECVLM_FEW_ROWS")
     if choice not in (None, "", "0", "1"):
         raise ValueError(f"SPECVLM_FEW_ROWS must be '0' or '1', got {choice!r}.")
+    return choice == "1"
+
+
+def l2_prefetch_draft() -> bool:
+    """Whether a fused draft's decoder layers prefetch their weights into L2 at their start
+    (`l2_prefetch.py`): only where $SPECVLM_L2_PREFETCH is "1" (an error where it cannot run: a CUDA
+    card of compute capability 9.0+). Only when bytes arrive changes, never a value."""
+    choice = os.environ.get("SPECVLM_L2_PREFETCH")
+    if choice not in (None, "", "0", "1"):
+        raise ValueError(f"SPECVLM_L2_PREFETCH must be '0' or '1', got {choice!r}.")
     return choice == "1"
 
 
@@ -712,6 +729,7 @@ def capture_report(pair: Pair | None = None) -> dict:
                 "spread": engine.spread,  # over several devices: steps ran uncompiled, whatever "compile" says
                 "fused_projections": is_fused(lm),  # q/k/v and gate/up as one matmul each (`fusion.py`)
                 "few_rows": uses_few_rows(lm),  # their products of a few rows as Triton kernels (`few_rows.py`)
+                "l2_prefetch": engine.l2_prefetch,  # decoder layers prefetch their weights into L2 (`l2_prefetch.py`)
             }
     report["models"] = roles
     report["graph_breaks"] = sum(counters["graph_break"].values())

@@ -224,5 +224,5 @@ def test_a_bench_command_records_every_fast_path_setting_the_code_reads():
     from specvlm.__main__ import FAST_PATH_ENVIRONMENT
 
     package = Path(sv.__file__).parent
-    read = {name for path in package.glob("*.py") for name in re.findall(r"SPECVLM_[A-Z_]+", path.read_text())}
+    read = {name for path in package.glob("*.py") for name in re.findall(r"SPECVLM_[A-Z0-9_]+", path.read_text())}
     assert read - {"SPECVLM_CODE"} == {name for name in FAST_PATH_ENVIRONMENT if name.startswith("SPECVLM_")}
