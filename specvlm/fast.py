@@ -632,13 +632,19 @@ def few_rows_draft() -> bool:
     return choice == "1"
 
 
-def l2_prefetch_draft() -> bool:
-    """Whether a fused draft's decoder layers prefetch their weights into L2 at their start
-    (`l2_prefetch.py`): only where $SPECVLM_L2_PREFETCH is "1" (an error where it cannot run: a CUDA
-    card of compute capability 9.0+). Only when bytes arrive changes, never a value."""
+def l2_prefetch_draft(device: torch.device | None = None) -> bool:
+    """Whether a draft's decoder layers prefetch their weights into L2 at their start
+    (`l2_prefetch.py`): only where $SPECVLM_L2_PREFETCH is "1", and only for a draft the fast path
+    fuses (`fuse_draft`; a model drafting for itself is not). Only when bytes arrive changes, never a
+    value. With a `device`, "1" is an error where the prefetch cannot run there (a CUDA card of compute
+    capability 9.0 or newer); `generate_fast` checks it before any prefill, for every method."""
     choice = os.environ.get("SPECVLM_L2_PREFETCH")
     if choice not in (None, "", "0", "1"):
         raise ValueError(f"SPECVLM_L2_PREFETCH must be '0' or '1', got {choice!r}.")
+    if choice == "1" and device is not None and not l2_prefetch.available(device):
+        raise ValueError("SPECVLM_L2_PREFETCH=1 prefetches with Hopper's bulk prefetch instruction, on a CUDA card of "
+                         f"compute capability 9.0 or newer with Triton, and the draft lies on {device}; unset it or "
+                         "set it to 0.")
     return choice == "1"
 
 
@@ -919,6 +925,7 @@ def generate_fast(pair: Pair, prompt: Prompt, method: str = "specvlm", ratio: fl
     draft_vocab = draft_vocabulary(pair.draft, draft_vocab)  # checked before any prefill, for every method
     # likewise; only trees pick by top-k, so only they need the kernels where the draft runs
     picks = picks_kernel(pair.draft.device if tree is not None and method != "ar" else None)
+    l2_prefetch_draft(pair.draft.device)
     if method == "ar":
         return _generate_ar(pair.target, prompt, max_new_tokens, compile, fast_attention(attention, "target"))
     check_speculation(prompt, draft_prompt, ratio, mass, k, tree, max_new_tokens, seed)

@@ -114,9 +114,7 @@ def first_weights(layer: nn.Module) -> list[torch.Tensor]:
 
 def prefetch_hook(layer: nn.Module, args: tuple, kwargs: dict):
     """Forward pre-hook of a decoder layer: prefetch its `l2_table` once its input exists."""
-    hidden = args[0] if args else kwargs["hidden_states"]
-    if hidden.is_cuda:
-        prefetch(layer.l2_table, hidden, layer.l2_token)
+    prefetch(layer.l2_table, args[0] if args else kwargs["hidden_states"], layer.l2_token)
 
 
 def attach(layers: list[nn.Module]) -> None:
