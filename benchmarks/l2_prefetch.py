@@ -13,8 +13,9 @@ as the fast path does. Variants:
 - "warm": every layer reads layer 0's weights, which then stay in L2: what the products cost when
   their bytes are already there (a bound, not a model).
 
-Each row is the median of `--repeats` device-synchronised replays; "plain" and "prefetch" must give
-identical outputs (asserted: a prefetch changes no value).
+Each row is the median of `--repeats` device-synchronised replays, with the kernels one replay runs
+(the profiler's count); "plain" and "prefetch" must give identical outputs (asserted: a prefetch
+changes no value).
 
     python benchmarks/l2_prefetch.py --out 'figures/l2_prefetch_{card}.json'
 """
@@ -78,6 +79,17 @@ def step(layers: list[dict], h: torch.Tensor, heads: int, prefetch: bool) -> tor
     return h
 
 
+def kernels_per_replay(graph: torch.cuda.CUDAGraph) -> int:
+    """How many kernels one replay runs, from the profiler's CUDA activity."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        graph.replay()
+        torch.cuda.synchronize()
+    return sum(1 for event in prof.events() if event.device_type.name == "CUDA" and "memcpy" not in event.name.lower()
+               and "memset" not in event.name.lower())
+
+
 def measure(shape: str, slots: int, rows: int, repeats: int) -> list[dict]:
     c = lm_config(shape)
     out, outputs = [], {}
@@ -93,7 +105,8 @@ def measure(shape: str, slots: int, rows: int, repeats: int) -> list[dict]:
         if variant == "warm":
             weight_bytes = sum(layers[0][name].numel() * 2 for name in ("qkv", "o", "gate_up", "down")) * len(layers)
         out.append({"shape": shape, "slots": slots, "rows": rows, "variant": variant, "us": us,
-                    "weight_bytes": weight_bytes, "us_per_layer": us / len(layers)})
+                    "weight_bytes": weight_bytes, "us_per_layer": us / len(layers),
+                    "kernels": kernels_per_replay(graph)})
         print(out[-1], flush=True)
         del graph, fn, layers
     if not torch.equal(outputs["plain"], outputs["prefetch"]):

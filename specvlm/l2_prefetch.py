@@ -76,20 +76,22 @@ if triton is not None:
         inside = lane < count
         address = tl.load(table_ptr + 2 * lane, mask=inside, other=0)
         size = tl.load(table_ptr + 2 * lane + 1, mask=inside, other=0).to(tl.int32)
+        # "pure" for torch.compile's analysis of what the kernel writes (an impure asm makes it assume
+        # every argument written, and copy them); its result feeds the atomic below, so it stays
         issued = tl.inline_asm_elementwise(
             "{ .reg .pred p; setp.ne.s32 p, $2, 0; @p cp.async.bulk.prefetch.L2.global [$1], $2; mov.u32 $0, 1; }",
-            "=r,l,r", [address, size], dtype=tl.int32, is_pure=False, pack=1)
+            "=r,l,r", [address, size], dtype=tl.int32, is_pure=True, pack=1)
         # reading `after` (the layer's input) orders this kernel after the kernel that wrote it
         after = tl.load(after_ptr).to(tl.float32)
-        if tl.program_id(0) == 0:
-            tl.store(token_ptr, tl.sum(issued) + (after != after).to(tl.int32))
+        tl.atomic_max(token_ptr, tl.sum(issued) + (after != after).to(tl.int32))
 
 
 def prefetch(table: torch.Tensor, after: torch.Tensor, token: torch.Tensor) -> None:
     """Ask for every chunk of `table` (`chunk_table`) in L2, once `after` has been written (the
     kernel reads its first element, which orders it after `after`'s producer on the stream and in a
-    compiled graph). `token`: an int32 tensor of one element, written (with how many chunks program 0
-    issued) so that a compiler keeps the call. Returns at once; the copies go on in the background."""
+    compiled graph). `token`: an int32 tensor of one element that every program raises to the number
+    of chunks it issued (an atomic max), so that neither Triton's compiler nor inductor drops the
+    work. Returns at once; the copies go on in the background."""
     programs = -(-table.shape[0] // LANES)
     _prefetch_kernel[(programs,)](table, table.shape[0], after, token, LANES=LANES)
 
