@@ -521,7 +521,7 @@ def static_lm(lm: VideoLM, role: str, options: dict | None, attention: str | Non
         fuse_projections(lm, few_rows=few_rows_draft())
     elif os.environ.get("SPECVLM_FUSE_DRAFT") == "0":  # asked for transformers' own modules, even after a fused run
         unfuse_projections(lm)
-    prefetch = role == "draft" and l2_prefetch_draft() and is_fused(lm)
+    prefetch = role == "draft" and l2_prefetch_draft() and is_fused(lm) and not spread_over_devices(lm)
     if prefetch:
         l2_prefetch.attach(lm.language_model.layers)
     else:
@@ -634,9 +634,9 @@ def few_rows_draft() -> bool:
 
 def l2_prefetch_draft(device: torch.device | None = None) -> bool:
     """Whether a draft's decoder layers prefetch their weights into L2 at their start
-    (`l2_prefetch.py`): only where $SPECVLM_L2_PREFETCH is "1", and only for a draft the fast path
-    fuses (`fuse_draft`; a model drafting for itself is not). Only when bytes arrive changes, never a
-    value. With a `device`, "1" is an error where the prefetch cannot run there (a CUDA card of compute
+    (`l2_prefetch.py`): only where $SPECVLM_L2_PREFETCH is "1", and only for a fused draft on one
+    device (`static_lm`; a model that has served as a target, as in self-speculation, is never fused).
+    Only when bytes arrive changes, never a value. With a `device`, "1" is an error where the prefetch cannot run there (a CUDA card of compute
     capability 9.0 or newer); `generate_fast` checks it before any prefill, for every method."""
     choice = os.environ.get("SPECVLM_L2_PREFETCH")
     if choice not in (None, "", "0", "1"):

@@ -45,6 +45,7 @@ from torch import nn
 from transformers.activations import SiLUActivation
 
 from . import few_rows as kernels
+from . import l2_prefetch
 
 # module attribute -> the projections that read its input, in the stacked order
 GROUPS = {"self_attn": ("q_proj", "k_proj", "v_proj"), "mlp": ("gate_proj", "up_proj")}
@@ -244,8 +245,10 @@ def fuse_projections(lm, few_rows: bool = False) -> int:
 
 
 def unfuse_projections(lm) -> int:
-    """Undo `fuse_projections`: the model is transformers' own again (same weights, own storage).
+    """Undo `fuse_projections`: the model is transformers' own again (same weights, own storage), and
+    its decoder layers' L2 prefetches (`l2_prefetch.attach`, which read the stacked weights) go too.
     Returns how many modules changed."""
+    l2_prefetch.detach(lm.language_model.layers)
     return _count_change(lm, sum(unfuse_module(module, names) for module, names in _groups(lm)))
 
 

@@ -11,18 +11,21 @@ bring the weights that the layer reads later (and the next layer's first product
 
     layer L:  prefetch(o_L, gate_up_L, down_L, qkv_{L+1})  norm  qkv_L  attention  o_L  ...  down_L
 
-Hopper's `cp.async.bulk.prefetch.L2` takes an address and a byte count and returns at once (no
-barrier tracks it), so the prefetch kernel ends in a few microseconds while the copies go on behind
-the layer's first kernels, and the products then find their weights in L2. The bytes still come
-from memory, but while other kernels run instead of one after another. A layer's prefetch (about
-30 MB for the 0.5B) fits in an H100's 50 MB of L2.
+Hopper's `cp.async.bulk.prefetch.L2` takes an address and a byte count and returns without waiting
+(no barrier tracks it), so the prefetch kernel can end while the copies go on behind the layer's
+first kernels, and the products may then find their weights in L2. The bytes still come from
+memory; the hope is that they come while other kernels run instead of one product after another.
+A layer's prefetch (about 30 MB for the 0.5B, 17 MB of it gate/up) is less than an H100's 50 MB of
+L2, but L2 keeps no promise: the instruction is a hint. Whether it pays is measured, not assumed
+(notebook 05, section 23; `benchmarks/l2_prefetch.py`).
 
 Every weight is split into chunks of `CHUNK_BYTES`; a table per layer holds the chunks' addresses
-and sizes (`chunk_table`), made once from the weights where they lie (remade when they move: the
-fast path makes its engine anew when the weights' storage changes). Prefetching is a hint: it
+and sizes (`chunk_table`), made from the weights where they lie and rewritten in place when they
+move (`attach`; a captured CUDA graph keeps reading the same buffer); `fusion.unfuse_projections`
+takes the prefetches off again. Prefetching is a hint: it
 changes no value, only when bytes arrive, so the tokens cannot change. It runs on CUDA cards of
-compute capability 9.0 or newer (`available`), in a draft fused by `fusion.py` where
-$SPECVLM_L2_PREFETCH=1 (`attach`).
+compute capability 9.0 or newer (`available`), in a draft fused by `fusion.py`, on one device,
+where $SPECVLM_L2_PREFETCH=1 (`fast.static_lm` calls `attach`).
 """
 
 from __future__ import annotations
@@ -36,7 +39,8 @@ if triton is not None:
     import triton.language as tl
 
 CHUNK_BYTES = 16384  # bytes per prefetch instruction (a multiple of 16, the instruction's unit)
-LANES = 32  # chunks per program: one warp, one instruction each
+MAX_CHUNK_BYTES = 2**20 - 16  # the instruction's size field counts 16-byte units in 16 bits
+LANES = 32  # chunks per program: one warp (`num_warps=1`), each lane's chunk issued once
 
 
 def available(device: torch.device) -> bool:
@@ -48,12 +52,14 @@ def available(device: torch.device) -> bool:
 
 
 def chunk_table(tensors: list[torch.Tensor], chunk: int = CHUNK_BYTES) -> torch.Tensor:
-    """The int64 table [n, 2] of (address, bytes) pairs, one per chunk of `chunk` bytes, that covers
-    each tensor's bytes exactly (its last chunk shorter), on the first tensor's device. Every tensor
-    must be contiguous; a length that is not a multiple of 16 bytes leaves its last few bytes out
-    (the instruction moves multiples of 16; the product reads them itself)."""
-    if chunk <= 0 or chunk % 16:
-        raise ValueError(f"a prefetch chunk is a positive multiple of 16 bytes, got {chunk}.")
+    """The int64 table [n, 2] of (address, bytes) pairs, one per chunk of at most `chunk` bytes, on the
+    first tensor's device. The instruction reads whole 16-byte units from 16-byte aligned addresses,
+    so each tensor's range is shrunk to the aligned units inside it (its first and last few bytes may
+    be left out: the products read them themselves) and never reaches past it. Every tensor must be
+    contiguous."""
+    if chunk <= 0 or chunk % 16 or chunk > MAX_CHUNK_BYTES:
+        raise ValueError(f"a prefetch chunk is a multiple of 16 bytes from 16 to {MAX_CHUNK_BYTES:,} (the "
+                         f"instruction's size field), got {chunk}.")
     if not tensors:
         raise ValueError("chunk_table needs at least one tensor to prefetch.")
     rows = []
@@ -63,8 +69,9 @@ def chunk_table(tensors: list[torch.Tensor], chunk: int = CHUNK_BYTES) -> torch.
                              f"{tuple(tensor.shape)} with strides {tensor.stride()}.")
         if tensor.device != tensors[0].device:
             raise ValueError(f"prefetched tensors must share a device, got {tensor.device} and {tensors[0].device}.")
-        start, length = tensor.data_ptr(), tensor.numel() * tensor.element_size() // 16 * 16
-        rows += [(start + offset, min(chunk, length - offset)) for offset in range(0, length, chunk)]
+        start = -(-tensor.data_ptr() // 16) * 16
+        end = (tensor.data_ptr() + tensor.numel() * tensor.element_size()) // 16 * 16
+        rows += [(offset, min(chunk, end - offset)) for offset in range(start, end, chunk)]
     return torch.tensor(rows, dtype=torch.int64, device=tensors[0].device).reshape(-1, 2)
 
 
@@ -79,11 +86,11 @@ if triton is not None:
         # "pure" for torch.compile's analysis of what the kernel writes (an impure asm makes it assume
         # every argument written, and copy them); its result feeds the atomic below, so it stays
         issued = tl.inline_asm_elementwise(
-            "{ .reg .pred p; setp.ne.s32 p, $2, 0; @p cp.async.bulk.prefetch.L2.global [$1], $2; mov.u32 $0, 1; }",
+            "{ .reg .pred p; setp.ne.s32 p, $2, 0; @p cp.async.bulk.prefetch.L2.global [$1], $2; selp.u32 $0, 1, 0, p; }",
             "=r,l,r", [address, size], dtype=tl.int32, is_pure=True, pack=1)
         # reading `after` (the layer's input) orders this kernel after the kernel that wrote it
         after = tl.load(after_ptr).to(tl.float32)
-        tl.atomic_max(token_ptr, tl.sum(issued) + (after != after).to(tl.int32))
+        tl.atomic_max(token_ptr, tl.sum(issued) + (after != after).to(tl.int32), sem="relaxed")
 
 
 def prefetch(table: torch.Tensor, after: torch.Tensor, token: torch.Tensor) -> None:
@@ -93,7 +100,7 @@ def prefetch(table: torch.Tensor, after: torch.Tensor, token: torch.Tensor) -> N
     of chunks it issued (an atomic max), so that neither Triton's compiler nor inductor drops the
     work. Returns at once; the copies go on in the background."""
     programs = -(-table.shape[0] // LANES)
-    _prefetch_kernel[(programs,)](table, table.shape[0], after, token, LANES=LANES)
+    _prefetch_kernel[(programs,)](table, table.shape[0], after, token, LANES=LANES, num_warps=1)
 
 
 def layer_weights(layer: nn.Module) -> list[torch.Tensor]:
@@ -115,30 +122,42 @@ def first_weights(layer: nn.Module) -> list[torch.Tensor]:
 
 
 def prefetch_hook(layer: nn.Module, args: tuple, kwargs: dict):
-    """Forward pre-hook of a decoder layer: prefetch its `l2_table` once its input exists."""
+    """Forward pre-hook of a decoder layer: prefetch its `l2_table` once its input exists. Run
+    eagerly, it first checks that the weights still lie where the table says (a `.to()` since
+    `attach` moves them; the fast path attaches again before it compiles or captures a step) and
+    skips the prefetch where they do not."""
+    if not torch.compiler.is_compiling() and _where(layer, layer._l2_next) != layer._l2_where:
+        return
     prefetch(layer.l2_table, args[0] if args else kwargs["hidden_states"], layer.l2_token)
+
+
+def _where(layer: nn.Module, following: nn.Module | None) -> tuple:
+    tensors = layer_weights(layer) + (first_weights(following) if following is not None else [])
+    return tuple((t.data_ptr(), t.numel() * t.element_size()) for t in tensors)
 
 
 def attach(layers: list[nn.Module]) -> None:
     """Give every decoder layer of `layers` (a language model's, in order) a prefetch at its start of
     `layer_weights(layer)` and the next layer's `first_weights`. Idempotent: a layer's table is rebuilt
-    only when those weights lie elsewhere, and then in place where its size allows, since a captured
-    CUDA graph keeps reading the buffer it was captured with. Call it after `fusion.fuse_projections`,
-    whose stacked weights it reads."""
+    only when those weights lie elsewhere, and then written in place while its size stays (a weight's
+    size never changes without `fusion.py` changing the model, after which the fast path makes its
+    engine and graphs anew), since a captured CUDA graph keeps reading the buffer it was captured with.
+    Call it after `fusion.fuse_projections`, whose stacked weights it reads; `unfuse_projections` detaches."""
     if not layers or not available(layers[0].self_attn.o_proj.weight.device):
         raise ValueError("SPECVLM_L2_PREFETCH=1 needs Triton and a CUDA card of compute capability 9.0 or newer "
                          "(Hopper's bulk prefetch); unset it or set it to 0 elsewhere.")
     for index, layer in enumerate(layers):
-        tensors = layer_weights(layer) + (first_weights(layers[index + 1]) if index + 1 < len(layers) else [])
-        where = tuple((t.data_ptr(), t.numel() * t.element_size()) for t in tensors)
+        following = layers[index + 1] if index + 1 < len(layers) else None
+        where = _where(layer, following)
         if getattr(layer, "_l2_where", None) != where:
-            table = chunk_table(tensors)
+            table = chunk_table(layer_weights(layer) + (first_weights(following) if following is not None else []))
             old = getattr(layer, "l2_table", None)
             if old is not None and old.shape == table.shape and old.device == table.device:
                 old.copy_(table)
             else:
                 layer.register_buffer("l2_table", table, persistent=False)
             layer._l2_where = where
+        object.__setattr__(layer, "_l2_next", following)  # not a submodule: a plain reference
         if getattr(layer, "l2_token", None) is None:
             layer.register_buffer("l2_token", torch.zeros(1, dtype=torch.int32, device=layer.l2_table.device),
                                   persistent=False)
@@ -162,4 +181,5 @@ def detach(layers: list[nn.Module]) -> bool:
         for name in ("l2_table", "l2_token"):
             layer._buffers.pop(name, None)
         layer.__dict__.pop("_l2_where", None)
+        layer.__dict__.pop("_l2_next", None)
     return changed

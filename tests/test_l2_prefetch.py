@@ -31,22 +31,73 @@ def test_a_table_covers_each_tensors_bytes_exactly_in_chunks(chunk):
     assert table.dtype == torch.int64 and table.shape[1] == 2
     sizes = table[:, 1]
     assert bool((sizes > 0).all() and (sizes <= chunk).all() and (sizes % 16 == 0).all())
+    assert bool((table[:, 0] % 16 == 0).all())
     expected = [(t.data_ptr(), t.data_ptr() + t.numel() * t.element_size() // 16 * 16) for t in tensors]
     assert covered_bytes(table) == [(start, end) for start, end in expected if end > start]  # 5 bytes: nothing
     assert int(sizes.sum()) == sum(end - start for start, end in expected)
 
 
+def test_a_table_keeps_to_the_aligned_units_inside_a_tensor():
+    """The instruction reads 16-byte units from 16-byte aligned addresses: a view that starts off the
+    grid is shrunk to the units inside it, never widened past its bytes."""
+    base = torch.zeros(100, dtype=torch.bfloat16)
+    assert base.data_ptr() % 16 == 0
+    view = base[1:-3]  # bytes 2 .. 194
+    table = l2_prefetch.chunk_table([view], chunk=32)
+    assert covered_bytes(table) == [(base.data_ptr() + 16, base.data_ptr() + 192)]
+    assert l2_prefetch.chunk_table([base[1:8]]).shape == (0, 2)  # no whole unit inside
+
+
 def test_bad_tables_are_refused_with_what_to_do():
     with pytest.raises(ValueError, match="contiguous"):
         l2_prefetch.chunk_table([torch.zeros(4, 8).t()])
-    with pytest.raises(ValueError, match="multiple of 16 bytes, got 24"):
+    with pytest.raises(ValueError, match="multiple of 16 bytes from 16 to 1,048,560 .* got 24"):
         l2_prefetch.chunk_table([torch.zeros(8)], chunk=24)
+    with pytest.raises(ValueError, match="size field\\), got 1048576"):  # 2**20 bytes would encode as nothing
+        l2_prefetch.chunk_table([torch.zeros(8)], chunk=2**20)
     with pytest.raises(ValueError, match="at least one tensor"):
         l2_prefetch.chunk_table([])
 
 
-def test_only_a_hopper_card_runs_it():
+def test_only_a_hopper_card_runs_it(monkeypatch):
     assert not l2_prefetch.available(torch.device("cpu"))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    for capability, runs in (((8, 0), False), ((8, 9), False), ((9, 0), True), ((10, 0), True)):
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None, c=capability: c)
+        assert l2_prefetch.available(torch.device("cuda")) == runs
+
+
+BUILD_FOR_HOPPER = """
+import json, triton
+from triton.backends.compiler import GPUTarget
+from specvlm import l2_prefetch
+source = triton.compiler.ASTSource(
+    fn=l2_prefetch._prefetch_kernel, constexprs={"LANES": l2_prefetch.LANES},
+    signature={"table_ptr": "*i64", "count": "i32", "after_ptr": "*bf16", "token_ptr": "*i32", "LANES": "constexpr"})
+compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": 1})
+print(json.dumps({"ptx": compiled.asm["ptx"], "ttgir": compiled.asm["ttgir"]}))
+"""
+
+
+def test_the_kernel_compiles_for_hopper_to_one_warp_issuing_bulk_prefetches():
+    """Built for sm_90 on this CPU (Triton's compiler and its ptxas, no card; in a process of its own, since
+    the tests' Triton interpreter would stand in for the compiler): the PTX holds the bulk prefetch,
+    predicated on a non-empty chunk, with one warp per program (each lane's chunk issued once) and a
+    relaxed atomic."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    pytest.importorskip("triton")
+    environment = {name: value for name, value in os.environ.items() if name != "TRITON_INTERPRET"}
+    built = subprocess.run([sys.executable, "-c", BUILD_FOR_HOPPER], capture_output=True, text=True, env=environment)
+    if built.returncode:
+        pytest.skip(f"Triton cannot build for sm_90 here: {built.stderr.strip().splitlines()[-1:]}")
+    asm = json.loads(built.stdout.strip().splitlines()[-1])
+    assert "setp.ne.s32 p, " in asm["ptx"] and "@p cp.async.bulk.prefetch.L2.global [" in asm["ptx"]
+    assert any("atom.global" in line and ".relaxed" in line and ".max" in line for line in asm["ptx"].splitlines())
+    assert "warpsPerCTA = [1]" in asm["ttgir"]
 
 
 @pytest.fixture
@@ -177,3 +228,50 @@ def test_fast_rows_record_whether_the_draft_prefetched(embedded, monkeypatch):
                         ("fast", "specvlm"): True}
     assert all(r["equal_to_ar"] for r in result["rows"])
     assert "SPECVLM_L2_PREFETCH=1 " in recorded_environment()
+
+
+def test_one_warp_per_32_chunks_is_launched(monkeypatch):
+    launches = []
+
+    class Launcher:
+        def __getitem__(self, grid):
+            return lambda *args, **kwargs: launches.append((grid, args, kwargs))
+
+    monkeypatch.setattr(l2_prefetch, "_prefetch_kernel", Launcher())
+    table, after, token = torch.zeros(65, 2, dtype=torch.int64), torch.zeros(3), torch.zeros(1, dtype=torch.int32)
+    l2_prefetch.prefetch(table, after, token)
+    [(grid, args, kwargs)] = launches
+    assert grid == (3,) and args == (table, 65, after, token)
+    assert kwargs == {"LANES": 32, "num_warps": 1}
+
+
+def test_run_eagerly_a_layer_skips_its_prefetch_once_its_weights_moved(fused_draft, monkeypatch):
+    calls = spied(monkeypatch)
+    layers = fused_draft.language_model.layers
+    l2_prefetch.attach(layers)
+    hidden = torch.zeros(1, 1, fused_draft.language_model.config.hidden_size)
+    l2_prefetch.prefetch_hook(layers[0], (hidden,), {})
+    assert len(calls) == 1
+    moved = layers[0].mlp.down_proj.weight
+    moved.data = moved.data.clone()  # as `.to()` moves it: the table would name freed memory
+    l2_prefetch.prefetch_hook(layers[0], (hidden,), {})
+    l2_prefetch.prefetch_hook(layers[-1], (hidden,), {})  # the last layer names no next layer
+    assert len(calls) == 2 and calls[-1][0] is layers[-1].l2_table
+    layers[1].self_attn.fused_weight.data = layers[1].self_attn.fused_weight.data.clone()  # the next layer's q/k/v
+    l2_prefetch.attach(layers)  # the fast path attaches again before its steps: the table follows
+    l2_prefetch.prefetch_hook(layers[0], (hidden,), {})
+    assert len(calls) == 3
+
+
+def test_unfusing_takes_the_prefetches_off_so_the_plain_path_never_prefetches(embedded, monkeypatch):
+    calls = spied(monkeypatch)
+    prompt = embedded.target.prepare(sv.sample_video("bikes", 2))
+    monkeypatch.setenv("SPECVLM_FUSE_DRAFT", "1")
+    monkeypatch.setenv("SPECVLM_L2_PREFETCH", "1")
+    fast.generate_fast(embedded, prompt, k=3, max_new_tokens=6, compile=False)
+    assert calls and l2_prefetch.attached(embedded.draft)
+    fusion.unfuse_projections(embedded.draft)  # as bench does before the plain path and transformers' rows
+    assert not l2_prefetch.attached(embedded.draft)
+    calls.clear()
+    decoding.generate_sd(embedded, prompt, method="specvlm", k=3, max_new_tokens=6)
+    assert not calls
