@@ -127,7 +127,9 @@ def main() -> None:
         raise SystemExit("l2_prefetch needs a CUDA card of compute capability 9.0 or newer.")
     rows = [row for count in args.rows for row in measure(args.shape, args.slots, count, args.repeats)]
     card = card_name(torch.device("cuda"))
+    properties = torch.cuda.get_device_properties(torch.device("cuda"))
     result = {"card": card, "torch": torch.__version__, "triton": l2_prefetch.triton.__version__,
+              "l2_cache_bytes": properties.L2_cache_size, "sms": properties.multi_processor_count,
               "command": recorded_environment() + shlex.join(["python", *portable_out(sys.argv)]),
               "code": git_commit(), "date": __import__("datetime").date.today().isoformat(),
               "note": "a stand-in decoder pass at the shape's language-model sizes, random bf16 weights, all layers in one "
