@@ -1,10 +1,10 @@
 """Weights on their way to the L2 cache before the kernels that read them start.
 
-A 0.5B draft's pass multiplies one to a few rows by each projection of 24 decoder layers. Each
-product reads 1.6 to 17 MB and does almost no arithmetic, yet on an H100 it takes two to five
-times the weight's bytes over the card's bandwidth (notebook 05, sections 13 and 18): a kernel
-this short spends most of its life waiting for its first bytes, and the next kernel asks for its
-own only once this one has ended. Nothing overlaps.
+A 0.5B draft's pass multiplies one to a few rows by each projection of its decoder layers. Each
+product reads a few MB and does almost no arithmetic, yet on an H100 most of them took several times
+the weight's bytes over the card's bandwidth (notebook 05, sections 18 and 23 print the ratios). One
+possible reason, not measured: a kernel this short waits for its first bytes, and the next kernel
+asks for its own only once this one has ended.
 
 Here one small kernel per decoder layer, launched at the layer's start, asks the memory system to
 bring the weights that the layer reads later (and the next layer's first product) into L2:
@@ -15,8 +15,8 @@ Hopper's `cp.async.bulk.prefetch.L2` takes an address and a byte count and retur
 (no barrier tracks it), so the prefetch kernel can end while the copies go on behind the layer's
 first kernels, and the products may then find their weights in L2. The bytes still come from
 memory; the hope is that they come while other kernels run instead of one product after another.
-A layer's prefetch (about 30 MB for the 0.5B, 17 MB of it gate/up) is less than an H100's 50 MB of
-L2, but L2 keeps no promise: the instruction is a hint. Whether it pays is measured, not assumed
+A layer's prefetch for the 0.5B (section 23 prints its size) is less than an H100's L2 holds, but L2
+keeps no promise: the instruction is a hint. Whether it pays is measured, not assumed
 (notebook 05, section 23; `benchmarks/l2_prefetch.py`).
 
 Every weight is split into chunks of `CHUNK_BYTES`; a table per layer holds the chunks' addresses
