@@ -636,8 +636,9 @@ def l2_prefetch_draft(device: torch.device | None = None) -> bool:
     """Whether a draft's decoder layers prefetch their weights into L2 at their start
     (`l2_prefetch.py`): only where $SPECVLM_L2_PREFETCH is "1", and only for a fused draft on one
     device (`static_lm`; a model that has served as a target, as in self-speculation, is never fused).
-    Only when bytes arrive changes, never a value. With a `device`, "1" is an error where the prefetch cannot run there (a CUDA card of compute
-    capability 9.0 or newer); `generate_fast` checks it before any prefill, for every method."""
+    Only when bytes arrive changes, never a value. With a `device`, "1" is an error where the
+    prefetch cannot run there (a CUDA card of compute capability 9.0 or newer); `generate_fast`
+    checks it before any prefill, for every method."""
     choice = os.environ.get("SPECVLM_L2_PREFETCH")
     if choice not in (None, "", "0", "1"):
         raise ValueError(f"SPECVLM_L2_PREFETCH must be '0' or '1', got {choice!r}.")
