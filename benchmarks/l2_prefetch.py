@@ -38,7 +38,7 @@ sys.path.insert(0, __import__("os").path.dirname(__file__))
 from few_rows import captured, replay_us  # noqa: E402
 
 
-def make_layers(shape: str, slots: int, rows: int, warm: bool) -> list[dict]:
+def make_layers(shape: str, slots: int, warm: bool) -> list[dict]:
     c = lm_config(shape)
     head = c.hidden_size // c.num_attention_heads
     qkv = c.hidden_size + 2 * c.num_key_value_heads * head
@@ -94,7 +94,7 @@ def measure(shape: str, slots: int, rows: int, repeats: int) -> list[dict]:
     c = lm_config(shape)
     out, outputs = [], {}
     for variant in ("plain", "prefetch", "warm"):
-        layers = make_layers(shape, slots, rows, warm=variant == "warm")
+        layers = make_layers(shape, slots, warm=variant == "warm")
         h = torch.randn(rows, c.hidden_size, device="cuda", dtype=torch.bfloat16,
                         generator=torch.Generator("cuda").manual_seed(1))
         fn = torch.compile(lambda: step(layers, h, c.num_attention_heads, variant == "prefetch"), dynamic=False)

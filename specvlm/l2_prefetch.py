@@ -131,9 +131,13 @@ def prefetch_hook(layer: nn.Module, args: tuple, kwargs: dict):
     prefetch(layer.l2_table, args[0] if args else kwargs["hidden_states"], layer.l2_token)
 
 
+def _prefetched(layer: nn.Module, following: nn.Module | None) -> list[torch.Tensor]:
+    """What `layer`'s prefetch asks for: its later weights and `following`'s first (None: the last layer)."""
+    return layer_weights(layer) + (first_weights(following) if following is not None else [])
+
+
 def _where(layer: nn.Module, following: nn.Module | None) -> tuple:
-    tensors = layer_weights(layer) + (first_weights(following) if following is not None else [])
-    return tuple((t.data_ptr(), t.numel() * t.element_size()) for t in tensors)
+    return tuple((t.data_ptr(), t.numel() * t.element_size()) for t in _prefetched(layer, following))
 
 
 def attach(layers: list[nn.Module]) -> None:
@@ -150,7 +154,7 @@ def attach(layers: list[nn.Module]) -> None:
         following = layers[index + 1] if index + 1 < len(layers) else None
         where = _where(layer, following)
         if getattr(layer, "_l2_where", None) != where:
-            table = chunk_table(layer_weights(layer) + (first_weights(following) if following is not None else []))
+            table = chunk_table(_prefetched(layer, following))
             old = getattr(layer, "l2_table", None)
             if old is not None and old.shape == table.shape and old.device == table.device:
                 old.copy_(table)
