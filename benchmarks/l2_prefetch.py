@@ -13,8 +13,9 @@ as the fast path does. Variants:
 - "warm": every layer reads layer 0's weights, which then stay in L2: what the products cost when
   their bytes are already there (a bound, not a model).
 
-Each row is the median of `--repeats` device-synchronised replays, with the kernels one replay runs
-(the profiler's count); "plain" and "prefetch" must give identical outputs (asserted: a prefetch
+Each row is the median of `--repeats` device-synchronised replays, with what the profiler saw of one
+replay: its kernels, their summed device time (`busy_us`; the rest, `gaps_us`, is time between
+kernels) and the longest by name. "plain" and "prefetch" must give identical outputs (asserted: a prefetch
 changes no value).
 
     python benchmarks/l2_prefetch.py --out 'figures/l2_prefetch_{card}.json'
@@ -79,15 +80,23 @@ def step(layers: list[dict], h: torch.Tensor, heads: int, prefetch: bool) -> tor
     return h
 
 
-def kernels_per_replay(graph: torch.cuda.CUDAGraph) -> int:
-    """How many kernels one replay runs, from the profiler's CUDA activity."""
+def replay_profile(graph: torch.cuda.CUDAGraph, replays: int = 5, top: int = 6) -> dict:
+    """What one replay's kernels are, from the profiler's CUDA activity: how many ("kernels"), their
+    summed device time ("busy_us": the replay's time minus it is the gaps between kernels), and the
+    `top` names by device time, per replay. Copies and memsets are left out."""
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        graph.replay()
+        for _ in range(replays):
+            graph.replay()
         torch.cuda.synchronize()
-    return sum(1 for event in prof.events() if event.device_type.name == "CUDA" and "memcpy" not in event.name.lower()
-               and "memset" not in event.name.lower())
+    kernels = [e for e in prof.key_averages() if e.device_type.name == "CUDA" and e.count
+               and "memcpy" not in e.key.lower() and "memset" not in e.key.lower()]
+    kernels.sort(key=lambda e: -e.device_time_total)
+    return {"kernels": round(sum(e.count for e in kernels) / replays),
+            "busy_us": sum(e.device_time_total for e in kernels) / replays,
+            "top": [{"name": e.key[:80], "us": e.device_time_total / replays, "calls": e.count // replays}
+                    for e in kernels[:top]]}
 
 
 def measure(shape: str, slots: int, rows: int, repeats: int) -> list[dict]:
@@ -104,9 +113,10 @@ def measure(shape: str, slots: int, rows: int, repeats: int) -> list[dict]:
         weight_bytes = sum(layer[name].numel() * 2 for layer in layers for name in ("qkv", "o", "gate_up", "down"))
         if variant == "warm":
             weight_bytes = sum(layers[0][name].numel() * 2 for name in ("qkv", "o", "gate_up", "down")) * len(layers)
+        profiled = replay_profile(graph)
         out.append({"shape": shape, "slots": slots, "rows": rows, "variant": variant, "us": us,
-                    "weight_bytes": weight_bytes, "us_per_layer": us / len(layers),
-                    "kernels": kernels_per_replay(graph)})
+                    "weight_bytes": weight_bytes, "us_per_layer": us / len(layers), **profiled,
+                    "gaps_us": us - profiled["busy_us"]})
         print(out[-1], flush=True)
         del graph, fn, layers
     if not torch.equal(outputs["plain"], outputs["prefetch"]):
