@@ -52,8 +52,9 @@ needs to predict its speedup from this run alone:
   "draft_few_rows" whether those fused products of a few rows ran as `few_rows.py`'s kernels.
   "draft_vocab"    on the fast path, the number of tokens the draft proposed from ($SPECVLM_DRAFT_VOCAB,
                    `draft_vocab.py`; None: its whole vocabulary);
-  "draft_picks_kernel"  on the fast path's tree rows, how a tree level's tokens were picked ($SPECVLM_PICKS):
-                   "torch" (`torch.topk`) or "triton" (`top_k.py`); None elsewhere (a chain picks by argmax).
+  "draft_picks_kernel"  on the fast path's tree rows, how a tree level's tokens were picked ($SPECVLM_PICKS,
+                   resolved as `fast.picks_kernel` does: "auto" gives "triton" on a CUDA card the kernels run
+                   on): "torch" (`torch.topk`) or "triton" (`top_k.py`); None elsewhere (a chain picks by argmax).
   "draft_l2_prefetch"  on the fast path, whether the draft's decoder layers prefetched their weights into
                    L2 ($SPECVLM_L2_PREFETCH, `l2_prefetch.py`); None for AR and the plain path.
 """
@@ -330,7 +331,7 @@ def round_glue(target, draft, tree, levels, verify, reset, draft_logits: torch.T
     logits = [torch.randn(n, vocab, generator=generator, device=draft_device).to(draft_logits.dtype) for n in rows]
     tokens = torch.zeros(tree.num_nodes, dtype=torch.long, device=draft_device)  # as `fast.draft_tree` keeps them
 
-    kernel = picks_kernel(draft_device)
+    kernel = picks_kernel(draft_device, max(levels.top))
 
     def picks():
         for depth, level_logits in enumerate(logits[:tree.depth], start=1):
@@ -352,8 +353,6 @@ def measure(path: str, pair: Pair, prompt, draft_prompt, method: str, shape, rat
             max_new_tokens: int, repeats: int, step_repeats: int, timeline: bool = False, trees: dict | None = None) -> dict:
     """One method on one path: timed generations, then its isolated passes and memory; with
     `timeline` (fast path only) one more generation under the profiler (`timeline.profile_decode`)."""
-    from .fast import picks_kernel
-
     device = pair.target.device
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -376,8 +375,16 @@ def measure(path: str, pair: Pair, prompt, draft_prompt, method: str, shape, rat
             "kv_bytes": kv, "timeline": profiled, "draft_fused": is_fused(pair.draft) if method != "ar" else None,
             "draft_few_rows": uses_few_rows(pair.draft) if method != "ar" else None,
             "draft_vocab": draft_vocab_size(pair.draft) if path == "fast" and method != "ar" else None,
-            "draft_picks_kernel": picks_kernel() if path == "fast" and tree_of(shape, trees) is not None else None,
+            "draft_picks_kernel": picks_of(pair.draft, tree_of(shape, trees)) if path == "fast" and method != "ar" else None,
             "draft_l2_prefetch": l2_prefetching(pair.draft) if path == "fast" and method != "ar" else None}
+
+
+def picks_of(draft, tree: Tree | None) -> str | None:
+    """How the fast path picks `tree`'s levels for `draft` ($SPECVLM_PICKS resolved as `generate_fast`
+    resolves it); None for a chain, which picks by argmax."""
+    from .fast import DraftLevels, picks_kernel
+
+    return None if tree is None else picks_kernel(draft.device, max(DraftLevels.of(tree).top))
 
 
 def draft_vocab_size(draft) -> int | None:

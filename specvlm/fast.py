@@ -649,18 +649,35 @@ def l2_prefetch_draft(device: torch.device | None = None) -> bool:
     return choice == "1"
 
 
-def picks_kernel(device: torch.device | None = None) -> str:
-    """How a tree level's tokens are picked from the draft's logits (`pick_level`): $SPECVLM_PICKS,
-    "torch" (default: `torch.topk`) or "triton" (`top_k.py`'s two kernels, a few microseconds where
-    `torch.topk` takes tens on an H100); `generate_fast` reads it once per generation, so it may
-    change between runs. With a `device`, "triton" is an error where the kernels cannot run there."""
-    choice = os.environ.get("SPECVLM_PICKS") or "torch"
-    if choice not in ("torch", "triton"):
-        raise ValueError(f"SPECVLM_PICKS must be 'torch' or 'triton', got {choice!r}.")
-    if choice == "triton" and device is not None and not top_k.available(device):
+def picks_kernel(device: torch.device | None = None, top: int | None = None) -> str:
+    """How a tree level's tokens are picked from the draft's logits (`pick_level`): "torch"
+    (`torch.topk`) or "triton" (`top_k.py`'s two kernels), as $SPECVLM_PICKS says:
+
+    - unset or "auto" (the default): "triton" where the draft's logits lie on a CUDA card the
+      kernels run on (`top_k.available`) and the tree ranks at most `top_k.MAX_K` tokens at a node
+      (`top`), else "torch". On one H100, eight clips, one process, the kernels made SpecVLM's
+      decoding about 2% faster summed (notebook 05, section 24);
+    - "torch" or "triton": that one; "triton" is an error, with a `device`, where the kernels cannot
+      run there, and with a `top` over `top_k.MAX_K`.
+
+    Without a `device` only the setting's value is checked ("auto" stays "auto"). `generate_fast`
+    reads it once per generation, so it may change between runs."""
+    choice = os.environ.get("SPECVLM_PICKS") or "auto"
+    if choice not in ("auto", "torch", "triton"):
+        raise ValueError(f"SPECVLM_PICKS must be 'auto', 'torch' or 'triton', got {choice!r}.")
+    if device is None:
+        return choice
+    device = torch.device(device)
+    fits = top is None or top <= top_k.MAX_K
+    if choice == "auto":
+        return "triton" if device.type == "cuda" and fits and top_k.available(device) else "torch"
+    if choice == "triton" and not top_k.available(device):
         raise ValueError("SPECVLM_PICKS=triton runs Triton kernels on a CUDA card of compute capability 8.0 or newer "
                          "(or, on a CPU, in Triton's interpreter: TRITON_INTERPRET=1 before importing specvlm), and "
                          f"the draft's logits lie on {device} (or Triton is missing); set SPECVLM_PICKS=torch or unset it.")
+    if choice == "triton" and not fits:
+        raise ValueError(f"the tree ranks up to {top} of the draft's tokens at a node, and SPECVLM_PICKS=triton picks "
+                         f"at most {top_k.MAX_K}: set SPECVLM_PICKS=torch (or unset it) or take a narrower tree.")
     return choice
 
 
@@ -924,17 +941,14 @@ def generate_fast(pair: Pair, prompt: Prompt, method: str = "specvlm", ratio: fl
     check_ratio(ratio)
     attention = fast_attention(attention)
     draft_vocab = draft_vocabulary(pair.draft, draft_vocab)  # checked before any prefill, for every method
-    # likewise; only trees pick by top-k, so only they need the kernels where the draft runs
-    picks = picks_kernel(pair.draft.device if tree is not None and method != "ar" else None)
+    picks_kernel()  # likewise; only trees pick by top-k, so only they resolve it, below
     l2_prefetch_draft(pair.draft.device)
     if method == "ar":
         return _generate_ar(pair.target, prompt, max_new_tokens, compile, fast_attention(attention, "target"))
     check_speculation(prompt, draft_prompt, ratio, mass, k, tree, max_new_tokens, seed)
     target, draft = pair.target, pair.draft
     levels = DraftLevels.of(tree) if tree is not None else None
-    if picks == "triton" and levels is not None and max(levels.top) > top_k.MAX_K:
-        raise ValueError(f"the tree ranks up to {max(levels.top)} of the draft's tokens at a node, and SPECVLM_PICKS="
-                         f"triton picks at most {top_k.MAX_K}: set SPECVLM_PICKS=torch or take a narrower tree.")
+    picks = picks_kernel(draft.device, max(levels.top)) if levels is not None else "torch"
     if draft_vocab is not None and levels is not None and len(draft_vocab) < max(levels.top):
         raise ValueError(f"the tree ranks up to {max(levels.top)} of the draft's tokens at a node, and its vocabulary "
                          f"has {len(draft_vocab)}: give the draft a vocabulary of at least {max(levels.top)} tokens "

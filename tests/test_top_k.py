@@ -117,6 +117,31 @@ def test_only_a_recent_card_or_the_interpreter(monkeypatch):
     assert fast.picks_kernel() == "triton"  # no device: the setting only
 
 
+def test_auto_picks_take_the_kernels_only_on_a_cuda_card_they_run_on(monkeypatch):
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    monkeypatch.setattr(top_k, "available", lambda device, dtype=torch.float32: True)
+    for unset_or_auto in ("", "auto"):
+        monkeypatch.setenv("SPECVLM_PICKS", unset_or_auto)
+        assert fast.picks_kernel() == "auto"
+        assert fast.picks_kernel(cuda, 4) == fast.picks_kernel(cuda) == "triton"
+        assert fast.picks_kernel(cuda, top_k.MAX_K + 1) == "torch"  # wider than the kernels pick: no error, torch
+        assert fast.picks_kernel(cpu, 4) == "torch"  # the interpreter is for tests, never a default
+    monkeypatch.setattr(top_k, "available", lambda device, dtype=torch.float32: False)  # an older card, or no Triton
+    assert fast.picks_kernel(cuda, 4) == "torch"
+    monkeypatch.setenv("SPECVLM_PICKS", "torch")
+    monkeypatch.setattr(top_k, "available", lambda device, dtype=torch.float32: True)
+    assert fast.picks_kernel(cuda, 4) == "torch"
+
+
+def test_by_default_a_cpu_run_picks_with_torch(embedded, monkeypatch):
+    monkeypatch.delenv("SPECVLM_PICKS", raising=False)
+    prompt = embedded.target.prepare(sv.sample_video("bikes", 2))
+    calls = counting(monkeypatch)
+    result = fast.generate_fast(embedded, prompt, method="specvlm", ratio=0.5, tree=MC_SIM_7B_63, max_new_tokens=8,
+                                compile=False)
+    assert not calls and result.tokens == decoding.generate_ar(embedded.target, prompt, 8).tokens
+
+
 # ----------------------------------------------------------------------------------------
 # the fast path's picks
 
@@ -175,7 +200,7 @@ def test_a_bad_setting_is_refused_before_any_prefill(embedded, monkeypatch):
     monkeypatch.setattr(fast, "prefill_target", lambda *a, **k: calls.append(a))
     prompt = embedded.target.prepare(sv.sample_video("bikes", 2))
     monkeypatch.setenv("SPECVLM_PICKS", "cuda")
-    with pytest.raises(ValueError, match="SPECVLM_PICKS must be 'torch' or 'triton', got 'cuda'"):
+    with pytest.raises(ValueError, match="SPECVLM_PICKS must be 'auto', 'torch' or 'triton', got 'cuda'"):
         fast.generate_fast(embedded, prompt, tree=MC_SIM_7B_63, compile=False)
     monkeypatch.setenv("SPECVLM_PICKS", "triton")
     wide = sv.Tree.from_paths([[rank] for rank in range(top_k.MAX_K + 1)])
@@ -208,3 +233,7 @@ def test_fast_rows_record_their_picks_kernel(embedded, monkeypatch):
                      ("fast", "ar", None): None, ("fast", "specvlm", "tree"): "triton", ("fast", "specvlm", "chain"): None}
     assert all(r["equal_to_ar"] for r in result["rows"])
     assert "SPECVLM_PICKS=triton " in recorded_environment()
+    monkeypatch.delenv("SPECVLM_PICKS")
+    result = bench(embedded, video_for, [1], max_new_tokens=6, repeats=1, step_repeats=1, paths=("fast",),
+                   only=["specvlm-tree-0.5"])
+    assert [r["draft_picks_kernel"] for r in result["rows"] if r["method"] != "ar"] == ["torch"]  # "auto" on a CPU
