@@ -2,9 +2,9 @@
 
 A 0.5B draft's pass multiplies one to a few rows by each projection of its decoder layers. Each
 product reads a few MB and does almost no arithmetic, yet on an H100 most of them took several times
-the weight's bytes over the card's bandwidth (notebook 05, sections 18 and 23 print the ratios). One
-possible reason, not measured: a kernel this short waits for its first bytes, and the next kernel
-asks for its own only once this one has ended.
+the weight's bytes over the card's bandwidth (notebook 05, sections 18 and 23 print the ratios). The
+reason this module tested: a kernel this short waits for its first bytes, and the next kernel asks
+for its own only once this one has ended.
 
 Here one small kernel per decoder layer, launched at the layer's start, asks the memory system to
 bring the weights that the layer reads later (and the next layer's first product) into L2:
@@ -16,8 +16,13 @@ Hopper's `cp.async.bulk.prefetch.L2` takes an address and a byte count and retur
 first kernels, and the products may then find their weights in L2. The bytes still come from
 memory; the hope is that they come while other kernels run instead of one product after another.
 A layer's prefetch for the 0.5B (section 23 prints its size) is less than an H100's L2 holds, but L2
-keeps no promise: the instruction is a hint. Whether it pays is measured, not assumed
-(notebook 05, section 23; `benchmarks/l2_prefetch.py`).
+keeps no promise: the instruction is a hint.
+
+Measured on H100s (notebook 05, section 23; `benchmarks/l2_prefetch.py`), it did not pay: a stand-in
+one-row pass got slower by the prefetch kernels' own time, the same pass with every weight already
+in L2 was barely faster than with none, and the widened pair's eight clips ran as they did without
+it. The products' time is their fixed cost as kernels, not their bytes. So it stays off by default,
+kept as the experiment that showed this.
 
 Every weight is split into chunks of `CHUNK_BYTES`; a table per layer holds the chunks' addresses
 and sizes (`chunk_table`), made from the weights where they lie and rewritten in place when they
