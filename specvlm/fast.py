@@ -656,7 +656,7 @@ def picks_kernel(device: torch.device | None = None, top: int | None = None) -> 
     - unset or "auto" (the default): "triton" where the draft's logits lie on a CUDA card the
       kernels run on (`top_k.available`) and the tree ranks at most `top_k.MAX_K` tokens at a node
       (`top`), else "torch". On one H100, eight clips, one process, the kernels made SpecVLM's
-      decoding about 2% faster summed (notebook 05, section 24);
+      decoding a little faster summed (notebook 05, section 24, prints by how much);
     - "torch" or "triton": that one; "triton" is an error, with a `device`, where the kernels cannot
       run there, and with a `top` over `top_k.MAX_K`.
 

@@ -19,10 +19,11 @@ A layer's prefetch for the 0.5B (section 23 prints its size) is less than an H10
 keeps no promise: the instruction is a hint.
 
 Measured on H100s (notebook 05, section 23; `benchmarks/l2_prefetch.py`), it did not pay: a stand-in
-one-row pass got slower by the prefetch kernels' own time, the same pass with every weight already
-in L2 was barely faster than with none, and the widened pair's eight clips ran as they did without
-it. The products' time is their fixed cost as kernels, not their bytes. So it stays off by default,
-kept as the experiment that showed this.
+one-row pass got slower by about the prefetch kernels' own time; the same pass with every weight
+already in L2 was no faster in one call and a little faster in the other; and the widened pair's
+eight clips ran as they did without it (one run, one card). Most of the products' time is a fixed
+cost as kernels, which weights already in L2 hardly shorten. So it stays off by default, kept as
+the experiment that showed this.
 
 Every weight is split into chunks of `CHUNK_BYTES`; a table per layer holds the chunks' addresses
 and sizes (`chunk_table`), made from the weights where they lie and rewritten in place when they
