@@ -14,8 +14,9 @@ as the fast path does. Variants:
   their bytes are already there (a bound, not a model).
 
 Each row is the median of `--repeats` device-synchronised replays, with what the profiler saw of one
-replay: its kernels, their summed device time (`busy_us`; the rest, `gaps_us`, is time between
-kernels) and the longest by name. "plain" and "prefetch" must give identical outputs (asserted: a prefetch
+replay: its kernels, their summed device time (`busy_us`) and the longest by name. `gaps_us`, the
+timed replay less `busy_us`, is an estimate of the time between kernels: the two come from different
+replays, and the profiler can stretch kernels. "plain" and "prefetch" must give identical outputs (asserted: a prefetch
 changes no value).
 
     python benchmarks/l2_prefetch.py --out 'figures/l2_prefetch_{card}.json'

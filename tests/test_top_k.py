@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import specvlm as sv
-from specvlm import decoding, fast, synthetic, top_k
+from specvlm import bench as bench_module, decoding, fast, synthetic, top_k
 from specvlm.__main__ import recorded_environment
 from specvlm.bench import bench
 from specvlm.trees import MC_SIM_7B_63
@@ -131,6 +131,37 @@ def test_auto_picks_take_the_kernels_only_on_a_cuda_card_they_run_on(monkeypatch
     monkeypatch.setenv("SPECVLM_PICKS", "torch")
     monkeypatch.setattr(top_k, "available", lambda device, dtype=torch.float32: True)
     assert fast.picks_kernel(cuda, 4) == "torch"
+
+
+class Resolved(Exception):
+    """Raised by a spy once the picks are resolved for a device: the test needs no further step."""
+
+
+def test_picks_are_resolved_for_the_drafts_device_and_the_trees_widest_level(embedded, monkeypatch):
+    """The draft's logits decide where the picks run, not the target's; the tree's widest rank count
+    decides whether the kernels can take them. Here the draft says it is on a second card."""
+    draft_card = torch.device("cuda", 1)
+    model_class, original = type(embedded.draft), type(embedded.draft).device
+    monkeypatch.setattr(model_class, "device",
+                        property(lambda self: draft_card if self is embedded.draft else original.fget(self)))
+    seen = []
+
+    def spy(device=None, top=None):
+        seen.append((device, top))
+        if device is not None:
+            raise Resolved
+        return "auto"
+
+    monkeypatch.setattr(fast, "picks_kernel", spy)
+    prompt = embedded.target.prepare(sv.sample_video("bikes", 2))
+    with pytest.raises(Resolved):
+        fast.generate_fast(embedded, prompt, tree=MC_SIM_7B_63, compile=False)
+    widest = max(fast.DraftLevels.of(MC_SIM_7B_63).top)
+    assert seen == [(None, None), (draft_card, widest)]  # the setting checked first, then resolved
+    seen.clear()
+    with pytest.raises(Resolved):
+        bench_module.picks_of(embedded.draft, MC_SIM_7B_63)
+    assert seen == [(draft_card, widest)]  # a bench row records what the run resolved
 
 
 def test_by_default_a_cpu_run_picks_with_torch(embedded, monkeypatch):
