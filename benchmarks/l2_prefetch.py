@@ -16,8 +16,8 @@ as the fast path does. Variants:
 Each row is the median of `--repeats` device-synchronised replays, with what the profiler saw of one
 replay: its kernels, their summed device time (`busy_us`) and the longest by name. `gaps_us`, the
 timed replay less `busy_us`, is an estimate of the time between kernels: the two come from different
-replays, and the profiler can stretch kernels. "plain" and "prefetch" must give identical outputs (asserted: a prefetch
-changes no value).
+replays, and the profiler can stretch kernels. "plain" and "prefetch" must give identical outputs
+(asserted: a prefetch changes no value).
 
     python benchmarks/l2_prefetch.py --out 'figures/l2_prefetch_{card}.json'
 """
@@ -82,9 +82,9 @@ def step(layers: list[dict], h: torch.Tensor, heads: int, prefetch: bool) -> tor
 
 
 def replay_profile(graph: torch.cuda.CUDAGraph, replays: int = 5, top: int = 6) -> dict:
-    """What one replay's kernels are, from the profiler's CUDA activity: how many ("kernels"), their
-    summed device time ("busy_us": the replay's time minus it is the gaps between kernels), and the
-    `top` names by device time, per replay. Copies and memsets are left out."""
+    """What one replay's kernels are, from the profiler's CUDA activity over `replays` replays: how
+    many ("kernels"), their summed device time ("busy_us"), and the `top` names by device time, each
+    per replay. Copies and memsets are left out."""
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CUDA]) as prof:

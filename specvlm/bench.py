@@ -52,9 +52,10 @@ needs to predict its speedup from this run alone:
   "draft_few_rows" whether those fused products of a few rows ran as `few_rows.py`'s kernels.
   "draft_vocab"    on the fast path, the number of tokens the draft proposed from ($SPECVLM_DRAFT_VOCAB,
                    `draft_vocab.py`; None: its whole vocabulary);
-  "draft_picks_kernel"  on the fast path's tree rows, how a tree level's tokens were picked ($SPECVLM_PICKS,
-                   resolved as `fast.picks_kernel` does: "auto" gives "triton" on a CUDA card the kernels run
-                   on, for a tree that ranks at most `top_k.MAX_K` tokens at a node): "torch" (`torch.topk`) or "triton" (`top_k.py`); None elsewhere (a chain picks by argmax).
+  "draft_picks_kernel"  on the fast path's tree rows, how a tree level's tokens were picked: "torch"
+                   (`torch.topk`) or "triton" (`top_k.py`), $SPECVLM_PICKS resolved as `fast.picks_kernel`
+                   does ("auto" gives "triton" on a CUDA card the kernels run on, for a tree that ranks at
+                   most `top_k.MAX_K` tokens at a node); None elsewhere (a chain picks by argmax).
   "draft_l2_prefetch"  on the fast path, whether the draft's decoder layers prefetched their weights into
                    L2 ($SPECVLM_L2_PREFETCH, `l2_prefetch.py`); None for AR and the plain path.
 """

@@ -2,8 +2,8 @@
 
 Same loops as `decoding.py` (AR, chain SD, tree SD, every pruning method), same tokens and
 same accepted counts (up to ties among a tree node's ranked children, which `top_k`'s kernels, the
-picks' default on CUDA, break by the lowest token id), on the same transformers model classes; only how each step runs
-differs. `generate_fast(pair, prompt, ...)` is the entry point.
+picks' default on CUDA, break by the lowest token id), on the same transformers model classes;
+only how each step runs differs. `generate_fast(pair, prompt, ...)` is the entry point.
 
 Why. The draft of a speculative decoder is small, so one draft step is *launch-bound*: the
 time a small model needs to read its weights is a small fraction of what hundreds of kernel
@@ -918,9 +918,8 @@ def generate_fast(pair: Pair, prompt: Prompt, method: str = "specvlm", ratio: fl
                   attention: str | None = None, draft_vocab: torch.Tensor | None = None) -> Result:
     """`decoding.generate_ar` (method="ar") or `decoding.generate_sd` on static caches with
     fixed-shape steps: the same tokens and accepted counts (up to ties among a tree node's ranked
-    children: `picks_kernel`), greedy only. `compile`: None ->
-    compiled on CUDA only; True / False; or a torch.compile mode string. `attention`: "sdpa",
-    "flex" (FlexAttention's split-KV decode kernel for short steps, `grouped_attention` for wide
+    children: `picks_kernel`), greedy only. `compile`: None -> compiled on CUDA only; True / False;
+    or a torch.compile mode string. `attention`: "sdpa", "flex" (FlexAttention's split-KV decode kernel for short steps, `grouped_attention` for wide
     ones; by the cache's length, `grouped_attention` for a short draft cache and `split_attention`
     for wide steps on a long one: `StaticLM.step_attention`, `split_min_slots`), "flash"
     (`flash_decode` for short steps, wide ones as under "flex"; a CUDA card with Triton) or
