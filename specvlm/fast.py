@@ -920,10 +920,11 @@ def generate_fast(pair: Pair, prompt: Prompt, method: str = "specvlm", ratio: fl
     fixed-shape steps: the same tokens and accepted counts (up to ties among a tree node's ranked
     children: `picks_kernel`), greedy only. `compile`: None -> compiled on CUDA only; True / False;
     or a torch.compile mode string. `attention`: "sdpa", "flex" (FlexAttention's split-KV decode
-    kernel for short steps, `grouped_attention` for wide ones; by the cache's length, `grouped_attention` for a short draft cache and `split_attention`
-    for wide steps on a long one: `StaticLM.step_attention`, `split_min_slots`), "flash"
-    (`flash_decode` for short steps, wide ones as under "flex"; a CUDA card with Triton) or
-    "grouped" (`grouped_attention` for every step), or "target/draft" (e.g. "flex/flash"); None ->
+    kernel for short steps, `grouped_attention` for wide ones; by the cache's length,
+    `grouped_attention` for a short draft cache and `split_attention` for wide steps on a long one:
+    `StaticLM.step_attention`, `split_min_slots`), "flash" (`flash_decode` for short steps, wide
+    ones as under "flex"; a CUDA card with Triton) or "grouped" (`grouped_attention` for every
+    step), or "target/draft" (e.g. "flex/flash"); None ->
     $SPECVLM_FAST_ATTENTION or "sdpa". `prompt` is a `Prompt` (`pair.target.prepare(video, question)`),
     not a `Video`; `ratio` is checked for every method, "ar" included. `draft_vocab`: sorted token ids
     the draft proposes from (`draft_vocab.py`: its output layer keeps only their rows), None ->
