@@ -58,6 +58,9 @@ needs to predict its speedup from this run alone:
                    most `top_k.MAX_K` tokens at a node); None elsewhere (a chain picks by argmax).
   "draft_l2_prefetch"  on the fast path, whether the draft's decoder layers prefetched their weights into
                    L2 ($SPECVLM_L2_PREFETCH, `l2_prefetch.py`); None for AR and the plain path.
+  "draft_combo_kernels"  on the fast path, whether the draft's steps were compiled with inductor's combo
+                   kernels ($SPECVLM_DRAFT_COMBO, `fast.draft_combo_kernels`; False where they were not
+                   compiled); None for AR and the plain path.
 """
 
 from __future__ import annotations
@@ -377,7 +380,8 @@ def measure(path: str, pair: Pair, prompt, draft_prompt, method: str, shape, rat
             "draft_few_rows": uses_few_rows(pair.draft) if method != "ar" else None,
             "draft_vocab": draft_vocab_size(pair.draft) if path == "fast" and method != "ar" else None,
             "draft_picks_kernel": picks_of(pair.draft, tree_of(shape, trees)) if path == "fast" and method != "ar" else None,
-            "draft_l2_prefetch": l2_prefetching(pair.draft) if path == "fast" and method != "ar" else None}
+            "draft_l2_prefetch": l2_prefetching(pair.draft) if path == "fast" and method != "ar" else None,
+            "draft_combo_kernels": combo_of(pair.draft) if path == "fast" and method != "ar" else None}
 
 
 def picks_of(draft, tree: Tree | None) -> str | None:
@@ -386,6 +390,14 @@ def picks_of(draft, tree: Tree | None) -> str | None:
     from .fast import DraftLevels, picks_kernel
 
     return None if tree is None else picks_kernel(draft.device, max(DraftLevels.of(tree).top))
+
+
+def combo_of(draft) -> bool:
+    """Whether the fast path's steps for `draft` in its draft role were compiled with inductor's combo kernels."""
+    from .fast import _ENGINES
+
+    engine = _ENGINES.get(draft, {}).get("draft")
+    return engine is not None and engine.compiled_with_combo
 
 
 def draft_vocab_size(draft) -> int | None:
@@ -566,6 +578,7 @@ def make_row(path: str, frames: int, prompt, draft_prompt, drafter, method, shap
         "draft_vocab": m.get("draft_vocab"),  # the fast path's draft vocabulary, in tokens (None: whole)
         "draft_picks_kernel": m.get("draft_picks_kernel"),  # its tree levels' top-k: "torch" or "triton"
         "draft_l2_prefetch": m.get("draft_l2_prefetch"),  # its decoder layers prefetched their weights into L2
+        "draft_combo_kernels": m.get("draft_combo_kernels"),  # its steps compiled with inductor's combo kernels
         "divergence": first_divergence(target, prompt, differing, reference) if differing is not None else None,
         **({"tree": tree_record(shape, tree)} if tree is not None else {}),
         **({"timeline": m["timeline"]} if m.get("timeline") else {}),

@@ -261,7 +261,7 @@ class StaticLM:
     logits up to rounding."""
 
     def __init__(self, lm: VideoLM, options: dict | None, attention: str = "sdpa", grouped_up_to: int = 0,
-                 split_from: int | None = None, vocabulary: torch.Tensor | None = None):
+                 split_from: int | None = None, vocabulary: torch.Tensor | None = None, combo_kernels: bool = False):
         if attention not in ATTENTIONS:
             raise ValueError(f"unknown attention {attention!r}; choose one of {ATTENTIONS}.")
         split_merge.check_choice()  # a bad $SPECVLM_SPLIT_MERGE, refused before any prefill
@@ -292,6 +292,7 @@ class StaticLM:
         self._pool = None
         self.weights: tuple[int, ...] | None = None  # `weight_storage` when `static_lm` made it
         self.l2_prefetch = False  # whether its decoder layers prefetch their weights (`l2_prefetch.attach`)
+        self.combo_kernels = combo_kernels  # compiled with inductor's combo kernels (`with_combo_kernels`)
 
     @property
     def _graph_trees(self) -> bool:
@@ -299,6 +300,12 @@ class StaticLM:
         but manual capture: "max-autotune" uses them too)."""
         return (self.options is not None and not self.spread and self.lm.device.type == "cuda"
                 and self.graphs != "manual")
+
+    @property
+    def compiled_with_combo(self) -> bool:
+        """Whether its steps compile with inductor's combo kernels: asked for (`combo_kernels`) and
+        compiled at all (`_compiled`: not without options, nor for a model spread over devices)."""
+        return self.combo_kernels and self.options is not None and not self.spread
 
     @property
     def length(self) -> int:
@@ -417,11 +424,12 @@ class StaticLM:
         section 8, profiles it)."""
         if self.options is None or self.spread:
             return fn
+        combo = with_combo_kernels if self.combo_kernels else (lambda options: options)
         if self.graphs != "manual":
-            return torch.compile(fn, **self.options)
+            return torch.compile(fn, **combo(self.options))
         if self._pool is None:
             self._pool = torch.cuda.graph_pool_handle()  # one memory pool for all of this model's graphs
-        return CapturedGraph(torch.compile(fn, **{**self.options, "mode": "default"}), self._pool, neutral)
+        return CapturedGraph(torch.compile(fn, **combo({**self.options, "mode": "default"})), self._pool, neutral)
 
 
 class CapturedGraph:
@@ -531,6 +539,7 @@ def static_lm(lm: VideoLM, role: str, options: dict | None, attention: str | Non
     weights = weight_storage(lm)
     engine = engines.get(role)
     grouped_up_to = flex_min_slots() if role == "draft" else 0
+    combo = role == "draft" and draft_combo_kernels()
     vocabulary = None if role == "target" else draft_vocabulary(lm, vocabulary)
     if vocabulary is not None:  # its cut output layer is a copy: made anew when the layer's weights change
         # (in place through autograd-visible ops, `load_state_dict`, `.to()`; writes through `.data` go unseen)
@@ -542,8 +551,8 @@ def static_lm(lm: VideoLM, role: str, options: dict | None, attention: str | Non
     if (engine is None or engine.options != options or engine.attention != attention
             or engine.graphs != graphs_for(lm, options) or engine.weights != weights
             or engine.grouped_up_to != grouped_up_to or engine.split_from != split_min_slots() or not same_vocabulary
-            or engine.l2_prefetch != prefetch):
-        engines[role] = StaticLM(lm, options, attention, grouped_up_to, vocabulary=vocabulary)
+            or engine.l2_prefetch != prefetch or engine.combo_kernels != combo):
+        engines[role] = StaticLM(lm, options, attention, grouped_up_to, vocabulary=vocabulary, combo_kernels=combo)
         engines[role].weights, engines[role].l2_prefetch = weights, prefetch
     return engines[role]
 
@@ -631,6 +640,38 @@ def few_rows_draft() -> bool:
     if choice not in (None, "", "0", "1"):
         raise ValueError(f"SPECVLM_FEW_ROWS must be '0' or '1', got {choice!r}.")
     return choice == "1"
+
+
+DRAFT_COMBO = False  # $SPECVLM_DRAFT_COMBO's default (`draft_combo_kernels`)
+
+
+def draft_combo_kernels() -> bool:
+    """Whether a draft's compiled steps take inductor's combo kernels (`with_combo_kernels`), as
+    $SPECVLM_DRAFT_COMBO says: "1" or "0", unset: DRAFT_COMBO. A combo kernel launches kernels that
+    do not depend on each other as one (in a decoder layer, the writes of its keys and its values
+    into the cache), so a launch-bound draft step runs fewer kernels (notebook 05, section 15
+    profiled one).
+    Only the draft's: what they change is when kernels run, and at most the rounding of a draft's
+    logits, which the target checks; a target (and so AR) compiles as before. Read by `static_lm`,
+    which makes a draft's steps anew when it changes."""
+    choice = os.environ.get("SPECVLM_DRAFT_COMBO")
+    if choice not in (None, "", "0", "1"):
+        raise ValueError(f"SPECVLM_DRAFT_COMBO must be '0' or '1', got {choice!r}.")
+    return choice == "1" if choice else DRAFT_COMBO
+
+
+def with_combo_kernels(options: dict) -> dict:
+    """torch.compile's keyword arguments `options` with inductor's `combo_kernels` on, for that
+    compiled function only (not the process's inductor config). torch.compile takes a `mode` or
+    inductor `options`, not both, so the mode becomes its options (`torch._inductor.list_mode_options`):
+    {"mode": "reduce-overhead", "fullgraph": False} -> {"fullgraph": False, "options":
+    {"triton.cudagraphs": True, "combo_kernels": True}}. Options for a backend other than inductor
+    (say "eager", for tests) come back unchanged: only inductor has combo kernels."""
+    if options.get("backend", "inductor") != "inductor":
+        return options
+    rest = {name: value for name, value in options.items() if name not in ("mode", "options")}
+    mode_options = torch._inductor.list_mode_options(options.get("mode") or "default")
+    return {**rest, "options": {**mode_options, **(options.get("options") or {}), "combo_kernels": True}}
 
 
 def l2_prefetch_draft(device: torch.device | None = None) -> bool:
@@ -755,6 +796,7 @@ def capture_report(pair: Pair | None = None) -> dict:
                 "fused_projections": is_fused(lm),  # q/k/v and gate/up as one matmul each (`fusion.py`)
                 "few_rows": uses_few_rows(lm),  # their products of a few rows as Triton kernels (`few_rows.py`)
                 "l2_prefetch": engine.l2_prefetch,  # decoder layers prefetch their weights into L2 (`l2_prefetch.py`)
+                "combo_kernels": engine.compiled_with_combo,  # with inductor's combo kernels (`draft_combo_kernels`)
             }
     report["models"] = roles
     report["graph_breaks"] = sum(counters["graph_break"].values())
@@ -945,6 +987,7 @@ def generate_fast(pair: Pair, prompt: Prompt, method: str = "specvlm", ratio: fl
     draft_vocab = draft_vocabulary(pair.draft, draft_vocab)  # checked before any prefill, for every method
     picks_kernel()  # likewise; only trees pick by top-k, so only they resolve it, below
     l2_prefetch_draft(pair.draft.device)
+    draft_combo_kernels()
     if method == "ar":
         return _generate_ar(pair.target, prompt, max_new_tokens, compile, fast_attention(attention, "target"))
     check_speculation(prompt, draft_prompt, ratio, mass, k, tree, max_new_tokens, seed)
