@@ -642,7 +642,7 @@ def few_rows_draft() -> bool:
     return choice == "1"
 
 
-DRAFT_COMBO = False  # $SPECVLM_DRAFT_COMBO's default (`draft_combo_kernels`)
+DRAFT_COMBO = True  # $SPECVLM_DRAFT_COMBO's default (`draft_combo_kernels`): on, as measured in notebook 05, section 25
 
 
 def draft_combo_kernels() -> bool:
