@@ -119,11 +119,16 @@ def num_params(config: Qwen2Config) -> int:
     return layers * per_layer + h + embeddings
 
 
-def weight_bytes(config: Qwen2Config, dtype: torch.dtype = torch.bfloat16) -> int:
+def weight_bytes(config: Qwen2Config, dtype: torch.dtype = torch.bfloat16, output_rows: int | None = None) -> int:
     """Weight bytes one forward pass reads: every layer, the final norm and the output layer;
-    not the input embedding table (a pass reads only its new tokens' rows), unless tied."""
+    not the input embedding table (a pass reads only its new tokens' rows), unless tied.
+    `output_rows`: the output layer's rows the pass reads, for a draft vocabulary (`draft_vocab.py`:
+    its cut layer is a copy, so a tied table is then not read as a whole either); None: all."""
     untied_input_table = 0 if config.tie_word_embeddings else config.vocab_size * config.hidden_size
-    return (num_params(config) - untied_input_table) * _itemsize(dtype)
+    if output_rows is not None and not 1 <= output_rows <= config.vocab_size:
+        raise ValueError(f"output_rows must lie in 1..{config.vocab_size} (the output layer's rows), got {output_rows}.")
+    unread_rows = 0 if output_rows is None else config.vocab_size - output_rows
+    return (num_params(config) - untied_input_table - unread_rows * config.hidden_size) * _itemsize(dtype)
 
 
 def kv_bytes(config: Qwen2Config, tokens: int, dtype: torch.dtype = torch.bfloat16) -> int:
@@ -263,7 +268,7 @@ class _BareLM(VideoLM):
 SLACK = 32  # free slots after the context in a fast path's cache: room for the widest step (26)
 
 
-def fast_step(attention: str = "sdpa", compile=None):
+def fast_step(attention: str = "sdpa", compile=None, vocabulary: int | None = None):
     """The factory of the project's fast path (`fast.py`): a `SlotCache` holding `context_len`
     random cached tokens (the same numbers `transformers_step` uses, so the logits agree) and
     `StaticLM.step` (host inputs copied in, the fixed-shape step compiled with
@@ -279,7 +284,8 @@ def fast_step(attention: str = "sdpa", compile=None):
     "flex" (`fast.split_attention` from `fast.split_min_slots()` slots on), which reads the whole
     capacity too, so they get their own engine, sized per context like "sdpa"'s. The engines here
     serve no role, so a short cache under "flex" keeps FlexAttention (`fast.flex_min_slots` is a
-    draft's)."""
+    draft's). `vocabulary`: the step's logits cover only the first that many token ids, as a draft
+    vocabulary's do on the fast path (`draft_vocab.py`: the output layer cut to those rows)."""
     if attention not in fast.ATTENTIONS:
         raise ValueError(f"unknown attention {attention!r}; choose one of {fast.ATTENTIONS}.")
 
@@ -292,7 +298,7 @@ def fast_step(attention: str = "sdpa", compile=None):
         # a step wider than FLEX_MAX_QUERY takes the grouped masked attention even under "flex": it
         # reads its whole capacity, so it gets an engine of its own, sized for this context
         masked = attention != "flex" or query_len > fast.FLEX_MAX_QUERY
-        key = (attention, str(compile), masked, fast.split_min_slots())
+        key = (attention, str(compile), masked, fast.split_min_slots(), vocabulary)
         engines = model.__dict__.setdefault("_specvlm_fast_engines", {})
         engine = engines.get(key)
         options = fast.compile_options(compile, model.device)
@@ -302,7 +308,8 @@ def fast_step(attention: str = "sdpa", compile=None):
             engines.pop(key, None)
             engine = None
             _free(model.device)  # the old engine's cache and graphs go before the new cache comes
-            engine = fast.StaticLM(_BareLM(model), options, attention)
+            ids = None if vocabulary is None else torch.arange(vocabulary)
+            engine = fast.StaticLM(_BareLM(model), options, attention, vocabulary=ids)
             config = model.config
             head_dim = config.hidden_size // config.num_attention_heads
             shapes = [(config.num_key_value_heads, head_dim, head_dim)] * config.num_hidden_layers

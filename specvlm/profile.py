@@ -149,9 +149,12 @@ def graph_kernels_visible(kernels_per_step: float, num_layers: int, graphs: bool
     return kernels_per_step >= num_layers if graphs else None
 
 
-def _make_step(model, path: str, attention: str, compile, context_len: int, query_len: int, tree: Tree | None):
+def _make_step(model, path: str, attention: str, compile, context_len: int, query_len: int, tree: Tree | None,
+               vocabulary: int | None = None):
     if path == "fast":
-        return costs.fast_step(attention, compile)(model, context_len, query_len, tree)
+        return costs.fast_step(attention, compile, vocabulary)(model, context_len, query_len, tree)
+    if vocabulary is not None:
+        raise ValueError("a draft vocabulary cuts the fast path's output layer; transformers' paths keep theirs whole.")
     if attention != "sdpa":
         raise ValueError(f"attention={attention!r} applies to the fast path only; transformers' path is "
                          f"chosen by path= ({sorted(set(costs.PATHS) - FAST_PATHS)}).")
@@ -183,17 +186,19 @@ def _profiled(make_step, device: torch.device, repeats: int, warmup: int) -> tup
 def profile_step(shape, context_len: int, query_len: int | None = None, path: str = "fast",
                  attention: str = "sdpa", tree: Tree | None = None, device=None, dtype=None,
                  repeats: int = 20, warmup: int = 3, compile=None, fallback=False, model=None,
-                 bandwidth: float | None = None, seed: int = 0) -> dict:
+                 bandwidth: float | None = None, seed: int = 0, vocabulary: int | None = None) -> dict:
     """Profile one pass of `query_len` tokens (default 1, or `tree.num_nodes`) after
     `context_len` cached ones at `shape` (a `costs.SHAPES` name or a Qwen2Config).
 
     path "fast" (`costs.fast_step(attention, compile)`: CUDA graphs on CUDA unless compile says
     otherwise) or transformers' "eager" / "sdpa". `model`: a `costs.build_lm` model to reuse
-    (else built); `bandwidth` in bytes/s (else measured). When the step is replayed from CUDA
+    (else built); `bandwidth` in bytes/s (else measured); `vocabulary`: the fast path's logits
+    cover only the first that many token ids (a draft vocabulary: `costs.fast_step`), and the floor
+    counts only those rows of the output layer. When the step is replayed from CUDA
     graphs and the profile sees fewer kernels per step than the model has layers, the result has
     graph_kernels_visible False and `without_graphs`: the same step with compile=`fallback`
     (False: eager; "default": inductor's kernels launched one by one), profiled the same way.
-    Returns `kernel_breakdown`'s keys plus shape, context, query_len, path, attention, compile,
+    Returns `kernel_breakdown`'s keys plus shape, context, query_len, path, attention, compile, vocabulary,
     device, dtype, bandwidth_GBps, weight_bytes, kv_bytes, setup_s (making the step and its warm-up:
     compilation included), graph_kernels_visible
     (None when no CUDA graph is involved) and without_graphs (None or a breakdown).
@@ -209,13 +214,15 @@ def profile_step(shape, context_len: int, query_len: int | None = None, path: st
     dtype = resolved_dtype(dtype, device)
     model = model if model is not None else costs.build_lm(config, device, dtype, seed)
     bandwidth = bandwidth or costs.measure_bandwidth(device)
-    weights, kv = costs.weight_bytes(config, dtype), costs.kv_bytes(config, context_len + query_len, dtype)
+    weights = costs.weight_bytes(config, dtype, vocabulary)  # checks `vocabulary` against the output layer
+    kv = costs.kv_bytes(config, context_len + query_len, dtype)
     floor_us = 1e6 * (weights + kv) / bandwidth
 
     setup_s, wall_us, queued_us, records = _profiled(
-        lambda: _make_step(model, path, attention, compile, context_len, query_len, tree), device, repeats, warmup)
+        lambda: _make_step(model, path, attention, compile, context_len, query_len, tree, vocabulary), device, repeats,
+        warmup)
     result = {"shape": shape if isinstance(shape, str) else "custom", "context": int(context_len),
-              "query_len": query_len, "path": path, "attention": attention if path == "fast" else path,
+              "query_len": query_len, "vocabulary": vocabulary, "path": path, "attention": attention if path == "fast" else path,
               "compile": str(fast.compile_options(compile, device)) if path == "fast" else "None",
               "device": card_name(device), "dtype": str(dtype).removeprefix("torch."),
               "bandwidth_GBps": bandwidth / 1e9, "weight_bytes": weights, "kv_bytes": kv, "setup_s": setup_s,
@@ -226,7 +233,8 @@ def profile_step(shape, context_len: int, query_len: int | None = None, path: st
     result["without_graphs"] = None
     if result["graph_kernels_visible"] is False:
         setup_s, wall_us, _, records = _profiled(
-            lambda: _make_step(model, path, attention, fallback, context_len, query_len, tree), device, repeats, warmup)
+            lambda: _make_step(model, path, attention, fallback, context_len, query_len, tree, vocabulary), device,
+            repeats, warmup)
         label = "eager fast path" if not fallback else f"fast path compiled with {fallback!r}, no CUDA graphs"
         result["without_graphs"] = {"label": label, "compile": str(fast.compile_options(fallback, device)),
                                     "setup_s": setup_s, **kernel_breakdown(records, repeats, wall_us, floor_us)}
@@ -250,11 +258,12 @@ def kinds_for(shapes, kinds=None) -> dict:
 
 def profile_shapes(shapes, contexts, kinds=None, attention: str = "sdpa", device=None, dtype=None, k: int = 5,
                    tree: Tree = MC_SIM_7B_63, repeats: int = 20, fallback=False, progress=None,
-                   fuse: bool = False, few_rows: bool = False) -> dict:
+                   fuse: bool = False, few_rows: bool = False, vocabulary: int | None = None) -> dict:
     """`profile_step` for each shape, context (largest first) and kind; one model per shape,
     one bandwidth measurement. `fuse`: each model's q/k/v and gate/up projections stacked into one
     matmul each first (`fusion.fuse_projections`, as the fast path does for a draft on CUDA);
-    `few_rows` (with `fuse`): their products of a few rows as `few_rows.py`'s kernels.
+    `few_rows` (with `fuse`): their products of a few rows as `few_rows.py`'s kernels; `vocabulary`:
+    the steps' logits over the first that many token ids (`profile_step`).
     JSON-ready: card, versions, date, dtype, bandwidth, fused, rows."""
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = resolved_dtype(dtype, device)
@@ -274,7 +283,7 @@ def profile_shapes(shapes, contexts, kinds=None, attention: str = "sdpa", device
                 query_len, kind_tree = queries[kind]
                 row = {"kind": kind, "fused": fuse, "few_rows": fuse and few_rows, **profile_step(shape, context, query_len, "fast", attention, kind_tree, device,
                                                     dtype, repeats, model=model, bandwidth=bandwidth,
-                                                    fallback=fallback)}
+                                                    fallback=fallback, vocabulary=vocabulary)}
                 rows.append(row)
                 if progress:
                     progress(row)
@@ -412,6 +421,9 @@ def main(argv=None) -> int:
                         help="stack each model's q/k/v and gate/up projections into one matmul each (fusion.py)")
     parser.add_argument("--few-rows", action="store_true",
                         help="with --fuse: products of a few rows as few_rows.py's Triton kernels")
+    parser.add_argument("--draft-vocab", type=positive_int, default=None, metavar="N",
+                        help="the fast path's output layer cut to the first N token ids, as a draft vocabulary "
+                             "(SPECVLM_DRAFT_VOCAB) cuts a draft's; the floor counts only those rows")
     parser.add_argument("--combo-kernels", action="store_true",
                         help="compile with inductor's combo kernels, which launch data-independent kernels as one "
                              "(torch._inductor.config.combo_kernels, set for the whole process)")
@@ -438,6 +450,7 @@ def main(argv=None) -> int:
         inductor_config.combo_kernels = True
     result = profile_shapes(args.shapes, args.contexts, args.kinds, args.attention, args.device, dtype,
                             repeats=args.repeats, fallback=fallback, fuse=args.fuse, few_rows=args.few_rows,
+                            vocabulary=args.draft_vocab,
                             progress=lambda r: print(f"{r['shape']} {r['kind']} {r['context']}: "
                                                      f"{r['wall_us_per_step']:.0f} us, {r['kernels_per_step']:.0f} "
                                                      f"kernels/step", file=sys.stderr, flush=True))

@@ -111,6 +111,7 @@ def test_costs_refuses_bad_flags_before_measuring(capsys, tmp, nothing_loads, ar
     (["--out", "/nodir-specvlm/p.json"], r"argument --out: folder /nodir-specvlm does not exist"),
     (["--out", "{tmp}/p.json", "--png", "/nodir-specvlm/p.png"], r"argument --png: folder /nodir-specvlm"),
     (["--dtype", "bf16"], r"argument --dtype: invalid choice: 'bf16'"),
+    (["--draft-vocab", "0"], r"argument --draft-vocab: expected an integer >= 1"),
 ])
 def test_profile_refuses_bad_flags_before_profiling(capsys, tmp, nothing_loads, argv, message):
     refused(capsys, profile.main, [a.format(tmp=tmp) for a in argv], message)
@@ -162,6 +163,16 @@ def test_profile_records_its_command_code_and_inductor_settings(tmp, monkeypatch
                                  "--contexts 8 --out 'p_{card}.json'")
     assert result["code"] == "abc1234"
     assert result["combo_kernels"] is False
+
+
+def test_profile_passes_a_draft_vocabulary_on(tmp, monkeypatch):
+    seen = {}
+    monkeypatch.setattr(profile, "profile_shapes",
+                        lambda *args, **kwargs: seen.update(kwargs) or {"card": "Test Card", "rows": []})
+    monkeypatch.setattr(profile, "table", lambda result: "")
+    assert profile.main(["--shapes", "tiny", "--draft-vocab", "64"]) == 0
+    assert seen["vocabulary"] == 64
+    assert profile.main(["--shapes", "tiny"]) == 0 and seen["vocabulary"] is None
 
 
 @pytest.mark.parametrize("flag", [[], ["--combo-kernels"]])

@@ -167,19 +167,20 @@ def test_the_flex_engine_serves_every_context_and_the_sdpa_engine_fits_each():
     model = costs.build_lm("tiny", "cpu", torch.float32)
     engines = lambda: model.__dict__["_specvlm_fast_engines"]
     costs.PATHS["fast-flex"](model, 300, 1)()
-    flex = engines()[("flex", "None", False, fast.split_min_slots())]
+    flex = engines()[("flex", "None", False, fast.split_min_slots(), None)]
     address = flex.cache.keys[0].data_ptr()
     for context in (300, 40):  # largest first, as measure_costs times them
         step = costs.PATHS["fast-flex"](model, context, 6)
         torch.testing.assert_close(step(), costs.PATHS["sdpa"](model, context, 6)(), rtol=1e-4, atol=1e-5)
         costs.PATHS["fast"](model, context, 6)()
-        sdpa = engines()[("sdpa", "None", True, fast.split_min_slots())]
+        sdpa = engines()[("sdpa", "None", True, fast.split_min_slots(), None)]
         assert sdpa.cache.capacity == costs.fast.round_up(context + costs.SLACK, 128)
         # a tree verification takes the grouped masked attention under flex: an engine sized for this context
         costs.PATHS["fast-flex"](model, context, MC_SIM_7B_63.num_nodes, MC_SIM_7B_63)()
-        wide = engines()[("flex", "None", True, fast.split_min_slots())]
+        wide = engines()[("flex", "None", True, fast.split_min_slots(), None)]
         assert wide.cache.capacity == costs.fast.round_up(context + max(MC_SIM_7B_63.num_nodes, costs.SLACK), 128)
-    assert engines()[("flex", "None", False, fast.split_min_slots())] is flex and flex.cache.keys[0].data_ptr() == address
+    assert engines()[("flex", "None", False, fast.split_min_slots(), None)] is flex
+    assert flex.cache.keys[0].data_ptr() == address
     assert flex.cache.capacity == 384
 
 

@@ -172,3 +172,27 @@ def test_invisible_graph_kernels_bring_a_profile_without_graphs(monkeypatch, tmp
     (tmp_path / "r.json").write_text(json.dumps(result))
     fig = profile.plot_profile(tmp_path / "r.json", tmp_path / "r.png")
     assert "without CUDA graphs" in fig.axes[0].get_title() and (tmp_path / "r.png").exists()
+
+
+def test_a_draft_vocabulary_cuts_the_steps_logits_and_the_floors_output_layer():
+    """`--draft-vocab N`: the fast path's step returns logits over the first N ids (the whole layer's,
+    up to rounding), and the floor counts N rows of the output layer, tied to the input table or not."""
+    config = costs.lm_config("tiny")
+    model = costs.build_lm("tiny", "cpu", torch.float32)
+    rows = 40
+    whole = costs.fast_step("sdpa", compile=False)(model, 32, 1)()
+    cut = costs.fast_step("sdpa", compile=False, vocabulary=rows)(model, 32, 1)()
+    assert whole.shape[-1] == config.vocab_size and cut.shape[-1] == rows
+    torch.testing.assert_close(cut, whole[..., :rows], rtol=1e-5, atol=1e-5)
+    row = profile.profile_step("tiny", 32, device="cpu", repeats=2, warmup=1, model=model, bandwidth=1e10,
+                               vocabulary=rows)
+    assert row["vocabulary"] == rows
+    unread = (config.vocab_size - rows) * config.hidden_size * 4  # float32
+    assert row["weight_bytes"] == costs.weight_bytes(config, torch.float32) - unread
+    tied = config.__class__(**{**config.to_dict(), "tie_word_embeddings": not config.tie_word_embeddings})
+    assert (costs.weight_bytes(tied, torch.float32) - costs.weight_bytes(tied, torch.float32, rows)) == unread
+    for bad in (0, config.vocab_size + 1):
+        with pytest.raises(ValueError, match=f"output_rows must lie in 1..{config.vocab_size}"):
+            costs.weight_bytes(config, torch.float32, bad)
+    with pytest.raises(ValueError, match="transformers' paths keep theirs whole"):
+        profile.profile_step("tiny", 32, path="sdpa", device="cpu", model=model, bandwidth=1e10, vocabulary=rows)
