@@ -35,7 +35,8 @@ With `compile=True` (default on CUDA) each kind is compiled by `torch.compile` (
 kernels) and replayed from a CUDA graph captured by hand (`CapturedGraph`: no dynamo guards or
 graph-tree bookkeeping per call); `SPECVLM_CUDA_GRAPHS=trees` replays through torch.compile's
 own CUDA graphs (`mode="reduce-overhead"`) instead. A draft's steps compile with inductor's combo kernels
-unless $SPECVLM_DRAFT_COMBO is "0" (`draft_combo_kernels`).
+unless $SPECVLM_DRAFT_COMBO is "0" (`draft_combo_kernels`; compiled steps only, so not a draft spread
+over several devices).
 
 Cache invariants (as in `decoding.py`): the target's holds prompt + out[:-1], the draft's its
 (pruned) prompt + out[:draft_seen]; slots from `length` on hold garbage that masks block.
@@ -304,9 +305,13 @@ class StaticLM:
 
     @property
     def compiled_with_combo(self) -> bool:
-        """Whether its steps compile with inductor's combo kernels: asked for (`combo_kernels`) and
-        compiled at all (`_compiled`: not without options, nor for a model spread over devices)."""
-        return self.combo_kernels and self.options is not None and not self.spread
+        """Whether its steps compile with inductor's combo kernels: compiled at all (`_compiled`: not
+        without options, nor for a model spread over devices), by inductor, and asked for, by
+        `combo_kernels` or by inductor's process-wide flag (`bench --combo-kernels`)."""
+        import torch._inductor.config as inductor_config
+
+        return (self.options is not None and not self.spread and by_inductor(self.options)
+                and (self.combo_kernels or bool(inductor_config.combo_kernels)))
 
     @property
     def length(self) -> int:
@@ -651,11 +656,12 @@ def draft_combo_kernels() -> bool:
     $SPECVLM_DRAFT_COMBO says: "1" or "0", unset: DRAFT_COMBO. A combo kernel launches kernels that
     do not depend on each other as one (in a decoder layer, the writes of its keys and its values
     into the cache), so a launch-bound draft step runs fewer kernels (notebook 05, section 15
-    profiled one). On by default: on two H100s, eight clips each, in one process with and without
-    them, they shortened the draft step and SpecVLM's summed decode (section 25).
+    profiled one). On by default: on two H100s, eight clips each, with and without them in one
+    process per card, they shortened the draft step and SpecVLM's summed decode (section 25).
     Only the draft's: what they change is when kernels run, and at most the rounding of a draft's
-    logits, which the target checks; a target (and so AR) compiles as before. Read by `static_lm`,
-    which makes a draft's steps anew when it changes."""
+    logits, which the target checks; a target (and so AR) compiles as before, unless inductor's
+    process-wide flag is on (`bench --combo-kernels`: every compiled function, whatever this says).
+    Read by `static_lm`, which makes a draft's steps anew when it changes."""
     choice = os.environ.get("SPECVLM_DRAFT_COMBO")
     if choice not in (None, "", "0", "1"):
         raise ValueError(f"SPECVLM_DRAFT_COMBO must be '0' or '1', got {choice!r}.")
@@ -669,11 +675,16 @@ def with_combo_kernels(options: dict) -> dict:
     {"mode": "reduce-overhead", "fullgraph": False} -> {"fullgraph": False, "options":
     {"triton.cudagraphs": True, "combo_kernels": True}}. Options for a backend other than inductor
     (say "eager", for tests) come back unchanged: only inductor has combo kernels."""
-    if options.get("backend", "inductor") != "inductor":
+    if not by_inductor(options):
         return options
     rest = {name: value for name, value in options.items() if name not in ("mode", "options")}
-    mode_options = torch._inductor.list_mode_options(options.get("mode") or "default")
+    mode_options = torch._inductor.list_mode_options(options.get("mode") or "default", options.get("dynamic"))
     return {**rest, "options": {**mode_options, **(options.get("options") or {}), "combo_kernels": True}}
+
+
+def by_inductor(options: dict) -> bool:
+    """Whether torch.compile's keyword arguments `options` compile with inductor (its default backend)."""
+    return options.get("backend") in (None, "inductor")
 
 
 def l2_prefetch_draft(device: torch.device | None = None) -> bool:

@@ -292,7 +292,8 @@ def profile_shapes(shapes, contexts, kinds=None, attention: str = "sdpa", device
     return {"card": card_name(device), "card_id": card_id(device), "dtype": str(dtype).removeprefix("torch."),
             "torch": torch.__version__,
             "transformers": transformers.__version__, "date": str(date.today()), "bandwidth_GBps": bandwidth / 1e9,
-            "attention": attention, "fused": fuse, "few_rows": fuse and few_rows, "repeats": repeats, "k": k, "tree_nodes": tree.num_nodes,
+            "attention": attention, "fused": fuse, "few_rows": fuse and few_rows, "vocabulary": vocabulary,
+            "repeats": repeats, "k": k, "tree_nodes": tree.num_nodes,
             "weights": "random: matrices, embeddings, biases normal(0, 0.02), norms 1; KV cache random",
             "timing": "wall: median device-synchronised step outside the profiler, one at a time; queued: "
                       f"{QUEUED} steps in a row, per step; kernels: profiler, per step",
@@ -442,6 +443,10 @@ def main(argv=None) -> int:
         parser.error("--few-rows runs the fused projections' products as Triton kernels: give --fuse too.")
     if args.png and not args.out:
         parser.error("--png plots the JSON written by --out: give --out too.")
+    too_few = [shape for shape in args.shapes if args.draft_vocab and args.draft_vocab > costs.lm_config(shape).vocab_size]
+    if too_few:
+        parser.error(f"argument --draft-vocab: {args.draft_vocab} token ids, more than the output layer of "
+                     f"{', '.join(too_few)} has ({costs.lm_config(too_few[0]).vocab_size:,} rows).")
     dtype = getattr(torch, args.dtype) if args.dtype else None
     fallback = False if args.fallback == "eager" else "default"
     import torch._inductor.config as inductor_config

@@ -112,6 +112,7 @@ def test_costs_refuses_bad_flags_before_measuring(capsys, tmp, nothing_loads, ar
     (["--out", "{tmp}/p.json", "--png", "/nodir-specvlm/p.png"], r"argument --png: folder /nodir-specvlm"),
     (["--dtype", "bf16"], r"argument --dtype: invalid choice: 'bf16'"),
     (["--draft-vocab", "0"], r"argument --draft-vocab: expected an integer >= 1"),
+    (["--shapes", "tiny", "--draft-vocab", "10000000"], r"argument --draft-vocab: 10000000 token ids, more than .* tiny"),
 ])
 def test_profile_refuses_bad_flags_before_profiling(capsys, tmp, nothing_loads, argv, message):
     refused(capsys, profile.main, [a.format(tmp=tmp) for a in argv], message)

@@ -95,6 +95,43 @@ def test_a_changed_setting_compiles_the_drafts_steps_anew(embedded, compiles, mo
     compiled = roles_compiled(embedded, compiles)
     assert compiled["draft"] and not compiled["target"]
     assert all(kwargs["options"]["combo_kernels"] for kwargs in compiled["draft"])
+    draft = fast._ENGINES[embedded.draft]["draft"]
+    fast.generate_fast(embedded, prompt, **options)  # the same setting again: the same engine, its steps kept
+    assert fast._ENGINES[embedded.draft]["draft"] is draft
+
+
+def test_hand_captured_graphs_compile_the_drafts_steps_with_combo_kernels_too(embedded, compiles, monkeypatch):
+    """Under manual CUDA graphs the steps compile in mode "default" (the graph is captured by hand):
+    the draft's then take {"combo_kernels": True} as their only inductor option."""
+    monkeypatch.setattr(fast, "cuda_graphs", lambda options, device: "manual" if options else None)
+    monkeypatch.setattr(torch.cuda, "graph_pool_handle", lambda: None)
+    monkeypatch.setattr(fast, "CapturedGraph", lambda fn, pool, neutral=None: fn)  # the capture itself needs CUDA
+    monkeypatch.setenv("SPECVLM_DRAFT_COMBO", "1")
+    prompt = embedded.target.prepare(sv.sample_video("bikes", 2))
+    got = fast.generate_fast(embedded, prompt, method="specvlm", ratio=0.5, tree=MC_SIM_7B_63, max_new_tokens=8,
+                             compile=True)
+    assert got.tokens == decoding.generate_ar(embedded.target, prompt, 8).tokens
+    compiled = roles_compiled(embedded, compiles)
+    assert compiled["target"] and all(kwargs == {**FAST_OPTIONS, "mode": "default"} for kwargs in compiled["target"])
+    assert compiled["draft"] and all(kwargs == {"fullgraph": False, "dynamic": False, "options": {"combo_kernels": True}}
+                                     for kwargs in compiled["draft"])
+
+
+def test_the_record_says_what_the_steps_were_compiled_with(embedded, compiles, monkeypatch):
+    """Another backend than inductor takes no combo kernels, whatever the setting; inductor's process-wide
+    flag (`bench --combo-kernels`) gives them to every compiled function, whatever the setting."""
+    import torch._inductor.config as inductor_config
+
+    prompt = embedded.target.prepare(sv.sample_video("bikes", 2))
+    monkeypatch.setenv("SPECVLM_DRAFT_COMBO", "1")
+    fast.generate_fast(embedded, prompt, method="sd", k=3, max_new_tokens=6, compile={"backend": "eager"})
+    assert all(kwargs == {"backend": "eager", "fullgraph": False, "dynamic": False} for _, kwargs in compiles)
+    assert not combo_of(embedded.draft) and not fast.capture_report(embedded)["models"]["draft"]["combo_kernels"]
+    monkeypatch.setenv("SPECVLM_DRAFT_COMBO", "0")
+    monkeypatch.setattr(inductor_config, "combo_kernels", True)
+    fast.generate_fast(embedded, prompt, method="sd", k=3, max_new_tokens=6, compile=True)
+    models = fast.capture_report(embedded)["models"]
+    assert combo_of(embedded.draft) and models["draft"]["combo_kernels"] and models["target"]["combo_kernels"]
 
 
 def test_uncompiled_steps_take_no_combo_kernels(embedded, monkeypatch):

@@ -189,8 +189,11 @@ def test_a_draft_vocabulary_cuts_the_steps_logits_and_the_floors_output_layer():
     assert row["vocabulary"] == rows
     unread = (config.vocab_size - rows) * config.hidden_size * 4  # float32
     assert row["weight_bytes"] == costs.weight_bytes(config, torch.float32) - unread
-    tied = config.__class__(**{**config.to_dict(), "tie_word_embeddings": not config.tie_word_embeddings})
-    assert (costs.weight_bytes(tied, torch.float32) - costs.weight_bytes(tied, torch.float32, rows)) == unread
+    for tie in (False, True):  # what a cut pass reads: the layers, the final norm and the kept rows, tied or not
+        other = config.__class__(**{**config.to_dict(), "tie_word_embeddings": tie})
+        built = costs.build_lm(other, "cpu", torch.float32)
+        read = sum(p.numel() for p in (*built.model.layers.parameters(), *built.model.norm.parameters()))
+        assert costs.weight_bytes(other, torch.float32, rows) == 4 * (read + rows * config.hidden_size)
     for bad in (0, config.vocab_size + 1):
         with pytest.raises(ValueError, match=f"output_rows must lie in 1..{config.vocab_size}"):
             costs.weight_bytes(config, torch.float32, bad)
