@@ -34,9 +34,9 @@ memory addresses and shapes. Hence:
 With `compile=True` (default on CUDA) each kind is compiled by `torch.compile` (inductor
 kernels) and replayed from a CUDA graph captured by hand (`CapturedGraph`: no dynamo guards or
 graph-tree bookkeeping per call); `SPECVLM_CUDA_GRAPHS=trees` replays through torch.compile's
-own CUDA graphs (`mode="reduce-overhead"`) instead. A draft's steps compile with inductor's combo kernels
-unless $SPECVLM_DRAFT_COMBO is "0" (`draft_combo_kernels`; compiled steps only, so not a draft spread
-over several devices).
+own CUDA graphs (`mode="reduce-overhead"`) instead. A draft's steps compile with inductor's
+combo kernels unless $SPECVLM_DRAFT_COMBO is "0" (`draft_combo_kernels`; compiled steps only, so
+not a draft spread over several devices).
 
 Cache invariants (as in `decoding.py`): the target's holds prompt + out[:-1], the draft's its
 (pruned) prompt + out[:draft_seen]; slots from `length` on hold garbage that masks block.

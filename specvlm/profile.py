@@ -222,7 +222,8 @@ def profile_step(shape, context_len: int, query_len: int | None = None, path: st
         lambda: _make_step(model, path, attention, compile, context_len, query_len, tree, vocabulary), device, repeats,
         warmup)
     result = {"shape": shape if isinstance(shape, str) else "custom", "context": int(context_len),
-              "query_len": query_len, "vocabulary": vocabulary, "path": path, "attention": attention if path == "fast" else path,
+              "query_len": query_len, "vocabulary": vocabulary, "path": path,
+              "attention": attention if path == "fast" else path,
               "compile": str(fast.compile_options(compile, device)) if path == "fast" else "None",
               "device": card_name(device), "dtype": str(dtype).removeprefix("torch."),
               "bandwidth_GBps": bandwidth / 1e9, "weight_bytes": weights, "kv_bytes": kv, "setup_s": setup_s,
