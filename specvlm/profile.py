@@ -401,6 +401,37 @@ def plot_profile(json_path, out=None):
     return fig
 
 
+def inductor_setting(text: str) -> tuple[str, object]:
+    """'triton.enable_pdl=True' -> ("triton.enable_pdl", True): a key of `torch._inductor.config`
+    and a value of its default's type (True/False/1/0 for a flag, a number, or the text). Raises
+    ValueError naming what was wrong: no '=', a key inductor does not have, a value of another type."""
+    import torch._inductor.config as inductor_config
+
+    key, sep, value = text.partition("=")
+    key, value = key.strip(), value.strip()
+    defaults = inductor_config.get_config_copy()
+    if not sep or not key:
+        raise ValueError(f"an inductor setting is KEY=VALUE (e.g. triton.enable_pdl=True), got {text!r}")
+    if key not in defaults:
+        near = sorted(name for name in defaults if key.split(".")[-1] in name)[:5]
+        raise ValueError(f"torch._inductor.config has no {key!r}" + (f"; similar: {', '.join(near)}" if near else ""))
+    default = defaults[key]
+    if isinstance(default, bool):
+        flags = {"true": True, "1": True, "false": False, "0": False}
+        if value.lower() not in flags:
+            raise ValueError(f"{key} is a flag: give True or False, got {value!r}")
+        return key, flags[value.lower()]
+    if isinstance(default, (int, float)):
+        try:
+            return key, type(default)(value)
+        except ValueError:
+            raise ValueError(f"{key} is a {type(default).__name__}, got {value!r}") from None
+    if default is None or isinstance(default, str):
+        return key, value
+    raise ValueError(f"{key} holds a {type(default).__name__}, which --inductor does not set; "
+                     "set it in Python (torch._inductor.config)")
+
+
 def main(argv=None) -> int:
     import argparse
     import sys
@@ -429,6 +460,10 @@ def main(argv=None) -> int:
     parser.add_argument("--combo-kernels", action="store_true",
                         help="compile with inductor's combo kernels, which launch data-independent kernels as one "
                              "(torch._inductor.config.combo_kernels, set for the whole process)")
+    parser.add_argument("--inductor", nargs="+", default=[], metavar="KEY=VALUE",
+                        help="set torch._inductor.config keys for the whole process before anything compiles "
+                             "(e.g. triton.enable_pdl=True: Hopper's programmatic dependent launch for inductor's "
+                             "Triton kernels); the JSON records them")
     parser.add_argument("--fallback", default="eager", choices=("eager", "inductor"),
                         help="the profile without CUDA graphs when their kernels are invisible: eager steps, "
                              "or inductor's kernels launched one by one")
@@ -448,12 +483,18 @@ def main(argv=None) -> int:
     if too_few:
         parser.error(f"argument --draft-vocab: {args.draft_vocab} token ids, more than the output layer of "
                      f"{', '.join(too_few)} has ({costs.lm_config(too_few[0]).vocab_size:,} rows).")
+    try:
+        settings = dict(inductor_setting(text) for text in args.inductor)
+    except ValueError as error:
+        parser.error(f"argument --inductor: {error}")
     dtype = getattr(torch, args.dtype) if args.dtype else None
     fallback = False if args.fallback == "eager" else "default"
     import torch._inductor.config as inductor_config
 
     if args.combo_kernels:
         inductor_config.combo_kernels = True
+    for key, value in settings.items():
+        setattr(inductor_config, key, value)
     result = profile_shapes(args.shapes, args.contexts, args.kinds, args.attention, args.device, dtype,
                             repeats=args.repeats, fallback=fallback, fuse=args.fuse, few_rows=args.few_rows,
                             vocabulary=args.draft_vocab,
@@ -464,6 +505,7 @@ def main(argv=None) -> int:
         shlex.join(portable_out(sys.argv[1:] if argv is None else argv))
     result["code"] = git_commit()
     result["combo_kernels"] = bool(inductor_config.combo_kernels)
+    result["inductor"] = {key: getattr(inductor_config, key) for key in settings}
     print(table(result))
     slug = costs.card_slug(result["card"])
     if args.out:
