@@ -405,6 +405,8 @@ def inductor_setting(text: str) -> tuple[str, object]:
     """'triton.enable_pdl=True' -> ("triton.enable_pdl", True): a key of `torch._inductor.config`
     and a value of its default's type (True/False/1/0 for a flag, a number, or the text). Raises
     ValueError naming what was wrong: no '=', a key inductor does not have, a value of another type."""
+    import difflib
+
     import torch._inductor.config as inductor_config
 
     key, sep, value = text.partition("=")
@@ -413,7 +415,7 @@ def inductor_setting(text: str) -> tuple[str, object]:
     if not sep or not key:
         raise ValueError(f"an inductor setting is KEY=VALUE (e.g. triton.enable_pdl=True), got {text!r}")
     if key not in defaults:
-        near = sorted(name for name in defaults if key.split(".")[-1] in name)[:5]
+        near = difflib.get_close_matches(key, list(defaults), n=3)
         raise ValueError(f"torch._inductor.config has no {key!r}" + (f"; similar: {', '.join(near)}" if near else ""))
     default = defaults[key]
     if isinstance(default, bool):
@@ -425,7 +427,7 @@ def inductor_setting(text: str) -> tuple[str, object]:
         try:
             return key, type(default)(value)
         except ValueError:
-            raise ValueError(f"{key} is a {type(default).__name__}, got {value!r}") from None
+            raise ValueError(f"{key} takes a number ({type(default).__name__}), got {value!r}") from None
     if default is None or isinstance(default, str):
         return key, value
     raise ValueError(f"{key} holds a {type(default).__name__}, which --inductor does not set; "

@@ -228,6 +228,41 @@ def test_profile_compiles_with_combo_kernels_when_asked(tmp, monkeypatch):
     assert "--combo-kernels" in result["command"]
 
 
+def test_profile_sets_inductor_keys_before_profiling_and_records_them(tmp, monkeypatch):
+    import torch._inductor.config as inductor
+
+    monkeypatch.setattr(inductor.triton, "enable_pdl", False)  # restored after the test: --inductor sets it for the process
+    monkeypatch.setattr(inductor.triton, "cudagraph_trees", True)
+    seen = []
+    monkeypatch.setattr(profile, "profile_shapes", lambda *args, **kwargs: seen.append(
+        (inductor.triton.enable_pdl, inductor.triton.cudagraph_trees)) or {"card": "Test Card", "rows": []})
+    monkeypatch.setattr(profile, "table", lambda result: "")
+    out = tmp / "pdl_{card}.json"
+    assert profile.main(["--shapes", "tiny", "--contexts", "8", "--inductor", "triton.enable_pdl=True",
+                         "triton.cudagraph_trees=0", "--out", str(out)]) == 0
+    result = json.loads((tmp / "pdl_test-card.json").read_text())
+    assert seen == [(True, False)]
+    assert result["inductor"] == {"triton.enable_pdl": True, "triton.cudagraph_trees": False}
+    assert "triton.enable_pdl=True" in result["command"]
+
+
+@pytest.mark.parametrize("text, says", [
+    ("triton.enable_pdl", "KEY=VALUE"),
+    ("triton.enable_pld=True", "no 'triton.enable_pld'; similar: triton.enable_pdl"),
+    ("triton.enable_pdl=yes please", "is a flag: give True or False"),
+    ("max_autotune_gemm_search_space=", None),  # a text key takes any text
+    ("triton.cudagraph_unexpected_rerecord_limit=three", "takes a number (int)"),
+])
+def test_profile_refuses_a_bad_inductor_setting_naming_it(text, says, capsys, monkeypatch):
+    monkeypatch.setattr(profile, "profile_shapes", lambda *args, **kwargs: pytest.fail("profiled after a bad setting"))
+    if says is None:
+        assert profile.inductor_setting(text) == ("max_autotune_gemm_search_space", "")
+        return
+    with pytest.raises(SystemExit):
+        profile.main(["--shapes", "tiny", "--contexts", "8", "--inductor", text])
+    assert says in capsys.readouterr().err
+
+
 def test_a_bench_command_records_every_fast_path_setting_the_code_reads():
     """Each $SPECVLM_* setting the package reads (but the commit name) is in the recorded prefix, so a
     JSON's "command" reproduces its run."""
