@@ -335,7 +335,7 @@ def round_glue(target, draft, tree, levels, verify, reset, draft_logits: torch.T
     logits = [torch.randn(n, vocab, generator=generator, device=draft_device).to(draft_logits.dtype) for n in rows]
     tokens = torch.zeros(tree.num_nodes, dtype=torch.long, device=draft_device)  # as `fast.draft_tree` keeps them
 
-    kernel = picks_kernel(draft_device, max(levels.top))
+    kernel = picks_kernel(draft_device, max(levels.top), vocab)
 
     def picks():
         for depth, level_logits in enumerate(logits[:tree.depth], start=1):
@@ -387,9 +387,11 @@ def measure(path: str, pair: Pair, prompt, draft_prompt, method: str, shape, rat
 def picks_of(draft, tree: Tree | None) -> str | None:
     """How the fast path picks `tree`'s levels for `draft` ($SPECVLM_PICKS resolved as `generate_fast`
     resolves it); None for a chain, which picks by argmax."""
-    from .fast import DraftLevels, picks_kernel
+    from .fast import DraftLevels, draft_vocabulary, picked_columns, picks_kernel
 
-    return None if tree is None else picks_kernel(draft.device, max(DraftLevels.of(tree).top))
+    if tree is None:
+        return None
+    return picks_kernel(draft.device, max(DraftLevels.of(tree).top), picked_columns(draft, draft_vocabulary(draft)))
 
 
 def combo_of(draft) -> bool:

@@ -563,6 +563,11 @@ def static_lm(lm: VideoLM, role: str, options: dict | None, attention: str | Non
     return engines[role]
 
 
+def picked_columns(draft: VideoLM, vocabulary: torch.Tensor | None) -> int:
+    """How many token ids the picks rank from: the draft vocabulary's size, else the output layer's rows."""
+    return output_rows(draft) if vocabulary is None else len(vocabulary)
+
+
 def draft_vocabulary(draft: VideoLM, vocabulary: torch.Tensor | None = None) -> torch.Tensor | None:
     """The token ids a draft proposes from on the fast path (`draft_vocab.py`), sorted: `vocabulary`
     where given (checked), else `draft_vocab.first_tokens(draft, N)` where $SPECVLM_DRAFT_VOCAB is a
@@ -704,16 +709,16 @@ def l2_prefetch_draft(device: torch.device | None = None) -> bool:
     return choice == "1"
 
 
-def picks_kernel(device: torch.device | None = None, top: int | None = None) -> str:
+def picks_kernel(device: torch.device | None = None, top: int | None = None, columns: int | None = None) -> str:
     """How a tree level's tokens are picked from the draft's logits (`pick_level`): "torch"
     (`torch.topk`) or "triton" (`top_k.py`'s two kernels), as $SPECVLM_PICKS says:
 
     - unset or "auto" (the default): "triton" where the draft's logits lie on a CUDA card the
-      kernels run on (`top_k.available`) and the tree ranks at most `top_k.MAX_K` tokens at a node
-      (`top`), else "torch". On one H100, eight clips, one process, the kernels made SpecVLM's
+      kernels run on (`top_k.available`) and they take the tree's picks (`top_k.fits`: at most
+      `top_k.MAX_K` tokens ranked at a node, `top`, from logits of `columns` token ids), else "torch". On one H100, eight clips, one process, the kernels made SpecVLM's
       decoding a little faster summed (notebook 05, section 24, prints by how much);
     - "torch" or "triton": that one; "triton" is an error, with a `device`, where the kernels cannot
-      run there, and with a `top` over `top_k.MAX_K`.
+      run there, and where the kernels cannot take the picks.
 
     Without a `device` only the setting's value is checked ("auto" stays "auto"). `generate_fast`
     reads it once per generation, so it may change between runs."""
@@ -723,7 +728,7 @@ def picks_kernel(device: torch.device | None = None, top: int | None = None) -> 
     if device is None:
         return choice
     device = torch.device(device)
-    fits = top is None or top <= top_k.MAX_K
+    fits = top is None or top_k.fits(columns or top, top)
     if choice == "auto":
         return "triton" if device.type == "cuda" and fits and top_k.available(device) else "torch"
     if choice == "triton" and not top_k.available(device):
@@ -731,8 +736,10 @@ def picks_kernel(device: torch.device | None = None, top: int | None = None) -> 
                          "(or, on a CPU, in Triton's interpreter: TRITON_INTERPRET=1 before importing specvlm), and "
                          f"the draft's logits lie on {device} (or Triton is missing); set SPECVLM_PICKS=torch or unset it.")
     if choice == "triton" and not fits:
-        raise ValueError(f"the tree ranks up to {top} of the draft's tokens at a node, and SPECVLM_PICKS=triton picks "
-                         f"at most {top_k.MAX_K}: set SPECVLM_PICKS=torch (or unset it) or take a narrower tree.")
+        raise ValueError(f"the tree ranks up to {top} of the draft's tokens at a node from {columns or top:,} token ids, "
+                         f"and SPECVLM_PICKS=triton picks at most {top_k.MAX_K} from at most "
+                         f"{top_k.MAX_CANDIDATES // top * top_k.BLOCK:,} ids at that width: set SPECVLM_PICKS=torch "
+                         "(or unset it), take a narrower tree or a smaller draft vocabulary.")
     return choice
 
 
@@ -1006,7 +1013,8 @@ def generate_fast(pair: Pair, prompt: Prompt, method: str = "specvlm", ratio: fl
     check_speculation(prompt, draft_prompt, ratio, mass, k, tree, max_new_tokens, seed)
     target, draft = pair.target, pair.draft
     levels = DraftLevels.of(tree) if tree is not None else None
-    picks = picks_kernel(draft.device, max(levels.top)) if levels is not None else "torch"
+    picks = picks_kernel(draft.device, max(levels.top), picked_columns(draft, draft_vocab)) \
+        if levels is not None else "torch"
     if draft_vocab is not None and levels is not None and len(draft_vocab) < max(levels.top):
         raise ValueError(f"the tree ranks up to {max(levels.top)} of the draft's tokens at a node, and its vocabulary "
                          f"has {len(draft_vocab)}: give the draft a vocabulary of at least {max(levels.top)} tokens "

@@ -101,6 +101,13 @@ if triton is not None:
                 tl.store(out_ptr + row * K + i, pick.to(tl.int64))
 
 
+def fits(columns: int, k: int, block: int = BLOCK) -> bool:
+    """Whether `top_k_indices` takes k picks from rows of `columns` values with `block`: k at most
+    MAX_K (and the columns), and the merge's candidates (chunks x k) at most MAX_CANDIDATES.
+    fits(151_936, 16) -> True (75 chunks x 16 = 1,200); fits(2_000_000, 16) -> False."""
+    return 1 <= k <= min(MAX_K, columns) and -(-columns // block) * k <= MAX_CANDIDATES
+
+
 def top_k_indices(logits: torch.Tensor, k: int, ids: torch.Tensor | None = None, block: int = BLOCK) -> torch.Tensor:
     """The columns of each row's k largest values, largest first, equal values lowest column first:
     logits [rows, V] (float32, bfloat16 or float16), 1 <= k <= min(MAX_K, V) -> long [rows, k];

@@ -117,6 +117,36 @@ def test_only_a_recent_card_or_the_interpreter(monkeypatch):
     assert fast.picks_kernel() == "triton"  # no device: the setting only
 
 
+class NoLaunch:
+    """A kernel stand-in: `kernel[grid](...)` does nothing (only the checks before the launch are tested)."""
+
+    def __getitem__(self, grid):
+        return lambda *args, **kwargs: None
+
+
+def test_fits_says_what_top_k_indices_takes(monkeypatch):
+    monkeypatch.setattr(top_k, "_chunk_top_k", NoLaunch())
+    monkeypatch.setattr(top_k, "_merge_top_k", NoLaunch())
+    edge = top_k.MAX_CANDIDATES // 16 * top_k.BLOCK  # the most columns at 16 picks
+    for columns, k in [(151_936, 16), (10, 10), (edge, 16), (3, 4), (10, 0), (edge + 1, 16), (edge + 1, 8),
+                       (100, top_k.MAX_K + 1)]:
+        try:
+            top_k.top_k_indices(torch.zeros(1, columns), k)
+            taken = True
+        except ValueError:
+            taken = False
+        assert top_k.fits(columns, k) is taken, (columns, k)
+    assert not top_k.fits(151_936, 16, block=16)  # 9,496 chunks x 16: a block of 16 is too small there
+
+
+def test_forced_triton_picks_refuse_a_vocabulary_the_merge_cannot_hold(monkeypatch):
+    monkeypatch.setattr(top_k, "available", lambda device, dtype=torch.float32: True)
+    monkeypatch.setenv("SPECVLM_PICKS", "triton")
+    with pytest.raises(ValueError, match="smaller draft vocabulary"):
+        fast.picks_kernel(torch.device("cuda"), 16, top_k.MAX_CANDIDATES // 16 * top_k.BLOCK + 1)
+    assert fast.picks_kernel(torch.device("cuda"), 16, 151_936) == "triton"
+
+
 def test_auto_picks_take_the_kernels_only_on_a_cuda_card_they_run_on(monkeypatch):
     cuda, cpu = torch.device("cuda"), torch.device("cpu")
     monkeypatch.setattr(top_k, "available", lambda device, dtype=torch.float32: True)
@@ -125,6 +155,10 @@ def test_auto_picks_take_the_kernels_only_on_a_cuda_card_they_run_on(monkeypatch
         assert fast.picks_kernel() == "auto"
         assert fast.picks_kernel(cuda, 4) == fast.picks_kernel(cuda) == "triton"
         assert fast.picks_kernel(cuda, top_k.MAX_K + 1) == "torch"  # wider than the kernels pick: no error, torch
+        assert fast.picks_kernel(cuda, 16, 151_936) == "triton"  # Qwen2's vocabulary: 75 chunks x 16 candidates
+        too_many = top_k.MAX_CANDIDATES // 16 * top_k.BLOCK + 1  # one chunk more than the merge holds at 16 picks
+        assert fast.picks_kernel(cuda, 16, too_many) == "torch"
+        assert fast.picks_kernel(cuda, 4, too_many) == "triton"  # fewer picks a chunk: the merge holds them
         assert fast.picks_kernel(cpu, 4) == "torch"  # the interpreter is for tests, never a default
     monkeypatch.setattr(top_k, "available", lambda device, dtype=torch.float32: False)  # an older card, or no Triton
     assert fast.picks_kernel(cuda, 4) == "torch"
@@ -146,8 +180,8 @@ def test_picks_are_resolved_for_the_drafts_device_and_the_trees_widest_level(emb
                         property(lambda self: draft_card if self is embedded.draft else original.fget(self)))
     seen = []
 
-    def spy(device=None, top=None):
-        seen.append((device, top))
+    def spy(device=None, top=None, columns=None):
+        seen.append((device, top, columns))
         if device is not None:
             raise Resolved
         return "auto"
@@ -157,11 +191,19 @@ def test_picks_are_resolved_for_the_drafts_device_and_the_trees_widest_level(emb
     with pytest.raises(Resolved):
         fast.generate_fast(embedded, prompt, tree=MC_SIM_7B_63, compile=False)
     widest = max(fast.DraftLevels.of(MC_SIM_7B_63).top)
-    assert seen == [(None, None), (draft_card, widest)]  # the setting checked first, then resolved
+    rows = embedded.draft.model.get_output_embeddings().weight.shape[0]
+    assert seen == [(None, None, None), (draft_card, widest, rows)]  # the setting checked first, then resolved
     seen.clear()
     with pytest.raises(Resolved):
         bench_module.picks_of(embedded.draft, MC_SIM_7B_63)
-    assert seen == [(draft_card, widest)]  # a bench row records what the run resolved
+    assert seen == [(draft_card, widest, rows)]  # a bench row records what the run resolved
+    monkeypatch.setenv("SPECVLM_DRAFT_VOCAB", "100")  # a cut vocabulary: the picks rank its ids only
+    seen.clear()
+    with pytest.raises(Resolved):
+        fast.generate_fast(embedded, prompt, tree=MC_SIM_7B_63, compile=False)
+    with pytest.raises(Resolved):
+        bench_module.picks_of(embedded.draft, MC_SIM_7B_63)
+    assert seen == [(None, None, None), (draft_card, widest, 100), (draft_card, widest, 100)]
 
 
 def test_by_default_a_cpu_run_picks_with_torch(embedded, monkeypatch):
