@@ -55,12 +55,16 @@ needs to predict its speedup from this run alone:
   "draft_picks_kernel"  on the fast path's tree rows, how a tree level's tokens were picked: "torch"
                    (`torch.topk`) or "triton" (`top_k.py`), $SPECVLM_PICKS resolved as `fast.picks_kernel`
                    does ("auto" gives "triton" on a CUDA card the kernels run on, for a tree that ranks at
-                   most `top_k.MAX_K` tokens at a node); None elsewhere (a chain picks by argmax).
+                   most `top_k.MAX_K` tokens at a node from a vocabulary the kernels' merge holds, `top_k.fits`);
+                   None elsewhere (a chain picks by argmax).
   "draft_l2_prefetch"  on the fast path, whether the draft's decoder layers prefetched their weights into
                    L2 ($SPECVLM_L2_PREFETCH, `l2_prefetch.py`); None for AR and the plain path.
   "draft_combo_kernels"  on the fast path, whether the draft's steps were compiled with inductor's combo
                    kernels ($SPECVLM_DRAFT_COMBO, `fast.draft_combo_kernels`; False where they were not
                    compiled); None for AR and the plain path.
+  "draft_pdl"      on the fast path, whether the draft's inductor kernels were compiled for programmatic
+                   dependent launch ($SPECVLM_DRAFT_PDL, `fast.draft_pdl`; False where they were not compiled
+                   or the card is older than compute capability 9.0); None for AR and the plain path.
 """
 
 from __future__ import annotations
@@ -381,7 +385,8 @@ def measure(path: str, pair: Pair, prompt, draft_prompt, method: str, shape, rat
             "draft_vocab": draft_vocab_size(pair.draft) if path == "fast" and method != "ar" else None,
             "draft_picks_kernel": picks_of(pair.draft, tree_of(shape, trees)) if path == "fast" and method != "ar" else None,
             "draft_l2_prefetch": l2_prefetching(pair.draft) if path == "fast" and method != "ar" else None,
-            "draft_combo_kernels": combo_of(pair.draft) if path == "fast" and method != "ar" else None}
+            "draft_combo_kernels": combo_of(pair.draft) if path == "fast" and method != "ar" else None,
+            "draft_pdl": pdl_of(pair.draft) if path == "fast" and method != "ar" else None}
 
 
 def picks_of(draft, tree: Tree | None) -> str | None:
@@ -400,6 +405,14 @@ def combo_of(draft) -> bool:
 
     engine = _ENGINES.get(draft, {}).get("draft")
     return engine is not None and engine.compiled_with_combo
+
+
+def pdl_of(draft) -> bool:
+    """Whether the fast path's steps for `draft` in its draft role were compiled for programmatic dependent launch."""
+    from .fast import _ENGINES
+
+    engine = _ENGINES.get(draft, {}).get("draft")
+    return engine is not None and engine.compiled_with_pdl
 
 
 def draft_vocab_size(draft) -> int | None:
@@ -581,6 +594,7 @@ def make_row(path: str, frames: int, prompt, draft_prompt, drafter, method, shap
         "draft_picks_kernel": m.get("draft_picks_kernel"),  # its tree levels' top-k: "torch" or "triton"
         "draft_l2_prefetch": m.get("draft_l2_prefetch"),  # its decoder layers prefetched their weights into L2
         "draft_combo_kernels": m.get("draft_combo_kernels"),  # its steps compiled with inductor's combo kernels
+        "draft_pdl": m.get("draft_pdl"),  # ... and for programmatic dependent launch
         "divergence": first_divergence(target, prompt, differing, reference) if differing is not None else None,
         **({"tree": tree_record(shape, tree)} if tree is not None else {}),
         **({"timeline": m["timeline"]} if m.get("timeline") else {}),

@@ -35,8 +35,9 @@ With `compile=True` (default on CUDA) each kind is compiled by `torch.compile` (
 kernels) and replayed from a CUDA graph captured by hand (`CapturedGraph`: no dynamo guards or
 graph-tree bookkeeping per call); `SPECVLM_CUDA_GRAPHS=trees` replays through torch.compile's
 own CUDA graphs (`mode="reduce-overhead"`) instead. A draft's steps compile with inductor's
-combo kernels unless $SPECVLM_DRAFT_COMBO is "0" (`draft_combo_kernels`; compiled steps only, so
-not a draft spread over several devices).
+combo kernels unless $SPECVLM_DRAFT_COMBO is "0" (`draft_combo_kernels`), and with programmatic
+dependent launch for inductor's Triton kernels where $SPECVLM_DRAFT_PDL is "1" (`draft_pdl`);
+compiled steps only, so not a draft spread over several devices.
 
 Cache invariants (as in `decoding.py`): the target's holds prompt + out[:-1], the draft's its
 (pruned) prompt + out[:draft_seen]; slots from `length` on hold garbage that masks block.
@@ -263,7 +264,8 @@ class StaticLM:
     logits up to rounding."""
 
     def __init__(self, lm: VideoLM, options: dict | None, attention: str = "sdpa", grouped_up_to: int = 0,
-                 split_from: int | None = None, vocabulary: torch.Tensor | None = None, combo_kernels: bool = False):
+                 split_from: int | None = None, vocabulary: torch.Tensor | None = None, combo_kernels: bool = False,
+                 pdl: bool = False):
         if attention not in ATTENTIONS:
             raise ValueError(f"unknown attention {attention!r}; choose one of {ATTENTIONS}.")
         split_merge.check_choice()  # a bad $SPECVLM_SPLIT_MERGE, refused before any prefill
@@ -295,6 +297,7 @@ class StaticLM:
         self.weights: tuple[int, ...] | None = None  # `weight_storage` when `static_lm` made it
         self.l2_prefetch = False  # whether its decoder layers prefetch their weights (`l2_prefetch.attach`)
         self.combo_kernels = combo_kernels  # compiled with inductor's combo kernels (`with_combo_kernels`)
+        self.pdl = pdl  # inductor's Triton kernels compiled for programmatic dependent launch (`draft_pdl`)
 
     @property
     def _graph_trees(self) -> bool:
@@ -312,6 +315,18 @@ class StaticLM:
 
         return (self.options is not None and not self.spread and by_inductor(self.options)
                 and (self.combo_kernels or bool(inductor_config.combo_kernels)))
+
+    @property
+    def compiled_with_pdl(self) -> bool:
+        """Whether its steps' inductor kernels launch with programmatic dependent launch: compiled by
+        inductor (as for `compiled_with_combo`) on a CUDA card of compute capability 9.0 or newer (where
+        inductor emits it), and asked for, by `pdl` or by inductor's process-wide `triton.enable_pdl`."""
+        import torch._inductor.config as inductor_config
+
+        device = self.lm.device
+        return (self.options is not None and not self.spread and by_inductor(self.options)
+                and device.type == "cuda" and torch.cuda.get_device_capability(device) >= (9, 0)
+                and (self.pdl or bool(inductor_config.triton.enable_pdl)))
 
     @property
     def length(self) -> int:
@@ -430,12 +445,14 @@ class StaticLM:
         section 8, profiles it)."""
         if self.options is None or self.spread:
             return fn
-        combo = with_combo_kernels if self.combo_kernels else (lambda options: options)
+        extra = {**({"combo_kernels": True} if self.combo_kernels else {}),
+                 **({"triton.enable_pdl": True} if self.pdl else {})}
+        with_extra = (lambda options: with_inductor_options(options, extra)) if extra else (lambda options: options)
         if self.graphs != "manual":
-            return torch.compile(fn, **combo(self.options))
+            return torch.compile(fn, **with_extra(self.options))
         if self._pool is None:
             self._pool = torch.cuda.graph_pool_handle()  # one memory pool for all of this model's graphs
-        return CapturedGraph(torch.compile(fn, **combo({**self.options, "mode": "default"})), self._pool, neutral)
+        return CapturedGraph(torch.compile(fn, **with_extra({**self.options, "mode": "default"})), self._pool, neutral)
 
 
 class CapturedGraph:
@@ -546,6 +563,7 @@ def static_lm(lm: VideoLM, role: str, options: dict | None, attention: str | Non
     engine = engines.get(role)
     grouped_up_to = flex_min_slots() if role == "draft" else 0
     combo = role == "draft" and draft_combo_kernels()
+    pdl = role == "draft" and draft_pdl()
     vocabulary = None if role == "target" else draft_vocabulary(lm, vocabulary)
     if vocabulary is not None:  # its cut output layer is a copy: made anew when the layer's weights change
         # (in place through autograd-visible ops, `load_state_dict`, `.to()`; writes through `.data` go unseen)
@@ -557,8 +575,9 @@ def static_lm(lm: VideoLM, role: str, options: dict | None, attention: str | Non
     if (engine is None or engine.options != options or engine.attention != attention
             or engine.graphs != graphs_for(lm, options) or engine.weights != weights
             or engine.grouped_up_to != grouped_up_to or engine.split_from != split_min_slots() or not same_vocabulary
-            or engine.l2_prefetch != prefetch or engine.combo_kernels != combo):
-        engines[role] = StaticLM(lm, options, attention, grouped_up_to, vocabulary=vocabulary, combo_kernels=combo)
+            or engine.l2_prefetch != prefetch or engine.combo_kernels != combo or engine.pdl != pdl):
+        engines[role] = StaticLM(lm, options, attention, grouped_up_to, vocabulary=vocabulary, combo_kernels=combo,
+                                 pdl=pdl)
         engines[role].weights, engines[role].l2_prefetch = weights, prefetch
     return engines[role]
 
@@ -675,16 +694,40 @@ def draft_combo_kernels() -> bool:
 
 def with_combo_kernels(options: dict) -> dict:
     """torch.compile's keyword arguments `options` with inductor's `combo_kernels` on, for that
-    compiled function only (not the process's inductor config). torch.compile takes a `mode` or
+    compiled function only (`with_inductor_options`)."""
+    return with_inductor_options(options, {"combo_kernels": True})
+
+
+def with_inductor_options(options: dict, extra: dict) -> dict:
+    """torch.compile's keyword arguments `options` with the inductor config keys `extra` set, for
+    that compiled function only (not the process's inductor config). torch.compile takes a `mode` or
     inductor `options`, not both, so the mode becomes its options (`torch._inductor.list_mode_options`):
-    {"mode": "reduce-overhead", "fullgraph": False} -> {"fullgraph": False, "options":
-    {"triton.cudagraphs": True, "combo_kernels": True}}. Options for a backend other than inductor
-    (say "eager", for tests) come back unchanged: only inductor has combo kernels."""
+    ({"mode": "reduce-overhead", "fullgraph": False}, {"combo_kernels": True}) -> {"fullgraph": False,
+    "options": {"triton.cudagraphs": True, "combo_kernels": True}}. Options for a backend other than
+    inductor (say "eager", for tests) come back unchanged: only inductor reads its config."""
     if not by_inductor(options):
         return options
     rest = {name: value for name, value in options.items() if name not in ("mode", "options")}
     mode_options = torch._inductor.list_mode_options(options.get("mode") or "default", options.get("dynamic"))
-    return {**rest, "options": {**mode_options, **(options.get("options") or {}), "combo_kernels": True}}
+    return {**rest, "options": {**mode_options, **(options.get("options") or {}), **extra}}
+
+
+DRAFT_PDL = False  # $SPECVLM_DRAFT_PDL's default (`draft_pdl`)
+
+
+def draft_pdl() -> bool:
+    """Whether a draft's compiled steps generate inductor's Triton kernels for programmatic dependent
+    launch (Hopper's PDL, inductor's `triton.enable_pdl`), as $SPECVLM_DRAFT_PDL says: "1" or "0",
+    unset: DRAFT_PDL. Such a kernel may start while the kernel before it finishes, and waits for
+    that kernel's results only where it reads them (its loads of weights can go first), so a
+    launch-bound draft step loses some of the time between kernels. Inductor emits it on compute
+    capability 9.0 or newer only; elsewhere the setting changes nothing. Only the draft's, as for
+    `draft_combo_kernels`: when kernels run changes, never which values a pass computes. Read by
+    `static_lm`, which makes a draft's steps anew when it changes."""
+    choice = os.environ.get("SPECVLM_DRAFT_PDL")
+    if choice not in (None, "", "0", "1"):
+        raise ValueError(f"SPECVLM_DRAFT_PDL must be '0' or '1', got {choice!r}.")
+    return choice == "1" if choice else DRAFT_PDL
 
 
 def by_inductor(options: dict) -> bool:
@@ -817,6 +860,7 @@ def capture_report(pair: Pair | None = None) -> dict:
                 "few_rows": uses_few_rows(lm),  # their products of a few rows as Triton kernels (`few_rows.py`)
                 "l2_prefetch": engine.l2_prefetch,  # decoder layers prefetch their weights into L2 (`l2_prefetch.py`)
                 "combo_kernels": engine.compiled_with_combo,  # with inductor's combo kernels (`draft_combo_kernels`)
+                "pdl": engine.compiled_with_pdl,  # inductor's kernels with programmatic dependent launch (`draft_pdl`)
             }
     report["models"] = roles
     report["graph_breaks"] = sum(counters["graph_break"].values())
@@ -1008,6 +1052,7 @@ def generate_fast(pair: Pair, prompt: Prompt, method: str = "specvlm", ratio: fl
     picks_kernel()  # likewise; only trees pick by top-k, so only they resolve it, below
     l2_prefetch_draft(pair.draft.device)
     draft_combo_kernels()
+    draft_pdl()
     if method == "ar":
         return _generate_ar(pair.target, prompt, max_new_tokens, compile, fast_attention(attention, "target"))
     check_speculation(prompt, draft_prompt, ratio, mass, k, tree, max_new_tokens, seed)
