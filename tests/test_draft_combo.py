@@ -1,5 +1,6 @@
 """The draft's steps compiled with inductor's combo kernels ($SPECVLM_DRAFT_COMBO): the arguments
-torch.compile gets, which model's steps get them, the setting's checks and where runs record it.
+torch.compile gets, which model's steps get them, the setting's checks and where runs record it
+(the checks and the bench record also for $SPECVLM_DRAFT_PDL, whose other tests are in test_draft_pdl.py).
 Inductor's own kernels run only in the GPU benchmark, where `bench` checks every row against AR."""
 
 import pytest
@@ -143,25 +144,28 @@ def test_uncompiled_steps_take_no_combo_kernels(embedded, monkeypatch):
     assert not combo_of(embedded.draft)
 
 
-def test_a_bad_setting_is_refused_before_any_prefill(embedded, monkeypatch):
+@pytest.mark.parametrize("name", ["SPECVLM_DRAFT_COMBO", "SPECVLM_DRAFT_PDL"])
+def test_a_bad_setting_is_refused_before_any_prefill(embedded, monkeypatch, name):
     calls = []
     monkeypatch.setattr(fast, "prefill_target", lambda *a, **k: calls.append(a))
-    monkeypatch.setenv("SPECVLM_DRAFT_COMBO", "yes")
+    monkeypatch.setenv(name, "yes")
     prompt = embedded.target.prepare(sv.sample_video("bikes", 2))
     for method in ("specvlm", "ar"):  # checked for AR too, as every setting is
-        with pytest.raises(ValueError, match="SPECVLM_DRAFT_COMBO must be '0' or '1', got 'yes'"):
+        with pytest.raises(ValueError, match=f"{name} must be '0' or '1', got 'yes'"):
             fast.generate_fast(embedded, prompt, method=method, compile=False)
     assert not calls
 
 
-def test_bench_rows_record_the_setting_and_what_it_did(embedded, monkeypatch):
-    monkeypatch.setenv("SPECVLM_DRAFT_COMBO", "1")
+@pytest.mark.parametrize("name, field", [("SPECVLM_DRAFT_COMBO", "draft_combo_kernels"),
+                                         ("SPECVLM_DRAFT_PDL", "draft_pdl")])
+def test_bench_rows_record_the_setting_and_what_it_did(embedded, monkeypatch, name, field):
+    monkeypatch.setenv(name, "1")
     video_for = lambda frames: sv.from_array(sv.synthetic.make_clip(0, num_frames=frames).frames, fps=8.0)
     result = bench(embedded, video_for, [1], max_new_tokens=6, repeats=1, step_repeats=1, paths=("plain", "fast"),
                    only=["specvlm-tree-0.5"])
-    recorded = {(r["path"], r["method"]): r["draft_combo_kernels"] for r in result["rows"]}
+    recorded = {(r["path"], r["method"]): r[field] for r in result["rows"]}
     # the CPU's steps are not compiled: asked for, not taken
     assert recorded == {("plain", "ar"): None, ("plain", "specvlm"): None, ("fast", "ar"): None,
                         ("fast", "specvlm"): False}
     assert all(r["equal_to_ar"] for r in result["rows"])
-    assert "SPECVLM_DRAFT_COMBO=1 " in recorded_environment()
+    assert f"{name}=1 " in recorded_environment()

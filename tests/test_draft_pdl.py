@@ -1,14 +1,14 @@
 """The draft's steps compiled for programmatic dependent launch ($SPECVLM_DRAFT_PDL): the arguments
 torch.compile gets, which model's steps get them, the setting's checks and where runs record it.
-The kernels themselves run only on a GPU (compute capability 9.0 or newer), in the benchmark."""
+The kernels themselves run only on a GPU (compute capability 9.0 or newer), in the benchmark. The bad
+setting's refusal and the bench rows' record are tested beside combo kernels' (test_draft_combo.py)."""
 
 import pytest
 import torch
 
 import specvlm as sv
 from specvlm import decoding, fast
-from specvlm.__main__ import recorded_environment
-from specvlm.bench import bench, pdl_of
+from specvlm.bench import pdl_of
 from specvlm.trees import MC_SIM_7B_63
 
 from .test_draft_combo import FAST_OPTIONS, compiles, embedded, roles_compiled  # noqa: F401 (fixtures)
@@ -75,26 +75,3 @@ def test_the_record_follows_the_card(embedded, compiles, monkeypatch):
         monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None, c=capability: c)
         assert engine.compiled_with_pdl is says
         assert fast._ENGINES[embedded.target]["target"].compiled_with_pdl is False  # never asked for a target
-
-
-def test_a_bad_setting_is_refused_before_any_prefill(embedded, monkeypatch):
-    calls = []
-    monkeypatch.setattr(fast, "prefill_target", lambda *a, **k: calls.append(a))
-    monkeypatch.setenv("SPECVLM_DRAFT_PDL", "on")
-    prompt = embedded.target.prepare(sv.sample_video("bikes", 2))
-    for method in ("specvlm", "ar"):
-        with pytest.raises(ValueError, match="SPECVLM_DRAFT_PDL must be '0' or '1', got 'on'"):
-            fast.generate_fast(embedded, prompt, method=method, compile=False)
-    assert not calls
-
-
-def test_bench_rows_record_the_setting(embedded, monkeypatch):
-    monkeypatch.setenv("SPECVLM_DRAFT_PDL", "1")
-    video_for = lambda frames: sv.from_array(sv.synthetic.make_clip(0, num_frames=frames).frames, fps=8.0)
-    result = bench(embedded, video_for, [1], max_new_tokens=6, repeats=1, step_repeats=1, paths=("plain", "fast"),
-                   only=["specvlm-tree-0.5"])
-    recorded = {(r["path"], r["method"]): r["draft_pdl"] for r in result["rows"]}
-    assert recorded == {("plain", "ar"): None, ("plain", "specvlm"): None, ("fast", "ar"): None,
-                        ("fast", "specvlm"): False}  # a CPU: asked for, not emitted
-    assert all(r["equal_to_ar"] for r in result["rows"])
-    assert "SPECVLM_DRAFT_PDL=1 " in recorded_environment()
