@@ -594,7 +594,7 @@ def make_row(path: str, frames: int, prompt, draft_prompt, drafter, method, shap
         "draft_picks_kernel": m.get("draft_picks_kernel"),  # its tree levels' top-k: "torch" or "triton"
         "draft_l2_prefetch": m.get("draft_l2_prefetch"),  # its decoder layers prefetched their weights into L2
         "draft_combo_kernels": m.get("draft_combo_kernels"),  # its steps compiled with inductor's combo kernels
-        "draft_pdl": m.get("draft_pdl"),  # ... and for programmatic dependent launch
+        "draft_pdl": m.get("draft_pdl"),  # its steps compiled for programmatic dependent launch
         "divergence": first_divergence(target, prompt, differing, reference) if differing is not None else None,
         **({"tree": tree_record(shape, tree)} if tree is not None else {}),
         **({"timeline": m["timeline"]} if m.get("timeline") else {}),

@@ -297,7 +297,7 @@ class StaticLM:
         self.weights: tuple[int, ...] | None = None  # `weight_storage` when `static_lm` made it
         self.l2_prefetch = False  # whether its decoder layers prefetch their weights (`l2_prefetch.attach`)
         self.combo_kernels = combo_kernels  # compiled with inductor's combo kernels (`with_combo_kernels`)
-        self.pdl = pdl  # inductor's Triton kernels compiled for programmatic dependent launch (`draft_pdl`)
+        self.pdl = pdl  # asked for programmatic dependent launch (`draft_pdl`); `compiled_with_pdl`: whether emitted
 
     @property
     def _graph_trees(self) -> bool:
@@ -319,13 +319,15 @@ class StaticLM:
     @property
     def compiled_with_pdl(self) -> bool:
         """Whether its steps' inductor kernels launch with programmatic dependent launch: compiled by
-        inductor (as for `compiled_with_combo`) on a CUDA card of compute capability 9.0 or newer (where
-        inductor emits it), and asked for, by `pdl` or by inductor's process-wide `triton.enable_pdl`."""
+        inductor (as for `compiled_with_combo`) on an NVIDIA card (not ROCm) of compute capability 9.0
+        or newer, where inductor emits it, and asked for, by `pdl` or by inductor's process-wide
+        `triton.enable_pdl`. Worked out from these, as inductor decides; the kernels are not inspected."""
         import torch._inductor.config as inductor_config
 
         device = self.lm.device
         return (self.options is not None and not self.spread and by_inductor(self.options)
-                and device.type == "cuda" and torch.cuda.get_device_capability(device) >= (9, 0)
+                and device.type == "cuda" and not torch.version.hip
+                and torch.cuda.get_device_capability(device) >= (9, 0)
                 and (self.pdl or bool(inductor_config.triton.enable_pdl)))
 
     @property
@@ -718,11 +720,15 @@ DRAFT_PDL = False  # $SPECVLM_DRAFT_PDL's default (`draft_pdl`)
 def draft_pdl() -> bool:
     """Whether a draft's compiled steps generate inductor's Triton kernels for programmatic dependent
     launch (Hopper's PDL, inductor's `triton.enable_pdl`), as $SPECVLM_DRAFT_PDL says: "1" or "0",
-    unset: DRAFT_PDL. Such a kernel may start while the kernel before it finishes, and waits for
-    that kernel's results only where it reads them (its loads of weights can go first), so a
-    launch-bound draft step loses some of the time between kernels. Inductor emits it on compute
-    capability 9.0 or newer only; elsewhere the setting changes nothing. Only the draft's, as for
-    `draft_combo_kernels`: when kernels run changes, never which values a pass computes. Read by
+    unset: DRAFT_PDL. With it, an inductor kernel may be launched before the kernel ahead of it has
+    finished; it waits (`gdc_wait`) before its first read of what that kernel wrote, at the latest
+    after its own first load. Only inductor's generated Triton kernels take part (not its matmul
+    templates, cuBLAS's products or this project's Triton kernels), and inductor emits it on NVIDIA
+    cards of compute capability 9.0 or newer only; elsewhere the setting changes nothing. The aim is
+    less idle time between a launch-bound draft step's kernels; it is not measured yet, so DRAFT_PDL
+    is False. Only the draft's, as for `draft_combo_kernels`: what it changes is when kernels run,
+    and at most the rounding of a draft's logits, which the target checks; a target (and so AR)
+    compiles as before unless inductor's process-wide `triton.enable_pdl` is on. Read by
     `static_lm`, which makes a draft's steps anew when it changes."""
     choice = os.environ.get("SPECVLM_DRAFT_PDL")
     if choice not in (None, "", "0", "1"):
@@ -758,12 +764,14 @@ def picks_kernel(device: torch.device | None = None, top: int | None = None, col
 
     - unset or "auto" (the default): "triton" where the draft's logits lie on a CUDA card the
       kernels run on (`top_k.available`) and they take the tree's picks (`top_k.fits`: at most
-      `top_k.MAX_K` tokens ranked at a node, `top`, from logits of `columns` token ids), else "torch". On one H100, eight clips, one process, the kernels made SpecVLM's
-      decoding a little faster summed (notebook 05, section 24, prints by how much);
+      `top_k.MAX_K` tokens ranked at a node, `top`, from logits of `columns` token ids), else
+      "torch". On one H100, eight clips, one process, the kernels made SpecVLM's decoding a little
+      faster summed (notebook 05, section 24, prints by how much);
     - "torch" or "triton": that one; "triton" is an error, with a `device`, where the kernels cannot
-      run there, and where the kernels cannot take the picks.
+      run there or cannot take the picks (`top_k.fits`).
 
-    Without a `device` only the setting's value is checked ("auto" stays "auto"). `generate_fast`
+    Without `columns`, `top` stands for it (only the number of picks is checked). Without a
+    `device` only the setting's value is checked ("auto" stays "auto"). `generate_fast`
     reads it once per generation, so it may change between runs."""
     choice = os.environ.get("SPECVLM_PICKS") or "auto"
     if choice not in ("auto", "torch", "triton"):

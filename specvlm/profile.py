@@ -403,8 +403,10 @@ def plot_profile(json_path, out=None):
 
 def inductor_setting(text: str) -> tuple[str, object]:
     """'triton.enable_pdl=True' -> ("triton.enable_pdl", True): a key of `torch._inductor.config`
-    and a value of its default's type (True/False/1/0 for a flag, a number, or the text). Raises
-    ValueError naming what was wrong: no '=', a key inductor does not have, a value of another type."""
+    and the value read by the type of the key's default: a flag takes True/False/1/0 (any case), an
+    int or float key a number, a text key or one whose default is None the text as given. Raises
+    ValueError naming what was wrong: no '=', a key inductor does not have (with close matches), a
+    value not of its key's type, or a key holding another type (a list, a dict, a function)."""
     import difflib
 
     import torch._inductor.config as inductor_config

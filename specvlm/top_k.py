@@ -102,8 +102,9 @@ if triton is not None:
 
 
 def fits(columns: int, k: int, block: int = BLOCK) -> bool:
-    """Whether `top_k_indices` takes k picks from rows of `columns` values with `block`: k at most
-    MAX_K (and the columns), and the merge's candidates (chunks x k) at most MAX_CANDIDATES.
+    """Whether `top_k_indices` takes k picks from rows of `columns` values with `block`:
+    1 <= k <= min(MAX_K, columns), and the merge's candidates (chunks x k) at most MAX_CANDIDATES;
+    `block` as `top_k_indices` takes it (a power of two, at least 16).
     fits(151_936, 16) -> True (75 chunks x 16 = 1,200); fits(2_000_000, 16) -> False."""
     return 1 <= k <= min(MAX_K, columns) and -(-columns // block) * k <= MAX_CANDIDATES
 
