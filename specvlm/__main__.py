@@ -409,8 +409,9 @@ def main(argv=None) -> int:
 # (inductor's autotuning changes which matmul kernels the compiled steps run)
 FAST_PATH_ENVIRONMENT = ("SPECVLM_FAST_ATTENTION", "SPECVLM_CUDA_GRAPHS", "SPECVLM_FUSE_DRAFT", "SPECVLM_FEW_ROWS",
                          "SPECVLM_DRAFT_VOCAB", "SPECVLM_PICKS", "SPECVLM_L2_PREFETCH", "SPECVLM_DRAFT_COMBO",
-                         "SPECVLM_DRAFT_PDL", "SPECVLM_FLEX_MIN_SLOTS", "SPECVLM_SPLIT_MIN_SLOTS", "SPECVLM_SPLIT_MERGE",
-                         "TORCHINDUCTOR_MAX_AUTOTUNE", "TORCHINDUCTOR_MAX_AUTOTUNE_GEMM")
+                         "SPECVLM_DRAFT_PDL", "SPECVLM_FLEX_MIN_SLOTS", "SPECVLM_SPLIT_MIN_SLOTS",
+                         "SPECVLM_SPLIT_MERGE", "TORCHINDUCTOR_MAX_AUTOTUNE", "TORCHINDUCTOR_MAX_AUTOTUNE_GEMM",
+                         "TORCHINDUCTOR_ENABLE_PDL")
 
 
 def recorded_environment() -> str:

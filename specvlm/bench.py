@@ -399,19 +399,22 @@ def picks_of(draft, tree: Tree | None) -> str | None:
     return picks_kernel(draft.device, max(DraftLevels.of(tree).top), picked_columns(draft, draft_vocabulary(draft)))
 
 
-def combo_of(draft) -> bool:
-    """Whether the fast path's steps for `draft` in its draft role were compiled with inductor's combo kernels."""
+def draft_engine(draft):
+    """The fast path's `StaticLM` for `draft` in its draft role, None if it has not drafted there."""
     from .fast import _ENGINES
 
-    engine = _ENGINES.get(draft, {}).get("draft")
+    return _ENGINES.get(draft, {}).get("draft")
+
+
+def combo_of(draft) -> bool:
+    """Whether the fast path's steps for `draft` in its draft role were compiled with inductor's combo kernels."""
+    engine = draft_engine(draft)
     return engine is not None and engine.compiled_with_combo
 
 
 def pdl_of(draft) -> bool:
     """Whether the fast path's steps for `draft` in its draft role were compiled for programmatic dependent launch."""
-    from .fast import _ENGINES
-
-    engine = _ENGINES.get(draft, {}).get("draft")
+    engine = draft_engine(draft)
     return engine is not None and engine.compiled_with_pdl
 
 

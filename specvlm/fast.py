@@ -787,11 +787,21 @@ def picks_kernel(device: torch.device | None = None, top: int | None = None, col
                          "(or, on a CPU, in Triton's interpreter: TRITON_INTERPRET=1 before importing specvlm), and "
                          f"the draft's logits lie on {device} (or Triton is missing); set SPECVLM_PICKS=torch or unset it.")
     if choice == "triton" and not fits:
-        raise ValueError(f"the tree ranks up to {top} of the draft's tokens at a node from {columns or top:,} token ids, "
-                         f"and SPECVLM_PICKS=triton picks at most {top_k.MAX_K} from at most "
-                         f"{top_k.MAX_CANDIDATES // top * top_k.BLOCK:,} ids at that width: set SPECVLM_PICKS=torch "
-                         "(or unset it), take a narrower tree or a smaller draft vocabulary.")
+        raise ValueError(f"SPECVLM_PICKS=triton cannot take this tree's picks: {picks_misfit(top, columns)}; set "
+                         "SPECVLM_PICKS=torch (or unset it).")
     return choice
+
+
+def picks_misfit(top: int, columns: int | None) -> str:
+    """Why `top_k.fits` refuses `top` picks a node from `columns` token ids (`picks_kernel`'s error)."""
+    if top > top_k.MAX_K:
+        return (f"the tree ranks up to {top} tokens at a node and the kernels pick at most {top_k.MAX_K} "
+                "(or take a narrower tree)")
+    if columns is not None and columns < top:
+        return f"the tree ranks up to {top} tokens at a node from only {columns} token ids (give the draft more)"
+    most = top_k.MAX_CANDIDATES // top * top_k.BLOCK
+    return (f"the kernels' merge holds {top} picks from at most {most:,} token ids and the draft has {columns:,} "
+            "(or take a smaller draft vocabulary)")
 
 
 CUDA_GRAPHS = ("manual", "trees")
@@ -1066,12 +1076,12 @@ def generate_fast(pair: Pair, prompt: Prompt, method: str = "specvlm", ratio: fl
     check_speculation(prompt, draft_prompt, ratio, mass, k, tree, max_new_tokens, seed)
     target, draft = pair.target, pair.draft
     levels = DraftLevels.of(tree) if tree is not None else None
-    picks = picks_kernel(draft.device, max(levels.top), picked_columns(draft, draft_vocab)) \
-        if levels is not None else "torch"
     if draft_vocab is not None and levels is not None and len(draft_vocab) < max(levels.top):
         raise ValueError(f"the tree ranks up to {max(levels.top)} of the draft's tokens at a node, and its vocabulary "
                          f"has {len(draft_vocab)}: give the draft a vocabulary of at least {max(levels.top)} tokens "
                          "or a narrower tree.")
+    picks = (picks_kernel(draft.device, max(levels.top), picked_columns(draft, draft_vocab))
+             if levels is not None else "torch")
     options = compile_options(compile, target.device)
     depth = k if tree is None else tree.depth
     watch = Stopwatch(target.device)

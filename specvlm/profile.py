@@ -404,7 +404,8 @@ def plot_profile(json_path, out=None):
 def inductor_setting(text: str) -> tuple[str, object]:
     """'triton.enable_pdl=True' -> ("triton.enable_pdl", True): a key of `torch._inductor.config`
     and the value read by the type of the key's default: a flag takes True/False/1/0 (any case), an
-    int or float key a number, a text key or one whose default is None the text as given. Raises
+    int or float key a number, a text key the text as given; a key whose default is None takes None,
+    True/False (any case), an int or a float where the text reads as one, else the text. Raises
     ValueError naming what was wrong: no '=', a key inductor does not have (with close matches), a
     value not of its key's type, or a key holding another type (a list, a dict, a function)."""
     import difflib
@@ -418,7 +419,8 @@ def inductor_setting(text: str) -> tuple[str, object]:
         raise ValueError(f"an inductor setting is KEY=VALUE (e.g. triton.enable_pdl=True), got {text!r}")
     if key not in defaults:
         near = difflib.get_close_matches(key, list(defaults), n=3)
-        raise ValueError(f"torch._inductor.config has no {key!r}" + (f"; similar: {', '.join(near)}" if near else ""))
+        raise ValueError(f"torch._inductor.config has no {key!r}" + (f"; similar: {', '.join(near)}" if near else
+                         "; its keys are those of torch._inductor.config.get_config_copy()"))
     default = defaults[key]
     if isinstance(default, bool):
         flags = {"true": True, "1": True, "false": False, "0": False}
@@ -430,7 +432,17 @@ def inductor_setting(text: str) -> tuple[str, object]:
             return key, type(default)(value)
         except ValueError:
             raise ValueError(f"{key} takes a number ({type(default).__name__}), got {value!r}") from None
-    if default is None or isinstance(default, str):
+    if default is None:  # the key's type is not known: None, a flag or a number where the text reads as one
+        flags = {"none": None, "true": True, "false": False}
+        if value.lower() in flags:
+            return key, flags[value.lower()]
+        for number in (int, float):
+            try:
+                return key, number(value)
+            except ValueError:
+                pass
+        return key, value
+    if isinstance(default, str):
         return key, value
     raise ValueError(f"{key} holds a {type(default).__name__}, which --inductor does not set; "
                      "set it in Python (torch._inductor.config)")

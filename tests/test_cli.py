@@ -251,12 +251,14 @@ def test_profile_sets_inductor_keys_before_profiling_and_records_them(tmp, monke
     ("triton.enable_pld=True", "no 'triton.enable_pld'; similar: triton.enable_pdl"),
     ("triton.enable_pdl=yes please", "is a flag: give True or False"),
     ("max_autotune_gemm_search_space=", None),  # a text key takes any text
+    ("fx_graph_remote_cache=False", None),  # a key whose default is None: a flag where the text reads as one
     ("triton.cudagraph_unexpected_rerecord_limit=three", "takes a number (int)"),
 ])
 def test_profile_refuses_a_bad_inductor_setting_naming_it(text, says, capsys, monkeypatch):
     monkeypatch.setattr(profile, "profile_shapes", lambda *args, **kwargs: pytest.fail("profiled after a bad setting"))
     if says is None:
-        assert profile.inductor_setting(text) == ("max_autotune_gemm_search_space", "")
+        key, _, value = text.partition("=")
+        assert profile.inductor_setting(text) == (key, {"False": False}.get(value, value))
         return
     with pytest.raises(SystemExit):
         profile.main(["--shapes", "tiny", "--contexts", "8", "--inductor", text])

@@ -26,6 +26,7 @@ def compiles(monkeypatch):
     calls = []
     monkeypatch.setattr(torch, "compile", lambda fn, **kwargs: calls.append((fn, kwargs)) or fn)
     monkeypatch.delenv("SPECVLM_DRAFT_COMBO", raising=False)
+    monkeypatch.delenv("SPECVLM_DRAFT_PDL", raising=False)
     fast._ENGINES.clear()
     yield calls
     fast._ENGINES.clear()

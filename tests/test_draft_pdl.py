@@ -14,11 +14,6 @@ from specvlm.trees import MC_SIM_7B_63
 from .test_draft_combo import FAST_OPTIONS, compiles, embedded, roles_compiled  # noqa: F401 (fixtures)
 
 
-@pytest.fixture(autouse=True)
-def no_pdl_setting(monkeypatch):
-    monkeypatch.delenv("SPECVLM_DRAFT_PDL", raising=False)
-
-
 @pytest.mark.parametrize("pdl, combo", [("1", "1"), ("1", "0"), ("0", "1"), (None, "0")])
 def test_only_the_drafts_steps_ask_inductor_for_pdl(embedded, compiles, monkeypatch, pdl, combo):
     if pdl is not None:
@@ -73,5 +68,6 @@ def test_the_record_follows_the_card(embedded, compiles, monkeypatch):
     monkeypatch.setattr(type(engine.lm), "device", property(lambda self: torch.device("cuda", 0)))
     for capability, says in (((9, 0), True), ((8, 0), False)):
         monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None, c=capability: c)
-        assert engine.compiled_with_pdl is says
+        assert engine.compiled_with_pdl is says and pdl_of(embedded.draft) is says
+        assert fast.capture_report(embedded)["models"]["draft"]["pdl"] is says
         assert fast._ENGINES[embedded.target]["target"].compiled_with_pdl is False  # never asked for a target

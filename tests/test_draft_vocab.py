@@ -144,7 +144,9 @@ def test_a_cut_output_layer_follows_the_drafts_weights(embedded):
             output.copy_(saved)
 
 
-def test_a_vocabulary_narrower_than_the_trees_picks_is_refused_before_any_prefill(embedded, monkeypatch):
+@pytest.mark.parametrize("picks", ["", "torch", "triton"])  # whichever picks: the vocabulary is what to change
+def test_a_vocabulary_narrower_than_the_trees_picks_is_refused_before_any_prefill(embedded, monkeypatch, picks):
+    monkeypatch.setenv("SPECVLM_PICKS", picks)
     calls = []
     monkeypatch.setattr(fast, "prefill_target", lambda *a, **k: calls.append(a))
     prompt = embedded.target.prepare(sv.sample_video("bikes", 2))

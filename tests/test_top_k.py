@@ -139,12 +139,17 @@ def test_fits_says_what_top_k_indices_takes(monkeypatch):
     assert not top_k.fits(151_936, 16, block=16)  # 9,496 chunks x 16: a block of 16 is too small there
 
 
-def test_forced_triton_picks_refuse_a_vocabulary_the_merge_cannot_hold(monkeypatch):
+def test_forced_triton_picks_say_which_bound_the_tree_passes(monkeypatch):
     monkeypatch.setattr(top_k, "available", lambda device, dtype=torch.float32: True)
     monkeypatch.setenv("SPECVLM_PICKS", "triton")
-    with pytest.raises(ValueError, match="smaller draft vocabulary"):
-        fast.picks_kernel(torch.device("cuda"), 16, top_k.MAX_CANDIDATES // 16 * top_k.BLOCK + 1)
-    assert fast.picks_kernel(torch.device("cuda"), 16, 151_936) == "triton"
+    cuda, most = torch.device("cuda"), top_k.MAX_CANDIDATES // 16 * top_k.BLOCK
+    for top, columns, says in [(16, most + 1, f"at most {most:,} token ids and the draft has {most + 1:,}"),
+                               (top_k.MAX_K + 1, None, f"the kernels pick at most {top_k.MAX_K}"),
+                               (top_k.MAX_K + 1, 151_936, f"the kernels pick at most {top_k.MAX_K}"),
+                               (8, 5, "from only 5 token ids")]:
+        with pytest.raises(ValueError, match=f"cannot take this tree's picks: .*{says}.*set SPECVLM_PICKS=torch"):
+            fast.picks_kernel(cuda, top, columns)
+    assert fast.picks_kernel(cuda, 16, 151_936) == fast.picks_kernel(cuda, 16, most) == "triton"
 
 
 def test_auto_picks_take_the_kernels_only_on_a_cuda_card_they_run_on(monkeypatch):
@@ -277,7 +282,7 @@ def test_a_bad_setting_is_refused_before_any_prefill(embedded, monkeypatch):
         fast.generate_fast(embedded, prompt, tree=MC_SIM_7B_63, compile=False)
     monkeypatch.setenv("SPECVLM_PICKS", "triton")
     wide = sv.Tree.from_paths([[rank] for rank in range(top_k.MAX_K + 1)])
-    with pytest.raises(ValueError, match="ranks up to 17 .* picks at most 16"):
+    with pytest.raises(ValueError, match="ranks up to 17 tokens at a node and the kernels pick at most 16"):
         fast.generate_fast(embedded, prompt, tree=wide, compile=False)
     monkeypatch.setattr(top_k, "INTERPRETED", False)
     with pytest.raises(ValueError, match="Triton's interpreter"):
