@@ -620,6 +620,14 @@ def split_min_slots() -> int:
     return _whole_number_setting("SPECVLM_SPLIT_MIN_SLOTS", SPLIT_MIN_SLOTS)
 
 
+def _flag_setting(name: str) -> str | None:
+    """An on/off setting's value: "1", "0", or None where it is unset (or empty); any other value is an error."""
+    choice = os.environ.get(name) or None
+    if choice not in (None, "0", "1"):
+        raise ValueError(f"{name} must be '0' or '1', got {choice!r}.")
+    return choice
+
+
 def _whole_number_setting(name: str, default: int, unit: str = "slots") -> int:
     value = os.environ.get(name) or str(default)
     if not value.isdigit():
@@ -654,9 +662,7 @@ def fuse_draft(options: dict | None, lm: VideoLM) -> bool:
     """Whether the fast path fuses a draft's projections (`fusion.fuse_projections`):
     $SPECVLM_FUSE_DRAFT "1" or "0" if set, else where its steps replay as CUDA graphs (there a step
     costs what its kernels cost, and fusing removes three per layer; on a CPU it changes little)."""
-    choice = os.environ.get("SPECVLM_FUSE_DRAFT")
-    if choice not in (None, "", "0", "1"):
-        raise ValueError(f"SPECVLM_FUSE_DRAFT must be '0' or '1', got {choice!r}.")
+    choice = _flag_setting("SPECVLM_FUSE_DRAFT")
     if choice:
         return choice == "1"
     return graphs_for(lm, options) is not None
@@ -668,10 +674,7 @@ def few_rows_draft() -> bool:
     the kernels cannot run). Off by default: on the H100 they shortened the draft step in the
     benchmark and lengthened it in the profile, each by a few percent (notebook 05, section 18). Under "1" a draft compiled on a CPU would reach Triton's
     interpreter, which dynamo cannot trace: use it uncompiled there (tests) or on CUDA."""
-    choice = os.environ.get("SPECVLM_FEW_ROWS")
-    if choice not in (None, "", "0", "1"):
-        raise ValueError(f"SPECVLM_FEW_ROWS must be '0' or '1', got {choice!r}.")
-    return choice == "1"
+    return _flag_setting("SPECVLM_FEW_ROWS") == "1"
 
 
 DRAFT_COMBO = True  # $SPECVLM_DRAFT_COMBO's default (`draft_combo_kernels`): on, as measured in notebook 05, section 25
@@ -688,9 +691,7 @@ def draft_combo_kernels() -> bool:
     logits, which the target checks; a target (and so AR) compiles as before, unless inductor's
     process-wide flag is on (`bench --combo-kernels`: every compiled function, whatever this says).
     Read by `static_lm`, which makes a draft's steps anew when it changes."""
-    choice = os.environ.get("SPECVLM_DRAFT_COMBO")
-    if choice not in (None, "", "0", "1"):
-        raise ValueError(f"SPECVLM_DRAFT_COMBO must be '0' or '1', got {choice!r}.")
+    choice = _flag_setting("SPECVLM_DRAFT_COMBO")
     return choice == "1" if choice else DRAFT_COMBO
 
 
@@ -730,9 +731,7 @@ def draft_pdl() -> bool:
     and at most the rounding of a draft's logits, which the target checks; a target (and so AR)
     compiles as before unless inductor's process-wide `triton.enable_pdl` is on. Read by
     `static_lm`, which makes a draft's steps anew when it changes."""
-    choice = os.environ.get("SPECVLM_DRAFT_PDL")
-    if choice not in (None, "", "0", "1"):
-        raise ValueError(f"SPECVLM_DRAFT_PDL must be '0' or '1', got {choice!r}.")
+    choice = _flag_setting("SPECVLM_DRAFT_PDL")
     return choice == "1" if choice else DRAFT_PDL
 
 
@@ -748,9 +747,7 @@ def l2_prefetch_draft(device: torch.device | None = None) -> bool:
     Only when bytes arrive changes, never a value. With a `device`, "1" is an error where the
     prefetch cannot run there (a CUDA card of compute capability 9.0 or newer); `generate_fast`
     checks it before any prefill, for every method."""
-    choice = os.environ.get("SPECVLM_L2_PREFETCH")
-    if choice not in (None, "", "0", "1"):
-        raise ValueError(f"SPECVLM_L2_PREFETCH must be '0' or '1', got {choice!r}.")
+    choice = _flag_setting("SPECVLM_L2_PREFETCH")
     if choice == "1" and device is not None and not l2_prefetch.available(device):
         raise ValueError("SPECVLM_L2_PREFETCH=1 prefetches with Hopper's bulk prefetch instruction, on a CUDA card of "
                          f"compute capability 9.0 or newer with Triton, and the draft lies on {device}; unset it or "
