@@ -61,12 +61,7 @@ def draft_entry(text: str) -> tuple[str, dict[str, str]]:
                  f"got {text!r}.")
     try:
         with applied(settings):
-            fast.fast_attention(None), fast.few_rows_draft(), fast.flex_min_slots(), fast.split_min_slots()
-            fast.draft_vocab_setting(), fast.picks_kernel(), fast.l2_prefetch_draft()
-            fast.draft_combo_kernels(), fast.draft_pdl()
-            fast.cuda_graphs({"mode": "reduce-overhead"}, torch.device("cuda"))
-            if os.environ.get("SPECVLM_FUSE_DRAFT"):
-                fast.fuse_draft(None, None)  # a value set is read before any model is
+            fast.check_settings()
     except ValueError as error:
         sys.exit(f"drafts_ab.py: draft entry {text!r}: {error}")
     return folder, settings

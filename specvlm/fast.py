@@ -646,11 +646,12 @@ def fast_attention(attention: str | None, role: str | None = None) -> str:
     """The fast path's attention: given, else $SPECVLM_FAST_ATTENTION, else "sdpa". One of
     ATTENTIONS for both models, or "target/draft" for each its own: fast_attention("flex/grouped")
     -> "flex/grouped"; with role="draft" -> "grouped", role="target" -> "flex"."""
+    source = "" if attention else "$SPECVLM_FAST_ATTENTION: "
     attention = attention or os.environ.get("SPECVLM_FAST_ATTENTION") or "sdpa"
     parts = attention.split("/")
     if len(parts) > 2 or any(part not in ATTENTIONS for part in parts):
-        raise ValueError(f"unknown fast-path attention {attention!r}; choose one of {ATTENTIONS}, or one for "
-                         "the target and one for the draft, e.g. 'flex/grouped'.")
+        raise ValueError(f"{source}unknown fast-path attention {attention!r}; choose one of {ATTENTIONS}, or one "
+                         "for the target and one for the draft, e.g. 'flex/grouped'.")
     if role not in (None, "target", "draft"):
         raise ValueError(f"role must be 'target' or 'draft', got {role!r}.")
     if role is None:
@@ -814,6 +815,21 @@ def cuda_graphs(options: dict | None, device: torch.device) -> str | None:
     if graphs not in CUDA_GRAPHS:
         raise ValueError(f"SPECVLM_CUDA_GRAPHS must be one of {CUDA_GRAPHS}, got {graphs!r}.")
     return graphs
+
+
+def check_settings(attention: str | None = None, device: torch.device | None = None) -> None:
+    """Read every $SPECVLM_* setting the fast path takes (`__main__.FAST_PATH_ENVIRONMENT` but
+    SPECVLM_SPLIT_MERGE, read when `split_merge` is imported), so that a bad value fails here,
+    before any prefill, whichever method runs and whether or not the run would reach it (a CPU
+    replays no CUDA graphs, AR fuses no draft). `attention`: as `fast_attention` takes it (given,
+    $SPECVLM_FAST_ATTENTION is not read); `device`: the draft's, for the settings that need a card
+    (`l2_prefetch_draft`). `generate_fast` and `benchmarks/drafts_ab.py` call it; raises ValueError."""
+    fast_attention(attention)
+    cuda_graphs({"mode": "reduce-overhead"}, torch.device("cuda"))  # its value only: no card is touched
+    _flag_setting("SPECVLM_FUSE_DRAFT"), few_rows_draft(), draft_combo_kernels(), draft_pdl()
+    flex_min_slots(), split_min_slots(), draft_vocab_setting()
+    picks_kernel()  # the value; trees resolve it against the card and vocabulary (`generate_fast`)
+    l2_prefetch_draft(device)
 
 
 def spread_over_devices(lm: VideoLM) -> bool:
@@ -1062,12 +1078,9 @@ def generate_fast(pair: Pair, prompt: Prompt, method: str = "specvlm", ratio: fl
         raise ValueError(f"unknown method {method!r}; choose one of {METHODS}.")
     check_max_new_tokens(max_new_tokens)
     check_ratio(ratio)
+    check_settings(attention, pair.draft.device)  # before any prefill, for every method
     attention = fast_attention(attention)
-    draft_vocab = draft_vocabulary(pair.draft, draft_vocab)  # checked before any prefill, for every method
-    picks_kernel()  # likewise; only trees pick by top-k, so only they resolve it, below
-    l2_prefetch_draft(pair.draft.device)
-    draft_combo_kernels()
-    draft_pdl()
+    draft_vocab = draft_vocabulary(pair.draft, draft_vocab)  # likewise
     if method == "ar":
         return _generate_ar(pair.target, prompt, max_new_tokens, compile, fast_attention(attention, "target"))
     check_speculation(prompt, draft_prompt, ratio, mass, k, tree, max_new_tokens, seed)
