@@ -101,9 +101,7 @@ class SlotCache(Cache):
         self.values = [torch.zeros(1, heads, capacity, vdim, dtype=dtype, device=where)
                        for (heads, _, vdim), where in zip(shapes, devices)]
         self.position = torch.zeros((), dtype=torch.long, device=devices[0])
-        # `flash_decode`'s one-kernel merge: zero between kernels, shared by the layers on the first layer's device
-        self.tickets = flash_decode.new_tickets(devices[0])
-        for t in (*self.keys, *self.values, self.position, self.tickets):
+        for t in (*self.keys, *self.values, self.position):
             torch._dynamo.mark_static_address(t)  # compiled graphs read and write them in place
 
     @classmethod
@@ -229,7 +227,7 @@ class DraftLevels:
 
 @torch.no_grad()
 def step_logits(lm: VideoLM, cache: SlotCache, inputs: torch.Tensor, pattern: torch.Tensor,
-                attention: str = "sdpa", split: bool = False, head=None, one_kernel: bool = False) -> torch.Tensor:
+                attention: str = "sdpa", split: bool = False, head=None) -> torch.Tensor:
     """One forward of fixed shape: the function that gets compiled (one graph per shape).
 
     inputs: [2q + 2] long on the device = token ids [q], positions [q], write slot, mask start;
@@ -238,9 +236,8 @@ def step_logits(lm: VideoLM, cache: SlotCache, inputs: torch.Tensor, pattern: to
     attention "flex" passes the same visibility as a BlockMask (`flex_block_mask`) to steps of at
     most FLEX_MAX_QUERY tokens (a draft step, a chain verification) and as the bias, for
     `grouped_attention` (or, with `split`, `split_attention`), to wider ones (a tree verification);
-    "flash" gives the short steps to `flash_decode` (start and pattern themselves; with `one_kernel`,
-    the cache's tickets too: `flash_one_kernel`) and the wide ones to the same kernels as "flex";
-    "grouped" gives every step to `grouped_attention`."""
+    "flash" gives the short steps to `flash_decode` (start and pattern themselves) and the wide
+    ones to the same kernels as "flex"; "grouped" gives every step to `grouped_attention`."""
     q = pattern.shape[0]
     cache.position.copy_(inputs[2 * q])
     embeds = lm.model.get_input_embeddings()(inputs[:q].reshape(1, q))
@@ -250,7 +247,7 @@ def step_logits(lm: VideoLM, cache: SlotCache, inputs: torch.Tensor, pattern: to
     else:
         mask = visibility_bias(inputs[2 * q + 1], pattern, cache.capacity, lm.dtype)
         if attention == "flash" and q <= FLEX_MAX_QUERY:  # the kernel reads start and pattern; the bias goes unused
-            attention_kwargs = {"decode": (inputs[2 * q + 1], pattern, cache.tickets if one_kernel else None)}
+            attention_kwargs = {"decode": (inputs[2 * q + 1], pattern)}
         elif attention != "sdpa":
             attention_kwargs = {"grouped": True}
             if split:  # `StaticLM.kernels` says so only under "flex" or "flash"
@@ -268,7 +265,7 @@ class StaticLM:
 
     def __init__(self, lm: VideoLM, options: dict | None, attention: str = "sdpa", grouped_up_to: int = 0,
                  split_from: int | None = None, vocabulary: torch.Tensor | None = None, combo_kernels: bool = False,
-                 pdl: bool = False, one_kernel: bool | None = None):
+                 pdl: bool = False):
         if attention not in ATTENTIONS:
             raise ValueError(f"unknown attention {attention!r}; choose one of {ATTENTIONS}.")
         split_merge.check_choice()  # a bad $SPECVLM_SPLIT_MERGE, refused before any prefill
@@ -301,8 +298,6 @@ class StaticLM:
         self.l2_prefetch = False  # whether its decoder layers prefetch their weights (`l2_prefetch.attach`)
         self.combo_kernels = combo_kernels  # compiled with inductor's combo kernels (`with_combo_kernels`)
         self.pdl = pdl  # asked for programmatic dependent launch (`draft_pdl`); `compiled_with_pdl`: whether emitted
-        # under "flash": `flash_decode` merges inside its one kernel (None: $SPECVLM_FLASH_ONE_KERNEL's choice)
-        self.flash_one_kernel = flash_one_kernel() if one_kernel is None else one_kernel
 
     @property
     def _graph_trees(self) -> bool:
@@ -440,8 +435,7 @@ class StaticLM:
         if shape not in self.steps:
             attention, split = self.kernels(self.cache.capacity)
             self.steps[shape] = self._compiled(functools.partial(step_logits, self.lm, self.cache,
-                                                                 attention=attention, split=split, head=self.head,
-                                                                 one_kernel=self.flash_one_kernel))
+                                                                 attention=attention, split=split, head=self.head))
         return self.steps[shape]
 
     def _compiled(self, fn, neutral=None):
@@ -547,8 +541,7 @@ def static_lm(lm: VideoLM, role: str, options: dict | None, attention: str | Non
     needs two caches). Made anew when the compile options, the CUDA-graph mode, the role's attention
     (`fast_attention`), the slot bounds that pick a kernel by the cache's length (`flex_min_slots`, drafts
     only; `split_min_slots`), the weights' storage (fusion, `.to()`) or a draft's vocabulary
-    (`vocabulary`, else `draft_vocabulary`'s from $SPECVLM_DRAFT_VOCAB; a target's is always whole), a draft's
-    inductor options (`draft_combo_kernels`, `draft_pdl`) or the flash merge (`flash_one_kernel`) change.
+    (`vocabulary`, else `draft_vocabulary`'s from $SPECVLM_DRAFT_VOCAB; a target's is always whole) change.
 
     Fusion (`fusion.py`): a draft's projections are fused where `fuse_draft` says so, unless the
     model has served as a target, and unfused where $SPECVLM_FUSE_DRAFT is "0" (a draft fused by
@@ -573,7 +566,6 @@ def static_lm(lm: VideoLM, role: str, options: dict | None, attention: str | Non
     grouped_up_to = flex_min_slots() if role == "draft" else 0
     combo = role == "draft" and draft_combo_kernels()
     pdl = role == "draft" and draft_pdl()
-    one_kernel = flash_one_kernel()
     vocabulary = None if role == "target" else draft_vocabulary(lm, vocabulary)
     if vocabulary is not None:  # its cut output layer is a copy: made anew when the layer's weights change
         # (in place through autograd-visible ops, `load_state_dict`, `.to()`; writes through `.data` go unseen)
@@ -585,10 +577,9 @@ def static_lm(lm: VideoLM, role: str, options: dict | None, attention: str | Non
     if (engine is None or engine.options != options or engine.attention != attention
             or engine.graphs != graphs_for(lm, options) or engine.weights != weights
             or engine.grouped_up_to != grouped_up_to or engine.split_from != split_min_slots() or not same_vocabulary
-            or engine.l2_prefetch != prefetch or engine.combo_kernels != combo or engine.pdl != pdl
-            or engine.flash_one_kernel != one_kernel):
+            or engine.l2_prefetch != prefetch or engine.combo_kernels != combo or engine.pdl != pdl):
         engines[role] = StaticLM(lm, options, attention, grouped_up_to, vocabulary=vocabulary, combo_kernels=combo,
-                                 pdl=pdl, one_kernel=one_kernel)
+                                 pdl=pdl)
         engines[role].weights, engines[role].l2_prefetch = weights, prefetch
     return engines[role]
 
@@ -745,21 +736,6 @@ def draft_pdl() -> bool:
     return choice == "1" if choice else DRAFT_PDL
 
 
-FLASH_ONE_KERNEL = False  # $SPECVLM_FLASH_ONE_KERNEL's default (`flash_one_kernel`)
-
-
-def flash_one_kernel() -> bool:
-    """Whether `flash_decode` runs as one kernel, its merge done by the last program of each (row
-    block, KV head) (`flash_decode`'s `tickets`), instead of two, where attention "flash" serves a
-    short step: $SPECVLM_FLASH_ONE_KERNEL "1" or "0", unset: FLASH_ONE_KERNEL. The output is the
-    same bit for bit, so every token and accepted count is too; what changes is one kernel fewer per
-    layer and step, which the launch-bound draft step may feel. For a model spread over several cards
-    the layers on other cards than the first keep two kernels. Not measured yet, so FLASH_ONE_KERNEL is
-    False. Read by `static_lm` (both roles), which makes the steps anew when it changes."""
-    choice = _flag_setting("SPECVLM_FLASH_ONE_KERNEL")
-    return choice == "1" if choice else FLASH_ONE_KERNEL
-
-
 def by_inductor(options: dict) -> bool:
     """Whether torch.compile's keyword arguments `options` compile with inductor (its default backend)."""
     return options.get("backend") in (None, "inductor")
@@ -850,7 +826,7 @@ def check_settings(attention: str | None = None, device: torch.device | None = N
     (`l2_prefetch_draft`). `generate_fast` and `benchmarks/drafts_ab.py` call it; raises ValueError."""
     fast_attention(attention)
     cuda_graphs({"mode": "reduce-overhead"}, torch.device("cuda"))  # its value only: no card is touched
-    _flag_setting("SPECVLM_FUSE_DRAFT"), few_rows_draft(), draft_combo_kernels(), draft_pdl(), flash_one_kernel()
+    _flag_setting("SPECVLM_FUSE_DRAFT"), few_rows_draft(), draft_combo_kernels(), draft_pdl()
     flex_min_slots(), split_min_slots(), draft_vocab_setting()
     picks_kernel()  # the value; trees resolve it against the card and vocabulary (`generate_fast`)
     l2_prefetch_draft(device)

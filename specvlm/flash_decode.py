@@ -140,12 +140,10 @@ if triton is not None:
     @triton.jit
     def _flash_decode_partials(q_ptr, k_ptr, v_ptr, pattern_ptr, start_ptr, out_ptr, lse_ptr,
                                stride_qh, stride_qs, stride_kh, stride_ks, stride_vh, stride_vs, capacity,
-                               tickets_ptr, final_ptr, stride_os, stride_oh,
                                SCALE: tl.constexpr, ROWS: tl.constexpr, STEP: tl.constexpr, GROUPS: tl.constexpr,
                                WIDTH: tl.constexpr,
                                SPLIT: tl.constexpr, SPLITS: tl.constexpr, BLOCK_R: tl.constexpr, PADDED: tl.constexpr,
-                               BLOCK_N: tl.constexpr, DIM: tl.constexpr, MERGE_HERE: tl.constexpr = False,
-                               BLOCK_S: tl.constexpr = 1):
+                               BLOCK_N: tl.constexpr, DIM: tl.constexpr):
         block = tl.program_id(0)  # the row blocks of one split run side by side: they share its keys in L2
         head = tl.program_id(1)
         split = tl.program_id(2)
@@ -186,58 +184,34 @@ if triton is not None:
         where = (head * SPLITS + split) * PADDED + rows
         tl.store(lse_ptr + where, lse)
         tl.store(out_ptr + where[:, None] * DIM + dims[None, :], acc / tl.where(seen_any, total, 1.0)[:, None])
-        if MERGE_HERE:  # the last program of this (row block, KV head) to finish merges its rows
-            tl.debug_barrier()  # every thread's partial is stored before the ticket is taken
-            ticket_ptr = tickets_ptr + block * tl.num_programs(1) + head
-            if tl.atomic_add(ticket_ptr, 1, sem="acq_rel", scope="gpu") == SPLITS - 1:  # every split's is stored
-                for row in range(block * BLOCK_R, tl.minimum(block * BLOCK_R + BLOCK_R, ROWS)):
-                    _merge_row(out_ptr, lse_ptr, final_ptr, stride_os, stride_oh, head, row,
-                               STEP, GROUPS, SPLITS, BLOCK_S, PADDED, DIM)
-                tl.atomic_xchg(ticket_ptr, 0)  # zero again for the next call
-
-    @triton.jit
-    def _merge_row(part_ptr, lse_ptr, out_ptr, stride_os, stride_oh, head, row,
-                   STEP: tl.constexpr, GROUPS: tl.constexpr, SPLITS: tl.constexpr,
-                   BLOCK_S: tl.constexpr, PADDED: tl.constexpr, DIM: tl.constexpr):
-        # one row (query head head*GROUPS + row // STEP, step row row % STEP) of one KV head: its partial
-        # outputs over every split, weighted by their share of the softmax's denominator, into `out`
-        splits = tl.arange(0, BLOCK_S)
-        dims = tl.arange(0, DIM)
-        where = (head * SPLITS + splits) * PADDED + row  # [BLOCK_S]: this row in every split
-        # ".cg": from L2, never a stale L1 line, as the one-kernel merge reads what other programs wrote
-        lse = tl.load(lse_ptr + where, mask=splits < SPLITS, other=float("-inf"), cache_modifier=".cg")
-        top = tl.max(lse, 0)
-        weight = tl.exp(lse - tl.where(top == float("-inf"), 0.0, top))  # 0 for splits the row saw nothing of
-        partial = tl.load(part_ptr + where[:, None] * DIM + dims[None, :], mask=(splits < SPLITS)[:, None], other=0.0,
-                          cache_modifier=".cg")
-        out = tl.sum(weight[:, None] * partial, 0) / tl.maximum(tl.sum(weight, 0), 1e-30)
-        target = (row % STEP) * stride_os + (head * GROUPS + row // STEP) * stride_oh + dims
-        tl.store(out_ptr + target, out.to(out_ptr.dtype.element_ty))
 
     @triton.jit
     def _flash_decode_merge(part_ptr, lse_ptr, out_ptr, stride_os, stride_oh,
                             STEP: tl.constexpr, GROUPS: tl.constexpr, SPLITS: tl.constexpr,
                             BLOCK_S: tl.constexpr, PADDED: tl.constexpr, DIM: tl.constexpr):
-        _merge_row(part_ptr, lse_ptr, out_ptr, stride_os, stride_oh, tl.program_id(0), tl.program_id(1),
-                   STEP, GROUPS, SPLITS, BLOCK_S, PADDED, DIM)
+        head = tl.program_id(0)
+        row = tl.program_id(1)  # query head head*GROUPS + row // STEP, step row row % STEP
+        splits = tl.arange(0, BLOCK_S)
+        dims = tl.arange(0, DIM)
+        where = (head * SPLITS + splits) * PADDED + row  # [BLOCK_S]: this row in every split
+        lse = tl.load(lse_ptr + where, mask=splits < SPLITS, other=float("-inf"))
+        top = tl.max(lse, 0)
+        weight = tl.exp(lse - tl.where(top == float("-inf"), 0.0, top))  # 0 for splits the row saw nothing of
+        partial = tl.load(part_ptr + where[:, None] * DIM + dims[None, :], mask=(splits < SPLITS)[:, None], other=0.0)
+        out = tl.sum(weight[:, None] * partial, 0) / tl.maximum(tl.sum(weight, 0), 1e-30)
+        target = (row % STEP) * stride_os + (head * GROUPS + row // STEP) * stride_oh + dims
+        tl.store(out_ptr + target, out.to(out_ptr.dtype.element_ty))
 
 
 def flash_decode(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, start: torch.Tensor,
-                 pattern: torch.Tensor, scale: float, launch: Launch | None = None,
-                 tickets: torch.Tensor | None = None) -> torch.Tensor:
+                 pattern: torch.Tensor, scale: float, launch: Launch | None = None) -> torch.Tensor:
     """Attention of a q-token step to a static cache, as `visibility_bias(start, pattern)` masks it.
 
     query [1, Hq, q, d], key/value [1, Hkv, K, d] (any strides with a contiguous last axis);
     start: 0-d long tensor (slots before it are committed: every row sees them); pattern [q, S]
     bool (row r sees slot start + j if pattern[r, j]) -> [1, q, Hq, d] in value's dtype (the layout
     the output projection reads). Every row must see at least one slot. d must be a power of two
-    of at least 16; Hq a multiple of Hkv. `launch`: how to cut the work (default `default_launch`).
-
-    `tickets`: None -> two kernels, the partials and then the merge. Else an int32 tensor of at
-    least (row blocks x Hkv) zeros on the query's device (`new_tickets`) -> one kernel: each program
-    takes a ticket when its partial is stored, and the last of a (row block, KV head) merges that
-    block's rows, with the merge kernel's arithmetic (the same output, bit for bit), and sets its
-    ticket back to zero, so the same tickets serve the next call on the same stream."""
+    of at least 16; Hq a multiple of Hkv. `launch`: how to cut the work (default `default_launch`)."""
     batch, heads, q, dim = query.shape
     kv_heads, capacity = key.shape[1], key.shape[2]
     if batch != 1:
@@ -257,30 +231,13 @@ def flash_decode(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, st
     partial = torch.empty(kv_heads, splits, blocks * block_rows, dim, dtype=torch.float32, device=query.device)
     lse = torch.empty(kv_heads, splits, blocks * block_rows, dtype=torch.float32, device=query.device)
     out = torch.empty(1, q, heads, dim, dtype=value.dtype, device=query.device)
-    if tickets is not None and (tickets.dtype != torch.int32 or tickets.device != query.device
-                                or tickets.numel() < blocks * kv_heads):
-        raise ValueError(f"flash_decode's tickets are at least {blocks * kv_heads} int32 zeros on {query.device} "
-                         f"(`new_tickets`), got {tickets.numel()} of {tickets.dtype} on {tickets.device}.")
-    one_kernel = tickets is not None
     _flash_decode_partials[(blocks, kv_heads, splits)](
         query, key, value, pattern.contiguous(), start, partial, lse, query.stride(1), query.stride(2),
         key.stride(1), key.stride(2), value.stride(1), value.stride(2), capacity,
-        tickets if one_kernel else lse, out, out.stride(1), out.stride(2),
         SCALE=scale, ROWS=rows, STEP=q, GROUPS=groups, WIDTH=pattern.shape[1], SPLIT=split, SPLITS=splits,
         BLOCK_R=block_rows, PADDED=blocks * block_rows, BLOCK_N=launch.block_n, DIM=dim,
-        MERGE_HERE=one_kernel, BLOCK_S=triton.next_power_of_2(splits),
         num_warps=launch.num_warps, **({} if launch.num_stages is None else {"num_stages": launch.num_stages}))
-    if not one_kernel:
-        _flash_decode_merge[(kv_heads, rows)](partial, lse, out, out.stride(1), out.stride(2), STEP=q, GROUPS=groups,
-                                              SPLITS=splits, BLOCK_S=triton.next_power_of_2(splits),
-                                              PADDED=blocks * block_rows, DIM=dim)
+    _flash_decode_merge[(kv_heads, rows)](partial, lse, out, out.stride(1), out.stride(2), STEP=q, GROUPS=groups,
+                                          SPLITS=splits, BLOCK_S=triton.next_power_of_2(splits),
+                                          PADDED=blocks * block_rows, DIM=dim)
     return out
-
-
-MAX_TICKETS = 1024  # row blocks x KV heads of the widest step `new_tickets` serves
-
-
-def new_tickets(device) -> torch.Tensor:
-    """Zeroed tickets for `flash_decode`'s one-kernel merge: [MAX_TICKETS] int32 on `device`.
-    Calls on one stream may share them (each leaves them zero); calls that may overlap may not."""
-    return torch.zeros(MAX_TICKETS, dtype=torch.int32, device=device)

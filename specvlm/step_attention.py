@@ -321,18 +321,14 @@ def flex_or_sdpa(module, query, key, value, attention_mask, scaling=None, groupe
                  **kwargs):
     """The attention function registered as FLEX_ATTENTION: FlexAttention when the mask is a
     BlockMask (the fast path's short steps), `flash_decode` when the step passes
-    `decode=(start, pattern, tickets)` (short steps under attention "flash"; `tickets`: None, or its
-    one-kernel merge's), `split_attention` when it
+    `decode=(start, pattern)` (short steps under attention "flash"), `split_attention` when it
     passes `split=(start, span)` (wide steps on long caches), `grouped_attention` when it asks for
     it (`grouped=True`: the fast path's other wide steps), otherwise exactly the project's sdpa
     (verifier scores included), so prefills and the plain path are unchanged."""
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
     if decode is not None:
-        start, pattern, tickets = decode
-        start, pattern = start.to(key.device), pattern.to(key.device)  # a model spread over cards: this layer's
-        if tickets is not None and tickets.device != key.device:
-            tickets = None  # tickets live on the first layer's card: a layer elsewhere merges in a second kernel
-        return flash_decode(query, key, value, start, pattern, scale, tickets=tickets), None
+        start, pattern = (t.to(key.device) for t in decode)  # a model spread over cards: this layer's
+        return flash_decode(query, key, value, start, pattern, scale), None
     if isinstance(attention_mask, BlockMask):
         out = grouped_flex(query, key, value, attention_mask, scale)
     elif split is not None:

@@ -135,25 +135,15 @@ def test_split_size_spreads_the_cache_over_about_one_program_per_sm(split_at, ca
     ("bikes", 2, "specvlm", 0.9, MC_SIM_7B_63, "flash"), ("bigbuckbunny", 4, "sd", 0.0, SMALL_TREE, "flex/flash"),
     ("bikes", 6, "top", 0.75, chain(4), "flash"), ("bikes", 2, "ar", 0.0, None, "flash"),
 ])
-@pytest.mark.parametrize("one_kernel", ["0", "1"])
-def test_flash_attention_on_the_embedded_pair(embedded, clip, frames, method, ratio, tree, attention, one_kernel,
-                                              monkeypatch):
+def test_flash_attention_on_the_embedded_pair(embedded, clip, frames, method, ratio, tree, attention, monkeypatch):
     """attention="flash": short steps (AR, draft steps, feeds, tree levels, chain and small tree
     verifications) through `flash_decode`, wide ones (the 26-node verification) as under "flex",
-    here through `split_attention`; the plain path's tokens and accepted counts, with the merge in a
-    second kernel or in the first ($SPECVLM_FLASH_ONE_KERNEL: the cache's tickets passed, left zero)."""
+    here through `split_attention`; the plain path's tokens and accepted counts."""
     monkeypatch.setenv("SPECVLM_SPLIT_MIN_SLOTS", "1")  # every wide step takes `split_attention`
-    monkeypatch.setenv("SPECVLM_FLASH_ONE_KERNEL", one_kernel)
     monkeypatch.setattr(fast, "_ENGINES", weakref.WeakKeyDictionary())  # step functions made under this setting
-    widths, splits, tickets = [], [], []  # the rows of every step `flash_decode` served; `split_attention`'s
+    widths, splits = [], []  # the rows of every step `flash_decode` served; `split_attention`'s
     real, real_split = sa.flash_decode, sa.split_attention
-
-    def flash_spy(query, *args, **kwargs):
-        widths.append(query.shape[2])
-        tickets.append(kwargs.get("tickets"))
-        return real(query, *args, **kwargs)
-
-    monkeypatch.setattr(sa, "flash_decode", flash_spy)
+    monkeypatch.setattr(sa, "flash_decode", lambda query, *args: widths.append(query.shape[2]) or real(query, *args))
     monkeypatch.setattr(sa, "split_attention", lambda query, *args: splits.append(query.shape[2]) or real_split(query, *args))
     prompt = embedded.target.prepare(sv.sample_video(clip, frames))
     options = {"method": method, "attention": attention}
@@ -170,10 +160,6 @@ def test_flash_attention_on_the_embedded_pair(embedded, clip, frames, method, ra
         "draft" if method != "ar" else "target",)
     for role in roles:
         assert models[role]["step_attention"] == "flash" and models[role]["split_wide_steps"]
-    if one_kernel == "1":
-        assert all(t is not None and t.dtype == torch.int32 and not t.any() for t in tickets)
-    else:
-        assert all(t is None for t in tickets)
 
 
 def test_flash_needs_a_card_that_runs_it(embedded, monkeypatch):
