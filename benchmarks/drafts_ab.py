@@ -63,7 +63,7 @@ def draft_entry(text: str) -> tuple[str, dict[str, str]]:
         with applied(settings):
             fast.check_settings()
     except ValueError as error:
-        sys.exit(f"drafts_ab.py: draft entry {text!r}: {error}")
+        sys.exit(f"drafts_ab.py: draft entry {text!r} (its settings over the process's environment): {error}")
     return folder, settings
 
 

@@ -144,7 +144,23 @@ def inputs(args, parser):
         checked("--clip", sample_video_path, args.clip)
     if args.only is not None:
         checked("--only", possible_rows, args)
+    if "fast" in args.paths:
+        checked("--paths fast", fast_settings, args)
     return None
+
+
+def fast_settings(args) -> None:
+    """Refuse a bad $SPECVLM_* fast-path setting before `bench` loads the pair (`fast.check_settings`,
+    with both models where `--device` and `--dtype` put them)."""
+    from .fast import check_settings
+    from .models import resolve_device, resolved_dtype
+
+    device = resolve_device(args.device)
+    where = ({device}, resolved_dtype(args.dtype, device))
+    try:
+        check_settings(target=where, draft=where)
+    except ValueError as error:
+        raise ValueError(f"the fast path's settings: {error}") from None
 
 
 def possible_rows(args) -> None:

@@ -68,6 +68,7 @@ from .models import Pair, Prompt, VideoLM, head_dim
 from .sampling import check_temperature
 from .timeline import phase
 from . import flash_decode, l2_prefetch, split_merge, top_k
+from . import few_rows as few_rows_kernels
 from .step_attention import (  # noqa: F401 (re-exported: fast.grouped_attention, fast.FLEX_MAX_QUERY, ...)
     ATTENTIONS, FLEX_ATTENTION, FLEX_BLOCK, FLEX_MAX_QUERY, FLEX_MIN_SLOTS, FLEX_ROWS, SPLIT_MIN_SLOTS, causal_pattern,
     flex_block_mask, flex_or_sdpa, float32_scores, grouped_attention, grouped_flex, merge_kernel,
@@ -273,11 +274,8 @@ class StaticLM:
         if self.spread and attention == "flex":
             raise ValueError("the fast path's FlexAttention mask lives on one device, and this model is spread over "
                              f"{sorted(map(str, set(lm.layer_devices)))}; use attention='sdpa' or 'grouped'.")
-        if attention == "flash" and not all(flash_decode.available(d, lm.dtype) for d in set(lm.layer_devices)):
-            raise ValueError(f"attention 'flash' runs a Triton kernel in half precision on a CUDA card of compute "
-                             f"capability 8.0 or newer, and this model ({lm.dtype} on "
-                             f"{sorted(map(str, set(lm.layer_devices)))}) is not there (or Triton is missing); "
-                             "use 'flex' or 'grouped'.")
+        if attention == "flash":
+            check_flash(*placement(lm))
         self.lm, self.options, self.attention = lm, options, attention
         # a draft's vocabulary (`draft_vocab.py`): its steps' logits cover only these token ids, in this order
         self.head = None if vocabulary is None else output_head(lm, vocabulary)
@@ -716,7 +714,7 @@ def with_inductor_options(options: dict, extra: dict) -> dict:
     return {**rest, "options": {**mode_options, **(options.get("options") or {}), **extra}}
 
 
-DRAFT_PDL = False  # $SPECVLM_DRAFT_PDL's default (`draft_pdl`)
+DRAFT_PDL = False  # $SPECVLM_DRAFT_PDL's default (`draft_pdl`): no change in notebook 05, section 26's profile
 
 
 def draft_pdl() -> bool:
@@ -727,8 +725,8 @@ def draft_pdl() -> bool:
     after its own first load. Only inductor's generated Triton kernels take part (not its matmul
     templates, cuBLAS's products or this project's Triton kernels), and inductor emits it on NVIDIA
     cards of compute capability 9.0 or newer only; elsewhere the setting changes nothing. The aim is
-    less idle time between a launch-bound draft step's kernels; it is not measured yet, so DRAFT_PDL
-    is False. Only the draft's, as for `draft_combo_kernels`: what it changes is when kernels run,
+    less idle time between a launch-bound draft step's kernels; on one H100 it left the profiled draft
+    step unchanged (notebook 05, section 26), so DRAFT_PDL is False. Only the draft's, as for `draft_combo_kernels`: what it changes is when kernels run,
     and at most the rounding of a draft's logits, which the target checks; a target (and so AR)
     compiles as before unless inductor's process-wide `triton.enable_pdl` is on. Read by
     `static_lm`, which makes a draft's steps anew when it changes."""
@@ -811,25 +809,67 @@ def cuda_graphs(options: dict | None, device: torch.device) -> str | None:
     `CapturedGraph`, captured by hand) or "trees" (torch.compile's CUDA-graph trees)."""
     if options is None or device.type != "cuda" or options.get("mode") != "reduce-overhead":
         return None
+    return cuda_graphs_setting()
+
+
+def cuda_graphs_setting() -> str:
+    """$SPECVLM_CUDA_GRAPHS: "manual" (unset) or "trees"; anything else is an error."""
     graphs = os.environ.get("SPECVLM_CUDA_GRAPHS") or "manual"
     if graphs not in CUDA_GRAPHS:
         raise ValueError(f"SPECVLM_CUDA_GRAPHS must be one of {CUDA_GRAPHS}, got {graphs!r}.")
     return graphs
 
 
-def check_settings(attention: str | None = None, device: torch.device | None = None) -> None:
-    """Read every $SPECVLM_* setting the fast path takes (`__main__.FAST_PATH_ENVIRONMENT` but
-    SPECVLM_SPLIT_MERGE, read when `split_merge` is imported), so that a bad value fails here,
-    before any prefill, whichever method runs and whether or not the run would reach it (a CPU
-    replays no CUDA graphs, AR fuses no draft). `attention`: as `fast_attention` takes it (given,
-    $SPECVLM_FAST_ATTENTION is not read); `device`: the draft's, for the settings that need a card
-    (`l2_prefetch_draft`). `generate_fast` and `benchmarks/drafts_ab.py` call it; raises ValueError."""
+def placement(lm: VideoLM) -> tuple[set, torch.dtype]:
+    """Where `lm` runs, for `check_settings`: (the set of its layers' devices, its dtype)."""
+    return set(lm.layer_devices), lm.dtype
+
+
+def check_settings(attention: str | None = None, draft_vocab: torch.Tensor | None = None,
+                   target: tuple[set, torch.dtype] | None = None,
+                   draft: tuple[set, torch.dtype] | None = None) -> None:
+    """Read every $SPECVLM_* setting the fast path takes (`__main__.FAST_PATH_ENVIRONMENT`), so that a
+    bad value fails here, before any model work, whichever method runs and whether or not the run
+    would reach it (a CPU replays no CUDA graphs, AR fuses no draft). Raises ValueError.
+
+    `attention`, `draft_vocab`: as `generate_fast` takes them; where given, $SPECVLM_FAST_ATTENTION or
+    $SPECVLM_DRAFT_VOCAB is not read. `target`, `draft`: where each model runs (`placement`), to check
+    the settings that need a card there: attention "flash" for that model (`flash_decode.available`),
+    and for the draft $SPECVLM_FEW_ROWS=1 (`few_rows.available`) and $SPECVLM_L2_PREFETCH=1
+    (`l2_prefetch.available`). `generate_fast`, `bench` on the command line and
+    `benchmarks/drafts_ab.py` call it."""
     fast_attention(attention)
-    cuda_graphs({"mode": "reduce-overhead"}, torch.device("cuda"))  # its value only: no card is touched
-    _flag_setting("SPECVLM_FUSE_DRAFT"), few_rows_draft(), draft_combo_kernels(), draft_pdl()
-    flex_min_slots(), split_min_slots(), draft_vocab_setting()
-    picks_kernel()  # the value; trees resolve it against the card and vocabulary (`generate_fast`)
-    l2_prefetch_draft(device)
+    cuda_graphs_setting()
+    _flag_setting("SPECVLM_FUSE_DRAFT")
+    few_rows = few_rows_draft()
+    draft_combo_kernels()
+    draft_pdl()
+    flex_min_slots()
+    split_min_slots()
+    if draft_vocab is None:
+        draft_vocab_setting()
+    picks_kernel()  # the value; trees resolve it against the card and the vocabulary (`generate_fast`)
+    split_merge.check_choice()
+    for role, where in (("target", target), ("draft", draft)):
+        if where is not None and fast_attention(attention, role) == "flash":
+            check_flash(*where, role)
+    if draft is not None:
+        devices, dtype = draft
+        if few_rows and not all(few_rows_kernels.available(device, dtype) for device in devices):
+            raise ValueError("SPECVLM_FEW_ROWS=1 runs Triton kernels on a CUDA card of compute capability 8.0 or newer "
+                             "in half precision (on a CPU only in float32, in Triton's interpreter), and the draft is "
+                             f"{dtype} on {sorted(map(str, devices))}; unset it or set it to 0.")
+        for device in devices:
+            l2_prefetch_draft(device)
+
+
+def check_flash(devices, dtype: torch.dtype, role: str = "model") -> None:
+    """Refuse attention "flash" for a model whose layers lie on `devices` in `dtype`, where
+    `flash_decode` cannot run (`flash_decode.available`)."""
+    if not all(flash_decode.available(device, dtype) for device in devices):
+        raise ValueError(f"attention 'flash' runs a Triton kernel in half precision on a CUDA card of compute "
+                         f"capability 8.0 or newer, and the {role} ({dtype} on {sorted(map(str, devices))}) is not "
+                         "there (or Triton is missing); use 'flex' or 'grouped'.")
 
 
 def spread_over_devices(lm: VideoLM) -> bool:
@@ -1078,7 +1118,7 @@ def generate_fast(pair: Pair, prompt: Prompt, method: str = "specvlm", ratio: fl
         raise ValueError(f"unknown method {method!r}; choose one of {METHODS}.")
     check_max_new_tokens(max_new_tokens)
     check_ratio(ratio)
-    check_settings(attention, pair.draft.device)  # before any prefill, for every method
+    check_settings(attention, draft_vocab, placement(pair.target), placement(pair.draft))  # for every method
     attention = fast_attention(attention)
     draft_vocab = draft_vocabulary(pair.draft, draft_vocab)  # likewise
     if method == "ar":
