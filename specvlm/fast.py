@@ -726,10 +726,11 @@ def draft_pdl() -> bool:
     templates, cuBLAS's products or this project's Triton kernels), and inductor emits it on NVIDIA
     cards of compute capability 9.0 or newer only; elsewhere the setting changes nothing. The aim is
     less idle time between a launch-bound draft step's kernels; on one H100 it left the profiled draft
-    step unchanged (notebook 05, section 26), so DRAFT_PDL is False. Only the draft's, as for `draft_combo_kernels`: what it changes is when kernels run,
-    and at most the rounding of a draft's logits, which the target checks; a target (and so AR)
-    compiles as before unless inductor's process-wide `triton.enable_pdl` is on. Read by
-    `static_lm`, which makes a draft's steps anew when it changes."""
+    step unchanged (notebook 05, section 26), so DRAFT_PDL is False. Only the draft's, as for
+    `draft_combo_kernels`: what it changes is when kernels run, and at most the rounding of a draft's
+    logits, which the target checks; a target (and so AR) compiles as before unless inductor's
+    process-wide `triton.enable_pdl` is on. Read by `static_lm`, which makes a draft's steps anew
+    when it changes."""
     choice = _flag_setting("SPECVLM_DRAFT_PDL")
     return choice == "1" if choice else DRAFT_PDL
 
