@@ -260,6 +260,7 @@ def bench(args) -> int:
                  paths=args.paths,
                  transformers_baselines=args.transformers, self_speculation=args.self_speculation,
                  step_repeats=args.step_repeats, stand_in=stand_in, only=args.only, timeline=args.timeline,
+                 step_kernels=args.step_kernels,
                  selection=args.selection, trees=dict(args.tree or []),
                  progress=(lambda partial: save({**partial, **facts}, args.out)) if args.out else None)
     result.update(facts)
@@ -386,6 +387,10 @@ def main(argv=None) -> int:
     b.add_argument("--timeline", action="store_true",
                    help="profile one more generation per fast-path row: device busy and idle time per phase "
                         "of a round (specvlm.timeline)")
+    b.add_argument("--step-kernels", action="store_true",
+                   help="profile each fast-path row's queued passes (the draft's step, feed and level, the "
+                        "verification, AR's step) in this process, on the row's own weights and caches: kernels per "
+                        "pass by category and the costliest by name, under the row's 'step_kernels'")
     b.add_argument("--combo-kernels", action="store_true",
                    help="compile with inductor's combo kernels, which launch data-independent kernels as one "
                         "(torch._inductor.config.combo_kernels, set for the whole process: the fast path's AR, draft "

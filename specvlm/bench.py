@@ -219,6 +219,30 @@ def median_ms(device: torch.device, call, reset, repeats: int, warmup: int = STE
     return statistics.median(times)
 
 
+def step_kernels(device: torch.device, call, reset, repeats: int, wall_ms: float | None = None) -> dict:
+    """What the device ran for a pass, as `profile.kernel_breakdown` reports it: `repeats` samples of
+    `QUEUED` calls in a row (each after `reset()`, as `median_ms` queues them) under `torch.profiler`,
+    per call; `wall_ms`: the pass's queued time from `median_ms`, taken as its wall time (profiling
+    slows the host, so the profiled calls are not timed). On a CPU, the operators' own CPU time."""
+    from .profile import kernel_breakdown, kernel_records  # here: profile.py imports this module
+
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if device.type == "cuda":
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    reset()
+    call()
+    Stopwatch(device)  # waits for the device
+    with torch.profiler.profile(activities=activities) as profiler:
+        for _ in range(repeats):
+            for _ in range(QUEUED):
+                reset()
+                call()
+        Stopwatch(device)
+    reset()
+    return kernel_breakdown(kernel_records(profiler, device), repeats * QUEUED,
+                            None if wall_ms is None else 1000 * wall_ms)
+
+
 def crop_to(cache, length: int) -> None:
     """Drop a DynamicCache's entries past `length` (transformers' `crop` takes how many to drop)."""
     extra = cache.get_seq_length() - length
@@ -262,17 +286,29 @@ def plain_steps(pair: Pair, prompt, draft_prompt, res, shape, k: int, repeats: i
 
 
 @torch.no_grad()  # the steps were compiled without grad: dynamo's guards would compile them again
-def fast_steps(pair: Pair, prompt, draft_prompt, res, shape, k: int, repeats: int, trees: dict | None = None) -> dict:
+def fast_steps(pair: Pair, prompt, draft_prompt, res, shape, k: int, repeats: int, trees: dict | None = None,
+               kernels: bool = False) -> dict:
     """Step timings on the fast path: the row's own static caches and step functions (compiled
     as in the run), their write position set back to where decoding started before each pass.
     Passes are timed queued back to back (`QUEUED` per sample), as the decoding loops run them;
     "draft_step_synced" (or "target_step_synced" on AR rows) times one pass started on an idle
-    device, as a round's first pass starts after the host has read the last verification."""
+    device, as a round's first pass starts after the host has read the last verification.
+    `kernels`: also "kernels" {pass: `step_kernels`} for each pass timed queued (the target's
+    step or verification, the draft's step, feed and level), profiled in this process on the
+    row's own weights, caches and compiled steps."""
     from .fast import DraftLevels, compile_options, static_lm
 
     device, token = pair.target.device, res.tokens[0]
     options = compile_options(None, device)  # what `generate_fast` used in `run_once`
-    queued_ms = functools.partial(median_ms, device, repeats=repeats, queued=QUEUED)
+    timed = {}  # pass -> (call, reset) of every pass timed queued, for `kernels`
+
+    def queued_ms(call, reset, name):
+        timed[name] = (call, reset)
+        return median_ms(device, call, reset, repeats, queued=QUEUED)
+
+    def profiled(steps: dict) -> dict:
+        return {name: step_kernels(device, call, reset, repeats, steps[name]) for name, (call, reset) in timed.items()}
+
     target = static_lm(pair.target, "target", options)
     start = prompt.input_ids.shape[1]
     reset = lambda: setattr(target, "length", start)
@@ -280,9 +316,10 @@ def fast_steps(pair: Pair, prompt, draft_prompt, res, shape, k: int, repeats: in
     allocated = {"target": per_token["target"] * target.cache.capacity}
     if shape is None:
         ar_step = lambda: target.extend([token], prompt.next_position, 1)
-        steps = {"target_step": queued_ms(ar_step, reset),
+        steps = {"target_step": queued_ms(ar_step, reset, "target_step"),
                  "target_step_synced": median_ms(device, ar_step, reset, repeats)}
-        return {"step_ms": steps, "per_token": per_token, "allocated": allocated}
+        return {"step_ms": steps, "per_token": per_token, "allocated": allocated,
+                **({"kernels": profiled(steps)} if kernels else {})}
     tree = tree_of(shape, trees)
     if tree is not None:
         pattern = target.constant(tree, lambda: tree.mask)  # the key and mask `fast.tree_round` uses
@@ -290,27 +327,29 @@ def fast_steps(pair: Pair, prompt, draft_prompt, res, shape, k: int, repeats: in
         verify = lambda: target.step([token] * tree.num_nodes, where, pattern)
     else:
         verify = lambda: target.extend([token] * (k + 1), prompt.next_position, k + 1)
-    steps = {"verify": queued_ms(verify, reset)}
+    steps = {"verify": queued_ms(verify, reset, "verify")}
     draft = static_lm(pair.draft, "draft", options)
     draft_start = len(draft_prompt.rows(res.kept))
     draft_reset = lambda: setattr(draft, "length", draft_start)
     draft_step = lambda: draft.extend([token], draft_prompt.next_position, 1)
-    steps["draft_step"] = queued_ms(draft_step, draft_reset)
+    steps["draft_step"] = queued_ms(draft_step, draft_reset, "draft_step")
     steps["draft_step_synced"] = median_ms(device, draft_step, draft_reset, repeats)
     if tree is not None:  # the tree round's wider draft passes, with the shapes and masks `fast.draft_tree` uses
         levels, feed = DraftLevels.of(tree), tree.depth + 1
         steps["draft_feed"] = queued_ms(lambda: draft.extend([token] * feed, draft_prompt.next_position, feed),
-                                        draft_reset)
+                                        draft_reset, "draft_feed")
         level_pattern = draft.constant((tree, 1), lambda: levels.patterns[0])  # `verify` keeps the target's `pattern`
         nodes = len(levels.nodes[0])
         steps["draft_level"] = queued_ms(lambda: draft.step([token] * nodes, [draft_prompt.next_position + 1] * nodes,
-                                                            level_pattern, start=draft_start), draft_reset)
+                                                            level_pattern, start=draft_start), draft_reset,
+                                        "draft_level")
         draft_logits = draft_step().clone()  # the picks' input: the draft's logits, float32, on its device
         draft_reset()
         steps.update(round_glue(target, draft, tree, levels, verify, reset, draft_logits, start, repeats))
     per_token["draft"] = kv_bytes_per_token(draft.cache.keys, draft.cache.values)
     allocated["draft"] = per_token["draft"] * draft.cache.capacity
-    return {"step_ms": steps, "per_token": per_token, "allocated": allocated}
+    return {"step_ms": steps, "per_token": per_token, "allocated": allocated,
+            **({"kernels": profiled(steps)} if kernels else {})}
 
 
 def round_glue(target, draft, tree, levels, verify, reset, draft_logits: torch.Tensor, start: int,
@@ -358,17 +397,21 @@ def round_glue(target, draft, tree, levels, verify, reset, draft_logits: torch.T
 
 
 def measure(path: str, pair: Pair, prompt, draft_prompt, method: str, shape, ratio: float, k: int,
-            max_new_tokens: int, repeats: int, step_repeats: int, timeline: bool = False, trees: dict | None = None) -> dict:
+            max_new_tokens: int, repeats: int, step_repeats: int, timeline: bool = False, trees: dict | None = None,
+            step_kernels: bool = False) -> dict:
     """One method on one path: timed generations, then its isolated passes and memory; with
-    `timeline` (fast path only) one more generation under the profiler (`timeline.profile_decode`)."""
+    `timeline` (fast path only) one more generation under the profiler (`timeline.profile_decode`);
+    with `step_kernels` (fast path only) each queued pass profiled (`fast_steps`' "kernels")."""
     device = pair.target.device
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     res, decode_s, prefill_s, outputs = timed(lambda: run_once(path, pair, prompt, draft_prompt, method, shape, ratio,
                                                                k, max_new_tokens, trees), repeats)
     peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
-    steps = (fast_steps if path == "fast" else plain_steps)(pair, prompt, draft_prompt, res, shape, k, step_repeats,
-                                                            trees)
+    if path == "fast":
+        steps = fast_steps(pair, prompt, draft_prompt, res, shape, k, step_repeats, trees, kernels=step_kernels)
+    else:
+        steps = plain_steps(pair, prompt, draft_prompt, res, shape, k, step_repeats, trees)
     per_token = steps["per_token"]
     kv = {"target": per_token["target"] * res.target_cache_len,
           "draft": per_token["draft"] * res.draft_cache_len if res.draft_cache_len is not None else None}
@@ -379,7 +422,7 @@ def measure(path: str, pair: Pair, prompt, draft_prompt, method: str, shape, rat
     if profiled is not None and profiled.pop("tokens") != res.tokens:
         raise RuntimeError(f"{method}: the profiled generation's tokens differ from the timed one's.")
     return {"res": res, "outputs": outputs, "decode_s": decode_s, "prefill_s": prefill_s, "peak": peak,
-            "step_ms": steps["step_ms"],
+            "step_ms": steps["step_ms"], "step_kernels": steps.get("kernels"),
             "kv_bytes": kv, "timeline": profiled, "draft_fused": is_fused(pair.draft) if method != "ar" else None,
             "draft_few_rows": uses_few_rows(pair.draft) if method != "ar" else None,
             "draft_vocab": draft_vocab_size(pair.draft) if path == "fast" and method != "ar" else None,
@@ -601,13 +644,15 @@ def make_row(path: str, frames: int, prompt, draft_prompt, drafter, method, shap
         "divergence": first_divergence(target, prompt, differing, reference) if differing is not None else None,
         **({"tree": tree_record(shape, tree)} if tree is not None else {}),
         **({"timeline": m["timeline"]} if m.get("timeline") else {}),
+        **({"step_kernels": m["step_kernels"]} if m.get("step_kernels") else {}),
     }
 
 
 def bench(pair: Pair, video_for, frames_list, max_new_tokens=64, k=5, repeats=3, question=DEFAULT_QUESTION,
           paths=("plain",), transformers_baselines: bool = False, self_speculation: bool = False,
           step_repeats: int = 5, stand_in: bool | None = None, progress=None, only=None,
-          timeline: bool = False, selection: bool = False, trees: dict[str, Tree] | None = None) -> dict:
+          timeline: bool = False, selection: bool = False, trees: dict[str, Tree] | None = None,
+          step_kernels: bool = False) -> dict:
     """`video_for(frames)` returns a `Video`; returns a JSON-ready dict of rows (module docstring).
     `stand_in`: whether the pair stands in for real checkpoints (default: "stand-in" in its name).
     `progress(result)` is called after every row with the result so far, marked `"partial": True`
@@ -617,7 +662,10 @@ def bench(pair: Pair, video_for, frames_list, max_new_tokens=64, k=5, repeats=3,
     and idle device time per phase of a round), under "timeline". `selection`: also SELECTION_RUNS (SpecVLM's
     tree at 75% and 95%, and the other selection methods at 90%). `trees`: more trees by name (e.g. one
     `tree_search` grew for this pair), each adding a row "METHOD-tree:NAME-RATIO" beside every tree row
-    (which drafts `MC_SIM_7B_63`); every tree row records its tree under "tree" (`tree_record`)."""
+    (which drafts `MC_SIM_7B_63`); every tree row records its tree under "tree" (`tree_record`).
+    `step_kernels`: each fast-path row also records, under "step_kernels", the kernels of each of its
+    queued passes (`step_kernels`: per pass, by category, the costliest by name), profiled in this
+    process on the row's own models, caches and compiled steps."""
     trees = dict(trees or {})
     bad = [name for name, tree in trees.items() if not isinstance(tree, Tree) or not name or ":" in name]
     if bad:
@@ -668,7 +716,7 @@ def bench(pair: Pair, video_for, frames_list, max_new_tokens=64, k=5, repeats=3,
             for run_pair, run_draft_prompt, run_drafter, method, shape, ratio in plan:
                 started = time.perf_counter()
                 m = measure(path, run_pair, prompt, run_draft_prompt, method, shape, ratio, k, max_new_tokens,
-                            repeats, step_repeats, timeline, trees)
+                            repeats, step_repeats, timeline, trees, step_kernels)
                 row_s = time.perf_counter() - started
                 if method == "ar":
                     ar = m

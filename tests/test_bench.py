@@ -570,3 +570,42 @@ def test_bench_asks_every_prompt_the_question_it_is_given_and_records_it(embedde
     assert all(r["equal_to_ar"] for r in result["rows"])
     default = bench(embedded, synthetic_video, [1], max_new_tokens=4, repeats=1, step_repeats=1, only=["ar"])
     assert default["question"] == sv.models.DEFAULT_QUESTION
+
+
+def test_step_kernels_profile_each_queued_pass_of_a_fast_row_only(embedded):
+    """`step_kernels`: each fast-path row records, per queued pass, what ran (on a CPU: operators),
+    per pass; plain rows and rows without the option record nothing."""
+    from specvlm.bench import QUEUED
+
+    result = bench(embedded, synthetic_video, [1], max_new_tokens=4, repeats=1, step_repeats=2,
+                   paths=("plain", "fast"), only=["specvlm-tree-0.5"], step_kernels=True)
+    rows = {(r["path"], r["method"]): r for r in result["rows"]}
+    assert all(r["equal_to_ar"] for r in rows.values())
+    assert "step_kernels" not in rows["plain", "ar"] and "step_kernels" not in rows["plain", "specvlm"]
+    assert set(rows["fast", "ar"]["step_kernels"]) == {"target_step"}
+    spec = rows["fast", "specvlm"]
+    assert set(spec["step_kernels"]) == {"verify", "draft_step", "draft_feed", "draft_level"}
+    layers = embedded.draft.model.config.get_text_config().num_hidden_layers
+    for name, kernels in spec["step_kernels"].items():
+        assert kernels["wall_us_per_step"] == pytest.approx(1000 * spec["step_ms"][name])  # the queued timing
+        assert kernels["kernels_per_step"] >= layers  # every decoder layer runs at least one operator per pass
+        assert kernels["gpu_busy_us_per_step"] > 0 and kernels["top"]
+        per_step = [entry["calls_per_step"] for entry in kernels["top"]]
+        assert all(calls * 2 * QUEUED == round(calls * 2 * QUEUED) for calls in per_step)  # whole calls over 2 x 8
+    unprofiled = bench(embedded, synthetic_video, [1], max_new_tokens=4, repeats=1, step_repeats=1, paths=("fast",),
+                       only=["specvlm-tree-0.5"])
+    assert all("step_kernels" not in r for r in unprofiled["rows"])
+
+
+@pytest.mark.parametrize("flag", [True, False])
+def test_the_bench_cli_passes_step_kernels_on(flag, tmp_path, monkeypatch):
+    seen = {}
+
+    def fake_bench(pair, video_for, frames, *args, **kwargs):
+        seen.update(kwargs)
+        return {"pair": "p", "device": "cpu", "dtype": "float32", "date": "d", "rows": []}
+
+    monkeypatch.setattr("specvlm.bench.bench", fake_bench)
+    argv = ["bench", "--frames", "1", "--device", "cpu", "--out", str(tmp_path / "b.json")]
+    assert main(argv + ["--step-kernels"] * flag) == 0
+    assert seen["step_kernels"] is flag
