@@ -223,7 +223,8 @@ def step_kernels(device: torch.device, call, reset, repeats: int, wall_ms: float
     """What the device ran for a pass, as `profile.kernel_breakdown` reports it: `repeats` samples of
     `QUEUED` calls in a row (each after `reset()`, as `median_ms` queues them) under `torch.profiler`,
     per call; `wall_ms`: the pass's queued time from `median_ms`, taken as its wall time (profiling
-    slows the host, so the profiled calls are not timed). On a CPU, the operators' own CPU time."""
+    slows the host, so the profiled calls are not timed). On a CPU, the operators' own CPU time.
+    "host": `host_side`, the host's time queuing the same calls."""
     from .profile import kernel_breakdown, kernel_records  # here: profile.py imports this module
 
     activities = [torch.profiler.ProfilerActivity.CPU]
@@ -239,8 +240,46 @@ def step_kernels(device: torch.device, call, reset, repeats: int, wall_ms: float
                 call()
         Stopwatch(device)
     reset()
-    return kernel_breakdown(kernel_records(profiler, device), repeats * QUEUED,
-                            None if wall_ms is None else 1000 * wall_ms)
+    return {**kernel_breakdown(kernel_records(profiler, device), repeats * QUEUED,
+                               None if wall_ms is None else 1000 * wall_ms),
+            "host": host_side(device, call, reset, repeats)}
+
+
+def host_side(device: torch.device, call, reset, repeats: int, top: int = 12) -> dict:
+    """The host's share of a queued pass: `repeats` samples of `QUEUED` calls in a row (each after
+    `reset()`), timed twice per sample, when the host has queued the last call ("host_us_per_step")
+    and after the device has finished it ("queued_us_per_step"), medians per call. Where the two
+    are about equal the host, not the device, sets the pace. "top": the `top` Python functions by
+    their own time per call (`cProfile`, in a second set of samples; its overhead inflates them,
+    not their order), each {"function", "own_us_per_step", "calls_per_step"}."""
+    import cProfile
+    import pstats
+
+    host, total = [], []
+    for _ in range(repeats):
+        Stopwatch(device)
+        began = time.perf_counter()
+        for _ in range(QUEUED):
+            reset()
+            call()
+        host.append(time.perf_counter() - began)
+        Stopwatch(device)
+        total.append(time.perf_counter() - began)
+    calls = repeats * QUEUED
+    profiler = cProfile.Profile()
+    profiler.enable()
+    for _ in range(calls):
+        reset()
+        call()
+    profiler.disable()
+    Stopwatch(device)
+    reset()
+    own = sorted(pstats.Stats(profiler).stats.items(), key=lambda item: -item[1][2])[:top]
+    return {"host_us_per_step": 1e6 * statistics.median(host) / QUEUED,
+            "queued_us_per_step": 1e6 * statistics.median(total) / QUEUED,
+            "top": [{"function": f"{name} ({file.rsplit('/', 1)[-1]}:{line})", "own_us_per_step": 1e6 * tottime / calls,
+                     "calls_per_step": count / calls}
+                    for (file, line, name), (_, count, tottime, _, _) in own]}
 
 
 def crop_to(cache, length: int) -> None:
