@@ -52,7 +52,7 @@ import transformers
 from torch.autograd import DeviceType
 
 from . import costs, fast
-from .bench import QUEUED, card_id, card_name, save  # QUEUED: steps per queued sample, as bench times them
+from .bench import QUEUED, card_id, card_name, host_side, save  # QUEUED: steps per queued sample, as bench times them
 from .cost_model import load
 from .models import resolved_dtype
 from .fusion import fuse_projections
@@ -161,10 +161,10 @@ def _make_step(model, path: str, attention: str, compile, context_len: int, quer
     return costs.PATHS[path](model, context_len, query_len, tree)
 
 
-def _profiled(make_step, device: torch.device, repeats: int, warmup: int) -> tuple[float, float, float, list]:
-    """(setup_s, wall_us, queued_us, records): make the step and warm it up (compilation, graph
+def _profiled(make_step, device: torch.device, repeats: int, warmup: int) -> tuple[float, float, float, list, dict]:
+    """(setup_s, wall_us, queued_us, records, host): make the step and warm it up (compilation, graph
     capture), time it outside the profiler (median us per step: one at a time, and QUEUED in a
-    row), then profile `repeats` steps."""
+    row), time the host's share of queued steps (`bench.host_side`), then profile `repeats` steps."""
     began = time.perf_counter()
     step = make_step()
     for _ in range(warmup):
@@ -173,6 +173,7 @@ def _profiled(make_step, device: torch.device, repeats: int, warmup: int) -> tup
     setup_s = time.perf_counter() - began
     wall_us = 1000 * costs.time_ms(step, device, repeats, warmup=1)
     queued_us = 1000 * costs.time_ms(step, device, repeats, warmup=1, queued=QUEUED)
+    host = host_side(device, step, lambda: None, repeats)
     activities = [torch.profiler.ProfilerActivity.CPU]
     if device.type == "cuda":
         activities.append(torch.profiler.ProfilerActivity.CUDA)
@@ -180,7 +181,7 @@ def _profiled(make_step, device: torch.device, repeats: int, warmup: int) -> tup
         for _ in range(repeats):
             step()
             costs._sync(device)
-    return setup_s, wall_us, queued_us, kernel_records(profiler, device)
+    return setup_s, wall_us, queued_us, kernel_records(profiler, device), host
 
 
 def profile_step(shape, context_len: int, query_len: int | None = None, path: str = "fast",
@@ -200,7 +201,7 @@ def profile_step(shape, context_len: int, query_len: int | None = None, path: st
     (False: eager; "default": inductor's kernels launched one by one), profiled the same way.
     Returns `kernel_breakdown`'s keys plus shape, context, query_len, path, attention, compile, vocabulary,
     device, dtype, bandwidth_GBps, weight_bytes, kv_bytes, setup_s (making the step and its warm-up:
-    compilation included), graph_kernels_visible
+    compilation included), host (`bench.host_side`: the host's time queuing steps), graph_kernels_visible
     (None when no CUDA graph is involved) and without_graphs (None or a breakdown).
     """
     valid = ("fast", *sorted(set(costs.PATHS) - FAST_PATHS))
@@ -218,7 +219,7 @@ def profile_step(shape, context_len: int, query_len: int | None = None, path: st
     kv = costs.kv_bytes(config, context_len + query_len, dtype)
     floor_us = 1e6 * (weights + kv) / bandwidth
 
-    setup_s, wall_us, queued_us, records = _profiled(
+    setup_s, wall_us, queued_us, records, host = _profiled(
         lambda: _make_step(model, path, attention, compile, context_len, query_len, tree, vocabulary), device, repeats,
         warmup)
     result = {"shape": shape if isinstance(shape, str) else "custom", "context": int(context_len),
@@ -228,12 +229,12 @@ def profile_step(shape, context_len: int, query_len: int | None = None, path: st
               "device": card_name(device), "dtype": str(dtype).removeprefix("torch."),
               "bandwidth_GBps": bandwidth / 1e9, "weight_bytes": weights, "kv_bytes": kv, "setup_s": setup_s,
               **kernel_breakdown(records, repeats, wall_us, floor_us),
-              "queued_us_per_step": queued_us, "queued_x_floor": queued_us / floor_us}
+              "queued_us_per_step": queued_us, "queued_x_floor": queued_us / floor_us, "host": host}
     graphs = path == "fast" and fast.cuda_graphs(fast.compile_options(compile, device), device) is not None
     result["graph_kernels_visible"] = graph_kernels_visible(result["kernels_per_step"], config.num_hidden_layers, graphs)
     result["without_graphs"] = None
     if result["graph_kernels_visible"] is False:
-        setup_s, wall_us, _, records = _profiled(
+        setup_s, wall_us, _, records, _ = _profiled(
             lambda: _make_step(model, path, attention, fallback, context_len, query_len, tree, vocabulary), device,
             repeats, warmup)
         label = "eager fast path" if not fallback else f"fast path compiled with {fallback!r}, no CUDA graphs"

@@ -134,7 +134,7 @@ def test_profile_step_on_a_cpu_returns_the_documented_keys(cli_run):
     keys = {"shape", "context", "query_len", "path", "attention", "compile", "device", "dtype", "bandwidth_GBps",
             "weight_bytes", "kv_bytes", "setup_s", "categories", "kernels_per_step", "gpu_busy_us_per_step",
             "wall_us_per_step", "idle_share", "floor_us", "wall_x_floor", "top", "graph_kernels_visible",
-            "without_graphs", "queued_us_per_step", "queued_x_floor"}
+            "without_graphs", "queued_us_per_step", "queued_x_floor", "host"}
     assert keys <= set(row)
     assert row["graph_kernels_visible"] is None and row["without_graphs"] is None  # no CUDA graphs on a CPU
     config = costs.lm_config("tiny")
@@ -149,6 +149,7 @@ def test_profile_step_on_a_cpu_returns_the_documented_keys(cli_run):
     assert 0 < row["gpu_busy_us_per_step"] and 0 < row["wall_us_per_step"] and 0 < row["queued_us_per_step"]
     assert row["queued_x_floor"] == pytest.approx(row["queued_us_per_step"] / row["floor_us"])
     assert row["top"] == sorted(row["top"], key=lambda t: -t["us_per_step"])
+    assert 0 < row["host"]["host_us_per_step"] <= row["host"]["queued_us_per_step"] and row["host"]["top"]
 
 
 def test_transformers_path_is_profiled_too():
