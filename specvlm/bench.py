@@ -249,22 +249,36 @@ def host_side(device: torch.device, call, reset, repeats: int, top: int = 12) ->
     """The host's share of a queued pass: `repeats` samples of `QUEUED` calls in a row (each after
     `reset()`), timed twice per sample, when the host has queued the last call ("host_us_per_step")
     and after the device has finished it ("queued_us_per_step"), medians per call. Where the two
-    are about equal the host, not the device, sets the pace. "top": the `top` Python functions by
+    are about equal the host, not the device, sets the pace. The same again with Python's garbage
+    collector paused ("..._without_gc"), which a long-lived process with many objects may run often.
+    "top": the `top` Python functions by
     their own time per call (`cProfile`, in a second set of samples; its overhead inflates them,
     not their order), each {"function", "own_us_per_step", "calls_per_step"}."""
     import cProfile
+    import gc
     import pstats
 
-    host, total = [], []
-    for _ in range(repeats):
-        Stopwatch(device)
-        began = time.perf_counter()
-        for _ in range(QUEUED):
-            reset()
-            call()
-        host.append(time.perf_counter() - began)
-        Stopwatch(device)
-        total.append(time.perf_counter() - began)
+    def timed() -> tuple[float, float]:
+        host, total = [], []
+        for _ in range(repeats):
+            Stopwatch(device)
+            began = time.perf_counter()
+            for _ in range(QUEUED):
+                reset()
+                call()
+            host.append(time.perf_counter() - began)
+            Stopwatch(device)
+            total.append(time.perf_counter() - began)
+        return 1e6 * statistics.median(host) / QUEUED, 1e6 * statistics.median(total) / QUEUED
+
+    host_us, queued_us = timed()
+    collecting = gc.isenabled()
+    gc.disable()
+    try:
+        host_without_gc_us, queued_without_gc_us = timed()
+    finally:
+        if collecting:
+            gc.enable()
     calls = repeats * QUEUED
     profiler = cProfile.Profile()
     profiler.enable()
@@ -275,8 +289,8 @@ def host_side(device: torch.device, call, reset, repeats: int, top: int = 12) ->
     Stopwatch(device)
     reset()
     own = sorted(pstats.Stats(profiler).stats.items(), key=lambda item: -item[1][2])[:top]
-    return {"host_us_per_step": 1e6 * statistics.median(host) / QUEUED,
-            "queued_us_per_step": 1e6 * statistics.median(total) / QUEUED,
+    return {"host_us_per_step": host_us, "queued_us_per_step": queued_us,
+            "host_us_per_step_without_gc": host_without_gc_us, "queued_us_per_step_without_gc": queued_without_gc_us,
             "top": [{"function": f"{name} ({file.rsplit('/', 1)[-1]}:{line})", "own_us_per_step": 1e6 * tottime / calls,
                      "calls_per_step": count / calls}
                     for (file, line, name), (_, count, tottime, _, _) in own]}

@@ -594,10 +594,12 @@ def test_step_kernels_profile_each_queued_pass_of_a_fast_row_only(embedded):
         assert all(calls * 2 * QUEUED == round(calls * 2 * QUEUED) for calls in per_step)  # whole calls over 2 x 8
         host = kernels["host"]
         assert 0 < host["host_us_per_step"] <= host["queued_us_per_step"]  # queued, then waited for
+        assert 0 < host["host_us_per_step_without_gc"] <= host["queued_us_per_step_without_gc"]
         own = [entry["own_us_per_step"] for entry in host["top"]]
         assert len(own) == 12 and own == sorted(own, reverse=True)  # the costliest functions, costliest first
         assert all(entry["calls_per_step"] * 2 * QUEUED == round(entry["calls_per_step"] * 2 * QUEUED)
                    for entry in host["top"])
+    assert __import__("gc").isenabled()  # the collector, paused for a timing, runs again
     unprofiled = bench(embedded, synthetic_video, [1], max_new_tokens=4, repeats=1, step_repeats=1, paths=("fast",),
                        only=["specvlm-tree-0.5"])
     assert all("step_kernels" not in r for r in unprofiled["rows"])
