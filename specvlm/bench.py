@@ -219,75 +219,87 @@ def median_ms(device: torch.device, call, reset, repeats: int, warmup: int = STE
     return statistics.median(times)
 
 
-def step_kernels(device: torch.device, call, reset, repeats: int, wall_ms: float | None = None) -> dict:
+def pass_kernels(device: torch.device, call, reset, repeats: int, wall_ms: float | None = None,
+                 layers: int | None = None, graphs: bool = False) -> dict:
     """What the device ran for a pass, as `profile.kernel_breakdown` reports it: `repeats` samples of
     `QUEUED` calls in a row (each after `reset()`, as `median_ms` queues them) under `torch.profiler`,
     per call; `wall_ms`: the pass's queued time from `median_ms`, taken as its wall time (profiling
     slows the host, so the profiled calls are not timed). On a CPU, the operators' own CPU time.
-    "host": `host_side`, the host's time queuing the same calls."""
-    from .profile import kernel_breakdown, kernel_records  # here: profile.py imports this module
+    "host": `host_side`, the host's time queuing the same calls, taken first, before this process
+    runs the profiler here. "graph_kernels_visible" (`profile.graph_kernels_visible`; None unless
+    `graphs`): whether the profiler saw the kernels of a pass replayed from a CUDA graph, at least
+    one per layer of a model of `layers` layers."""
+    from .profile import graph_kernels_visible, kernel_breakdown, kernel_records  # profile.py imports this module
 
+    host = host_side(device, call, reset, repeats)
     activities = [torch.profiler.ProfilerActivity.CPU]
     if device.type == "cuda":
         activities.append(torch.profiler.ProfilerActivity.CUDA)
-    reset()
-    call()
-    Stopwatch(device)  # waits for the device
-    with torch.profiler.profile(activities=activities) as profiler:
-        for _ in range(repeats):
-            for _ in range(QUEUED):
-                reset()
-                call()
-        Stopwatch(device)
-    reset()
-    return {**kernel_breakdown(kernel_records(profiler, device), repeats * QUEUED,
-                               None if wall_ms is None else 1000 * wall_ms),
-            "host": host_side(device, call, reset, repeats)}
+    try:
+        reset()
+        call()
+        Stopwatch(device)  # waits for the device
+        with torch.profiler.profile(activities=activities) as profiler:
+            for _ in range(repeats):
+                for _ in range(QUEUED):
+                    reset()
+                    call()
+            Stopwatch(device)
+    finally:
+        reset()
+    breakdown = kernel_breakdown(kernel_records(profiler, device), repeats * QUEUED,
+                                 None if wall_ms is None else 1000 * wall_ms)
+    visible = graph_kernels_visible(breakdown["kernels_per_step"], layers, graphs) if layers else None
+    return {**breakdown, "graph_kernels_visible": visible, "host": host}
 
 
 def host_side(device: torch.device, call, reset, repeats: int, top: int = 12) -> dict:
-    """The host's share of a queued pass: `repeats` samples of `QUEUED` calls in a row (each after
-    `reset()`), timed twice per sample, when the host has queued the last call ("host_us_per_step")
-    and after the device has finished it ("queued_us_per_step"), medians per call. Where the two
-    are about equal the host, not the device, sets the pace. The same again with Python's garbage
-    collector paused ("..._without_gc"), which a long-lived process with many objects may run often.
-    "top": the `top` Python functions by
-    their own time per call (`cProfile`, in a second set of samples; its overhead inflates them,
-    not their order), each {"function", "own_us_per_step", "calls_per_step"}."""
+    """The host's share of a queued pass, in µs per call: `repeats` samples of `QUEUED` calls in a
+    row (each after `reset()`), each sample timed when the host has queued its last call
+    ("host_us_per_step") and again once the device has finished it ("queued_us_per_step"),
+    medians over the samples. Where the two are about equal the host, not the device, sets the
+    pace. The same samples again with Python's garbage collector paused ("..._without_gc"), which a
+    process holding many objects may run often. "top": the `top` Python functions by their own
+    time per call, from a third set of samples under `cProfile` (its overhead inflates them, not
+    their order), each {"function", "own_us_per_step", "calls_per_step"}. The collector and the
+    profiler are back as they were, and `reset()` has run last, even where a call raises."""
     import cProfile
     import gc
     import pstats
 
-    def timed() -> tuple[float, float]:
+    def timed(profiler=None) -> tuple[float, float]:
         host, total = [], []
         for _ in range(repeats):
             Stopwatch(device)
             began = time.perf_counter()
-            for _ in range(QUEUED):
-                reset()
-                call()
+            if profiler is not None:
+                profiler.enable()
+            try:
+                for _ in range(QUEUED):
+                    reset()
+                    call()
+            finally:
+                if profiler is not None:
+                    profiler.disable()
             host.append(time.perf_counter() - began)
             Stopwatch(device)
             total.append(time.perf_counter() - began)
         return 1e6 * statistics.median(host) / QUEUED, 1e6 * statistics.median(total) / QUEUED
 
-    host_us, queued_us = timed()
     collecting = gc.isenabled()
-    gc.disable()
+    profiler = cProfile.Profile()
     try:
+        host_us, queued_us = timed()
+        gc.disable()
         host_without_gc_us, queued_without_gc_us = timed()
+        if collecting:
+            gc.enable()
+        timed(profiler)
     finally:
         if collecting:
             gc.enable()
-    calls = repeats * QUEUED
-    profiler = cProfile.Profile()
-    profiler.enable()
-    for _ in range(calls):
         reset()
-        call()
-    profiler.disable()
-    Stopwatch(device)
-    reset()
+    calls = repeats * QUEUED
     own = sorted(pstats.Stats(profiler).stats.items(), key=lambda item: -item[1][2])[:top]
     return {"host_us_per_step": host_us, "queued_us_per_step": queued_us,
             "host_us_per_step_without_gc": host_without_gc_us, "queued_us_per_step_without_gc": queued_without_gc_us,
@@ -346,21 +358,23 @@ def fast_steps(pair: Pair, prompt, draft_prompt, res, shape, k: int, repeats: in
     Passes are timed queued back to back (`QUEUED` per sample), as the decoding loops run them;
     "draft_step_synced" (or "target_step_synced" on AR rows) times one pass started on an idle
     device, as a round's first pass starts after the host has read the last verification.
-    `kernels`: also "kernels" {pass: `step_kernels`} for each pass timed queued (the target's
-    step or verification, the draft's step, feed and level), profiled in this process on the
-    row's own weights, caches and compiled steps."""
+    `kernels`: also "kernels" {pass: `pass_kernels`} for the passes (the target's step or
+    verification, the draft's step, feed and level; not the round's glue), profiled in this
+    process on the row's own weights, caches and compiled steps, after all of the row's timings."""
     from .fast import DraftLevels, compile_options, static_lm
 
     device, token = pair.target.device, res.tokens[0]
     options = compile_options(None, device)  # what `generate_fast` used in `run_once`
-    timed = {}  # pass -> (call, reset) of every pass timed queued, for `kernels`
+    timed = {}  # pass -> (call, reset, its StaticLM) of every pass timed queued, for `kernels`
 
-    def queued_ms(call, reset, name):
-        timed[name] = (call, reset)
+    def queued_ms(call, reset, name, engine):
+        timed[name] = (call, reset, engine)
         return median_ms(device, call, reset, repeats, queued=QUEUED)
 
     def profiled(steps: dict) -> dict:
-        return {name: step_kernels(device, call, reset, repeats, steps[name]) for name, (call, reset) in timed.items()}
+        return {name: pass_kernels(device, call, reset, repeats, steps[name], len(engine.cache.keys),
+                                   engine.graphs is not None)
+                for name, (call, reset, engine) in timed.items()}
 
     target = static_lm(pair.target, "target", options)
     start = prompt.input_ids.shape[1]
@@ -369,7 +383,7 @@ def fast_steps(pair: Pair, prompt, draft_prompt, res, shape, k: int, repeats: in
     allocated = {"target": per_token["target"] * target.cache.capacity}
     if shape is None:
         ar_step = lambda: target.extend([token], prompt.next_position, 1)
-        steps = {"target_step": queued_ms(ar_step, reset, "target_step"),
+        steps = {"target_step": queued_ms(ar_step, reset, "target_step", target),
                  "target_step_synced": median_ms(device, ar_step, reset, repeats)}
         return {"step_ms": steps, "per_token": per_token, "allocated": allocated,
                 **({"kernels": profiled(steps)} if kernels else {})}
@@ -380,22 +394,22 @@ def fast_steps(pair: Pair, prompt, draft_prompt, res, shape, k: int, repeats: in
         verify = lambda: target.step([token] * tree.num_nodes, where, pattern)
     else:
         verify = lambda: target.extend([token] * (k + 1), prompt.next_position, k + 1)
-    steps = {"verify": queued_ms(verify, reset, "verify")}
+    steps = {"verify": queued_ms(verify, reset, "verify", target)}
     draft = static_lm(pair.draft, "draft", options)
     draft_start = len(draft_prompt.rows(res.kept))
     draft_reset = lambda: setattr(draft, "length", draft_start)
     draft_step = lambda: draft.extend([token], draft_prompt.next_position, 1)
-    steps["draft_step"] = queued_ms(draft_step, draft_reset, "draft_step")
+    steps["draft_step"] = queued_ms(draft_step, draft_reset, "draft_step", draft)
     steps["draft_step_synced"] = median_ms(device, draft_step, draft_reset, repeats)
     if tree is not None:  # the tree round's wider draft passes, with the shapes and masks `fast.draft_tree` uses
         levels, feed = DraftLevels.of(tree), tree.depth + 1
         steps["draft_feed"] = queued_ms(lambda: draft.extend([token] * feed, draft_prompt.next_position, feed),
-                                        draft_reset, "draft_feed")
+                                        draft_reset, "draft_feed", draft)
         level_pattern = draft.constant((tree, 1), lambda: levels.patterns[0])  # `verify` keeps the target's `pattern`
         nodes = len(levels.nodes[0])
         steps["draft_level"] = queued_ms(lambda: draft.step([token] * nodes, [draft_prompt.next_position + 1] * nodes,
                                                             level_pattern, start=draft_start), draft_reset,
-                                        "draft_level")
+                                        "draft_level", draft)
         draft_logits = draft_step().clone()  # the picks' input: the draft's logits, float32, on its device
         draft_reset()
         steps.update(round_glue(target, draft, tree, levels, verify, reset, draft_logits, start, repeats))
@@ -717,7 +731,7 @@ def bench(pair: Pair, video_for, frames_list, max_new_tokens=64, k=5, repeats=3,
     `tree_search` grew for this pair), each adding a row "METHOD-tree:NAME-RATIO" beside every tree row
     (which drafts `MC_SIM_7B_63`); every tree row records its tree under "tree" (`tree_record`).
     `step_kernels`: each fast-path row also records, under "step_kernels", the kernels of each of its
-    queued passes (`step_kernels`: per pass, by category, the costliest by name), profiled in this
+    queued passes (`pass_kernels`: per pass, by category, the costliest by name), profiled in this
     process on the row's own models, caches and compiled steps."""
     trees = dict(trees or {})
     bad = [name for name, tree in trees.items() if not isinstance(tree, Tree) or not name or ":" in name]
