@@ -62,6 +62,9 @@ needs to predict its speedup from this run alone:
   "draft_combo_kernels"  on the fast path, whether the draft's steps were compiled with inductor's combo
                    kernels ($SPECVLM_DRAFT_COMBO, `fast.draft_combo_kernels`; False where they were not
                    compiled); None for AR and the plain path.
+  "step_kernels"   with `step_kernels=True` (`bench --step-kernels`), on fast-path rows only: per queued pass
+                   (the draft's step, feed and level, the verification, AR's step) its kernels by category and
+                   the costliest by name, and the host's share (`pass_kernels`, `host_side`).
   "draft_pdl"      on the fast path, whether the draft's inductor kernels were compiled for programmatic
                    dependent launch ($SPECVLM_DRAFT_PDL, `fast.draft_pdl`; False where they were not compiled
                    or the card is older than compute capability 9.0); None for AR and the plain path.
