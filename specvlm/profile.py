@@ -164,7 +164,7 @@ def _make_step(model, path: str, attention: str, compile, context_len: int, quer
 def _profiled(make_step, device: torch.device, repeats: int, warmup: int) -> tuple[float, float, float, list, dict]:
     """(setup_s, wall_us, queued_us, records, host): make the step and warm it up (compilation, graph
     capture), time it outside the profiler (median us per step: one at a time, and QUEUED in a
-    row), time the host's share of queued steps (`bench.host_side`), then profile `repeats` steps."""
+    row, the latter with the host's share of it: `bench.host_side`), then profile `repeats` steps."""
     began = time.perf_counter()
     step = make_step()
     for _ in range(warmup):
@@ -172,8 +172,8 @@ def _profiled(make_step, device: torch.device, repeats: int, warmup: int) -> tup
     costs._sync(device)
     setup_s = time.perf_counter() - began
     wall_us = 1000 * costs.time_ms(step, device, repeats, warmup=1)
-    queued_us = 1000 * costs.time_ms(step, device, repeats, warmup=1, queued=QUEUED)
-    host = host_side(device, step, lambda: None, repeats)
+    host = host_side(device, step, lambda: None, repeats)  # its samples are QUEUED steps in a row
+    queued_us = host["queued_us_per_step"]
     activities = [torch.profiler.ProfilerActivity.CPU]
     if device.type == "cuda":
         activities.append(torch.profiler.ProfilerActivity.CUDA)
