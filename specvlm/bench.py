@@ -223,18 +223,18 @@ def median_ms(device: torch.device, call, reset, repeats: int, warmup: int = STE
 
 
 def pass_kernels(device: torch.device, call, reset, repeats: int, wall_ms: float | None = None,
-                 layers: int | None = None, graphs: bool = False) -> dict:
+                 layers: int | None = None, graphs: bool = False, replay=None) -> dict:
     """What the device ran for a pass, as `profile.kernel_breakdown` reports it: `repeats` samples of
     `QUEUED` calls in a row (each after `reset()`, as `median_ms` queues them) under `torch.profiler`,
     per call; `wall_ms`: the pass's queued time from `median_ms`, taken as its wall time (profiling
     slows the host, so the profiled calls are not timed). On a CPU, the operators' own CPU time.
     "host": `host_side`, the host's time queuing the same calls, taken first, before this process
-    runs the profiler here. "graph_kernels_visible" (`profile.graph_kernels_visible`; None unless
+    runs the profiler here (`replay`: as `host_side` takes it). "graph_kernels_visible" (`profile.graph_kernels_visible`; None unless
     `graphs`): whether the profiler saw the kernels of a pass replayed from a CUDA graph, at least
     one per layer of a model of `layers` layers."""
     from .profile import graph_kernels_visible, kernel_breakdown, kernel_records  # profile.py imports this module
 
-    host = host_side(device, call, reset, repeats)
+    host = host_side(device, call, reset, repeats, replay=replay)
     activities = [torch.profiler.ProfilerActivity.CPU]
     if device.type == "cuda":
         activities.append(torch.profiler.ProfilerActivity.CUDA)
@@ -256,7 +256,7 @@ def pass_kernels(device: torch.device, call, reset, repeats: int, wall_ms: float
     return {**breakdown, "graph_kernels_visible": visible, "host": host}
 
 
-def host_side(device: torch.device, call, reset, repeats: int, top: int = 12) -> dict:
+def host_side(device: torch.device, call, reset, repeats: int, top: int = 12, replay=None) -> dict:
     """The host's share of a queued pass, in µs per call: `repeats` samples of `QUEUED` calls in a
     row (each after `reset()`), each sample timed when the host has queued its last call
     ("host_us_per_step") and again once the device has finished it ("queued_us_per_step"),
@@ -264,8 +264,13 @@ def host_side(device: torch.device, call, reset, repeats: int, top: int = 12) ->
     pace. The same samples again with Python's garbage collector paused ("..._without_gc"), which a
     process holding many objects may run often. "top": the `top` Python functions by their own
     time per call, from a third set of samples under `cProfile` (its overhead inflates them, not
-    their order), each {"function", "own_us_per_step", "calls_per_step"}. The collector and the
-    profiler are back as they were, and `reset()` has run last, even where a call raises."""
+    their order), each {"function", "own_us_per_step", "calls_per_step"}. `replay`: where the pass
+    replays a CUDA graph (`fast.StaticLM.last_graph`), that graph's `replay`: "replay_us_per_step"
+    times it alone, `QUEUED` replays in a row and then waited for, with no host work between them,
+    so it is the device's time for the pass, the gaps inside the graph included (None without
+    `replay`). Where it is about the queued time, the device sets the pace; where it is well
+    below, the host's work between the passes does. The collector and the profiler are back as
+    they were, and `reset()` has run last, even where a call raises."""
     import cProfile
     import gc
     import pstats
@@ -298,17 +303,27 @@ def host_side(device: torch.device, call, reset, repeats: int, top: int = 12) ->
         if collecting:
             gc.enable()
         timed(profiler)
+        replay_us = None if replay is None else 1e3 * median_ms(device, replay, lambda: None, repeats, queued=QUEUED)
     finally:
         if collecting:
             gc.enable()
         reset()
     calls = repeats * QUEUED
     own = sorted(pstats.Stats(profiler).stats.items(), key=lambda item: -item[1][2])[:top]
-    return {"host_us_per_step": host_us, "queued_us_per_step": queued_us,
+    return {"host_us_per_step": host_us, "queued_us_per_step": queued_us, "replay_us_per_step": replay_us,
             "host_us_per_step_without_gc": host_without_gc_us, "queued_us_per_step_without_gc": queued_without_gc_us,
             "top": [{"function": f"{name} ({file.rsplit('/', 1)[-1]}:{line})", "own_us_per_step": 1e6 * tottime / calls,
                      "calls_per_step": count / calls}
                     for (file, line, name), (_, count, tottime, _, _) in own]}
+
+
+def last_replay(call, reset, engine):
+    """The `replay` of the CUDA graph that `call()` replays on `engine` (a `fast.StaticLM`), found by
+    calling it once (then `reset()`); None where its steps are not captured by hand."""
+    call()
+    reset()
+    graph = engine.last_graph
+    return None if graph is None else graph.replay
 
 
 def crop_to(cache, length: int) -> None:
@@ -376,7 +391,7 @@ def fast_steps(pair: Pair, prompt, draft_prompt, res, shape, k: int, repeats: in
 
     def profiled(steps: dict) -> dict:
         return {name: pass_kernels(device, call, reset, repeats, steps[name], len(engine.cache.keys),
-                                   engine.graphs is not None)
+                                   engine.graphs is not None, replay=last_replay(call, reset, engine))
                 for name, (call, reset, engine) in timed.items()}
 
     target = static_lm(pair.target, "target", options)

@@ -334,6 +334,7 @@ def fast_step(attention: str = "sdpa", compile=None, vocabulary: int | None = No
             engine.length = context_len
             return logits[None]
 
+        step.engine = engine  # its `last_graph`: `profile.py` times the step's graph replayed alone
         return step
 
     return make_step

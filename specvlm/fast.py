@@ -286,6 +286,7 @@ class StaticLM:
         self.split_from = split_min_slots() if split_from is None else split_from
         self.cache: SlotCache | None = None
         self.steps: dict[tuple[int, int], object] = {}
+        self._last_step = None  # the step function `step` called last (`last_graph`)
         self._moves: dict[int, object] = {}  # one compiled move per number of slots moved (a tree's depth)
         self._constants: dict[object, torch.Tensor] = {}
         # "manual": CUDA graphs captured by hand (`CapturedGraph`); "trees": torch.compile's own
@@ -379,11 +380,19 @@ class StaticLM:
             use_flex(self.lm)  # a prefill in between may have switched the implementation
         if self._graph_trees:
             torch.compiler.cudagraph_mark_step_begin()  # CUDA graphs may reuse the last step's outputs
-        logits = self._step_fn(tuple(pattern.shape))(inputs, pattern)
+        self._last_step = self._step_fn(tuple(pattern.shape))
+        logits = self._last_step(inputs, pattern)
         if self.attention != "sdpa" and self.options is not None:
             restore_output_capture()
         self.length = write + count
         return logits[0, :count].to(self.lm.device)  # a spread model's output layer may sit on another card
+
+    @property
+    def last_graph(self) -> torch.cuda.CUDAGraph | None:
+        """The CUDA graph the last `step` replayed (None before any step, and where steps are not
+        captured by hand). Replaying it again repeats that step on the same inputs: the same cache
+        slots get the same values (`CapturedGraph`'s invariant)."""
+        return getattr(self._last_step, "graph", None)
 
     def move(self, source: list[int], dest: list[int]) -> None:
         """`SlotCache.move` in every layer as one compiled function (on CUDA: one CUDA graph

@@ -172,7 +172,9 @@ def _profiled(make_step, device: torch.device, repeats: int, warmup: int) -> tup
     costs._sync(device)
     setup_s = time.perf_counter() - began
     wall_us = 1000 * costs.time_ms(step, device, repeats, warmup=1)
-    host = host_side(device, step, lambda: None, repeats)  # its samples are QUEUED steps in a row
+    engine = getattr(step, "engine", None)  # a fast-path step's: its CUDA graph, timed alone too
+    graph = None if engine is None else engine.last_graph
+    host = host_side(device, step, lambda: None, repeats, replay=None if graph is None else graph.replay)
     queued_us = host["queued_us_per_step"]
     activities = [torch.profiler.ProfilerActivity.CPU]
     if device.type == "cuda":

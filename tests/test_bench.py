@@ -649,6 +649,29 @@ def test_pass_kernels_counts_per_call_and_leaves_the_position_where_it_was():
     assert calls["call"] == 1.0 and calls["reset"] == 1.0
 
 
+def test_host_side_times_a_given_replay_alone_queued_and_nothing_without_one():
+    from specvlm.bench import QUEUED, STEP_WARMUP, host_side
+
+    counting, replays = CountingPass(), CountingPass()
+    host = host_side(torch.device("cpu"), counting.call, counting.reset, repeats=3, replay=replays.call)
+    assert replays.calls == (STEP_WARMUP + 3) * QUEUED and counting.calls == 3 * 3 * QUEUED
+    assert host["replay_us_per_step"] > 0 and counting.position == 0
+    assert host_side(torch.device("cpu"), counting.call, counting.reset, repeats=3)["replay_us_per_step"] is None
+
+
+def test_last_replay_finds_the_graph_the_pass_replayed():
+    from types import SimpleNamespace
+
+    from specvlm.bench import last_replay
+
+    counting = CountingPass()
+    graph = SimpleNamespace(replay=lambda: None)
+    engine = SimpleNamespace(last_graph=None)
+    assert last_replay(counting.call, counting.reset, engine) is None and counting.calls == 1 and counting.position == 0
+    engine.last_graph = graph
+    assert last_replay(counting.call, counting.reset, engine) is graph.replay
+
+
 @pytest.mark.parametrize("fail_at", [1, 3 * 8 + 2, 2 * 3 * 8 + 5])
 def test_host_side_restores_the_collector_the_profiler_and_the_position_when_a_pass_fails(fail_at):
     import gc

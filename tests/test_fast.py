@@ -119,6 +119,32 @@ def test_loading_a_prefill_and_overflow(tiny_pair):
         engine.extend([1], prompt.next_position, width=engine.cache.capacity - n + 1)
 
 
+def test_last_graph_is_the_graph_of_the_step_run_last(tiny_pair):
+    lm = tiny_pair.target
+    prompt = lm.prepare(random_video(0, 1))
+    _, dynamic = decoding.prefill_pruned(lm, prompt, None)
+    engine = fast.StaticLM(lm, None)
+    engine.load(dynamic, dynamic.get_seq_length() + 8)
+    assert engine.last_graph is None
+    engine.extend([1], prompt.next_position, 1)
+    assert engine.last_graph is None  # on a CPU nothing is captured
+
+    class Captured:  # stands for `fast.CapturedGraph`: a step function with its graph
+        def __init__(self, fn, graph):
+            self.fn, self.graph = fn, graph
+
+        def __call__(self, *args):
+            return self.fn(*args)
+
+    plain = engine._step_fn
+    graphs = {1: "graph of one row", 2: "graph of two rows"}
+    engine._step_fn = lambda shape: Captured(plain(shape), graphs[shape[0]])
+    engine.extend([1, 2], prompt.next_position + 1, 2)
+    assert engine.last_graph == "graph of two rows"
+    engine.extend([3], prompt.next_position + 3, 1)
+    assert engine.last_graph == "graph of one row"
+
+
 # --- masks ---------------------------------------------------------------------------------
 
 

@@ -150,6 +150,7 @@ def test_profile_step_on_a_cpu_returns_the_documented_keys(cli_run):
     assert row["queued_x_floor"] == pytest.approx(row["queued_us_per_step"] / row["floor_us"])
     assert row["top"] == sorted(row["top"], key=lambda t: -t["us_per_step"])
     assert 0 < row["host"]["host_us_per_step"] <= row["host"]["queued_us_per_step"] and row["host"]["top"]
+    assert row["host"]["replay_us_per_step"] is None  # no CUDA graph to replay alone on a CPU
 
 
 def test_transformers_path_is_profiled_too():
@@ -200,3 +201,23 @@ def test_a_draft_vocabulary_cuts_the_steps_logits_and_the_floors_output_layer():
             costs.weight_bytes(config, torch.float32, bad)
     with pytest.raises(ValueError, match="transformers' paths keep theirs whole"):
         profile.profile_step("tiny", 32, path="sdpa", device="cpu", model=model, bandwidth=1e10, vocabulary=rows)
+
+
+def test_a_fast_step_replays_its_graph_alone_for_the_host_timing():
+    from types import SimpleNamespace
+
+    from specvlm.bench import QUEUED, STEP_WARMUP
+
+    replays = []
+    engine = SimpleNamespace(last_graph=SimpleNamespace(replay=lambda: replays.append(1)))
+    x = torch.ones(4)
+
+    def make_step():
+        def step():
+            return x * 2
+
+        step.engine = engine
+        return step
+
+    *_, host = profile._profiled(make_step, torch.device("cpu"), repeats=3, warmup=1)
+    assert len(replays) == (STEP_WARMUP + 3) * QUEUED and host["replay_us_per_step"] > 0
