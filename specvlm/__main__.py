@@ -91,18 +91,13 @@ def named_tree(text: str):
 
 def flash_refusal(device_text: str | None, dtype_text: str | None) -> str | None:
     """Why attention "flash" cannot run for these `--device` and `--dtype` flags (their defaults
-    resolved as the commands resolve them), or None: `flash_decode.available`'s rule, checked
-    before any model is built."""
+    resolved as the commands resolve them), or None: `flash_decode.refusal`, checked before any
+    model is built."""
     from . import flash_decode
     from .models import resolve_device, resolved_dtype
 
     device = resolve_device(device_text)
-    dtype = resolved_dtype(dtype_text, device)
-    if flash_decode.available(device, dtype):
-        return None
-    return (f"'flash' runs a Triton kernel in half precision on a CUDA card of compute capability 8.0 or newer (on a "
-            f"CPU only in float32, in Triton's interpreter: TRITON_INTERPRET=1), not on {device} in "
-            f"{str(dtype).removeprefix('torch.')}; use 'flex' or 'grouped'")
+    return flash_decode.refusal([device], resolved_dtype(dtype_text, device))
 
 
 def dtypes() -> tuple[str, ...]:

@@ -875,11 +875,10 @@ def check_settings(attention: str | None = None, draft_vocab: torch.Tensor | Non
 
 def check_flash(devices, dtype: torch.dtype, role: str = "model") -> None:
     """Refuse attention "flash" for a model whose layers lie on `devices` in `dtype`, where
-    `flash_decode` cannot run (`flash_decode.available`)."""
-    if not all(flash_decode.available(device, dtype) for device in devices):
-        raise ValueError(f"attention 'flash' runs a Triton kernel in half precision on a CUDA card of compute "
-                         f"capability 8.0 or newer, and the {role} ({dtype} on {sorted(map(str, devices))}) is not "
-                         "there (or Triton is missing); use 'flex' or 'grouped'.")
+    `flash_decode` cannot run (`flash_decode.refusal`)."""
+    refusal = flash_decode.refusal(devices, dtype, f"the {role}")
+    if refusal:
+        raise ValueError(f"attention {refusal}.")
 
 
 def spread_over_devices(lm: VideoLM) -> bool:

@@ -68,6 +68,19 @@ def available(device: torch.device, dtype: torch.dtype) -> bool:
     return device.type == "cpu" and INTERPRETED and dtype == torch.float32
 
 
+def refusal(devices, dtype: torch.dtype, what: str = "") -> str | None:
+    """Why attention "flash" cannot run for `what` (e.g. "the draft"; "" for the flags of a command) whose
+    layers lie on `devices` in `dtype` (`available`'s rule), or None where it can: the one message the
+    command line and the fast path give."""
+    devices = sorted({torch.device(device) for device in devices}, key=str)
+    if all(available(device, dtype) for device in devices):
+        return None
+    missing = "" if triton is not None else " (Triton, which it needs, is not installed)"
+    return (f"'flash' runs a Triton kernel in half precision on a CUDA card of compute capability 8.0 or newer (on a "
+            f"CPU only in float32, in Triton's interpreter: TRITON_INTERPRET=1){missing}, not {what + ' ' if what else ''}"
+            f"on {', '.join(map(str, devices))} in {str(dtype).removeprefix('torch.')}; use 'flex' or 'grouped'")
+
+
 def split_size(capacity: int, kv_heads: int, block: int = BLOCK_N, programs: int = TARGET_PROGRAMS) -> int:
     """Slots per split: about `programs` programs over the KV heads, at most MAX_SPLITS splits,
     a whole number of tiles. split_size(1792, 2) -> 64 (28 splits of one tile);
