@@ -1,0 +1,138 @@
+"""Run on a GPU: one draft step's CUDA graph replayed alone, in a quiet process and in conditions the
+bench's process differs in.
+
+On one H100 the bench's one-token draft step, replayed alone from its CUDA graph with no host work
+between replays (`bench.host_side`'s "replay_us_per_step"), took about a tenth longer than the
+profile's step at the same shape, for the same kernels and the same busy time (notebook 05,
+section 28). The two processes differ in what else they hold and run: the bench holds a 7B target,
+its caches and graphs, and runs the target's passes between the draft's. This script takes the
+profile's step (random weights at the 0.5B shape, projections fused, combo kernels, flash-decoding,
+the output layer cut to `--draft-vocab` rows, `--slots` cached tokens) and times its graph replayed
+`bench.QUEUED` times in a row, between CUDA events (device time only), median of `--samples`:
+
+- "quiet": nothing else on the card;
+- "after_matmuls": each sample right after `--load-ms` of large bf16 matrix products queued before
+  it (compute-bound work, as the target's prefill);
+- "after_copies": each sample right after as long a copy of a large tensor (bandwidth-bound work,
+  as the target's decode passes);
+- "with_memory": with `--filler-gb` of other tensors allocated and written (a process holding a
+  7B target and its caches);
+- "quiet_again": nothing else again, after the rest, for drift.
+
+Each row records the card's SM clock, memory clock, power and temperature (nvidia-smi) read right
+after it. Every replay writes the same cache slots with the same values, so the conditions change
+no number the step computes.
+
+    python benchmarks/graph_gaps.py --out 'figures/graph_gaps_{card}.json'
+"""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+from torch._inductor import config as inductor_config
+
+from specvlm import costs
+from specvlm.__main__ import git_commit, portable_out
+from specvlm.bench import QUEUED, card_id, card_name, save
+from specvlm.fusion import fuse_projections
+
+
+def replay_us(graph, samples: int, before=None) -> float:
+    """Median device µs per replay of `graph`, `QUEUED` replays in a row between two CUDA events;
+    `before()` queues its work ahead of each sample, outside the events."""
+    times = []
+    for _ in range(samples):
+        if before is not None:
+            before()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(QUEUED):
+            graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(1000 * start.elapsed_time(end) / QUEUED)
+    return statistics.median(times)
+
+
+def card_state() -> dict:
+    """The card's clocks, power and temperature now, as nvidia-smi reports them."""
+    fields = "clocks.sm,clocks.mem,power.draw,temperature.gpu"
+    text = subprocess.run(["nvidia-smi", f"--query-gpu={fields}", "--format=csv,noheader,nounits"],
+                          capture_output=True, text=True, check=True).stdout.splitlines()[0]
+    return dict(zip(("sm_mhz", "memory_mhz", "power_w", "temperature_c"), map(float, text.split(","))))
+
+
+def timed_load(work, load_ms: float):
+    """A function queuing `work()` as many times as takes about `load_ms` on the device."""
+    work()
+    torch.cuda.synchronize()
+    began = time.perf_counter()
+    work()
+    torch.cuda.synchronize()
+    times = max(1, round(load_ms / (1000 * (time.perf_counter() - began))))
+    return lambda: [work() for _ in range(times)]
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--shape", default="llava-ov-0.5b")
+    parser.add_argument("--slots", type=int, default=6168)
+    parser.add_argument("--draft-vocab", type=int, default=32768)
+    parser.add_argument("--samples", type=int, default=30)
+    parser.add_argument("--load-ms", type=float, default=20.0)
+    parser.add_argument("--filler-gb", type=float, default=40.0)
+    parser.add_argument("--out", default="graph_gaps_{card}.json")
+    args = parser.parse_args(argv)
+    if not torch.cuda.is_available():
+        parser.error("this script replays CUDA graphs: run it on a CUDA card.")
+    device = torch.device("cuda")
+    inductor_config.combo_kernels = True  # as the fast path compiles a draft's steps
+    model = costs.build_lm(args.shape, device, torch.bfloat16)
+    fuse_projections(costs._BareLM(model))
+    step = costs.fast_step("flash", None, args.draft_vocab)(model, args.slots, 1)
+    for _ in range(4):
+        step()
+    graph = step.engine.last_graph
+    torch.cuda.synchronize()
+
+    a = torch.randn(8192, 8192, device=device, dtype=torch.bfloat16)
+    source = torch.randn(2 ** 30, device=device, dtype=torch.bfloat16)  # 2 GiB
+    target = torch.empty_like(source)
+    matmuls = timed_load(lambda: a @ a, args.load_ms)
+    copies = timed_load(lambda: target.copy_(source), args.load_ms)
+    rows = []
+
+    def row(condition: str, before=None) -> None:
+        us = replay_us(graph, args.samples, before)
+        rows.append({"condition": condition, "replay_us": us, **card_state()})
+        print(f"{condition:<14} {us:8.1f} us per replay  {rows[-1]}", flush=True)
+
+    row("quiet")
+    row("after_matmuls", matmuls)
+    row("after_copies", copies)
+    filler = [torch.ones(2 ** 29, device=device, dtype=torch.bfloat16) for _ in range(int(args.filler_gb))]
+    row("with_memory")
+    del filler
+    torch.cuda.empty_cache()
+    row("quiet_again")
+    result = {"card": card_name(device), "card_id": card_id(device), "torch": torch.__version__,
+              "command": shlex.join(["python", *portable_out(sys.argv)]), "code": git_commit(),
+              "date": __import__("datetime").date.today().isoformat(), "shape": args.shape, "slots": args.slots,
+              "draft_vocab": args.draft_vocab, "queued": QUEUED, "samples": args.samples, "load_ms": args.load_ms,
+              "filler_gb": args.filler_gb,
+              "note": "one draft step's CUDA graph (profile.py's: random weights, fused, combo kernels, flash, cut "
+                      "output layer) replayed QUEUED times in a row between CUDA events, median us per replay",
+              "rows": rows}
+    save(result, args.out.format(card=costs.card_slug(card_name(device))))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
