@@ -8,7 +8,8 @@ section 28). The two processes differ in what else they hold and run: the bench 
 its caches and graphs, and runs the target's passes between the draft's. This script takes the
 profile's step (random weights at the 0.5B shape, projections fused, combo kernels, flash-decoding,
 the output layer cut to `--draft-vocab` rows, `--slots` cached tokens) and times its graph replayed
-`bench.QUEUED` times in a row, between CUDA events (device time only), median of `--samples`:
+`bench.QUEUED` times in a row, between CUDA events (device time only; and the host's time to launch
+them, "launch_host_us"), median of `--samples`:
 
 - "quiet": nothing else on the card;
 - "after_matmuls": each sample right after `--load-ms` of large bf16 matrix products queued before
@@ -17,6 +18,9 @@ the output layer cut to `--draft-vocab` rows, `--slots` cached tokens) and times
   as the target's decode passes);
 - "with_memory": with `--filler-gb` of other tensors allocated and written (a process holding a
   7B target and its caches);
+- "with_many_allocations": with `--pieces` tensors of 8 MiB allocated instead (a model's weights are
+  hundreds of separate tensors);
+- "with_other_graphs": with `--graphs` other CUDA graphs captured (of 100 small kernels each);
 - "quiet_again": nothing else again, after the rest, for drift.
 
 Each row records the card's SM clock, memory clock, power and temperature (nvidia-smi) read right
@@ -44,21 +48,24 @@ from specvlm.bench import QUEUED, card_id, card_name, save
 from specvlm.fusion import fuse_projections
 
 
-def replay_us(graph, samples: int, before=None) -> float:
-    """Median device µs per replay of `graph`, `QUEUED` replays in a row between two CUDA events;
-    `before()` queues its work ahead of each sample, outside the events."""
-    times = []
+def replay_us(graph, samples: int, before=None) -> tuple[float, float]:
+    """(device, host) median µs per replay of `graph`: `QUEUED` replays in a row between two CUDA
+    events, and the host's time to launch them; `before()` queues its work ahead of each sample,
+    outside the events."""
+    device, host = [], []
     for _ in range(samples):
         if before is not None:
             before()
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
+        began = time.perf_counter()
         for _ in range(QUEUED):
             graph.replay()
+        host.append(1e6 * (time.perf_counter() - began) / QUEUED)
         end.record()
         end.synchronize()
-        times.append(1000 * start.elapsed_time(end) / QUEUED)
-    return statistics.median(times)
+        device.append(1000 * start.elapsed_time(end) / QUEUED)
+    return statistics.median(device), statistics.median(host)
 
 
 def card_state() -> dict:
@@ -88,6 +95,8 @@ def main(argv=None) -> int:
     parser.add_argument("--samples", type=int, default=30)
     parser.add_argument("--load-ms", type=float, default=20.0)
     parser.add_argument("--filler-gb", type=float, default=40.0)
+    parser.add_argument("--pieces", type=int, default=2000, help="tensors of 8 MiB for 'with_many_allocations'")
+    parser.add_argument("--graphs", type=int, default=20, help="graphs of 100 kernels for 'with_other_graphs'")
     parser.add_argument("--out", default="graph_gaps_{card}.json")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
@@ -110,9 +119,9 @@ def main(argv=None) -> int:
     rows = []
 
     def row(condition: str, before=None) -> None:
-        us = replay_us(graph, args.samples, before)
-        rows.append({"condition": condition, "replay_us": us, **card_state()})
-        print(f"{condition:<14} {us:8.1f} us per replay  {rows[-1]}", flush=True)
+        us, host_us = replay_us(graph, args.samples, before)
+        rows.append({"condition": condition, "replay_us": us, "launch_host_us": host_us, **card_state()})
+        print(f"{condition:<22} {us:8.1f} us per replay, {host_us:6.1f} us to launch  {rows[-1]}", flush=True)
 
     row("quiet")
     row("after_matmuls", matmuls)
@@ -121,12 +130,23 @@ def main(argv=None) -> int:
     row("with_memory")
     del filler
     torch.cuda.empty_cache()
+    pieces = [torch.ones(2 ** 22, device=device, dtype=torch.bfloat16) for _ in range(args.pieces)]  # 8 MiB each
+    row("with_many_allocations")
+    del pieces
+    torch.cuda.empty_cache()
+    others = [torch.cuda.CUDAGraph() for _ in range(args.graphs)]
+    x = torch.ones(1024, device=device)
+    for other in others:
+        with torch.cuda.graph(other):
+            for _ in range(100):
+                x.mul_(1.0)
+    row("with_other_graphs")
     row("quiet_again")
     result = {"card": card_name(device), "card_id": card_id(device), "torch": torch.__version__,
               "command": shlex.join(["python", *portable_out(sys.argv)]), "code": git_commit(),
               "date": __import__("datetime").date.today().isoformat(), "shape": args.shape, "slots": args.slots,
               "draft_vocab": args.draft_vocab, "queued": QUEUED, "samples": args.samples, "load_ms": args.load_ms,
-              "filler_gb": args.filler_gb,
+              "filler_gb": args.filler_gb, "pieces": args.pieces, "graphs": args.graphs,
               "note": "one draft step's CUDA graph (profile.py's: random weights, fused, combo kernels, flash, cut "
                       "output layer) replayed QUEUED times in a row between CUDA events, median us per replay",
               "rows": rows}
