@@ -21,7 +21,8 @@ them, "launch_host_us"), median of `--samples`:
 - "with_many_allocations": with `--pieces` tensors of 8 MiB allocated instead (a model's weights are
   hundreds of separate tensors);
 - "with_other_graphs": with `--graphs` other CUDA graphs captured (of 100 small kernels each);
-- "quiet_again": nothing else again, after the rest, for drift.
+- "quiet_again": nothing else again, after the rest, for drift;
+- "after_profiler": after one replay under `torch.profiler`, as in a process that has profiled.
 
 Each row records the card's SM clock, memory clock, power and temperature (nvidia-smi) read right
 after it. Every replay writes the same cache slots with the same values, so the conditions change
@@ -142,6 +143,10 @@ def main(argv=None) -> int:
                 x.mul_(1.0)
     row("with_other_graphs")
     row("quiet_again")
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]):
+        graph.replay()
+        torch.cuda.synchronize()
+    row("after_profiler")
     result = {"card": card_name(device), "card_id": card_id(device), "torch": torch.__version__,
               "command": shlex.join(["python", *portable_out(sys.argv)]), "code": git_commit(),
               "date": __import__("datetime").date.today().isoformat(), "shape": args.shape, "slots": args.slots,
