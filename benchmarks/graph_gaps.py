@@ -11,7 +11,7 @@ the output layer cut to `--draft-vocab` rows, `--slots` cached tokens) and times
 `bench.QUEUED` times in a row, between CUDA events (device time only; and the host's time to launch
 them, "launch_host_us"), median of `--samples`:
 
-- "quiet": nothing else on the card;
+- "quiet": nothing else on the card (nor in the process: the step's model alone);
 - "after_matmuls": each sample right after `--load-ms` of large bf16 matrix products queued before
   it (compute-bound work, as the target's prefill);
 - "after_copies": each sample right after as long a copy of a large tensor (bandwidth-bound work,
@@ -19,7 +19,7 @@ them, "launch_host_us"), median of `--samples`:
 - "with_memory": with `--filler-gb` of other tensors allocated and written (a process holding a
   7B target and its caches);
 - "with_many_allocations": with `--pieces` tensors of 8 MiB allocated instead (a model's weights are
-  hundreds of separate tensors);
+  hundreds of separate tensors; the caching allocator serves two per 20 MiB segment);
 - "with_other_graphs": with `--graphs` other CUDA graphs captured (of 100 small kernels each);
 - "quiet_again": nothing else again, after the rest, for drift;
 - "after_profiler": after one replay under `torch.profiler`, as in a process that has profiled.
@@ -44,19 +44,24 @@ import torch
 from torch._inductor import config as inductor_config
 
 from specvlm import costs
-from specvlm.__main__ import git_commit, portable_out
-from specvlm.bench import QUEUED, card_id, card_name, save
+from specvlm.__main__ import git_commit, portable_out, positive_int, recorded_environment
+from specvlm.bench import QUEUED, card_id, card_name, median_ms, save
 from specvlm.fusion import fuse_projections
+
+
+BUSY_CYCLES = 1_000_000  # a sleeping kernel of about half a millisecond ahead of every sample
 
 
 def replay_us(graph, samples: int, before=None) -> tuple[float, float]:
     """(device, host) median µs per replay of `graph`: `QUEUED` replays in a row between two CUDA
-    events, and the host's time to launch them; `before()` queues its work ahead of each sample,
-    outside the events."""
+    events, and the host's time to launch them. `before()` queues its work ahead of each sample,
+    outside the events; then a sleeping kernel keeps the device busy while the host launches the
+    replays, so every condition times replays queued back to back."""
     device, host = [], []
     for _ in range(samples):
         if before is not None:
             before()
+        torch.cuda._sleep(BUSY_CYCLES)
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
         began = time.perf_counter()
@@ -69,12 +74,24 @@ def replay_us(graph, samples: int, before=None) -> tuple[float, float]:
     return statistics.median(device), statistics.median(host)
 
 
-def card_state() -> dict:
-    """The card's clocks, power and temperature now, as nvidia-smi reports them."""
-    fields = "clocks.sm,clocks.mem,power.draw,temperature.gpu"
-    text = subprocess.run(["nvidia-smi", f"--query-gpu={fields}", "--format=csv,noheader,nounits"],
-                          capture_output=True, text=True, check=True).stdout.splitlines()[0]
-    return dict(zip(("sm_mhz", "memory_mhz", "power_w", "temperature_c"), map(float, text.split(","))))
+def card_state(device: torch.device) -> dict:
+    """The card's clocks, power and temperature now, as nvidia-smi reports them (None where it
+    reports none, or cannot be run)."""
+    keys = ("sm_mhz", "memory_mhz", "power_w", "temperature_c")
+    try:
+        text = subprocess.run(["nvidia-smi", f"--id=GPU-{card_id(device)}",
+                               "--query-gpu=clocks.sm,clocks.mem,power.draw,temperature.gpu",
+                               "--format=csv,noheader,nounits"], capture_output=True, text=True, check=True).stdout
+    except (OSError, subprocess.CalledProcessError):
+        return dict.fromkeys(keys)
+
+    def number(field: str) -> float | None:
+        try:
+            return float(field)
+        except ValueError:
+            return None
+
+    return dict(zip(keys, map(number, text.splitlines()[0].split(","))))
 
 
 def timed_load(work, load_ms: float):
@@ -93,12 +110,12 @@ def main(argv=None) -> int:
     parser.add_argument("--shape", default="llava-ov-0.5b")
     parser.add_argument("--slots", type=int, default=6168)
     parser.add_argument("--draft-vocab", type=int, default=32768)
-    parser.add_argument("--samples", type=int, default=30)
+    parser.add_argument("--samples", type=positive_int, default=30)
     parser.add_argument("--load-ms", type=float, default=20.0)
-    parser.add_argument("--filler-gb", type=float, default=40.0)
+    parser.add_argument("--filler-gb", type=int, default=40, help="GiB of other tensors for 'with_memory'")
     parser.add_argument("--pieces", type=int, default=2000, help="tensors of 8 MiB for 'with_many_allocations'")
     parser.add_argument("--graphs", type=int, default=20, help="graphs of 100 kernels for 'with_other_graphs'")
-    parser.add_argument("--out", default="graph_gaps_{card}.json")
+    parser.add_argument("--out", default="figures/graph_gaps_{card}.json")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         parser.error("this script replays CUDA graphs: run it on a CUDA card.")
@@ -110,24 +127,38 @@ def main(argv=None) -> int:
     for _ in range(4):
         step()
     graph = step.engine.last_graph
+    if graph is None:
+        parser.error("the step was not captured as a CUDA graph by hand: leave SPECVLM_CUDA_GRAPHS unset or 'manual'.")
     torch.cuda.synchronize()
+    result = {"card": card_name(device), "card_id": card_id(device), "torch": torch.__version__,
+              "command": recorded_environment() + shlex.join(["python", *portable_out(sys.argv)]),
+              "code": git_commit(), "date": __import__("datetime").date.today().isoformat(), "shape": args.shape,
+              "slots": args.slots, "draft_vocab": args.draft_vocab, "queued": QUEUED, "samples": args.samples,
+              "load_ms": args.load_ms, "filler_gb": args.filler_gb, "pieces": args.pieces, "graphs": args.graphs,
+              "note": "one draft step's CUDA graph (profile.py's: random weights, fused, combo kernels, flash, cut "
+                      "output layer) replayed QUEUED times in a row between CUDA events, behind a sleeping kernel, "
+                      "median us per replay; bench_median_ms: the same replays timed as bench.host_side times them",
+              "rows": []}
+    out = args.out.format(card=costs.card_slug(card_name(device)))
 
+    def row(condition: str, before=None) -> None:
+        us, host_us = replay_us(graph, args.samples, before)
+        result["rows"].append({"condition": condition, "replay_us": us, "launch_host_us": host_us, **card_state(device)})
+        save(result, out)  # after every row: a later condition that fails keeps the earlier ones
+        print(f"{condition:<22} {us:8.1f} us per replay, {host_us:6.1f} us to launch  {result['rows'][-1]}", flush=True)
+
+    row("quiet")
+    result["bench_median_ms"] = median_ms(device, graph.replay, lambda: None, args.samples, queued=QUEUED)
     a = torch.randn(8192, 8192, device=device, dtype=torch.bfloat16)
     source = torch.randn(2 ** 30, device=device, dtype=torch.bfloat16)  # 2 GiB
     target = torch.empty_like(source)
     matmuls = timed_load(lambda: a @ a, args.load_ms)
     copies = timed_load(lambda: target.copy_(source), args.load_ms)
-    rows = []
-
-    def row(condition: str, before=None) -> None:
-        us, host_us = replay_us(graph, args.samples, before)
-        rows.append({"condition": condition, "replay_us": us, "launch_host_us": host_us, **card_state()})
-        print(f"{condition:<22} {us:8.1f} us per replay, {host_us:6.1f} us to launch  {rows[-1]}", flush=True)
-
-    row("quiet")
     row("after_matmuls", matmuls)
     row("after_copies", copies)
-    filler = [torch.ones(2 ** 29, device=device, dtype=torch.bfloat16) for _ in range(int(args.filler_gb))]
+    del a, source, target, matmuls, copies
+    torch.cuda.empty_cache()
+    filler = [torch.ones(2 ** 29, device=device, dtype=torch.bfloat16) for _ in range(args.filler_gb)]
     row("with_memory")
     del filler
     torch.cuda.empty_cache()
@@ -142,20 +173,13 @@ def main(argv=None) -> int:
             for _ in range(100):
                 x.mul_(1.0)
     row("with_other_graphs")
+    del others, x
+    torch.cuda.empty_cache()
     row("quiet_again")
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]):
         graph.replay()
         torch.cuda.synchronize()
     row("after_profiler")
-    result = {"card": card_name(device), "card_id": card_id(device), "torch": torch.__version__,
-              "command": shlex.join(["python", *portable_out(sys.argv)]), "code": git_commit(),
-              "date": __import__("datetime").date.today().isoformat(), "shape": args.shape, "slots": args.slots,
-              "draft_vocab": args.draft_vocab, "queued": QUEUED, "samples": args.samples, "load_ms": args.load_ms,
-              "filler_gb": args.filler_gb, "pieces": args.pieces, "graphs": args.graphs,
-              "note": "one draft step's CUDA graph (profile.py's: random weights, fused, combo kernels, flash, cut "
-                      "output layer) replayed QUEUED times in a row between CUDA events, median us per replay",
-              "rows": rows}
-    save(result, args.out.format(card=costs.card_slug(card_name(device))))
     return 0
 
 

@@ -229,7 +229,8 @@ def pass_kernels(device: torch.device, call, reset, repeats: int, wall_ms: float
     per call; `wall_ms`: the pass's queued time from `median_ms`, taken as its wall time (profiling
     slows the host, so the profiled calls are not timed). On a CPU, the operators' own CPU time.
     "host": `host_side`, the host's time queuing the same calls, taken first, before this process
-    runs the profiler here (`replay`: as `host_side` takes it). "graph_kernels_visible" (`profile.graph_kernels_visible`; None unless
+    runs the profiler here (`replay`: as `host_side` takes it).
+    "graph_kernels_visible" (`profile.graph_kernels_visible`; None unless
     `graphs`): whether the profiler saw the kernels of a pass replayed from a CUDA graph, at least
     one per layer of a model of `layers` layers."""
     from .profile import graph_kernels_visible, kernel_breakdown, kernel_records  # profile.py imports this module
@@ -266,10 +267,11 @@ def host_side(device: torch.device, call, reset, repeats: int, top: int = 12, re
     time per call, from a third set of samples under `cProfile` (its overhead inflates them, not
     their order), each {"function", "own_us_per_step", "calls_per_step"}. `replay`: where the pass
     replays a CUDA graph (`fast.StaticLM.last_graph`), that graph's `replay`: "replay_us_per_step"
-    times it alone, `QUEUED` replays in a row and then waited for, with no host work between them,
-    so it is the device's time for the pass, the gaps inside the graph included (None without
-    `replay`). Where it is about the queued time, the device sets the pace; where it is well
-    below, the host's work between the passes does. The collector and the profiler are back as
+    times it alone, `QUEUED` replays in a row and then waited for, with no host work between them
+    (None without `replay`). Timed on the host's clock as the queued samples are, it is about the
+    device's time for the pass, the gaps inside the graph included, plus the same first launch and
+    final wait as theirs. Where it is about the queued time, the device sets the pace; where it is
+    well below, the host's work between the passes does. The collector and the profiler are back as
     they were, and `reset()` has run last, even where a call raises."""
     import cProfile
     import gc

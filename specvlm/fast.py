@@ -390,8 +390,10 @@ class StaticLM:
     @property
     def last_graph(self) -> torch.cuda.CUDAGraph | None:
         """The CUDA graph the last `step` replayed (None before any step, and where steps are not
-        captured by hand). Replaying it again repeats that step on the same inputs: the same cache
-        slots get the same values (`CapturedGraph`'s invariant)."""
+        captured by hand). Replaying it again repeats that step on the inputs still in its buffers:
+        it writes the same cache slots, with the same values while nothing else (a `move`, another
+        step) has changed what the step reads, and it overwrites the output buffer that all of the
+        model's graphs share (`CapturedGraph`)."""
         return getattr(self._last_step, "graph", None)
 
     def move(self, source: list[int], dest: list[int]) -> None:

@@ -68,17 +68,18 @@ def available(device: torch.device, dtype: torch.dtype) -> bool:
     return device.type == "cpu" and INTERPRETED and dtype == torch.float32
 
 
-def refusal(devices, dtype: torch.dtype, what: str = "") -> str | None:
-    """Why attention "flash" cannot run for `what` (e.g. "the draft"; "" for the flags of a command) whose
-    layers lie on `devices` in `dtype` (`available`'s rule), or None where it can: the one message the
-    command line and the fast path give."""
-    devices = sorted({torch.device(device) for device in devices}, key=str)
-    if all(available(device, dtype) for device in devices):
+def refusal(devices, dtype: torch.dtype, what: str = "this run") -> str | None:
+    """Why attention "flash" cannot run for `what` (e.g. "the draft") whose layers lie on `devices`
+    in `dtype` (`available`'s rule), or None where it can: the one message the command line and the
+    fast path give. It names only the devices where the kernel cannot run."""
+    if triton is None:
+        return "'flash' needs Triton, which is not installed; use 'flex' or 'grouped'"
+    failing = sorted({str(torch.device(device)) for device in devices if not available(device, dtype)})
+    if not failing:
         return None
-    missing = "" if triton is not None else " (Triton, which it needs, is not installed)"
     return (f"'flash' runs a Triton kernel in half precision on a CUDA card of compute capability 8.0 or newer (on a "
-            f"CPU only in float32, in Triton's interpreter: TRITON_INTERPRET=1){missing}, not {what + ' ' if what else ''}"
-            f"on {', '.join(map(str, devices))} in {str(dtype).removeprefix('torch.')}; use 'flex' or 'grouped'")
+            f"CPU only in float32, in Triton's interpreter: TRITON_INTERPRET=1 set before importing specvlm), and "
+            f"{what} is {str(dtype).removeprefix('torch.')} on {', '.join(failing)}; use 'flex' or 'grouped'")
 
 
 def split_size(capacity: int, kv_heads: int, block: int = BLOCK_N, programs: int = TARGET_PROGRAMS) -> int:

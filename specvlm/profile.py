@@ -52,7 +52,7 @@ import transformers
 from torch.autograd import DeviceType
 
 from . import costs, fast
-from .bench import QUEUED, card_id, card_name, host_side, save  # QUEUED: steps per queued sample, as bench times them
+from .bench import QUEUED, card_id, card_name, host_side, last_replay, save  # QUEUED: steps per queued sample, as bench times them
 from .cost_model import load
 from .models import resolved_dtype
 from .fusion import fuse_projections
@@ -173,8 +173,8 @@ def _profiled(make_step, device: torch.device, repeats: int, warmup: int) -> tup
     setup_s = time.perf_counter() - began
     wall_us = 1000 * costs.time_ms(step, device, repeats, warmup=1)
     engine = getattr(step, "engine", None)  # a fast-path step's: its CUDA graph, timed alone too
-    graph = None if engine is None else engine.last_graph
-    host = host_side(device, step, lambda: None, repeats, replay=None if graph is None else graph.replay)
+    replay = None if engine is None else last_replay(step, lambda: None, engine)
+    host = host_side(device, step, lambda: None, repeats, replay=replay)
     queued_us = host["queued_us_per_step"]
     activities = [torch.profiler.ProfilerActivity.CPU]
     if device.type == "cuda":

@@ -593,6 +593,7 @@ def test_step_kernels_profile_each_queued_pass_of_a_fast_row_only(embedded):
         assert kernels["graph_kernels_visible"] is None  # no CUDA graphs on a CPU
         host = kernels["host"]
         assert 0 < host["host_us_per_step"] <= host["queued_us_per_step"]  # queued, then waited for
+        assert host["replay_us_per_step"] is None  # no CUDA graph to replay alone on a CPU
         assert 0 < host["host_us_per_step_without_gc"] <= host["queued_us_per_step_without_gc"]
         own = [entry["own_us_per_step"] for entry in host["top"]]
         assert len(own) == 12 and own == sorted(own, reverse=True)  # the costliest functions, costliest first

@@ -124,9 +124,9 @@ def test_flash_is_refused_before_building_where_it_cannot_run(capsys, nothing_lo
 
     monkeypatch.setattr(flash_decode, "available", lambda device, dtype: False)
     refused(capsys, profile.main, ["--shapes", "tiny", "--attention", "flash"],
-            r"argument --attention: 'flash' runs a Triton kernel .* not on cpu in float32; use 'flex' or 'grouped'")
+            r"argument --attention: 'flash' runs a Triton kernel .* this run is float32 on cpu; use 'flex' or 'grouped'")
     refused(capsys, main, ["costs", "--shapes", "tiny", "--paths", "sdpa", "fast-flash", "--dtype", "bfloat16"],
-            r"argument --paths: fast-flash: .* not on cpu in bfloat16")
+            r"argument --paths: fast-flash: .* this run is bfloat16 on cpu")
     monkeypatch.setattr(flash_decode, "available", lambda device, dtype: True)
     with pytest.raises(Loaded):
         profile.main(["--shapes", "tiny", "--attention", "flash"])

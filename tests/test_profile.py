@@ -221,3 +221,13 @@ def test_a_fast_step_replays_its_graph_alone_for_the_host_timing():
 
     *_, host = profile._profiled(make_step, torch.device("cpu"), repeats=3, warmup=1)
     assert len(replays) == (STEP_WARMUP + 3) * QUEUED and host["replay_us_per_step"] > 0
+
+
+def test_a_fast_step_carries_the_engine_whose_graph_it_replays():
+    from specvlm import fast
+
+    model = costs.build_lm("tiny", torch.device("cpu"), torch.float32)
+    step = costs.fast_step("sdpa", False)(model, 8, 1)
+    step()
+    assert isinstance(step.engine, fast.StaticLM) and step.engine.cache.capacity >= 8
+    assert step.engine.last_graph is None  # nothing captured on a CPU

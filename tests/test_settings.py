@@ -100,9 +100,9 @@ def test_settings_that_need_a_card_are_checked_against_where_each_model_runs(emb
     cpu = fast.placement(embedded.draft)
     monkeypatch.setenv("SPECVLM_FAST_ATTENTION", "sdpa/flash")
     fast.check_settings(target=cpu)  # the target's attention is sdpa
-    with pytest.raises(ValueError, match="not the draft on cpu in float32"):
+    with pytest.raises(ValueError, match="the draft is float32 on cpu"):
         fast.check_settings(target=cpu, draft=cpu)
-    with pytest.raises(ValueError, match="not the draft on cpu in float32"):
+    with pytest.raises(ValueError, match="the draft is float32 on cpu"):
         fast.generate_fast(embedded, prompt, method="sd", k=2, compile=False)
     monkeypatch.setenv("SPECVLM_FAST_ATTENTION", "sdpa")
     monkeypatch.setenv("SPECVLM_FEW_ROWS", "1")
@@ -147,7 +147,9 @@ def test_flash_is_refused_with_one_message_by_the_command_line_and_the_fast_path
     with pytest.raises(ValueError) as refused:
         fast.check_flash({torch.device("cpu")}, torch.float32, "draft")
     assert str(refused.value) == "attention " + flash_decode.refusal(["cpu"], torch.float32, "the draft") + "."
-    assert "not the draft on cpu in float32; use 'flex' or 'grouped'" in str(refused.value)
+    assert "the draft is float32 on cpu; use 'flex' or 'grouped'" in str(refused.value)
     monkeypatch.setattr(flash_decode, "INTERPRETED", True)
     assert flash_decode.refusal(["cpu"], torch.float32) is None and flash_refusal("cpu", "float32") is None
-    assert "not on cpu in bfloat16" in flash_decode.refusal(["cpu"], torch.bfloat16)
+    assert "this run is bfloat16 on cpu;" in flash_decode.refusal(["cpu"], torch.bfloat16)
+    monkeypatch.setattr(flash_decode, "triton", None)
+    assert flash_decode.refusal(["cpu"], torch.float32) == "'flash' needs Triton, which is not installed; use 'flex' or 'grouped'"
