@@ -52,7 +52,8 @@ import transformers
 from torch.autograd import DeviceType
 
 from . import costs, fast
-from .bench import QUEUED, card_id, card_name, host_side, last_replay, save  # QUEUED: steps per queued sample, as bench times them
+# QUEUED: steps per queued sample, as bench times them
+from .bench import QUEUED, card_id, card_name, host_side, last_replay, save
 from .cost_model import load
 from .models import resolved_dtype
 from .fusion import fuse_projections
