@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import shlex
 import sys
-import statistics
 
 import torch
 
@@ -34,6 +33,9 @@ from specvlm.bench import card_name, save
 from specvlm.costs import lm_config
 from specvlm.fast import DraftLevels, round_up
 from specvlm.trees import MC_SIM_7B_63
+
+sys.path.insert(0, __import__("os").path.dirname(__file__))
+from few_rows import replay_us  # noqa: E402
 
 def kernels(pattern: torch.Tensor, launches=()) -> dict:
     """name -> fn(query, key, value, bias, block_mask, start, span, scale) for a step of pattern's rows;
@@ -119,14 +121,7 @@ def measure(shape: str, context: int, pattern: torch.Tensor, repeats: int, only=
             rows.append({"shape": shape, "context": context, "query_len": q, "kernel": name, "error": reason(error)})
             print(rows[-1], flush=True)
             continue
-        times = []
-        for _ in range(repeats):
-            begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            begin.record()
-            graph.replay()
-            end.record()
-            end.synchronize()
-            times.append(begin.elapsed_time(end) * 1000)
+        us = replay_us(graph, repeats)
         kv_bytes = 2 * layers * kv_heads * (context + span) * dim * 2
         launch = fd.default_launch(heads // kv_heads * q, dim).name if name == "flash" else \
             name.removeprefix("flash-") if name.startswith("flash-") else None
@@ -135,7 +130,7 @@ def measure(shape: str, context: int, pattern: torch.Tensor, repeats: int, only=
             sa.merge_kernel(query.device, query.dtype, dim, capacity, int(name.split("-")[1]))
         rows.append({"shape": shape, "context": context, "query_len": q, "kernel": name, "layers": layers,
                      **({"launch": launch} if launch else {}), **({"merge": merge} if merge else {}),
-                     "us": statistics.median(times), "us_per_layer": statistics.median(times) / layers,
+                     "us": us, "us_per_layer": us / layers,
                      "kv_floor_us": kv_bytes / 3.0e12 * 1e6,
                      "max_abs_diff_vs_exact": (outs[0].float() - exact).abs().max().item()})
         print(rows[-1], flush=True)

@@ -1,5 +1,5 @@
 """The GPU benchmark scripts' host-side helpers (the scripts themselves need a GPU): how a
-failed launch is recorded, and how --flash-launches reads its values."""
+failed launch is recorded, how --flash-launches reads its values, and graph_gaps' refusals."""
 
 import argparse
 import importlib.util
@@ -49,3 +49,15 @@ def test_flash_launches_flag_keeps_the_reason_of_a_refusal(attention_kernels):
     for text, message in (("64-32", "rows-programs-tile-warps"), ("48-32-128-8", "rows a power of two")):
         with pytest.raises(argparse.ArgumentTypeError, match=message):
             attention_kernels.launch_flag(text)
+
+
+def test_graph_gaps_refuses_to_run_without_a_card(monkeypatch, capsys):
+    spec = importlib.util.spec_from_file_location("graph_gaps", SCRIPT.parent / "graph_gaps.py")
+    graph_gaps = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(graph_gaps)  # every name it imports exists
+    monkeypatch.setattr(graph_gaps.torch.cuda, "is_available", lambda: False)
+    with pytest.raises(SystemExit) as stop:
+        graph_gaps.main(["--samples", "3"])
+    assert stop.value.code == 2 and "run it on a CUDA card" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        graph_gaps.main(["--samples", "0"])  # refused by argparse, before any model is built
