@@ -385,8 +385,9 @@ def main(argv=None) -> int:
     b.add_argument("--step-kernels", action="store_true",
                    help="profile each fast-path row's queued passes (the draft's step, feed and level, the "
                         "verification, AR's step) in this process, on the row's own weights and caches: kernels per "
-                        "pass by category and the costliest by name, and the host's share, under the row's 'step_kernels' (rows timed "
-                        "after a profiled row run in a process that has run the profiler: compare settings without it)")
+                        "pass by category and the costliest by name, the host's share and the pass's graph replayed "
+                        "alone, under the row's 'step_kernels' (rows timed after a profiled row run in a process "
+                        "that has run the profiler: compare settings without it)")
     b.add_argument("--combo-kernels", action="store_true",
                    help="compile with inductor's combo kernels, which launch data-independent kernels as one "
                         "(torch._inductor.config.combo_kernels, set for the whole process: the fast path's AR, draft "

@@ -152,4 +152,5 @@ def test_flash_is_refused_with_one_message_by_the_command_line_and_the_fast_path
     assert flash_decode.refusal(["cpu"], torch.float32) is None and flash_refusal("cpu", "float32") is None
     assert "this run is bfloat16 on cpu;" in flash_decode.refusal(["cpu"], torch.bfloat16)
     monkeypatch.setattr(flash_decode, "triton", None)
-    assert flash_decode.refusal(["cpu"], torch.float32) == "'flash' needs Triton, which is not installed; use 'flex' or 'grouped'"
+    missing = "'flash' needs Triton, which is not installed; use 'flex' or 'grouped'"
+    assert flash_decode.refusal(["cpu"], torch.float32) == missing
