@@ -22,6 +22,10 @@ them, "launch_host_us"), median of `--samples`:
   hundreds of separate tensors; the caching allocator serves two per 20 MiB segment);
 - "with_other_graphs": with `--graphs` other CUDA graphs captured (of 100 small kernels each);
 - "quiet_again": nothing else again, after the rest, for drift;
+- "with_target": beside a `--target-shape` model with its own fast step captured at `--target-slots`
+  cached tokens (as the bench's process holds its 7B target: weights, cache, graphs);
+- "after_target_step": each sample right after one replay of that target step's graph, as a round's
+  draft steps follow the target's verification;
 - "after_profiler": after one replay under `torch.profiler`, as in a process that has profiled.
 
 Each row records the card's SM clock, memory clock, power and temperature (nvidia-smi) read right
@@ -115,6 +119,8 @@ def main(argv=None) -> int:
     parser.add_argument("--filler-gb", type=int, default=40, help="GiB of other tensors for 'with_memory'")
     parser.add_argument("--pieces", type=int, default=2000, help="tensors of 8 MiB for 'with_many_allocations'")
     parser.add_argument("--graphs", type=int, default=20, help="graphs of 100 kernels for 'with_other_graphs'")
+    parser.add_argument("--target-shape", default="llava-ov-7b", help="'' to leave out the target's conditions")
+    parser.add_argument("--target-slots", type=int, default=37800)
     parser.add_argument("--out", default="figures/graph_gaps_{card}.json")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
@@ -134,7 +140,8 @@ def main(argv=None) -> int:
               "command": recorded_environment() + shlex.join(["python", *portable_out(sys.argv)]),
               "code": git_commit(), "date": __import__("datetime").date.today().isoformat(), "shape": args.shape,
               "slots": args.slots, "draft_vocab": args.draft_vocab, "queued": QUEUED, "samples": args.samples,
-              "load_ms": args.load_ms, "filler_gb": args.filler_gb, "pieces": args.pieces, "graphs": args.graphs,
+              "load_ms": args.load_ms, "target_shape": args.target_shape, "target_slots": args.target_slots,
+              "filler_gb": args.filler_gb, "pieces": args.pieces, "graphs": args.graphs,
               "note": "one draft step's CUDA graph (profile.py's: random weights, fused, combo kernels, flash, cut "
                       "output layer) replayed QUEUED times in a row between CUDA events, behind a sleeping kernel, "
                       "median us per replay; bench_median_ms: the same replays timed as bench.host_side times them",
@@ -176,6 +183,18 @@ def main(argv=None) -> int:
     del others, x
     torch.cuda.empty_cache()
     row("quiet_again")
+    if args.target_shape:
+        target = costs.build_lm(args.target_shape, device, torch.bfloat16, seed=1)
+        fuse_projections(costs._BareLM(target))
+        target_step = costs.fast_step("flash", None, None)(target, args.target_slots, 1)
+        for _ in range(4):
+            target_step()
+        target_graph = target_step.engine.last_graph
+        torch.cuda.synchronize()
+        row("with_target")
+        row("after_target_step", target_graph.replay)
+        del target, target_step, target_graph
+        torch.cuda.empty_cache()
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]):
         graph.replay()
         torch.cuda.synchronize()
