@@ -22,6 +22,10 @@ them, "launch_host_us"), median of `--samples`:
   hundreds of separate tensors; the caching allocator serves two per 20 MiB segment);
 - "with_other_graphs": with `--graphs` other CUDA graphs captured (of 100 small kernels each);
 - "quiet_again": nothing else again, after the rest, for drift;
+- "widened_draft": a second graph, the embedded draft (`--draft`) widened to `--shape` as the bench
+  widens it (`widen.widen_model`), at the same slots, vocabulary and settings, replayed quiet: the
+  bench's draft weights instead of random ones, in this process ("quiet_beside_widened": the first
+  graph again, after it);
 - "with_target": beside a `--target-shape` model with its own fast step captured at `--target-slots`
   cached tokens (as the bench's process holds its 7B target: weights, cache, graphs);
 - "after_target_step": each sample right after one replay of that target step's graph, as a round's
@@ -43,16 +47,19 @@ import statistics
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import torch
 from torch._inductor import config as inductor_config
 
+import specvlm
 from specvlm import costs
 from specvlm.__main__ import git_commit, portable_out, positive_int, recorded_environment
 from specvlm.bench import QUEUED, card_id, card_name, median_ms, save
 from specvlm.fusion import fuse_projections
 
 
+DRAFT = Path(specvlm.__file__).parent / "tiny" / "draft_cut"
 BUSY_CYCLES = 1_000_000  # a sleeping kernel of about half a millisecond ahead of every sample
 
 
@@ -76,6 +83,33 @@ def replay_us(graph, samples: int, before=None) -> tuple[float, float]:
         end.synchronize()
         device.append(1000 * start.elapsed_time(end) / QUEUED)
     return statistics.median(device), statistics.median(host)
+
+
+def widened_lm(folder: str, shape, device: torch.device, dtype: torch.dtype = torch.bfloat16):
+    """The causal LM inside the checkpoint at `folder` widened to `shape` (`widen.widen_model`, in
+    `dtype` on `device`), as the bare Qwen2ForCausalLM that `costs.fast_step` takes: the widened
+    decoder and output layer, shared."""
+    from transformers import Qwen2ForCausalLM
+
+    from specvlm.models import load_lm
+    from specvlm.widen import widen_model
+
+    wide = widen_model(load_lm(folder, device="cpu", dtype=torch.float32).model, shape, device, dtype)
+    with torch.device("meta"):
+        bare = Qwen2ForCausalLM(wide.config.text_config)
+    bare.model, bare.lm_head = wide.model.language_model, wide.lm_head
+    return bare.eval()
+
+
+def captured_step(model, slots: int, vocabulary: int | None):
+    """`model`'s one-token fast step (projections fused, flash-decoding) at `slots` cached tokens,
+    warmed up, and the CUDA graph it replays."""
+    fuse_projections(costs._BareLM(model))
+    step = costs.fast_step("flash", None, vocabulary)(model, slots, 1)
+    for _ in range(4):
+        step()
+    torch.cuda.synchronize()
+    return step, step.engine.last_graph
 
 
 def card_state(device: torch.device) -> dict:
@@ -119,6 +153,7 @@ def main(argv=None) -> int:
     parser.add_argument("--filler-gb", type=int, default=40, help="GiB of other tensors for 'with_memory'")
     parser.add_argument("--pieces", type=int, default=2000, help="tensors of 8 MiB for 'with_many_allocations'")
     parser.add_argument("--graphs", type=int, default=20, help="graphs of 100 kernels for 'with_other_graphs'")
+    parser.add_argument("--draft", default=str(DRAFT), help="'' to leave out 'widened_draft'")
     parser.add_argument("--target-shape", default="llava-ov-7b", help="'' to leave out the target's conditions")
     parser.add_argument("--target-slots", type=int, default=37800)
     parser.add_argument("--out", default="figures/graph_gaps_{card}.json")
@@ -128,19 +163,14 @@ def main(argv=None) -> int:
     device = torch.device("cuda")
     inductor_config.combo_kernels = True  # as the fast path compiles a draft's steps
     model = costs.build_lm(args.shape, device, torch.bfloat16)
-    fuse_projections(costs._BareLM(model))
-    step = costs.fast_step("flash", None, args.draft_vocab)(model, args.slots, 1)
-    for _ in range(4):
-        step()
-    graph = step.engine.last_graph
+    step, graph = captured_step(model, args.slots, args.draft_vocab)
     if graph is None:
         parser.error("the step was not captured as a CUDA graph by hand: leave SPECVLM_CUDA_GRAPHS unset or 'manual'.")
-    torch.cuda.synchronize()
     result = {"card": card_name(device), "card_id": card_id(device), "torch": torch.__version__,
               "command": recorded_environment() + shlex.join(["python", *portable_out(sys.argv)]),
               "code": git_commit(), "date": __import__("datetime").date.today().isoformat(), "shape": args.shape,
               "slots": args.slots, "draft_vocab": args.draft_vocab, "queued": QUEUED, "samples": args.samples,
-              "load_ms": args.load_ms, "target_shape": args.target_shape, "target_slots": args.target_slots,
+              "load_ms": args.load_ms, "draft": args.draft and Path(args.draft).name, "target_shape": args.target_shape, "target_slots": args.target_slots,
               "filler_gb": args.filler_gb, "pieces": args.pieces, "graphs": args.graphs,
               "note": "one draft step's CUDA graph (profile.py's: random weights, fused, combo kernels, flash, cut "
                       "output layer) replayed QUEUED times in a row between CUDA events, behind a sleeping kernel, "
@@ -148,7 +178,7 @@ def main(argv=None) -> int:
               "rows": []}
     out = args.out.format(card=costs.card_slug(card_name(device)))
 
-    def row(condition: str, before=None) -> None:
+    def row(condition: str, before=None, graph=graph) -> None:
         us, host_us = replay_us(graph, args.samples, before)
         result["rows"].append({"condition": condition, "replay_us": us, "launch_host_us": host_us, **card_state(device)})
         save(result, out)  # after every row: a later condition that fails keeps the earlier ones
@@ -183,14 +213,15 @@ def main(argv=None) -> int:
     del others, x
     torch.cuda.empty_cache()
     row("quiet_again")
+    if args.draft:
+        widened, widened_graph = captured_step(widened_lm(args.draft, args.shape, device), args.slots, args.draft_vocab)
+        row("widened_draft", graph=widened_graph)
+        row("quiet_beside_widened")
+        del widened, widened_graph
+        torch.cuda.empty_cache()
     if args.target_shape:
         target = costs.build_lm(args.target_shape, device, torch.bfloat16, seed=1)
-        fuse_projections(costs._BareLM(target))
-        target_step = costs.fast_step("flash", None, None)(target, args.target_slots, 1)
-        for _ in range(4):
-            target_step()
-        target_graph = target_step.engine.last_graph
-        torch.cuda.synchronize()
+        target_step, target_graph = captured_step(target, args.target_slots, None)
         row("with_target")
         row("after_target_step", target_graph.replay)
         del target, target_step, target_graph

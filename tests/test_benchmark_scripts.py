@@ -61,3 +61,31 @@ def test_graph_gaps_refuses_to_run_without_a_card(monkeypatch, capsys):
     assert stop.value.code == 2 and "run it on a CUDA card" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         graph_gaps.main(["--samples", "0"])  # refused by argparse, before any model is built
+
+
+def test_graph_gaps_widened_draft_computes_the_tiny_drafts_logits():
+    """The bare causal LM graph_gaps times for 'widened_draft' is the widened draft's: on token ids,
+    in float32, its logits over the tiny vocabulary are the tiny draft's."""
+    import torch
+    from transformers import Qwen2Config
+
+    from specvlm.models import head_dim, load_lm
+
+    spec = importlib.util.spec_from_file_location("graph_gaps", SCRIPT.parent / "graph_gaps.py")
+    graph_gaps = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(graph_gaps)
+    tiny = load_lm(graph_gaps.DRAFT, device="cpu", dtype=torch.float32).model
+    text = tiny.config.text_config
+    group = text.num_attention_heads // text.num_key_value_heads  # one more kv head, with its q heads
+    shape = Qwen2Config(hidden_size=text.hidden_size + 32, num_hidden_layers=text.num_hidden_layers + 1,
+                        num_attention_heads=text.num_attention_heads + group,
+                        num_key_value_heads=text.num_key_value_heads + 1, head_dim=head_dim(text),
+                        intermediate_size=text.intermediate_size + 64, vocab_size=text.vocab_size + 24)
+    bare = graph_gaps.widened_lm(graph_gaps.DRAFT, shape, torch.device("cpu"), torch.float32)
+    assert type(bare).__name__ == "Qwen2ForCausalLM" and bare.config.hidden_size == shape.hidden_size
+    ids = torch.randint(text.vocab_size, (1, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        small = tiny.lm_head(tiny.model.language_model(input_ids=ids).last_hidden_state)
+        big = bare(input_ids=ids).logits[..., : text.vocab_size]
+    assert (big - small).abs().max() / small.abs().max() < 1e-4
+    assert torch.equal(big.argmax(-1), small.argmax(-1))
