@@ -12,6 +12,14 @@ the output layer cut to `--draft-vocab` rows, `--slots` cached tokens) and times
 them, "launch_host_us"), median of `--samples`:
 
 - "quiet": nothing else on the card (nor in the process: the step's model alone);
+- "widened_draft": a second graph, the embedded draft (`--draft`) widened to `--shape` as the bench
+  widens it (`widen.widen_model`), at the same slots, vocabulary and settings, replayed quiet: the
+  bench's draft weights instead of random ones, in this process ("quiet_beside_widened": the first
+  graph again, after it);
+- "with_target": beside a `--target-shape` model with its own fast step captured at `--target-slots`
+  cached tokens (as the bench's process holds its 7B target: weights, cache, graphs);
+- "after_target_step": each sample right after one replay of that target step's graph, as a round's
+  draft steps follow the target's verification;
 - "after_matmuls": each sample right after `--load-ms` of large bf16 matrix products queued before
   it (compute-bound work, as the target's prefill);
 - "after_copies": each sample right after as long a copy of a large tensor (bandwidth-bound work,
@@ -22,14 +30,6 @@ them, "launch_host_us"), median of `--samples`:
   hundreds of separate tensors; the caching allocator serves two per 20 MiB segment);
 - "with_other_graphs": with `--graphs` other CUDA graphs captured (of 100 small kernels each);
 - "quiet_again": nothing else again, after the rest, for drift;
-- "widened_draft": a second graph, the embedded draft (`--draft`) widened to `--shape` as the bench
-  widens it (`widen.widen_model`), at the same slots, vocabulary and settings, replayed quiet: the
-  bench's draft weights instead of random ones, in this process ("quiet_beside_widened": the first
-  graph again, after it);
-- "with_target": beside a `--target-shape` model with its own fast step captured at `--target-slots`
-  cached tokens (as the bench's process holds its 7B target: weights, cache, graphs);
-- "after_target_step": each sample right after one replay of that target step's graph, as a round's
-  draft steps follow the target's verification;
 - "after_profiler": after one replay under `torch.profiler`, as in a process that has profiled.
 
 Each row records the card's SM clock, memory clock, power and temperature (nvidia-smi) read right
@@ -186,6 +186,19 @@ def main(argv=None) -> int:
 
     row("quiet")
     result["bench_median_ms"] = median_ms(device, graph.replay, lambda: None, args.samples, queued=QUEUED)
+    if args.draft:
+        widened, widened_graph = captured_step(widened_lm(args.draft, args.shape, device), args.slots, args.draft_vocab)
+        row("widened_draft", graph=widened_graph)
+        row("quiet_beside_widened")
+        del widened, widened_graph
+        torch.cuda.empty_cache()
+    if args.target_shape:
+        target = costs.build_lm(args.target_shape, device, torch.bfloat16, seed=1)
+        target_step, target_graph = captured_step(target, args.target_slots, None)
+        row("with_target")
+        row("after_target_step", target_graph.replay)
+        del target, target_step, target_graph
+        torch.cuda.empty_cache()
     a = torch.randn(8192, 8192, device=device, dtype=torch.bfloat16)
     source = torch.randn(2 ** 30, device=device, dtype=torch.bfloat16)  # 2 GiB
     target = torch.empty_like(source)
@@ -213,19 +226,6 @@ def main(argv=None) -> int:
     del others, x
     torch.cuda.empty_cache()
     row("quiet_again")
-    if args.draft:
-        widened, widened_graph = captured_step(widened_lm(args.draft, args.shape, device), args.slots, args.draft_vocab)
-        row("widened_draft", graph=widened_graph)
-        row("quiet_beside_widened")
-        del widened, widened_graph
-        torch.cuda.empty_cache()
-    if args.target_shape:
-        target = costs.build_lm(args.target_shape, device, torch.bfloat16, seed=1)
-        target_step, target_graph = captured_step(target, args.target_slots, None)
-        row("with_target")
-        row("after_target_step", target_graph.replay)
-        del target, target_step, target_graph
-        torch.cuda.empty_cache()
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]):
         graph.replay()
         torch.cuda.synchronize()
