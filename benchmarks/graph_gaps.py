@@ -13,11 +13,11 @@ them, "launch_host_us"), median of `--samples`:
 
 - "quiet": nothing else on the card (nor in the process: the step's model alone);
 - "widened_draft": a second graph, the embedded draft (`--draft`) widened to `--shape` as the bench
-  widens it (`widen.widen_model`), at the same slots, vocabulary and settings, replayed quiet: the
+  widens it (`widen.widen_model`), at the same slots, vocabulary size and settings, replayed quiet: the
   bench's draft weights instead of random ones, in this process ("quiet_beside_widened": the first
   graph again, after it);
-- "with_target": beside a `--target-shape` model with its own fast step captured at `--target-slots`
-  cached tokens (as the bench's process holds its 7B target: weights, cache, graphs);
+- "with_target": beside a `--target-shape` model with its own fast step (FlexAttention, as the bench's
+  target runs) captured at `--target-slots` cached tokens (as the bench's process holds its 7B target: weights, cache, graphs);
 - "after_target_step": each sample right after one replay of that target step's graph, as a round's
   draft steps follow the target's verification;
 - "after_matmuls": each sample right after `--load-ms` of large bf16 matrix products queued before
@@ -101,11 +101,11 @@ def widened_lm(folder: str, shape, device: torch.device, dtype: torch.dtype = to
     return bare.eval()
 
 
-def captured_step(model, slots: int, vocabulary: int | None):
-    """`model`'s one-token fast step (projections fused, flash-decoding) at `slots` cached tokens,
-    warmed up, and the CUDA graph it replays."""
+def captured_step(model, slots: int, vocabulary: int | None, attention: str = "flash"):
+    """`model`'s one-token fast step (projections fused, `attention` as the fast path names it) at
+    `slots` cached tokens, warmed up, and the CUDA graph it replays."""
     fuse_projections(costs._BareLM(model))
-    step = costs.fast_step("flash", None, vocabulary)(model, slots, 1)
+    step = costs.fast_step(attention, None, vocabulary)(model, slots, 1)
     for _ in range(4):
         step()
     torch.cuda.synchronize()
@@ -170,8 +170,8 @@ def main(argv=None) -> int:
               "command": recorded_environment() + shlex.join(["python", *portable_out(sys.argv)]),
               "code": git_commit(), "date": __import__("datetime").date.today().isoformat(), "shape": args.shape,
               "slots": args.slots, "draft_vocab": args.draft_vocab, "queued": QUEUED, "samples": args.samples,
-              "load_ms": args.load_ms, "draft": args.draft and Path(args.draft).name, "target_shape": args.target_shape, "target_slots": args.target_slots,
-              "filler_gb": args.filler_gb, "pieces": args.pieces, "graphs": args.graphs,
+              "load_ms": args.load_ms, "draft": args.draft and Path(args.draft).name,
+              "target_shape": args.target_shape, "target_slots": args.target_slots, "filler_gb": args.filler_gb, "pieces": args.pieces, "graphs": args.graphs,
               "note": "one draft step's CUDA graph (profile.py's: random weights, fused, combo kernels, flash, cut "
                       "output layer) replayed QUEUED times in a row between CUDA events, behind a sleeping kernel, "
                       "median us per replay; bench_median_ms: the same replays timed as bench.host_side times them",
@@ -194,7 +194,7 @@ def main(argv=None) -> int:
         torch.cuda.empty_cache()
     if args.target_shape:
         target = costs.build_lm(args.target_shape, device, torch.bfloat16, seed=1)
-        target_step, target_graph = captured_step(target, args.target_slots, None)
+        target_step, target_graph = captured_step(target, args.target_slots, None, "flex")  # as the bench's target
         row("with_target")
         row("after_target_step", target_graph.replay)
         del target, target_step, target_graph
