@@ -17,7 +17,8 @@ them, "launch_host_us"), median of `--samples`:
   bench's draft weights instead of random ones, in this process ("quiet_beside_widened": the first
   graph again, after it);
 - "with_target": beside a `--target-shape` model with its own fast step (FlexAttention, as the bench's
-  target runs) captured at `--target-slots` cached tokens (as the bench's process holds its 7B target: weights, cache, graphs);
+  target runs) captured at `--target-slots` cached tokens (as the bench's process holds its 7B target:
+  weights, cache, graphs);
 - "after_target_step": each sample right after one replay of that target step's graph, as a round's
   draft steps follow the target's verification;
 - "after_matmuls": each sample right after `--load-ms` of large bf16 matrix products queued before
@@ -171,7 +172,8 @@ def main(argv=None) -> int:
               "code": git_commit(), "date": __import__("datetime").date.today().isoformat(), "shape": args.shape,
               "slots": args.slots, "draft_vocab": args.draft_vocab, "queued": QUEUED, "samples": args.samples,
               "load_ms": args.load_ms, "draft": args.draft and Path(args.draft).name,
-              "target_shape": args.target_shape, "target_slots": args.target_slots, "filler_gb": args.filler_gb, "pieces": args.pieces, "graphs": args.graphs,
+              "target_shape": args.target_shape, "target_slots": args.target_slots, "filler_gb": args.filler_gb,
+              "pieces": args.pieces, "graphs": args.graphs,
               "note": "one draft step's CUDA graph (profile.py's: random weights, fused, combo kernels, flash, cut "
                       "output layer) replayed QUEUED times in a row between CUDA events, behind a sleeping kernel, "
                       "median us per replay; bench_median_ms: the same replays timed as bench.host_side times them",
@@ -180,7 +182,8 @@ def main(argv=None) -> int:
 
     def row(condition: str, before=None, graph=graph) -> None:
         us, host_us = replay_us(graph, args.samples, before)
-        result["rows"].append({"condition": condition, "replay_us": us, "launch_host_us": host_us, **card_state(device)})
+        result["rows"].append({"condition": condition, "replay_us": us, "launch_host_us": host_us,
+                               **card_state(device)})
         save(result, out)  # after every row: a later condition that fails keeps the earlier ones
         print(f"{condition:<22} {us:8.1f} us per replay, {host_us:6.1f} us to launch  {result['rows'][-1]}", flush=True)
 
