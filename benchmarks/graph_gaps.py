@@ -19,8 +19,8 @@ them, "launch_host_us"), median of `--samples`:
 - "with_target": beside a `--target-shape` model with its own fast step (FlexAttention, as the bench's
   target runs) captured at `--target-slots` cached tokens (as the bench's process holds its 7B target:
   weights, cache, graphs);
-- "after_target_step": each sample right after one replay of that target step's graph, as a round's
-  draft steps follow the target's verification;
+- "after_target_step": each sample right after one replay of that target step's graph (a one-token
+  step, not the bench's 26-node verification: work of the target's kind on the device just before);
 - "after_matmuls": each sample right after `--load-ms` of large bf16 matrix products queued before
   it (compute-bound work, as the target's prefill);
 - "after_copies": each sample right after as long a copy of a large tensor (bandwidth-bound work,
@@ -33,9 +33,10 @@ them, "launch_host_us"), median of `--samples`:
 - "quiet_again": nothing else again, after the rest, for drift;
 - "after_profiler": after one replay under `torch.profiler`, as in a process that has profiled.
 
-Each row records the card's SM clock, memory clock, power and temperature (nvidia-smi) read right
-after it. Every replay writes the same cache slots with the same values, so the conditions change
-no number the step computes.
+The target is compiled with combo kernels too (inductor's setting is the process's), which the bench's
+target is not. Each row records the memory allocated, and the card's SM clock, memory clock, power and
+temperature (nvidia-smi) read right after it. Every replay writes the same cache slots with the same
+values, so the conditions change no number the step computes.
 
     python benchmarks/graph_gaps.py --out 'figures/graph_gaps_{card}.json'
 """
@@ -86,26 +87,29 @@ def replay_us(graph, samples: int, before=None) -> tuple[float, float]:
     return statistics.median(device), statistics.median(host)
 
 
-def widened_lm(folder: str, shape, device: torch.device, dtype: torch.dtype = torch.bfloat16):
+def widened_lm(folder: str, shape, device: torch.device, dtype: torch.dtype = torch.bfloat16, seed: int = 1):
     """The causal LM inside the checkpoint at `folder` widened to `shape` (`widen.widen_model`, in
-    `dtype` on `device`), as the bare Qwen2ForCausalLM that `costs.fast_step` takes: the widened
-    decoder and output layer, shared."""
+    `dtype` on `device`, its new weights drawn from `seed`: 1, as the bench's `widen_pair` draws a
+    draft's), as the bare Qwen2ForCausalLM that `costs.fast_step` takes: the widened decoder and output
+    layer, shared."""
     from transformers import Qwen2ForCausalLM
 
     from specvlm.models import load_lm
     from specvlm.widen import widen_model
 
-    wide = widen_model(load_lm(folder, device="cpu", dtype=torch.float32).model, shape, device, dtype)
+    wide = widen_model(load_lm(folder, device="cpu", dtype=torch.float32).model, shape, device, dtype, seed)
     with torch.device("meta"):
         bare = Qwen2ForCausalLM(wide.config.text_config)
     bare.model, bare.lm_head = wide.model.language_model, wide.lm_head
     return bare.eval()
 
 
-def captured_step(model, slots: int, vocabulary: int | None, attention: str = "flash"):
-    """`model`'s one-token fast step (projections fused, `attention` as the fast path names it) at
-    `slots` cached tokens, warmed up, and the CUDA graph it replays."""
-    fuse_projections(costs._BareLM(model))
+def captured_step(model, slots: int, vocabulary: int | None, attention: str = "flash", fuse: bool = True):
+    """`model`'s one-token fast step (projections fused where `fuse`, as the fast path fuses a draft's;
+    `attention` as the fast path names it) at `slots` cached tokens, warmed up, and the CUDA graph it
+    replays."""
+    if fuse:
+        fuse_projections(costs._BareLM(model))
     step = costs.fast_step(attention, None, vocabulary)(model, slots, 1)
     for _ in range(4):
         step()
@@ -156,7 +160,7 @@ def main(argv=None) -> int:
     parser.add_argument("--graphs", type=int, default=20, help="graphs of 100 kernels for 'with_other_graphs'")
     parser.add_argument("--draft", default=str(DRAFT), help="'' to leave out 'widened_draft'")
     parser.add_argument("--target-shape", default="llava-ov-7b", help="'' to leave out the target's conditions")
-    parser.add_argument("--target-slots", type=int, default=37800)
+    parser.add_argument("--target-slots", type=int, default=12384, help="the bench's target: 12,313 prompt tokens")
     parser.add_argument("--out", default="figures/graph_gaps_{card}.json")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
@@ -176,14 +180,17 @@ def main(argv=None) -> int:
               "pieces": args.pieces, "graphs": args.graphs,
               "note": "one draft step's CUDA graph (profile.py's: random weights, fused, combo kernels, flash, cut "
                       "output layer) replayed QUEUED times in a row between CUDA events, behind a sleeping kernel, "
-                      "median us per replay; bench_median_ms: the same replays timed as bench.host_side times them",
+                      "median us per replay; bench_median_ms: the same replays timed as bench.host_side times them; "
+                      "widened_draft: the embedded draft widened to the same shape, its own graph, timed alike; "
+                      "with_target/after_target_step: beside a random target's one-token step graph (FlexAttention, "
+                      "unfused), and after one replay of it",
               "rows": []}
     out = args.out.format(card=costs.card_slug(card_name(device)))
 
     def row(condition: str, before=None, graph=graph) -> None:
         us, host_us = replay_us(graph, args.samples, before)
         result["rows"].append({"condition": condition, "replay_us": us, "launch_host_us": host_us,
-                               **card_state(device)})
+                               "allocated_gib": torch.cuda.memory_allocated(device) / 2 ** 30, **card_state(device)})
         save(result, out)  # after every row: a later condition that fails keeps the earlier ones
         print(f"{condition:<22} {us:8.1f} us per replay, {host_us:6.1f} us to launch  {result['rows'][-1]}", flush=True)
 
@@ -194,14 +201,14 @@ def main(argv=None) -> int:
         row("widened_draft", graph=widened_graph)
         row("quiet_beside_widened")
         del widened, widened_graph
-        torch.cuda.empty_cache()
+        costs._free(device)  # an engine and its model refer to each other: only the collector frees them
     if args.target_shape:
         target = costs.build_lm(args.target_shape, device, torch.bfloat16, seed=1)
-        target_step, target_graph = captured_step(target, args.target_slots, None, "flex")  # as the bench's target
+        target_step, target_graph = captured_step(target, args.target_slots, None, "flex", fuse=False)  # as the bench's
         row("with_target")
         row("after_target_step", target_graph.replay)
         del target, target_step, target_graph
-        torch.cuda.empty_cache()
+        costs._free(device)
     a = torch.randn(8192, 8192, device=device, dtype=torch.bfloat16)
     source = torch.randn(2 ** 30, device=device, dtype=torch.bfloat16)  # 2 GiB
     target = torch.empty_like(source)

@@ -77,12 +77,15 @@ def test_graph_gaps_widened_draft_computes_the_tiny_drafts_logits():
     tiny = load_lm(graph_gaps.DRAFT, device="cpu", dtype=torch.float32).model
     text = tiny.config.text_config
     group = text.num_attention_heads // text.num_key_value_heads  # one more kv head, with its q heads
-    shape = Qwen2Config(hidden_size=text.hidden_size + 32, num_hidden_layers=text.num_hidden_layers + 1,
-                        num_attention_heads=text.num_attention_heads + group,
+    heads = text.num_attention_heads + group
+    shape = Qwen2Config(hidden_size=heads * head_dim(text), num_hidden_layers=text.num_hidden_layers + 1,
+                        num_attention_heads=heads,
                         num_key_value_heads=text.num_key_value_heads + 1, head_dim=head_dim(text),
                         intermediate_size=text.intermediate_size + 64, vocab_size=text.vocab_size + 24)
     bare = graph_gaps.widened_lm(graph_gaps.DRAFT, shape, torch.device("cpu"), torch.float32)
     assert type(bare).__name__ == "Qwen2ForCausalLM" and bare.config.hidden_size == shape.hidden_size
+    config = bare.model.config
+    assert config.hidden_size // config.num_attention_heads == head_dim(text)  # the head size fast_step reads
     ids = torch.randint(text.vocab_size, (1, 12), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         small = tiny.lm_head(tiny.model.language_model(input_ids=ids).last_hidden_state)
