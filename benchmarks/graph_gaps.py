@@ -211,12 +211,12 @@ def main(argv=None) -> int:
         costs._free(device)
     a = torch.randn(8192, 8192, device=device, dtype=torch.bfloat16)
     source = torch.randn(2 ** 30, device=device, dtype=torch.bfloat16)  # 2 GiB
-    target = torch.empty_like(source)
+    destination = torch.empty_like(source)
     matmuls = timed_load(lambda: a @ a, args.load_ms)
-    copies = timed_load(lambda: target.copy_(source), args.load_ms)
+    copies = timed_load(lambda: destination.copy_(source), args.load_ms)
     row("after_matmuls", matmuls)
     row("after_copies", copies)
-    del a, source, target, matmuls, copies
+    del a, source, destination, matmuls, copies
     torch.cuda.empty_cache()
     filler = [torch.ones(2 ** 29, device=device, dtype=torch.bfloat16) for _ in range(args.filler_gb)]
     row("with_memory")

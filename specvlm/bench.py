@@ -268,9 +268,9 @@ def host_side(device: torch.device, call, reset, repeats: int, top: int = 12, re
     their order), each {"function", "own_us_per_step", "calls_per_step"}. `replay`: where the pass
     replays a CUDA graph (`fast.StaticLM.last_graph`), that graph's `replay`: "replay_us_per_step"
     times it alone, `QUEUED` replays in a row and then waited for, with nothing on the host between
-    them but their launches (None without `replay`). Timed on the host's clock as the queued samples are, it is about the
-    device's time for the pass, the gaps inside the graph included, plus the same first launch and
-    final wait as theirs. Where it is about the queued time, the device sets the pace; where it is
+    them but their launches (None without `replay`). Timed on the host's clock as the queued samples
+    are, it is about the device's time for the pass, the gaps inside the graph included, plus the
+    same first launch and final wait as theirs. Where it is about the queued time, the device sets the pace; where it is
     well below, the host's work between the passes does. The collector and the profiler are back as
     they were, and `reset()` has run last, even where a call raises."""
     import cProfile
